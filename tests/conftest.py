@@ -12,3 +12,34 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_dir(tmp_path_factory):
+    """A tiny synthetic corpus in the real IEMOCAP layout (built once per test session)."""
+    from data_prep import synth
+
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    synth.generate_corpus(out, size="tiny", seed=0, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prep_dir(tiny_corpus_dir, tmp_path_factory):
+    """The tiny corpus prepared to MFCC-26 TFRecords (26x63 segments: cheapest model input)."""
+    import data_prep
+    from dkd_jax import audio
+
+    out = tmp_path_factory.mktemp("tiny_prep")
+    data_prep.prepare(
+        "iemocap",
+        out_dir=out,
+        root=tiny_corpus_dir,
+        dialogs="all",
+        feature_config=audio.FEATURE_PRESETS["mfcc26"],
+        workers=1,
+        progress=False,
+    )
+    return out

@@ -1,0 +1,379 @@
+"""Distillation losses for DKDFMH: cross-entropy, Hinton KD and Decoupled KD (TCKD, NCKD, DKD).
+
+This module owns the loss numerics of the project and nothing else. Every function is pure
+(arrays in, arrays out, keyword hyperparameters, no config, no global state), imports only
+``jax`` and ``jax.numpy``, and returns one float32 value per example, shape ``[batch]``; the
+caller reduces (``.mean()``, a masked mean, a ``pmean`` ...). All functions work under
+``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.pmap``, so they can be copied into or imported by
+any JAX project::
+
+    from dkd_jax.losses import dkd_loss
+
+Notation (paper_spec.md §3): ``z`` are logits ``[batch, num_classes]``, ``T`` is the temperature,
+``t`` the target class of an example, ``p = softmax(z / T)``; superscript ``T``/``S`` marks the
+teacher/student. The distillation losses include the usual ``T**2`` factor, so that their gradient
+scale does not depend on the temperature (Hinton et al., 2015).
+
+Numerics. Logits of any float dtype (bfloat16 included) are cast to float32 first. Everything is
+computed in log space from ``logsumexp`` over explicit boolean class masks: the target/non-target
+split uses ``log p_t = z_t/T - logsumexp(z/T)`` and
+``log(1 - p_t) = logsumexp_{i != t}(z_i/T) - logsumexp(z/T)``, the non-target distribution uses
+a ``logsumexp`` restricted to the non-target classes (no ``-1000 * one_hot`` trick), and every
+KL term ``p * (log p - log q)`` is set to exactly 0 where ``p == 0`` (``xlogy`` convention). There
+is no ``log(softmax(...))`` anywhere. Results and gradients stay finite for logits up to
+``±1e4``, for one-hot-like teachers, and for two classes (where NCKD is a KL over one class and
+exactly 0).
+The teacher logits are wrapped in ``jax.lax.stop_gradient``: the teacher never receives gradient.
+
+Labels must be integer class ids in ``[0, num_classes)``. Shapes and dtypes are validated at trace
+time (``ValueError`` / ``TypeError`` naming the function and the problem); label *values* are
+validated only when they are concrete (eager calls), since traced values cannot be inspected.
+
+References:
+  B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022,
+  arXiv:2203.08679.
+  Z. Zhao, H. Wang, H. Wang, B. Schuller, "Hierarchical Network with Decoupled Knowledge
+  Distillation for Speech Emotion Recognition", ICASSP 2023, arXiv:2303.05134.
+  G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015,
+  arXiv:1503.02531.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["cross_entropy", "dkd_loss", "kd_loss", "nckd_loss", "tckd_loss"]
+
+_WHERE = "dkd_jax.losses"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (trace-time: shapes, dtypes, Python-level hyperparameters)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_logits(fn: str, name: str, x, *, min_classes: int) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{_WHERE}.{fn}: {name} must be a floating-point array, got dtype {x.dtype}"
+        )
+    if x.ndim != 2:
+        raise ValueError(
+            f"{_WHERE}.{fn}: {name} must have shape [batch, num_classes], got shape {x.shape}"
+        )
+    if x.shape[1] < min_classes:
+        raise ValueError(
+            f"{_WHERE}.{fn}: {name} needs at least {min_classes} classes, got shape {x.shape}"
+        )
+    return x.astype(jnp.float32)
+
+
+def _check_labels(fn: str, labels, *, batch: int, num_classes: int) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"{_WHERE}.{fn}: labels must be integer class ids, got dtype {labels.dtype}"
+        )
+    if labels.shape != (batch,):
+        raise ValueError(
+            f"{_WHERE}.{fn}: labels must have shape [batch] = ({batch},), got shape {labels.shape}"
+        )
+    if _is_concrete(labels) and batch > 0:
+        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{_WHERE}.{fn}: labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
+            )
+    return labels
+
+
+def _check_scalar(fn: str, name: str, value, *, positive: bool) -> jax.Array:
+    """Validates a scalar hyperparameter; concrete values must be finite and > 0 (or >= 0)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{_WHERE}.{fn}: {name} must be a number, got {value!r}")
+    if isinstance(value, int | float):
+        concrete = float(value)  # checked in Python: no device round trip
+    else:
+        arr = jnp.asarray(value)
+        if arr.ndim != 0:
+            raise ValueError(f"{_WHERE}.{fn}: {name} must be a scalar, got shape {arr.shape}")
+        if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+            raise TypeError(f"{_WHERE}.{fn}: {name} must be a real number, got dtype {arr.dtype}")
+        concrete = float(arr) if _is_concrete(arr) else None
+    if concrete is not None:
+        ok = concrete > 0 if positive else concrete >= 0
+        if not ok or concrete != concrete or concrete == float("inf"):
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"{_WHERE}.{fn}: {name} must be finite and {bound}, got {concrete}")
+    return jnp.asarray(value, jnp.float32)
+
+
+def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_classes):
+    """Validates inputs; returns (z_s / T, stop_gradient(z_t) / T, target mask, T)."""
+    s = _check_logits(fn, "student_logits", student_logits, min_classes=min_classes)
+    t = _check_logits(fn, "teacher_logits", teacher_logits, min_classes=min_classes)
+    if s.shape != t.shape:
+        raise ValueError(
+            f"{_WHERE}.{fn}: student_logits and teacher_logits must have the same shape, "
+            f"got {s.shape} and {t.shape}"
+        )
+    temp = _check_scalar(fn, "temperature", temperature, positive=True)
+    batch, num_classes = s.shape
+    target = None
+    if labels is not None:
+        labels = _check_labels(fn, labels, batch=batch, num_classes=num_classes)
+        target = labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)[None, :]
+    return s / temp, jax.lax.stop_gradient(t) / temp, target, temp
+
+
+# --------------------------------------------------------------------------------------------
+# Log-space building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _masked_logsumexp(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """logsumexp over the last axis restricted to ``mask`` (every row needs >= 1 True): [B]."""
+    m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, x, -jnp.inf), axis=-1, keepdims=True))
+    # Masked-out entries become exp(-inf) = 0 *before* the exp, so no inf/NaN reaches gradients.
+    shifted = jnp.where(mask, x - m, -jnp.inf)
+    return m[..., 0] + jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
+def _kl_from_logs(log_p: jax.Array, log_q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """sum_i p_i (log p_i - log q_i) over the last axis, with 0 where p_i == 0 or mask is False."""
+    p = jnp.exp(log_p)
+    keep = p > 0 if mask is None else (p > 0) & mask
+    return jnp.sum(jnp.where(keep, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def _binary_log_probs(z: jax.Array, target: jax.Array) -> jax.Array:
+    """[log p_t, log(1 - p_t)] of softmax(z), both from logsumexp (never log of a sum): [B, 2]."""
+    lse_all = jax.nn.logsumexp(z, axis=-1)
+    z_target = jnp.sum(jnp.where(target, z, 0.0), axis=-1)
+    lse_other = _masked_logsumexp(z, ~target)
+    return jnp.stack([z_target - lse_all, lse_other - lse_all], axis=-1)
+
+
+def _non_target_log_probs(z: jax.Array, target: jax.Array) -> jax.Array:
+    """log of softmax over the non-target classes only; 0 (unused) at the target: [B, C]."""
+    other = ~target
+    lse_other = _masked_logsumexp(z, other)
+    return jnp.where(other, z - lse_other[:, None], 0.0)
+
+
+def _tckd(zs, zt, target):
+    return _kl_from_logs(_binary_log_probs(zt, target), _binary_log_probs(zs, target))
+
+
+def _nckd(zs, zt, target):
+    return _kl_from_logs(
+        _non_target_log_probs(zt, target), _non_target_log_probs(zs, target), ~target
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public losses
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, labels) -> jax.Array:
+    r"""Softmax cross-entropy with integer labels, per example.
+
+    .. math::
+        \mathrm{CE}(z, y) = -\log \mathrm{softmax}(z)_y = \operatorname{logsumexp}(z) - z_y
+
+    Args:
+      logits: [batch, num_classes] float logits (any float dtype; computed in float32).
+      labels: [batch] integer class ids in ``[0, num_classes)``.
+
+    Returns:
+      [batch] float32 per-example losses (>= 0).
+
+    Raises:
+      TypeError / ValueError: bad dtypes, shapes, or (when concrete) out-of-range labels.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dkd_jax.losses import cross_entropy
+      >>> ce = cross_entropy(jnp.array([[0.0, jnp.log(3.0)]]), jnp.array([1]))
+      >>> print(f"{float(ce[0]):.4f}")  # -log(3/4)
+      0.2877
+    """
+    z = _check_logits("cross_entropy", "logits", logits, min_classes=1)
+    labels = _check_labels("cross_entropy", labels, batch=z.shape[0], num_classes=z.shape[1])
+    lse = jax.nn.logsumexp(z, axis=-1)
+    z_y = jnp.take_along_axis(z, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return lse - z_y
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
+    r"""Classical (Hinton) knowledge distillation loss, per example, scaled by ``T**2``.
+
+    .. math::
+        \mathrm{KD} = T^2 \, \mathrm{KL}(p^{T} \,\|\, p^{S})
+                    = T^2 \sum_i p^{T}_i \left(\log p^{T}_i - \log p^{S}_i\right),
+        \qquad p = \mathrm{softmax}(z / T)
+
+    Its batch mean is mdistiller's ``kd_loss`` (``KL(sum) / batch * T**2``).
+
+    Args:
+      student_logits: [batch, num_classes] float student logits (computed in float32).
+      teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
+      temperature: softmax temperature ``T > 0`` (Python float or scalar array).
+
+    Returns:
+      [batch] float32 per-example losses (>= 0).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dkd_jax.losses import kd_loss
+      >>> s = jnp.array([[0.0, 0.0]])
+      >>> t = jnp.array([[jnp.log(3.0), 0.0]])  # teacher p = [3/4, 1/4]
+      >>> print(f"{float(kd_loss(s, t, temperature=1.0)[0]):.4f}")  # 3/4 log(3/2) + 1/4 log(1/2)
+      0.1308
+
+    References:
+      G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
+    """
+    zs, zt, _, temp = _prepare(
+        "kd_loss", student_logits, teacher_logits, None, temperature, min_classes=1
+    )
+    log_ps = zs - jax.nn.logsumexp(zs, axis=-1, keepdims=True)
+    log_pt = zt - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
+    return temp**2 * _kl_from_logs(log_pt, log_ps)
+
+
+def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax.Array:
+    r"""Target-class knowledge distillation (TCKD), per example, scaled by ``T**2``.
+
+    KL between the binary (target vs. all non-target) distributions ``b = [p_t, 1 - p_t]``:
+
+    .. math::
+        \mathrm{TCKD} = T^2 \left( b^{T}_t \log\frac{b^{T}_t}{b^{S}_t}
+                        + b^{T}_{\setminus t} \log\frac{b^{T}_{\setminus t}}{b^{S}_{\setminus t}}
+                        \right)
+
+    computed from ``log p_t = z_t/T - logsumexp(z/T)`` and
+    ``log(1 - p_t) = logsumexp_{i != t}(z_i/T) - logsumexp(z/T)``.
+
+    Args:
+      student_logits: [batch, num_classes] float student logits, ``num_classes >= 2``.
+      teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
+      labels: [batch] integer target class ids in ``[0, num_classes)``.
+      temperature: softmax temperature ``T > 0``.
+
+    Returns:
+      [batch] float32 per-example losses (>= 0).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dkd_jax.losses import tckd_loss
+      >>> s = jnp.array([[0.0, jnp.log(2.0), 0.0]])  # p^S = [1/4, 1/2, 1/4]
+      >>> t = jnp.array([[jnp.log(2.0), 0.0, 0.0]])  # p^T = [1/2, 1/4, 1/4]
+      >>> print(f"{float(tckd_loss(s, t, jnp.array([0]), temperature=1.0)[0]):.4f}")
+      0.1438
+
+    References:
+      B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
+    """
+    zs, zt, target, temp = _prepare(
+        "tckd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
+    )
+    return temp**2 * _tckd(zs, zt, target)
+
+
+def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax.Array:
+    r"""Non-target-class knowledge distillation (NCKD), per example, scaled by ``T**2``.
+
+    KL between the distributions over the non-target classes only,
+    ``p̂_i = exp(z_i/T) / sum_{j != t} exp(z_j/T)`` for ``i != t``:
+
+    .. math::
+        \mathrm{NCKD} = T^2 \sum_{i \ne t} \hat p^{T}_i
+                        \left(\log \hat p^{T}_i - \log \hat p^{S}_i\right)
+
+    The target class is removed with a boolean mask (mdistiller subtracts ``1000`` from the target
+    logit instead; the two agree to float precision). With two classes NCKD is exactly 0.
+
+    Args:
+      student_logits: [batch, num_classes] float student logits, ``num_classes >= 2``.
+      teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
+      labels: [batch] integer target class ids in ``[0, num_classes)``.
+      temperature: softmax temperature ``T > 0``.
+
+    Returns:
+      [batch] float32 per-example losses (>= 0).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dkd_jax.losses import nckd_loss
+      >>> s = jnp.array([[0.0, jnp.log(2.0), 0.0]])  # p̂^S = [2/3, 1/3]
+      >>> t = jnp.array([[jnp.log(2.0), 0.0, 0.0]])  # p̂^T = [1/2, 1/2]
+      >>> print(f"{float(nckd_loss(s, t, jnp.array([0]), temperature=1.0)[0]):.4f}")
+      0.0589
+
+    References:
+      B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
+    """
+    zs, zt, target, temp = _prepare(
+        "nckd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
+    )
+    return temp**2 * _nckd(zs, zt, target)
+
+
+def dkd_loss(
+    student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperature=4.0
+) -> jax.Array:
+    r"""Decoupled knowledge distillation loss, per example: ``alpha * TCKD + beta * NCKD``.
+
+    .. math::
+        \mathrm{DKD} = \alpha \, \mathrm{TCKD} + \beta \, \mathrm{NCKD}
+
+    with TCKD and NCKD as in :func:`tckd_loss` / :func:`nckd_loss` (both include ``T**2``).
+    Classical KD is the special case ``alpha = 1``, ``beta = 1 - p_t^T`` (per example):
+    ``KD = TCKD + (1 - p_t^T) * NCKD``. The batch mean of this function equals mdistiller's
+    ``dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature)``. The CE term
+    and the warm-up factor ``min(epoch / warmup, 1)`` belong to the training step, not here.
+
+    Args:
+      student_logits: [batch, num_classes] float student logits, ``num_classes >= 2`` (any float
+        dtype; computed in float32).
+      teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
+      labels: [batch] integer target class ids in ``[0, num_classes)``.
+      alpha: TCKD weight (>= 0; Python float or scalar array, may be traced).
+      beta: NCKD weight (>= 0; Python float or scalar array, may be traced).
+      temperature: softmax temperature ``T > 0``.
+
+    Returns:
+      [batch] float32 per-example losses (>= 0 for alpha, beta >= 0).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dkd_jax.losses import dkd_loss
+      >>> s = jnp.array([[0.0, jnp.log(2.0), 0.0]])
+      >>> t = jnp.array([[jnp.log(2.0), 0.0, 0.0]])
+      >>> y = jnp.array([0])
+      >>> # alpha * TCKD + beta * NCKD = 1/2 log(4/3) + 8 * 1/2 log(9/8)
+      >>> print(f"{float(dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=1.0)[0]):.4f}")
+      0.6150
+      >>> g = jax.grad(lambda s: dkd_loss(s, t, y, temperature=1.0).mean())(s)
+      >>> g.shape
+      (1, 3)
+
+    References:
+      B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022.
+      Z. Zhao et al., "Hierarchical Network with Decoupled Knowledge Distillation for Speech
+      Emotion Recognition", ICASSP 2023, arXiv:2303.05134.
+    """
+    zs, zt, target, temp = _prepare(
+        "dkd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
+    )
+    a = _check_scalar("dkd_loss", "alpha", alpha, positive=False)
+    b = _check_scalar("dkd_loss", "beta", beta, positive=False)
+    return temp**2 * (a * _tckd(zs, zt, target) + b * _nckd(zs, zt, target))
