@@ -1,0 +1,20 @@
+"""data_prep: the offline step that turns a speech corpus into TFRecord shards of segments.
+
+Sources: IEMOCAP release layout, EmoDB, CSV manifests, and a synthetic IEMOCAP-layout corpus
+(:mod:`data_prep.synth`). Entry points: ``python -m data_prep`` / ``dkd-data-prep``
+(:mod:`data_prep.cli`) and :func:`prepare` (:mod:`data_prep.pipeline`). The output schema and
+its reader live in :mod:`dkd_jax.records`; features and segmentation in :mod:`dkd_jax.audio`.
+"""
+
+from data_prep.pipeline import prep_summary, prepare, resolve_feature_config, scan
+from data_prep.sources import PrepError, Scan, Utterance
+
+__all__ = [
+    "PrepError",
+    "Scan",
+    "Utterance",
+    "prep_summary",
+    "prepare",
+    "resolve_feature_config",
+    "scan",
+]

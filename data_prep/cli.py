@@ -1,0 +1,181 @@
+"""Command line of the offline data step (``python -m data_prep`` / ``dkd-data-prep``).
+
+  python -m data_prep iemocap --root IEMOCAP_full_release --out DIR [--dialogs all|improvised|
+      scripted] [--happy exc|hap+exc|hap] [--classes neutral,happy,sad,angry]
+  python -m data_prep emodb --root path/to/emodb/wav --out DIR [--classes ...]
+  python -m data_prep csv --manifest corpus.csv --out DIR [--corpus NAME] [--classes ...]
+  python -m data_prep synth --out CORPUS_DIR [--size demo|tiny|iemocap] [--seed N]
+
+Feature/run options of the three corpus sources: ``--features logmel40|logmel64|logmel128|
+mfcc26``, ``--short pad|drop``, ``--workers N``, ``--shards N``, ``--overwrite``,
+``--no-progress``. Errors are reported in one message naming the file and the fix (exit 2);
+an interrupted run exits 130 and resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from dkd_jax import audio
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="prep dir to write (created; resumable)")
+    p.add_argument(
+        "--features",
+        default="logmel40",
+        choices=sorted(audio.FEATURE_PRESETS),
+        help="feature preset (default logmel40: 40 log-mel bands, 25 ms / 10 ms, 40x200 segments)",
+    )
+    p.add_argument(
+        "--short",
+        default="pad",
+        choices=("pad", "drop"),
+        help="utterances shorter than one 2-s window: pad to one window (default) or drop "
+        "(paper protocol); both are counted in metadata.json",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="feature processes (default: CPU count)"
+    )
+    p.add_argument(
+        "--shards", type=int, default=None, help="shards per split (default: 1 per 256 utterances)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a prep run with a different configuration found in --out",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="comma-separated class names in label-id order (default neutral,happy,sad,angry)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser (one subcommand per source)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Turn a speech-emotion corpus into TFRecord shards of 2-s feature segments.",
+    )
+    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    p = sub.add_parser("iemocap", help="IEMOCAP release layout (Session1..5)")
+    p.add_argument("--root", required=True, help="folder holding Session1..Session5")
+    p.add_argument(
+        "--dialogs",
+        default="all",
+        choices=("all", "improvised", "scripted"),
+        help="dialogs to keep (default all; the paper protocol selects improvised at training "
+        "time from the utterance table)",
+    )
+    p.add_argument(
+        "--happy",
+        default="exc",
+        choices=("exc", "hap+exc", "hap"),
+        help="IEMOCAP labels forming 'happy' (default exc, the paper lineage)",
+    )
+    _add_common(p)
+
+    p = sub.add_parser("emodb", help="EmoDB (Berlin) WAV folder")
+    p.add_argument("--root", required=True, help="folder with the EmoDB WAVs (or holding wav/)")
+    _add_common(p)
+
+    p = sub.add_parser("csv", help="any corpus listed in a CSV manifest")
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="CSV with header path,label,speaker[,session,gender,utterance_id]",
+    )
+    p.add_argument("--corpus", default="csv", help="corpus / TFDS dataset name (default csv)")
+    _add_common(p)
+
+    p = sub.add_parser("synth", help="generate a synthetic corpus in the IEMOCAP layout")
+    p.add_argument("--out", required=True, help="corpus folder to create")
+    p.add_argument("--size", default="demo", help="size preset: demo, tiny or iemocap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _run_synth(args) -> int:
+    try:
+        from data_prep import synth
+    except ImportError as e:
+        print(f"error: the synthetic corpus generator is not available ({e})", file=sys.stderr)
+        return 2
+    if args.size not in getattr(synth, "SIZE_PRESETS", {args.size: None}):
+        print(
+            f"error: unknown --size {args.size!r}; choose from {sorted(synth.SIZE_PRESETS)}",
+            file=sys.stderr,
+        )
+        return 2
+    summary = synth.generate_corpus(
+        args.out,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, indent=1, default=str))
+    print(
+        f"corpus written to {args.out}; prepare it with: python -m data_prep iemocap "
+        f"--root {args.out} --out PREP_DIR"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from data_prep import pipeline
+    from data_prep.sources import PrepError
+    from dkd_jax.records import DataError
+
+    try:
+        if args.source == "synth":
+            return _run_synth(args)
+        cfg = dataclasses.replace(audio.FEATURE_PRESETS[args.features], short_utterances=args.short)
+        options = {}
+        if args.source == "iemocap":
+            options = {"root": args.root, "dialogs": args.dialogs, "happy": args.happy}
+        elif args.source == "emodb":
+            options = {"root": args.root}
+        else:
+            options = {"manifest": args.manifest, "corpus": args.corpus}
+        if args.classes:
+            options["classes"] = args.classes
+        meta = pipeline.prepare(
+            args.source,
+            out_dir=args.out,
+            feature_config=cfg,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            num_shards=args.shards,
+            **options,
+        )
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted; run the same command again to resume where it stopped",
+            file=sys.stderr,
+        )
+        return 130
+    except (PrepError, DataError, audio.AudioError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(pipeline.prep_summary(meta))
+    print(f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

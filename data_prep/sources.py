@@ -1,0 +1,544 @@
+"""Corpus readers: turn a corpus on disk into a sorted list of labelled utterances.
+
+Each reader returns a :class:`Scan`: the utterances to featurise (sorted by utterance id, which
+fixes shard assignment and record order), every file it had to skip with the reason, and counts
+of utterances deliberately excluded (labels outside the class set, dialogs not selected). Readers
+only look at names and label files; audio is opened later, by the feature workers.
+
+Readers:
+  * :func:`scan_iemocap`: the IEMOCAP release layout (``Session1..5/dialog/EmoEvaluation/*.txt``
+    label blocks, ``Session*/sentences/wav/<dialog>/<utterance>.wav``).
+  * :func:`scan_emodb`: EmoDB file-name convention, five IEMOCAP-like sessions of speaker pairs.
+  * :func:`scan_csv`: any corpus listed in a CSV manifest.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+
+
+class PrepError(ValueError):
+    """A prep run that cannot go on, with a message naming the file/folder and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    """One labelled utterance to featurise.
+
+    Attributes:
+      utterance_id: unique id (sort key).
+      path: absolute path of the audio file.
+      rel_path: path as recorded in metadata (relative to the corpus root or manifest folder).
+      label: class id (index into the class list).
+      label_name: class name.
+      source_label: the corpus's own label code (e.g. "exc", "W").
+      speaker: speaker id.
+      session: session name ("Session1"...).
+      gender: "female", "male" or "".
+      dialog: "improvised", "scripted" or "".
+    """
+
+    utterance_id: str
+    path: str
+    rel_path: str
+    label: int
+    label_name: str
+    source_label: str
+    speaker: str
+    session: str
+    gender: str
+    dialog: str
+
+
+@dataclasses.dataclass
+class Scan:
+    """What a reader found.
+
+    Attributes:
+      corpus: corpus name (also the TFDS dataset name).
+      label_names: class names; a label id indexes this list.
+      options: the reader options that shape the output (JSON-ready, for metadata).
+      utterances: sorted by utterance_id.
+      skipped: dicts with path, utterance_id, kind, reason.
+      excluded: "label:<code>" / "dialog:<kind>" → number of utterances left out on purpose.
+    """
+
+    corpus: str
+    label_names: list[str]
+    options: dict
+    utterances: list[Utterance]
+    skipped: list[dict]
+    excluded: dict[str, int]
+
+
+DEFAULT_CLASSES = ("neutral", "happy", "sad", "angry")
+
+# IEMOCAP categorical labels (EmoEvaluation majority vote) → class names. "exc" and "hap" are
+# resolved by the `happy` option.
+IEMOCAP_LABELS = {
+    "neu": "neutral",
+    "sad": "sad",
+    "ang": "angry",
+    "fru": "frustrated",
+    "fea": "fearful",
+    "sur": "surprised",
+    "dis": "disgusted",
+    "oth": "other",
+    "xxx": None,  # no majority agreement: never a class
+    "hap": None,
+    "exc": None,
+}
+HAPPY_MAPPINGS = {"exc": ("exc",), "hap+exc": ("hap", "exc"), "hap": ("hap",)}
+DIALOGS = ("all", "improvised", "scripted")
+
+# EmoDB emotion letter → class name (German initials: Wut, Langeweile, Ekel, Angst, Freude,
+# Trauer, Neutral).
+EMODB_LABELS = {
+    "W": "angry",
+    "L": "bored",
+    "E": "disgusted",
+    "A": "fearful",
+    "F": "happy",
+    "T": "sad",
+    "N": "neutral",
+}
+# Speaker table of the EmoDB documentation: id → gender (ages: 03 31, 08 34, 09 21, 10 32,
+# 11 26, 12 30, 13 32, 14 35, 15 25, 16 31).
+EMODB_SPEAKERS = {
+    "03": "male",
+    "08": "female",
+    "09": "female",
+    "10": "male",
+    "11": "male",
+    "12": "male",
+    "13": "female",
+    "14": "female",
+    "15": "male",
+    "16": "female",
+}
+# IEMOCAP-like grouping: one male and one female speaker per session.
+EMODB_SESSIONS = {
+    "03": "Session1",
+    "08": "Session1",
+    "10": "Session2",
+    "09": "Session2",
+    "11": "Session3",
+    "13": "Session3",
+    "12": "Session4",
+    "14": "Session4",
+    "15": "Session5",
+    "16": "Session5",
+}
+_EMODB_NAME = re.compile(r"^(\d\d)([a-z]\d\d)([A-Z])([a-z])$")
+
+_LABEL_LINE = re.compile(
+    r"^\[\s*(\d+(?:\.\d*)?)\s*-\s*(\d+(?:\.\d*)?)\s*\]\s+(\S+)\s+(\S+)\s+\[([^\]]*)\]\s*$"
+)
+_AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+
+
+def _hidden(name: str) -> bool:
+    """AppleDouble (``._x``) and other dot files."""
+    return name.startswith(".")
+
+
+def _classes(classes: Sequence[str] | str | None) -> list[str]:
+    if classes is None:
+        return list(DEFAULT_CLASSES)
+    if isinstance(classes, str):
+        classes = [c for c in classes.split(",")]
+    out = [c.strip().lower() for c in classes]
+    if not out or any(not c for c in out):
+        raise PrepError(f"classes must be a non-empty list of names, got {classes!r}")
+    if len(set(out)) != len(out):
+        raise PrepError(f"classes contain duplicates: {out}")
+    return out
+
+
+def _skip(path, kind: str, reason: str, utterance_id: str = "") -> dict:
+    return {"path": str(path), "utterance_id": utterance_id, "kind": kind, "reason": reason}
+
+
+# --------------------------------------------------------------------------------------------
+# IEMOCAP
+# --------------------------------------------------------------------------------------------
+
+
+def iemocap_label_map(happy: str, classes: Sequence[str]) -> dict[str, int]:
+    """IEMOCAP label code → class id for the chosen happy mapping and class set."""
+    if happy not in HAPPY_MAPPINGS:
+        raise PrepError(f"happy must be one of {sorted(HAPPY_MAPPINGS)}, got {happy!r}")
+    names = dict(IEMOCAP_LABELS)
+    for code in HAPPY_MAPPINGS[happy]:
+        names[code] = "happy"
+    if happy == "hap" and "excited" in classes:
+        names["exc"] = "excited"
+    known = {n for n in names.values() if n}
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise PrepError(
+            f"classes {unknown} have no IEMOCAP label with happy={happy!r}; "
+            f"choose from {sorted(known)}"
+        )
+    return {code: classes.index(n) for code, n in names.items() if n in classes}
+
+
+def dialog_kind(dialog: str) -> str:
+    """'improvised' / 'scripted' / '' from a dialog name (Ses01F_impro01, Ses01F_script01_1)."""
+    low = dialog.lower()
+    if "impro" in low:
+        return "improvised"
+    if "script" in low:
+        return "scripted"
+    return ""
+
+
+def parse_emo_evaluation(path: str) -> tuple[list[tuple[str, str, float, float]], list[str]]:
+    """Parses one EmoEvaluation file.
+
+    Returns:
+      ([(utterance_id, label, start_s, end_s)...] in file order, [malformed lines]). Header
+      (``%``), blank, evaluator (``C-E2:``, ``A-F1:``...) lines are ignored.
+    """
+    entries, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            text = line.strip()
+            if not text.startswith("["):
+                continue
+            m = _LABEL_LINE.match(text)
+            if m is None:
+                bad.append(text)
+                continue
+            start, end, utt, label = m.group(1), m.group(2), m.group(3), m.group(4)
+            entries.append((utt, label, float(start), float(end)))
+    return entries, bad
+
+
+def scan_iemocap(
+    root: str | os.PathLike,
+    *,
+    dialogs: str = "all",
+    happy: str = "exc",
+    classes: Sequence[str] | str | None = None,
+) -> Scan:
+    """Reads the IEMOCAP release layout.
+
+    Args:
+      root: the release folder holding Session1..Session5.
+      dialogs: "all" (default: both protocols can be built from one prep run, the utterance
+        table records each utterance's dialog kind), "improvised" (the paper protocol's subset)
+        or "scripted".
+      happy: which labels form "happy": "exc" (paper lineage), "hap+exc" or "hap".
+      classes: class names in label-id order (default neutral, happy, sad, angry); every other
+        label, "xxx" included, is excluded and counted.
+
+    Returns:
+      Scan. Skipped: missing session / EmoEvaluation folders, malformed label lines, unknown
+      labels, label lines naming a missing WAV, WAVs without a label line, duplicates, ids whose
+      speaker cannot be told.
+    """
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise PrepError(f"IEMOCAP root {root} is not a folder; pass --root IEMOCAP_full_release")
+    if dialogs not in DIALOGS:
+        raise PrepError(f"dialogs must be one of {DIALOGS}, got {dialogs!r}")
+    classes = _classes(classes)
+    label_map = iemocap_label_map(happy, classes)
+    skipped: list[dict] = []
+    excluded: collections.Counter = collections.Counter()
+    sessions = [f"Session{i}" for i in range(1, 6)]
+    extra = sorted(
+        d
+        for d in os.listdir(root)
+        if re.fullmatch(r"Session\d+", d) and d not in sessions and os.path.isdir(f"{root}/{d}")
+    )
+    present = [s for s in sessions + extra if os.path.isdir(os.path.join(root, s))]
+    if not present:
+        raise PrepError(
+            f"no Session1..Session5 folders under {root}; --root must be the IEMOCAP release "
+            "folder (the one holding Session1/dialog/EmoEvaluation and Session1/sentences/wav)"
+        )
+    for s in sessions:
+        if s not in present:
+            skipped.append(_skip(s, "missing_session", "session folder missing"))
+
+    utterances: dict[str, Utterance] = {}
+    labelled: set[str] = set()
+    for session in present:
+        sdir = os.path.join(root, session)
+        emo_dir = os.path.join(sdir, "dialog", "EmoEvaluation")
+        if not os.path.isdir(emo_dir):
+            skipped.append(
+                _skip(
+                    os.path.relpath(emo_dir, root),
+                    "missing_labels",
+                    "no dialog/EmoEvaluation folder in this session",
+                )
+            )
+            continue
+        label_files = sorted(
+            n
+            for n in os.listdir(emo_dir)
+            if n.endswith(".txt") and not _hidden(n) and os.path.isfile(os.path.join(emo_dir, n))
+        )
+        for name in label_files:
+            entries, bad = parse_emo_evaluation(os.path.join(emo_dir, name))
+            lpath = os.path.relpath(os.path.join(emo_dir, name), root)
+            for line in bad:
+                skipped.append(_skip(lpath, "malformed_label_line", f"cannot parse line {line!r}"))
+            for utt, code, _, _ in entries:
+                if utt in labelled:
+                    skipped.append(_skip(lpath, "duplicate", "second label line for this id", utt))
+                    continue
+                labelled.add(utt)
+                dialog = utt.rsplit("_", 1)[0]
+                wav = os.path.join(sdir, "sentences", "wav", dialog, utt + ".wav")
+                rel = os.path.relpath(wav, root)
+                if code not in IEMOCAP_LABELS:
+                    skipped.append(_skip(rel, "unknown_label", f"unknown label {code!r}", utt))
+                    continue
+                kind = dialog_kind(dialog)
+                if dialogs != "all" and kind != dialogs:
+                    excluded[f"dialog:{kind or 'unknown'}"] += 1
+                    continue
+                if code not in label_map:
+                    excluded[f"label:{code}"] += 1
+                    continue
+                last = utt.rsplit("_", 1)[-1]
+                prefix = utt[:5]
+                if "_" not in utt or not re.fullmatch(r"Ses\d\d", prefix) or last[:1] not in "FM":
+                    skipped.append(
+                        _skip(rel, "bad_id", "cannot tell the speaker from this utterance id", utt)
+                    )
+                    continue
+                if not os.path.isfile(wav):
+                    skipped.append(_skip(rel, "missing_wav", "label line names a missing WAV", utt))
+                    continue
+                label = label_map[code]
+                utterances[utt] = Utterance(
+                    utterance_id=utt,
+                    path=wav,
+                    rel_path=rel,
+                    label=label,
+                    label_name=classes[label],
+                    source_label=code,
+                    speaker=prefix + last[0],
+                    session=session,
+                    gender="female" if last[0] == "F" else "male",
+                    dialog=kind,
+                )
+        # WAVs nobody labelled.
+        wav_root = os.path.join(sdir, "sentences", "wav")
+        if not os.path.isdir(wav_root):
+            skipped.append(
+                _skip(os.path.relpath(wav_root, root), "missing_audio", "no sentences/wav folder")
+            )
+            continue
+        for dialog in sorted(os.listdir(wav_root)):
+            ddir = os.path.join(wav_root, dialog)
+            if _hidden(dialog) or not os.path.isdir(ddir):
+                continue
+            for name in sorted(os.listdir(ddir)):
+                if _hidden(name) or not name.lower().endswith(".wav"):
+                    continue
+                utt = name[:-4]
+                if utt not in labelled:
+                    skipped.append(
+                        _skip(
+                            os.path.relpath(os.path.join(ddir, name), root),
+                            "no_label",
+                            "WAV has no label line in dialog/EmoEvaluation",
+                            utt,
+                        )
+                    )
+    return Scan(
+        corpus="iemocap",
+        label_names=classes,
+        options={"dialogs": dialogs, "happy": happy, "classes": classes},
+        utterances=sorted(utterances.values(), key=lambda u: u.utterance_id),
+        skipped=skipped,
+        excluded=dict(sorted(excluded.items())),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# EmoDB
+# --------------------------------------------------------------------------------------------
+
+
+def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None = None) -> Scan:
+    """Reads an EmoDB folder of WAVs named by the corpus convention (e.g. ``03a01Fa.wav``).
+
+    Characters 0-1 speaker, 2-4 text, 5 emotion (W anger, L boredom, E disgust, A fear,
+    F happiness, T sadness, N neutral), 6 version. Speakers are grouped in five sessions
+    (03,08) (10,09) (11,13) (12,14) (15,16), one male and one female each; gender comes from
+    the corpus's speaker table.
+
+    Args:
+      root: folder with the WAVs (or the release folder holding ``wav/``).
+      classes: class names (default neutral, happy, sad, angry; also bored, disgusted,
+        fearful); other emotions are excluded and counted.
+    """
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise PrepError(f"EmoDB root {root} is not a folder; pass --root path/to/emodb/wav")
+    classes = _classes(classes)
+    known = set(EMODB_LABELS.values())
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise PrepError(f"classes {unknown} are not EmoDB emotions; choose from {sorted(known)}")
+
+    def wavs(folder):
+        return sorted(
+            n for n in os.listdir(folder) if n.lower().endswith(".wav") and not _hidden(n)
+        )
+
+    folder = root
+    if not wavs(folder) and os.path.isdir(os.path.join(root, "wav")):
+        folder = os.path.join(root, "wav")
+    names = wavs(folder)
+    if not names:
+        raise PrepError(f"no .wav files in {root} (nor in {root}/wav); is --root the EmoDB folder?")
+    skipped, excluded, utts = [], collections.Counter(), []
+    for name in names:
+        stem = name[:-4]
+        rel = os.path.relpath(os.path.join(folder, name), root)
+        m = _EMODB_NAME.match(stem)
+        if m is None:
+            skipped.append(
+                _skip(rel, "bad_name", "name does not follow the EmoDB convention SStttEv.wav")
+            )
+            continue
+        speaker, _, code, _ = m.groups()
+        if speaker not in EMODB_SPEAKERS:
+            skipped.append(_skip(rel, "unknown_speaker", f"unknown EmoDB speaker {speaker}", stem))
+            continue
+        if code not in EMODB_LABELS:
+            skipped.append(_skip(rel, "unknown_label", f"unknown emotion code {code!r}", stem))
+            continue
+        name_ = EMODB_LABELS[code]
+        if name_ not in classes:
+            excluded[f"label:{code}"] += 1
+            continue
+        utts.append(
+            Utterance(
+                utterance_id=stem,
+                path=os.path.join(folder, name),
+                rel_path=rel,
+                label=classes.index(name_),
+                label_name=name_,
+                source_label=code,
+                speaker=speaker,
+                session=EMODB_SESSIONS[speaker],
+                gender=EMODB_SPEAKERS[speaker],
+                dialog="",
+            )
+        )
+    return Scan(
+        corpus="emodb",
+        label_names=classes,
+        options={"classes": classes},
+        utterances=sorted(utts, key=lambda u: u.utterance_id),
+        skipped=skipped,
+        excluded=dict(sorted(excluded.items())),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CSV manifest
+# --------------------------------------------------------------------------------------------
+
+_GENDERS = {"f": "female", "female": "female", "w": "female", "m": "male", "male": "male"}
+
+
+def scan_csv(
+    manifest: str | os.PathLike,
+    *,
+    classes: Sequence[str] | str | None = None,
+    corpus: str = "csv",
+) -> Scan:
+    """Reads a CSV manifest with a header row.
+
+    Columns: ``path``, ``label`` (a class name, case-insensitive), ``speaker`` (required);
+    ``session`` (default: the speaker, so leave-one-session-out becomes leave-one-speaker-out),
+    ``gender`` (f/female/m/male, else ""), ``utterance_id`` (default: the path relative to the
+    manifest folder without extension). Relative paths resolve against the manifest's folder.
+
+    Args:
+      manifest: the CSV file.
+      classes: class names (default neutral, happy, sad, angry); rows with other labels are
+        excluded and counted.
+      corpus: corpus name stored in the records (also the TFDS dataset name).
+    """
+    manifest = os.path.abspath(os.fspath(manifest))
+    if not os.path.isfile(manifest):
+        raise PrepError(f"manifest {manifest} does not exist")
+    classes = _classes(classes)
+    base = os.path.dirname(manifest)
+    skipped, excluded = [], collections.Counter()
+    utts: dict[str, Utterance] = {}
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        missing = [c for c in ("path", "label", "speaker") if c not in header]
+        if missing:
+            raise PrepError(
+                f"{manifest}: missing column(s) {missing}; the header must name path, label, "
+                f"speaker (optional: session, gender, utterance_id), got {header}"
+            )
+        reader.fieldnames = header
+        for lineno, row in enumerate(reader, start=2):
+            row = {k: (v or "").strip() for k, v in row.items() if k}
+            where = f"{manifest}:{lineno}"
+            if not row["path"]:
+                skipped.append(_skip(where, "bad_row", "empty path"))
+                continue
+            path = row["path"]
+            full = os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+            rel = os.path.relpath(full, base) if not os.path.isabs(path) else path
+            utt = row.get("utterance_id") or os.path.splitext(rel)[0].replace(os.sep, "/")
+            label = row["label"].lower()
+            if not row["speaker"]:
+                skipped.append(_skip(where, "bad_row", "empty speaker", utt))
+                continue
+            if label not in classes:
+                excluded[f"label:{label or '<empty>'}"] += 1
+                continue
+            if utt in utts:
+                skipped.append(_skip(where, "duplicate", f"utterance id {utt!r} listed twice", utt))
+                continue
+            if not os.path.isfile(full):
+                skipped.append(_skip(rel, "missing_wav", f"audio file missing ({where})", utt))
+                continue
+            utts[utt] = Utterance(
+                utterance_id=utt,
+                path=full,
+                rel_path=rel,
+                label=classes.index(label),
+                label_name=label,
+                source_label=row["label"],
+                speaker=row["speaker"],
+                session=row.get("session") or row["speaker"],
+                gender=_GENDERS.get(row.get("gender", "").lower(), ""),
+                dialog="",
+            )
+    name = re.sub(r"[^a-z0-9_]", "_", corpus.lower()).strip("_") or "csv"
+    if not name[0].isalpha():
+        name = "c_" + name
+    return Scan(
+        corpus=name,
+        label_names=classes,
+        options={"classes": classes, "corpus": name},
+        utterances=sorted(utts.values(), key=lambda u: u.utterance_id),
+        skipped=skipped,
+        excluded=dict(sorted(excluded.items())),
+    )
+
+
+SCANNERS = {"iemocap": scan_iemocap, "emodb": scan_emodb, "csv": scan_csv}

@@ -1,0 +1,405 @@
+"""Audio front end: loading, log-mel / MFCC features and 2-s segmentation.
+
+This module owns the data contract's signal side (DESIGN.md §3): every waveform is mono float32
+in [-1, 1] at ``FeatureConfig.sample_rate``; features are computed once per *whole utterance*
+(``center=True`` framing) and cut into fixed windows in the frame domain, so the training layout
+(hop 1.0 s) and the evaluation layout (hop 0.4 s) share one feature matrix.
+
+Numerics are pure (arrays in, arrays out, keyword hyper-parameters, no I/O) except
+:func:`load_audio`, which is the one place that touches files.
+
+Feature kinds:
+  * ``"logmel"``: ``log(max(mel_power, LOG_FLOOR))`` of a Hann-windowed power spectrogram
+    (25 ms window, 10 ms hop, n_fft 512, Slaney mel filterbank). 40 bands by default.
+  * ``"mfcc"``: the head-fusion lineage front end (librosa defaults): mel power → ``power_to_db``
+    (ref 1, amin 1e-10, top_db 80) → orthonormal DCT-II, first ``n_mfcc`` coefficients.
+
+Segmentation (:func:`segment_features`): window ``k`` starts at frame
+``round(k * hop_seconds * sample_rate / hop_length)`` and spans ``frames_per_window`` frames;
+only windows that fit completely inside the utterance's frames are emitted, so the tail after
+the last complete window (less than one hop) is dropped, as in the lineage code. An utterance
+whose feature matrix is shorter than one window gives exactly one window, right-padded (or none
+when ``short_utterances="drop"``). The data-prep pipeline pads short utterances in the *waveform*
+domain with zeros (:func:`pad_to_window`), which makes the padded frames exact silence for both
+feature kinds; ``valid_frames`` records how many frames of each window come from real audio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+LOG_FLOOR = 1e-6
+"""Floor applied to mel power before ``log`` in the ``"logmel"`` kind (log(1e-6) ≈ -13.8)."""
+
+_KINDS = ("logmel", "mfcc")
+_SHORT = ("pad", "drop")
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used, with the path and the reason.
+
+    Attributes:
+      path: the file (str).
+      reason: what is wrong with it, in words.
+      kind: a short machine-readable category ("unreadable", "empty", "no_samples",
+        "non_finite").
+    """
+
+    def __init__(self, path: Any, reason: str, kind: str = "unreadable"):
+        self.path = str(path)
+        self.reason = reason
+        self.kind = kind
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across process pools
+        return (type(self), (self.path, self.reason, self.kind))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that determines the features and segments of a prep run.
+
+    Attributes:
+      kind: "logmel" or "mfcc".
+      sample_rate: audio is resampled to this rate (Hz).
+      n_fft: FFT size (samples).
+      win_length: analysis window (samples, Hann), ≤ n_fft.
+      hop_length: frame hop (samples).
+      n_mels: mel bands.
+      n_mfcc: MFCC coefficients kept (kind "mfcc" only).
+      fmin: lowest mel frequency (Hz).
+      fmax: highest mel frequency (Hz); None means sample_rate / 2.
+      window_seconds: segment length (s).
+      train_hop_seconds: hop between segments of the "train" layout (s).
+      eval_hop_seconds: hop between segments of the "eval" layout (s).
+      short_utterances: "pad" (one right-padded window) or "drop" (paper protocol).
+    """
+
+    kind: str = "logmel"
+    sample_rate: int = 16000
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+    n_mfcc: int = 26
+    fmin: float = 0.0
+    fmax: float | None = None
+    window_seconds: float = 2.0
+    train_hop_seconds: float = 1.0
+    eval_hop_seconds: float = 0.4
+    short_utterances: str = "pad"
+
+    def __post_init__(self):
+        problems = []
+        if self.kind not in _KINDS:
+            problems.append(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.short_utterances not in _SHORT:
+            problems.append(
+                f"short_utterances must be one of {_SHORT}, got {self.short_utterances!r}"
+            )
+        for name in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "n_mfcc"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems:
+            if self.win_length > self.n_fft:
+                problems.append(f"win_length ({self.win_length}) must be ≤ n_fft ({self.n_fft})")
+            if self.kind == "mfcc" and self.n_mfcc > self.n_mels:
+                problems.append(f"n_mfcc ({self.n_mfcc}) must be ≤ n_mels ({self.n_mels})")
+            nyquist = self.sample_rate / 2
+            top = nyquist if self.fmax is None else self.fmax
+            if not 0 <= self.fmin < top <= nyquist:
+                problems.append(
+                    f"need 0 ≤ fmin < fmax ≤ sample_rate/2, got fmin={self.fmin}, fmax={self.fmax}"
+                )
+        for name in ("window_seconds", "train_hop_seconds", "eval_hop_seconds"):
+            if not float(getattr(self, name)) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("invalid FeatureConfig: " + "; ".join(problems))
+
+    @property
+    def window_samples(self) -> int:
+        """Samples in one segment window."""
+        return round(self.window_seconds * self.sample_rate)
+
+    @property
+    def frames_per_window(self) -> int:
+        """Frames per segment: ceil(window_samples / hop_length) (200 log-mel, 63 MFCC-26)."""
+        return math.ceil(self.window_samples / self.hop_length)
+
+    @property
+    def num_bins(self) -> int:
+        """Feature rows: n_mels for "logmel", n_mfcc for "mfcc"."""
+        return self.n_mels if self.kind == "logmel" else self.n_mfcc
+
+    @property
+    def segment_shape(self) -> tuple[int, int]:
+        """Shape of one segment: (num_bins, frames_per_window)."""
+        return (self.num_bins, self.frames_per_window)
+
+    def hop_frames(self, hop_seconds: float) -> float:
+        """A segment hop in (possibly fractional) frames."""
+        return hop_seconds * self.sample_rate / self.hop_length
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown FeatureConfig keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+FEATURE_PRESETS: dict[str, FeatureConfig] = {
+    "logmel40": FeatureConfig(kind="logmel", n_mels=40),
+    "logmel64": FeatureConfig(kind="logmel", n_mels=64),
+    "logmel128": FeatureConfig(kind="logmel", n_mels=128),
+    # Head-fusion lineage: librosa.feature.mfcc defaults (n_fft 2048, hop 512, 128 mels), 26 coeffs.
+    "mfcc26": FeatureConfig(
+        kind="mfcc", n_fft=2048, win_length=2048, hop_length=512, n_mels=128, n_mfcc=26
+    ),
+}
+"""Named feature configurations (values are FeatureConfig objects)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
+    """Reads an audio file as mono float32 at ``sample_rate``.
+
+    Multi-channel audio is mixed down by averaging channels; other rates are resampled
+    (soxr high quality); integer PCM of any width (8-bit unsigned included) is scaled to [-1, 1];
+    float files are clipped to [-1, 1].
+
+    Args:
+      path: audio file (anything libsndfile reads: WAV, FLAC, OGG, ...).
+      sample_rate: target rate in Hz.
+
+    Returns:
+      [num_samples] float32 waveform.
+
+    Raises:
+      AudioError: unreadable / empty file, no samples, or non-finite samples.
+    """
+    import soundfile as sf
+
+    path = os.fspath(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise AudioError(path, "file is empty (0 bytes)", "empty")
+    except OSError as e:
+        raise AudioError(path, f"cannot open file ({e.strerror or e})", "unreadable") from None
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError
+        reason = str(e).strip() or type(e).__name__
+        raise AudioError(path, f"not a readable audio file ({reason})") from None
+    if data.shape[0] == 0:
+        raise AudioError(path, "audio has no samples (0 frames)", "no_samples")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise AudioError(path, f"audio contains {bad} NaN/inf samples", "non_finite")
+    wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+    np.clip(wave, -1.0, 1.0, out=wave)
+    if rate != sample_rate:
+        wave = resample(wave, orig_sr=int(rate), target_sr=sample_rate)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def resample(wave: np.ndarray, *, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling (soxr_hq) of a mono waveform [n] → [round(n·target/orig)]."""
+    import librosa
+
+    if orig_sr == target_sr:
+        return np.asarray(wave, dtype=np.float32)
+    out = librosa.resample(
+        np.asarray(wave, dtype=np.float32), orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq"
+    )
+    return np.clip(out, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _sparse_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None):
+    import scipy.sparse
+
+    fb = mel_filterbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    return scipy.sparse.csr_matrix(fb)
+
+
+@functools.lru_cache(maxsize=16)
+def mel_filterbank(
+    *, sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None
+) -> np.ndarray:
+    """Slaney-normalised mel filterbank [n_mels, n_fft // 2 + 1] float32 (librosa)."""
+    import librosa
+
+    fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    fb = fb.astype(np.float32)
+    fb.setflags(write=False)
+    return fb
+
+
+def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
+    """Frames of a ``center=True`` analysis of ``num_samples`` samples: 1 + n // hop."""
+    return 1 + int(num_samples) // cfg.hop_length
+
+
+def mel_power(wave: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Mel power spectrogram [n_mels, frames] float32 of a mono waveform [n].
+
+    Hann window of ``win_length`` zero-padded to ``n_fft``, ``center=True`` with zero padding
+    (librosa ≥ 0.10 default), power 2, Slaney mel filterbank.
+    """
+    import librosa
+
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"wave must be 1-D [num_samples], got shape {wave.shape}")
+    frames = num_frames(wave.shape[0], cfg)
+    if wave.shape[0] < cfg.n_fft:
+        # librosa warns on inputs shorter than n_fft; zero-pad (frames beyond the real ones are
+        # cut below, so the result equals the centred analysis of the original samples).
+        wave = np.pad(wave, (0, cfg.n_fft - wave.shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        spec = librosa.stft(
+            wave,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
+            win_length=cfg.win_length,
+            window="hann",
+            center=True,
+            pad_mode="constant",
+        )
+    spec = spec[:, :frames]
+    power = np.square(spec.real) + np.square(spec.imag)
+    # The filterbank is ~95 % zeros: a CSR product is exact up to float32 rounding, avoids
+    # BLAS (whose thread pool costs 100x on small products on a busy 2-core host) and sums in
+    # a fixed order, so results do not depend on the thread count.
+    fb = _sparse_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
+    return np.asarray(fb @ power, dtype=np.float32)
+
+
+def compute_features(wave: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Whole-utterance features of a mono waveform.
+
+    Args:
+      wave: [num_samples] float waveform at ``cfg.sample_rate``.
+      cfg: feature configuration.
+
+    Returns:
+      [cfg.num_bins, 1 + num_samples // cfg.hop_length] float32.
+    """
+    mel = mel_power(wave, cfg)
+    if cfg.kind == "logmel":
+        return np.log(np.maximum(mel, np.float32(LOG_FLOOR))).astype(np.float32, copy=False)
+    # MFCC (librosa.feature.mfcc defaults): power_to_db(ref=1, amin=1e-10, top_db=80) + DCT-II.
+    import scipy.fft
+
+    db = 10.0 * np.log10(np.maximum(mel, np.float32(1e-10)))
+    db = np.maximum(db, db.max() - 80.0)
+    mfcc = scipy.fft.dct(db, axis=0, type=2, norm="ortho")[: cfg.n_mfcc]
+    return np.ascontiguousarray(mfcc, dtype=np.float32)
+
+
+def pad_to_window(wave: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, int]:
+    """Zero-pads a waveform shorter than one window (silence padding).
+
+    Args:
+      wave: [n] waveform.
+      cfg: feature configuration.
+
+    Returns:
+      (wave [max(n, window_samples)], number of frames that come from real audio).
+    """
+    n = int(wave.shape[0])
+    real = num_frames(n, cfg)
+    if n >= cfg.window_samples:
+        return wave, real
+    return np.pad(wave, (0, cfg.window_samples - n)), real
+
+
+def segment_starts(total_frames: int, cfg: FeatureConfig, *, hop_seconds: float) -> np.ndarray:
+    """First frame of every complete window in a [*, total_frames] feature matrix.
+
+    Returns:
+      [K] int64 start frames (empty when ``total_frames < frames_per_window``).
+    """
+    fpw = cfg.frames_per_window
+    if total_frames < fpw:
+        return np.zeros((0,), np.int64)
+    hop = cfg.hop_frames(hop_seconds)
+    if not hop > 0:
+        raise ValueError(f"hop_seconds must be > 0, got {hop_seconds}")
+    last = total_frames - fpw
+    candidates = np.arange(int(last / hop) + 2)  # one past the last start that can fit
+    starts = np.round(candidates * hop).astype(np.int64)
+    return starts[starts <= last]
+
+
+def segment_features(
+    features: np.ndarray,
+    cfg: FeatureConfig,
+    *,
+    hop_seconds: float,
+    num_valid_frames: int | None = None,
+    pad_value: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts a whole-utterance feature matrix into fixed windows.
+
+    Args:
+      features: [num_bins, frames] whole-utterance features.
+      cfg: feature configuration (window length, short-utterance policy).
+      hop_seconds: hop between window starts (s); converted to frames and rounded per window.
+      num_valid_frames: how many leading frames come from real audio (the rest is padding);
+        default all of them.
+      pad_value: value for right-padding a matrix shorter than one window; default the minimum of
+        each row (a stand-in for silence; the prep pipeline pads the waveform instead, see
+        :func:`pad_to_window`, so it never needs this).
+
+    Returns:
+      segments [K, num_bins, frames_per_window] float32 and valid_frames [K] int32 (frames of
+      each window inside the first ``num_valid_frames``). K = 0 only when the matrix is shorter
+      than one window and ``cfg.short_utterances == "drop"`` (or it has no frames at all).
+    """
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2:
+        raise ValueError(f"features must be [num_bins, frames], got shape {features.shape}")
+    bins, total = features.shape
+    fpw = cfg.frames_per_window
+    valid_total = total if num_valid_frames is None else int(min(num_valid_frames, total))
+    if total < fpw:
+        if cfg.short_utterances == "drop" or total == 0:
+            return np.zeros((0, bins, fpw), np.float32), np.zeros((0,), np.int32)
+        if pad_value is None:
+            fill = features.min(axis=1, keepdims=True)
+        else:
+            fill = np.full((bins, 1), pad_value, np.float32)
+        padded = np.concatenate([features, np.broadcast_to(fill, (bins, fpw - total))], axis=1)
+        return padded[None], np.array([valid_total], np.int32)
+    starts = segment_starts(total, cfg, hop_seconds=hop_seconds)
+    index = starts[:, None] + np.arange(fpw)[None, :]
+    segments = np.ascontiguousarray(np.moveaxis(features[:, index], 1, 0))
+    valid = np.clip(valid_total - starts, 0, fpw).astype(np.int32)
+    return segments, valid
