@@ -1,0 +1,150 @@
+"""Tests of dkd_jax.config: presets, typed overrides, errors, dict round trip."""
+
+import dataclasses
+import json
+
+import pytest
+
+from dkd_jax import config as config_lib
+
+
+def test_paper_preset_is_the_lineage_recipe():
+    cfg = config_lib.get_config("paper")
+    o, k = cfg.optim, cfg.kd
+    assert (o.learning_rate, o.weight_decay, o.num_epochs, o.batch_size) == (1e-3, 1e-6, 50, 32)
+    assert (o.schedule, o.decay_every, o.decay_factor) == ("step_epochs", 10, 0.1)
+    assert (k.loss, k.alpha, k.beta, k.temperature, k.warmup_epochs) == ("dkd", 1.0, 8.0, 4.0, 5.0)
+    assert cfg.model.teacher.preset == "teacher" and cfg.model.teacher.attention_heads is None
+    assert cfg.model.student.preset == "student"
+    assert cfg.data.protocol == "paper" and cfg.data.split_seed == 111111
+
+
+def test_default_preset_counts_its_schedule_in_steps():
+    cfg = config_lib.get_config("default")
+    assert cfg.optim.schedule == "step" and cfg.optim.decay_every == 2500
+    assert cfg.data.protocol == "loso"
+    assert not cfg.augment.enabled
+    # The paper's model/loss/optimiser, only the schedule differs.
+    paper = config_lib.get_config("paper")
+    assert cfg.kd == paper.kd and cfg.model == paper.model
+    assert cfg.optim.learning_rate == paper.optim.learning_rate
+
+
+@pytest.mark.parametrize("name", sorted(config_lib.PRESETS))
+def test_every_preset_round_trips_through_json(name):
+    cfg = config_lib.get_config(name)
+    text = config_lib.dumps(cfg)
+    back = config_lib.loads(text)
+    assert back == cfg
+    assert config_lib.to_dict(back) == json.loads(text)
+    assert config_lib.diff(cfg, back) == {}
+
+
+def test_presets_are_fresh_objects():
+    a = config_lib.get_config("default")
+    a.kd.beta = 123.0
+    assert config_lib.get_config("default").kd.beta == 8.0
+
+
+def test_overrides_are_parsed_from_field_types():
+    cfg = config_lib.apply_overrides(
+        config_lib.get_config("default"),
+        [
+            "kd.beta=2",
+            "--config.optim.learning_rate=3e-4",
+            "config.train.progress=false",
+            "optim.num_epochs=1e1",
+            "model.student.attention_heads=8",
+            "model.teacher.init=none",
+            "data.protocol=paper",
+            "train.seed=1_000",
+        ],
+    )
+    assert cfg.kd.beta == 2.0 and isinstance(cfg.kd.beta, float)
+    assert cfg.optim.learning_rate == 3e-4
+    assert cfg.train.progress is False
+    assert cfg.optim.num_epochs == 10 and isinstance(cfg.optim.num_epochs, int)
+    assert cfg.model.student.attention_heads == 8
+    assert cfg.model.teacher.init is None
+    assert cfg.data.protocol == "paper"
+    assert cfg.train.seed == 1000
+    changed = config_lib.diff(config_lib.get_config("default"), cfg)
+    assert set(changed) == {
+        "kd.beta",
+        "optim.learning_rate",
+        "train.progress",
+        "optim.num_epochs",
+        "model.student.attention_heads",
+        "data.protocol",
+        "train.seed",
+    }
+
+
+def test_overrides_do_not_mutate_the_input():
+    base = config_lib.get_config("default")
+    config_lib.apply_overrides(base, ["kd.beta=2"])
+    assert base.kd.beta == 8.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("kd.betaa=2", "kd has no 'betaa'"),
+        ("kdd.beta=2", "config has no 'kdd'"),
+        ("kd.beta=two", "bad value 'two' for kd.beta: expected float"),
+        ("train.seed=1.5", "expected int"),
+        ("train.progress=maybe", "expected bool"),
+        ("data.protocol=kfold", "one of 'loso', 'paper', 'none'"),
+        ("optim=3", "'optim' is a group"),
+        ("kd.beta.x=3", "kd.beta is not a group"),
+        ("kd.beta", "expected group.field=value"),
+        ("kd.temperature=0", "kd.temperature must be > 0"),
+        ("optim.batch_size=-4", "optim.batch_size must be > 0"),
+        ("data.validation_fraction=1.5", "validation_fraction must be in (0, 1)"),
+    ],
+)
+def test_bad_overrides_name_the_field_and_value(override, message):
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.apply_overrides(config_lib.get_config("default"), [override])
+    assert message in str(e.value)
+
+
+def test_unknown_preset_and_unknown_json_field():
+    with pytest.raises(config_lib.ConfigError, match="unknown config preset 'fast'"):
+        config_lib.get_config("fast")
+    d = config_lib.to_dict(config_lib.get_config("tiny"))
+    d["kd"]["gamma"] = 1.0
+    with pytest.raises(config_lib.ConfigError, match=r"kd: unknown field\(s\) \['gamma'\]"):
+        config_lib.from_dict(d)
+    with pytest.raises(config_lib.ConfigError, match=r"x\.json: not valid JSON"):
+        config_lib.loads("{", source="x.json")
+
+
+def test_every_field_is_commented_in_the_source():
+    import inspect
+
+    src = inspect.getsource(config_lib)
+    for group in (
+        config_lib.DataConfig,
+        config_lib.ArchConfig,
+        config_lib.ModelConfig,
+        config_lib.KDConfig,
+        config_lib.OptimConfig,
+        config_lib.AugmentConfig,
+        config_lib.TrainConfig,
+        config_lib.Config,
+    ):
+        lines = inspect.getsource(group).splitlines()
+        for f in dataclasses.fields(group):
+            i = next(j for j, line in enumerate(lines) if line.strip().startswith(f"{f.name}:"))
+            assert lines[i - 1].strip().startswith("#"), (
+                f"{group.__name__}.{f.name} lacks a comment"
+            )
+    assert "class Config" in src
+
+
+def test_augment_enabled_flag():
+    aug = config_lib.AugmentConfig()
+    assert not aug.enabled
+    for field, value in (("time_shift_frames", 3), ("freq_masks", 1), ("mixup_alpha", 0.2)):
+        assert dataclasses.replace(aug, **{field: value}).enabled

@@ -1,0 +1,442 @@
+"""End-to-end tests of training on the tiny synthetic prep: runs, resume, refusals, CLI.
+
+All runs use the "tiny" preset (tiny architectures, batch 8, 26x63 MFCC segments, 2 epochs),
+loso fold 0 with one training speaker held out for validation. Compiled functions are cached
+by train_lib, so the runs after the first of each kind compile nothing.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train as train_cli
+from dkd_jax import checkpointing, input_pipeline, protocols, records, train_lib
+from dkd_jax import config as config_lib
+
+TEACHER = {"model.role": "teacher", "optim.num_epochs": 3, "train.on_device": "on"}
+
+
+def _config(prep_dir, **overrides):
+    cfg = config_lib.get_config("tiny")
+    base = {
+        "data.prep_dir": str(prep_dir),
+        "data.validation": "speaker",
+        "data.validation_fraction": 0.5,
+        "train.log_every_steps": 1,
+    }
+    base.update(overrides)
+    return config_lib.apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])
+
+
+def _events(workdir, drop_timing=True):
+    out = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if drop_timing:
+            rec.pop("timing", None)
+            rec.pop("workdir", None)
+        out.append(rec)
+    return out
+
+
+def _params(workdir):
+    run = checkpointing.restore_run(workdir)
+    return run.variables
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _digest(directory):
+    h = hashlib.sha256()
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(directory)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_prep_dir, tmp_path_factory):
+    """A teacher (3 epochs, on-device) and a DKD student trained on-device and streamed."""
+    root = tmp_path_factory.mktemp("train_runs")
+    train_lib.clear_caches()
+    cfg = _config(tiny_prep_dir, **TEACHER)
+    teacher = train_lib.train_and_evaluate(cfg, root / "teacher")
+    traces = dict(train_lib.TRACE_COUNTS)
+    teacher_digest = _digest(root / "teacher" / checkpointing.CHECKPOINT_DIR)
+    out = {"root": root, "teacher": teacher, "teacher_traces": traces}
+    for mode in ("on", "off"):
+        scfg = _config(tiny_prep_dir, **{"train.on_device": mode})
+        out[f"student_{mode}"] = train_lib.train_and_evaluate(
+            scfg, root / f"student_{mode}", teacher_workdir=root / "teacher"
+        )
+    out["teacher_digest_after"] = _digest(root / "teacher" / checkpointing.CHECKPOINT_DIR)
+    out["teacher_digest"] = teacher_digest
+    return out
+
+
+def test_teacher_run_writes_the_workdir_and_compiles_once(runs):
+    wd = runs["root"] / "teacher"
+    for name in ("config.json", "split.json", "normalization.json", "metrics.jsonl"):
+        assert (wd / name).is_file(), name
+    assert (wd / "tensorboard").is_dir() and any((wd / "tensorboard").iterdir())
+    assert (wd / "checkpoints_best").is_dir()  # a validation split exists
+    # One trace of the epoch loop for 3 epochs: no epoch retraces.
+    assert runs["teacher_traces"]["train_epoch"] == 1
+    assert runs["teacher_traces"]["train_step"] == 1
+    assert runs["teacher_traces"]["predict"] == 1
+    events = _events(wd)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "final"
+    assert kinds.count("epoch") == 3
+    evals = [e for e in events if e["event"] == "eval"]
+    assert {e["split"] for e in evals} == {"test", "validation"} and len(evals) == 6
+    start = events[0]
+    train = [e for e in events if e["event"] == "train"]
+    assert len(train) == start["total_steps"] == 3 * start["steps_per_epoch"]
+    assert all(np.isfinite(e["loss"]) and e["loss"] == pytest.approx(e["ce"]) for e in train)
+    result = runs["teacher"]
+    assert 0.0 <= result["test"]["ua"] <= 1.0 and result["test"]["num_utterances"] > 0
+    assert result["best_validation"]["step"] in {e["step"] for e in evals}
+    split, info = protocols.load_split_file(wd / "split.json")
+    assert not set(split.train_ids) & (set(split.test_ids) | set(split.validation_ids))
+    assert info["label_names"] == ["neutral", "happy", "sad", "angry"]
+    assert info["content_hash"] == records.load_metadata(_prep(runs))["content_hash"]
+
+
+def _prep(runs):
+    return config_lib.loads((runs["root"] / "teacher" / "config.json").read_text()).data.prep_dir
+
+
+def _assert_events_close(a, b, rel=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float):
+                assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-7), (x["event"], k)
+            elif k not in ("test", "validation", "best_validation", "train"):
+                assert x[k] == y[k], (x["event"], k)
+
+
+def test_on_device_and_streaming_paths_agree(runs):
+    """Same data order, same math; XLA fuses the scanned step and the standalone step
+    differently, so they agree to float rounding (each path alone is bit-reproducible).
+
+    Tolerance: 2e-5 absolute on parameters (2% of one Adam step at lr 1e-3); logged losses to
+    1e-5 relative. Left out: the biases of the convolutions that feed a BatchNorm. Their true
+    gradient is exactly 0 (BatchNorm subtracts them again), so Adam turns rounding noise into
+    +-lr random steps that differ between the paths and do not change the network's function.
+    """
+    from flax import traverse_util
+
+    root = runs["root"]
+    a, b = _params(root / "student_on"), _params(root / "student_off")
+    flat_a = traverse_util.flatten_dict(a["params"], sep="/")
+    flat_b = traverse_util.flatten_dict(b["params"], sep="/")
+    assert flat_a.keys() == flat_b.keys()
+    compared = 0
+    for name, x in flat_a.items():
+        if name.startswith("conv") and name.endswith("/bias"):
+            continue
+        np.testing.assert_allclose(x, flat_b[name], rtol=1e-4, atol=2e-5, err_msg=name)
+        compared += 1
+    assert compared >= len(flat_a) - 6
+    on, off = _events(root / "student_on"), _events(root / "student_off")
+    assert on[0]["on_device"] is True and off[0]["on_device"] is False
+    for ev in on + off:
+        ev.pop("on_device", None)
+    _assert_events_close(on, off)
+    for key in ("wa", "ua"):
+        assert runs["student_on"]["test"][key] == pytest.approx(runs["student_off"]["test"][key])
+
+
+def test_student_distils_from_a_frozen_unsaved_teacher(runs):
+    root = runs["root"]
+    assert runs["teacher_digest"] == runs["teacher_digest_after"]  # teacher files untouched
+    student = checkpointing.restore_run(root / "student_on")
+    assert student.config.model.role == "student"
+    teacher = checkpointing.restore_run(root / "teacher")
+    # The student's checkpoint holds exactly the student's variables (no teacher inside).
+    shapes = jax.eval_shape(
+        lambda: student.model.init(jax.random.PRNGKey(0), np.zeros((1, 26, 63, 1)), train=False)
+    )
+    assert jax.tree.structure(shapes["params"]) == jax.tree.structure(student.variables["params"])
+    assert jax.tree.map(np.shape, shapes["params"]) == jax.tree.map(
+        np.shape, student.variables["params"]
+    )
+    assert jax.tree.map(np.shape, teacher.variables["params"]) != jax.tree.map(
+        np.shape, student.variables["params"]
+    )
+    record = json.loads((root / "student_on" / "teacher.json").read_text())
+    assert record["mode"] == "precomputed" and record["step"] == teacher.step
+    train = [e for e in _events(root / "student_on") if e["event"] == "train"]
+    for e in train:  # tiny preset: warm-up 1 epoch, so the DKD weight is 1 from the start
+        assert e["kd_weight"] == 1.0
+        assert e["loss"] == pytest.approx(e["ce"] + 1.0 * e["tckd"] + 8.0 * e["nckd"], rel=1e-5)
+        assert e["tckd"] > 0 and e["nckd"] > 0
+
+
+def test_same_seed_gives_bit_identical_runs(runs, tiny_prep_dir):
+    root = runs["root"]
+    again = train_lib.train_and_evaluate(
+        _config(tiny_prep_dir, **{"train.on_device": "on"}),
+        root / "student_again",
+        teacher_workdir=root / "teacher",
+    )
+    _assert_trees_equal(_params(root / "student_on"), _params(root / "student_again"))
+    assert again["test"] == runs["student_on"]["test"]
+    other = train_lib.train_and_evaluate(
+        _config(tiny_prep_dir, **{"train.on_device": "on", "train.seed": 1}),
+        root / "student_seed1",
+        teacher_workdir=root / "teacher",
+    )
+    a, b = _params(root / "student_on"), _params(root / "student_seed1")
+    assert not all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    assert other["step"] == again["step"]
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_killed_run_resumes_to_bit_identical_results(runs, tiny_prep_dir, mode):
+    root = runs["root"]
+    wd = root / f"resumed_{mode}"
+    total = runs[f"student_{mode}"]["step"]
+    # Streaming: checkpoints every step, killed at the last step before its checkpoint, so the
+    # run resumes mid-epoch. On-device: checkpoints at epoch ends, killed after the last epoch's
+    # loop, so the run resumes from the previous epoch end.
+    abort = total if mode == "off" else total - 1
+    cfg = _config(
+        tiny_prep_dir,
+        **{
+            "train.on_device": mode,
+            "train.checkpoint_every_steps": 1,
+            "train.debug_abort_after_steps": abort,
+        },
+    )
+    with pytest.raises(train_lib.SimulatedAbort):
+        train_lib.train_and_evaluate(cfg, wd, teacher_workdir=root / "teacher")
+    done = checkpointing.Checkpointer(wd / "checkpoints", max_to_keep=10).all_steps()
+    spe = _events(wd)[0]["steps_per_epoch"]
+    assert done and max(done) == (total - 1 if mode == "off" else total - spe)
+    # Rerun the same command (the debug abort is off now): resumes from the last checkpoint.
+    cfg = _config(tiny_prep_dir, **{"train.on_device": mode})
+    result = train_lib.train_and_evaluate(cfg, wd, teacher_workdir=root / "teacher")
+    _assert_trees_equal(_params(root / f"student_{mode}"), _params(wd))
+    assert result["test"] == runs[f"student_{mode}"]["test"]
+    assert result["best_validation"] == runs[f"student_{mode}"]["best_validation"]
+    assert _events(wd) == _events(root / f"student_{mode}")
+
+
+@pytest.mark.parametrize("loss", ["kd", "tckd", "nckd", "ce"])
+def test_every_ablation_loss_trains(runs, tiny_prep_dir, loss):
+    root = runs["root"]
+    cfg = _config(tiny_prep_dir, **{"kd.loss": loss, "train.on_device": "on"})
+    result = train_lib.train_and_evaluate(
+        cfg, root / f"abl_{loss}", teacher_workdir=root / "teacher"
+    )
+    events = _events(root / f"abl_{loss}")
+    assert events[0]["loss"] == loss
+    assert events[0]["teacher"] == ("none" if loss == "ce" else "precomputed")
+    train = [e for e in events if e["event"] == "train"]
+    for e in train:
+        distill = {"kd": e["kd"], "tckd": e["tckd"], "nckd": 8.0 * e["nckd"], "ce": 0.0}[loss]
+        assert e["loss"] == pytest.approx(e["ce"] + distill, rel=1e-5)
+    assert np.isfinite(result["train"]["loss"]) and result["test"]["num_utterances"] > 0
+
+
+def test_augmented_student_runs_the_teacher_live(runs, tiny_prep_dir):
+    root = runs["root"]
+    cfg = _config(
+        tiny_prep_dir,
+        **{
+            "train.on_device": "off",
+            "optim.num_epochs": 1,
+            "augment.time_shift_frames": 4,
+            "augment.freq_masks": 1,
+            "augment.time_masks": 1,
+            "augment.mixup_alpha": 0.4,
+        },
+    )
+    result = train_lib.train_and_evaluate(cfg, root / "augmented", teacher_workdir=root / "teacher")
+    assert result["teacher"] == "live"
+    assert json.loads((root / "augmented" / "teacher.json").read_text())["mode"] == "live"
+    train = [e for e in _events(root / "augmented") if e["event"] == "train"]
+    assert train and all(np.isfinite(e["loss"]) and e["tckd"] > 0 for e in train)
+    assert runs["teacher_digest"] == _digest(root / "teacher" / checkpointing.CHECKPOINT_DIR)
+
+
+def test_teacher_trained_on_other_data_is_refused(runs, tiny_prep_dir, tmp_path):
+    root = runs["root"]
+    with pytest.raises(train_lib.TeacherMismatchError, match="test leak"):
+        train_lib.train_and_evaluate(
+            _config(tiny_prep_dir, **{"data.fold": 1}),
+            tmp_path / "s1",
+            teacher_workdir=root / "teacher",
+        )
+    with pytest.raises(train_lib.TeacherMismatchError, match="feature normalisation"):
+        train_lib.train_and_evaluate(
+            _config(tiny_prep_dir, **{"data.normalization": "utterance"}),
+            tmp_path / "s2",
+            teacher_workdir=root / "teacher",
+        )
+    with pytest.raises(train_lib.TeacherMismatchError, match="different split"):
+        train_lib.train_and_evaluate(
+            _config(tiny_prep_dir, **{"data.validation": "none"}),
+            tmp_path / "s3",
+            teacher_workdir=root / "teacher",
+        )
+    with pytest.raises(train_lib.TeacherMismatchError, match="cannot use teacher"):
+        train_lib.train_and_evaluate(
+            _config(tiny_prep_dir), tmp_path / "s4", teacher_workdir=tmp_path
+        )
+    with pytest.raises(train_lib.TrainingError, match="needs a teacher"):
+        train_lib.train_and_evaluate(_config(tiny_prep_dir), tmp_path / "s5")
+
+
+def test_teacher_with_another_feature_config_is_refused(runs, tiny_prep_dir, tmp_path):
+    import shutil
+
+    fake = tmp_path / "teacher_copy"
+    shutil.copytree(runs["root"] / "teacher", fake)
+    split_file = fake / "split.json"
+    d = json.loads(split_file.read_text())
+    d["data"]["feature_config"]["n_mfcc"] = 40
+    split_file.write_text(json.dumps(d))
+    with pytest.raises(train_lib.TeacherMismatchError, match="different feature config"):
+        train_lib.train_and_evaluate(_config(tiny_prep_dir), tmp_path / "s", teacher_workdir=fake)
+
+
+def test_workdir_with_another_config_is_refused_and_compatible_changes_resume(runs, tiny_prep_dir):
+    wd = runs["root"] / "teacher"
+    cfg = _config(tiny_prep_dir, **TEACHER)
+    bad = config_lib.apply_overrides(cfg, ["optim.learning_rate=0.01"])
+    with pytest.raises(train_lib.WorkdirError, match=r"optim.learning_rate: 0.001 -> 0.01"):
+        train_lib.train_and_evaluate(bad, wd)
+    # A resume-compatible change on a finished run: nothing retrains, same final numbers.
+    ok = config_lib.apply_overrides(cfg, ["train.progress=true", "train.keep_checkpoints=3"])
+    before = _digest(wd / "checkpoints")
+    result = train_lib.train_and_evaluate(ok, wd)
+    assert _digest(wd / "checkpoints") == before
+    assert result["test"] == runs["teacher"]["test"]
+
+
+def test_nonfinite_loss_stops_with_step_batch_and_last_good_checkpoint(
+    runs, tiny_prep_dir, tmp_path, monkeypatch
+):
+    cfg = _config(tiny_prep_dir, **TEACHER)
+    real = input_pipeline.load_segments
+    poisoned = {}
+
+    def load_segments(prep_dir, layout, ids, **kw):
+        arrays = real(prep_dir, layout, ids, **kw)
+        if layout == "train":
+            arrays.features[3, 0, 0] = np.nan
+            poisoned["n"] = len(arrays)
+        return arrays
+
+    monkeypatch.setattr(input_pipeline, "load_segments", load_segments)
+    wd = tmp_path / "nan"
+    with pytest.raises(train_lib.NonFiniteLossError) as e:
+        train_lib.train_and_evaluate(cfg, wd)
+    # The first batch of epoch 0 that holds segment 3 (same order as the run: seed 0 data key).
+    n, batch = poisoned["n"], cfg.optim.batch_size
+    steps = input_pipeline.steps_per_epoch(n, batch)
+    data_key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
+    idx, mask = input_pipeline.host_epoch_order(data_key, 0, n, steps, batch)
+    expected = next(s for s in range(steps) if np.any((idx[s] == 3) & mask[s]))
+    assert (e.value.step, e.value.epoch, e.value.batch) == (expected, 1, expected)
+    assert f"step {expected}" in str(e.value) and "last good state" in str(e.value)
+    state, meta = checkpointing.Checkpointer(wd / "checkpoints", max_to_keep=5).restore()
+    assert int(state["step"]) == expected and meta["step"] == expected
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    assert any(ev["event"] == "nonfinite" for ev in _events(wd))
+
+
+@pytest.mark.parametrize("mode", ["global", "speaker"])
+def test_normalization_statistics_come_from_training_data(runs, tiny_prep_dir, mode):
+    wd = runs["root"] / f"norm_{mode}"
+    cfg = _config(
+        tiny_prep_dir,
+        **{**TEACHER, "data.normalization": mode, "optim.num_epochs": 1},
+    )
+    train_lib.train_and_evaluate(cfg, wd)
+    norm = json.loads((wd / "normalization.json").read_text())
+    split, _ = protocols.load_split_file(wd / "split.json")
+    train = input_pipeline.load_segments(_prep(runs), "train", split.train_ids)
+    assert norm["mode"] == mode
+    if mode == "global":
+        ref = input_pipeline.fit_normalization(train, "global")
+        np.testing.assert_allclose(norm["mean"], ref["mean"], rtol=1e-6)
+        assert len(norm["std"]) == 26
+    else:  # the training speakers only: no test or validation speaker
+        assert set(norm["groups"]) == set(train.speakers.tolist())
+    assert checkpointing.restore_run(wd).normalization == norm
+
+
+def test_oom_errors_get_a_hint():
+    hint = train_lib._oom_hint(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1GB"))
+    assert "optim.batch_size" in str(hint) and "train.on_device=off" in str(hint)
+    assert train_lib._oom_hint(RuntimeError("something else")) is None
+
+
+def test_restore_run_gives_the_final_model(runs):
+    wd = runs["root"] / "student_on"
+    run = checkpointing.restore_run(wd)
+    assert run.step == runs["student_on"]["step"]
+    assert run.normalization == {"mode": "none"}
+    assert run.data_info["label_names"] == ["neutral", "happy", "sad", "angry"]
+    split, _ = protocols.load_split_file(wd / "split.json")
+    arrays = input_pipeline.load_segments(_prep(runs), "eval", split.test_ids)
+    eval_set = train_lib.EvalSet.from_arrays("test", arrays, split.test_ids)
+    again = train_lib.evaluate(run.model, run.variables, eval_set, batch_size=16)
+    assert again == runs["student_on"]["test"]
+    best = checkpointing.restore_run(wd, best=True)
+    assert best.step == runs["student_on"]["best_validation"]["step"]
+    with pytest.raises(ValueError, match="no checkpoint at step 999"):
+        checkpointing.restore_run(wd, step=999)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
+    rc = train_cli.main(["--data", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = train_cli.main(["--data", str(empty), "--workdir", str(tmp_path / "w")])
+    assert rc == 2 and "data directory is empty" in capsys.readouterr().err
+    rc = train_cli.main(
+        ["--data", str(tiny_prep_dir), "--workdir", str(tmp_path / "w"), "--config.kd.betta=3"]
+    )
+    assert rc == 2 and "kd has no 'betta'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(["--data", str(tiny_prep_dir), "--workdir", "w", "--bogus"])
+    # Rerunning the teacher's command resumes the finished run and prints its summary.
+    argv = [
+        "--data",
+        str(tiny_prep_dir),
+        "--workdir",
+        str(runs["root"] / "teacher"),
+        "--role",
+        "teacher",
+        "--preset",
+        "tiny",
+        "--config.data.validation=speaker",
+        "--config.data.validation_fraction=0.5",
+        "--config.train.log_every_steps=1",
+        "--config.optim.num_epochs=3",
+        "--config.train.on_device=on",
+    ]
+    assert train_cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["test"]["ua"] == runs["teacher"]["test"]["ua"]

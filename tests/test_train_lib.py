@@ -1,0 +1,416 @@
+"""Unit tests of dkd_jax.train_lib: schedules, optimiser, objective, augmentation, the pmap step.
+
+Uses small in-memory segments (12 x 16) and a tiny MACNN so every compile takes seconds.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dkd_jax import config as config_lib
+from dkd_jax import losses, train_lib
+
+SHAPE = (12, 16)
+NUM_CLASSES = 4
+STUDENT = config_lib.ArchConfig(preset="student", attention_heads=2, attention_hidden=4)
+TEACHER = config_lib.ArchConfig(preset="teacher", attention_heads=2, attention_hidden=8)
+
+
+def _spec(**kw):
+    base = dict(
+        steps_per_epoch=100,
+        teacher="none",
+        augment=dataclasses.astuple(config_lib.AugmentConfig()),
+        num_classes=NUM_CLASSES,
+    )
+    base.update(kw)
+    return train_lib.StepSpec(**base)
+
+
+def _weights(loss="ce", **kd):
+    return train_lib.loss_weights(loss, config_lib.KDConfig(**{"warmup_epochs": 0.0, **kd}))
+
+
+def _optim(**kw):
+    return config_lib.OptimConfig(**{"schedule": "constant", "learning_rate": 3e-3, **kw})
+
+
+# The step tests share one optimiser (one compilation). Adam's eps = 1 keeps the 1-vs-2-device
+# comparison about gradients: with a tiny eps, Adam turns the float noise of exactly-zero
+# gradients (conv biases before BatchNorm) into +-lr steps.
+STEP_OPTIM = config_lib.OptimConfig(schedule="constant", learning_rate=0.5, eps=1.0)
+
+
+def _data(n, seed=0):
+    """Segments whose class shows as a brighter band of frequency rows (learnable)."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % NUM_CLASSES).astype(np.int32)
+    x = rng.normal(size=(n, *SHAPE)).astype(np.float32)
+    for i, y in enumerate(labels):
+        x[i, 3 * y : 3 * y + 3] += 2.0
+    return x, labels
+
+
+def _batch(x, labels, mask, num_devices, teacher_logits=None):
+    def shard(a):
+        return a.reshape(num_devices, a.shape[0] // num_devices, *a.shape[1:])
+
+    b = {"features": shard(x), "labels": shard(labels), "mask": shard(mask)}
+    if teacher_logits is not None:
+        b["teacher_logits"] = shard(teacher_logits)
+    return b
+
+
+def _fns(spec, devices, *, teacher_model=None, optim=None, arch=STUDENT):
+    model = train_lib.create_model(
+        arch, num_classes=NUM_CLASSES, batch_norm_axis_name=train_lib.AXIS
+    )
+    fns = train_lib.make_train_functions(
+        model,
+        teacher_model,
+        optim or STEP_OPTIM,
+        spec,
+        devices,
+        total_steps=1000,
+        segment_shape=SHAPE,
+    )
+    return model, fns
+
+
+def _init(fns, seed=0, arch=STUDENT):
+    model = train_lib.create_model(arch, num_classes=NUM_CLASSES)
+    return train_lib.create_train_state(jax.random.PRNGKey(seed), model, fns.tx, SHAPE)
+
+
+def _run(fns, devices, batches, *, weights=None, seed=0, teacher_vars=None):
+    """Runs p_step over host batches; returns (host state, list of host metrics)."""
+    weights = _weights() if weights is None else weights
+    r_state = train_lib.replicate(_init(fns, seed), devices)
+    r_teacher = None if teacher_vars is None else train_lib.replicate(teacher_vars, devices)
+    key = jax.random.PRNGKey(42)
+    out = []
+    for b in batches:
+        r_state, m = fns.p_step(r_state, b, r_teacher, weights, key)
+        out.append(train_lib._unreplicate(m))  # syncs every step (CPU collectives)
+    return train_lib._unreplicate(r_state), out
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules, optimiser, objective
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_epochs_schedule_matches_the_lineage_loop():
+    spe = 3
+    optim = config_lib.OptimConfig(schedule="step_epochs", decay_every=10, learning_rate=1e-3)
+    sched = train_lib.learning_rate_schedule(optim, steps_per_epoch=spe, total_steps=50 * spe)
+    lr, expected = 1e-3, []
+    for i in range(50):  # head_fusion/train.py: after epoch i > 0 with i % 10 == 0, lr /= 10
+        expected += [lr] * spe
+        if i > 0 and i % 10 == 0:
+            lr /= 10
+    got = np.asarray(jax.vmap(sched)(jnp.arange(50 * spe)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert got[11 * spe - 1] == pytest.approx(1e-3) and got[11 * spe] == pytest.approx(1e-4)
+
+
+def test_step_cosine_and_warmup_schedules():
+    step = train_lib.learning_rate_schedule(
+        _optim(schedule="step", decay_every=4, decay_factor=0.5, learning_rate=1.0),
+        steps_per_epoch=3,
+        total_steps=20,
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(step)(jnp.arange(12))), [1.0] * 4 + [0.5] * 4 + [0.25] * 4
+    )
+    cos = train_lib.learning_rate_schedule(
+        _optim(schedule="cosine", learning_rate=2.0), steps_per_epoch=3, total_steps=100
+    )
+    assert float(cos(0)) == pytest.approx(2.0)
+    assert float(cos(50)) == pytest.approx(1.0, rel=1e-5)
+    assert float(cos(100)) == pytest.approx(0.0, abs=1e-6)
+    warm = train_lib.learning_rate_schedule(
+        _optim(learning_rate=1.0, warmup_steps=4), steps_per_epoch=3, total_steps=100
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(warm)(jnp.arange(6))), [0.25, 0.5, 0.75, 1, 1, 1], rtol=1e-6
+    )
+
+
+def test_optimizer_is_adam_with_coupled_l2_like_pytorch():
+    lr, wd, b1, b2, eps = 0.1, 0.05, 0.9, 0.999, 1e-8
+    tx = train_lib.create_optimizer(
+        _optim(learning_rate=lr, weight_decay=wd), steps_per_epoch=1, total_steps=10
+    )
+    theta = np.array([0.5, -1.0, 2.0])
+    grads = [np.array([0.1, 0.2, -0.3]), np.array([-0.05, 0.4, 0.0]), np.array([0.3, -0.1, 0.2])]
+    params = {"w": jnp.asarray(theta, jnp.float32)}
+    state = tx.init(params)
+    m = v = np.zeros(3)
+    ref = theta.copy()
+    for t, g in enumerate(grads, start=1):
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+        gg = g + wd * ref  # torch.optim.Adam(weight_decay=wd): L2 added to the gradient
+        m = b1 * m + (1 - b1) * gg
+        v = b2 * v + (1 - b2) * gg**2
+        ref = ref - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(np.asarray(params["w"]), ref, rtol=1e-5, atol=1e-6)
+    adamw = optax.adamw(lr, weight_decay=wd)
+    p2, s2 = {"w": jnp.asarray(theta, jnp.float32)}, None
+    s2 = adamw.init(p2)
+    for g in grads:
+        u, s2 = adamw.update({"w": jnp.asarray(g, jnp.float32)}, s2, p2)
+        p2 = optax.apply_updates(p2, u)
+    assert not np.allclose(np.asarray(p2["w"]), ref, rtol=1e-4)  # decoupled decay differs
+
+
+def test_kd_ramp_counts_epochs_from_one():
+    got = [float(train_lib.kd_ramp(s, 5.0, 4)) for s in (0, 3, 4, 15, 16, 40)]
+    np.testing.assert_allclose(got, [0.2, 0.2, 0.4, 0.8, 1.0, 1.0], rtol=1e-6)
+    assert float(train_lib.kd_ramp(0, 0.0, 4)) == 1.0
+
+
+@pytest.mark.parametrize("loss", ["dkd", "kd", "tckd", "nckd", "ce"])
+def test_objective_follows_the_configured_loss(loss):
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(rng.normal(size=(6, 4)) * 3, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(6, 4)) * 3, jnp.float32)
+    y = jnp.asarray([0, 1, 2, 3, 1, 2])
+    kd = config_lib.KDConfig(alpha=0.7, beta=3.0, kd_weight=0.9, ce_weight=0.5, temperature=2.0)
+    w = train_lib.loss_weights(loss, kd)
+    teacher = None if loss == "ce" else t
+    terms = train_lib.loss_terms(s, teacher, y, y, jnp.ones(6), temperature=w["temperature"])
+    got = train_lib.objective(terms, w, 0.25)
+    ce = losses.cross_entropy(s, y)
+    if loss == "ce":
+        np.testing.assert_allclose(got, ce, rtol=1e-6)  # the CE student: plain CE
+        assert set(terms) == {"ce"}
+        return
+    distill = {
+        "dkd": losses.dkd_loss(s, t, y, alpha=0.7, beta=3.0, temperature=2.0),
+        "kd": 0.9 * losses.kd_loss(s, t, temperature=2.0),
+        "tckd": 0.7 * losses.tckd_loss(s, t, y, temperature=2.0),
+        "nckd": 3.0 * losses.nckd_loss(s, t, y, temperature=2.0),
+    }[loss]
+    np.testing.assert_allclose(got, 0.5 * ce + 0.25 * distill, rtol=1e-5, atol=1e-7)
+
+
+def test_teachers_always_train_on_plain_cross_entropy():
+    w = train_lib.loss_weights("dkd", config_lib.KDConfig(ce_weight=0.1), role="teacher")
+    assert (w["ce"], w["kd"], w["tckd"], w["nckd"], w["warmup_epochs"]) == (1, 0, 0, 0, 0)
+
+
+def test_mixup_mixes_label_terms():
+    rng = np.random.default_rng(1)
+    s = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    ya, yb = jnp.asarray([0, 1, 2, 3, 0]), jnp.asarray([1, 1, 3, 0, 2])
+    lam = jnp.asarray([1.0, 0.3, 0.5, 0.9, 0.0])
+    terms = train_lib.loss_terms(s, t, ya, yb, lam, temperature=4.0)
+    ce = lam * losses.cross_entropy(s, ya) + (1 - lam) * losses.cross_entropy(s, yb)
+    np.testing.assert_allclose(terms["ce"], ce, rtol=1e-6)
+    d = lam * losses.dkd_loss(s, t, ya) + (1 - lam) * losses.dkd_loss(s, t, yb)
+    w = _weights("dkd")
+    got = train_lib.objective(terms, w, 1.0) - terms["ce"]
+    np.testing.assert_allclose(got, d, rtol=1e-5)
+    np.testing.assert_allclose(terms["kd"], losses.kd_loss(s, t), rtol=1e-6)  # label-free
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def _aug(**kw):
+    return config_lib.AugmentConfig(**kw)
+
+
+def test_time_shift_is_a_bounded_circular_roll():
+    x, y = _data(8)
+    aug = _aug(time_shift_frames=3)
+    out, yb, lam = jax.jit(lambda x, y, k: train_lib.augment_batch(x, y, k, aug))(
+        x[..., None], y, jax.random.PRNGKey(3)
+    )
+    out = np.asarray(out)[..., 0]
+    shifts = []
+    for i in range(8):
+        match = [s for s in range(-3, 4) if np.array_equal(out[i], np.roll(x[i], s, axis=1))]
+        assert match, f"example {i} is not a roll of at most 3 frames"
+        shifts.append(match[0])
+    assert len(set(shifts)) > 1
+    assert yb is y or np.array_equal(yb, y)
+    np.testing.assert_array_equal(lam, 1.0)
+
+
+@pytest.mark.parametrize("axis", ["freq", "time"])
+def test_spec_augment_masks_are_bands_filled_with_the_mean(axis):
+    x, y = _data(16, seed=2)
+    kw = (
+        {"freq_masks": 2, "freq_mask_width": 3}
+        if axis == "freq"
+        else {"time_masks": 2, "time_mask_width": 4}
+    )
+    out = np.asarray(
+        train_lib.augment_batch(jnp.asarray(x[..., None]), y, jax.random.PRNGKey(5), _aug(**kw))[0]
+    )[..., 0]
+    ax = 0 if axis == "freq" else 1
+    width = 3 if axis == "freq" else 4
+    any_masked = False
+    for i in range(16):
+        fill = x[i].mean()
+        changed = ~np.all(np.isclose(out[i], x[i]), axis=1 - ax)  # [F] or [T] lines changed
+        if changed.any():
+            any_masked = True
+            lines = np.take(out[i], np.flatnonzero(changed), axis=ax)
+            np.testing.assert_allclose(lines, fill, rtol=1e-5, atol=1e-5)
+        assert changed.sum() <= 2 * width
+        np.testing.assert_array_equal(
+            np.take(out[i], np.flatnonzero(~changed), axis=ax),
+            np.take(x[i], np.flatnonzero(~changed), axis=ax),
+        )
+    assert any_masked
+
+
+def test_mixup_is_a_convex_combination_with_a_partner():
+    x, y = _data(8, seed=4)
+    out, yb, lam = train_lib.augment_batch(
+        jnp.asarray(x[..., None]), jnp.asarray(y), jax.random.PRNGKey(7), _aug(mixup_alpha=0.4)
+    )
+    out, yb, lam = np.asarray(out)[..., 0], np.asarray(yb), np.asarray(lam)
+    assert np.all((lam >= 0) & (lam <= 1)) and not np.allclose(lam, 1)
+    for i in range(8):
+        partners = [
+            j
+            for j in range(8)
+            if np.allclose(out[i], lam[i] * x[i] + (1 - lam[i]) * x[j], atol=1e-5)
+        ]
+        assert partners and yb[i] in {y[j] for j in partners}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pmap step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_devices_equal_one_device_for_the_same_global_batch():
+    assert jax.local_device_count() == 2
+    x, y = _data(16)
+    mask = np.arange(16) < 13  # a last partial batch: 3 filler rows
+    spec = _spec()
+    results = {}
+    for n in (1, 2):
+        devices = jax.local_devices()[:n]
+        _, fns = _fns(spec, devices)
+        batches = [_batch(np.roll(x, k, 0), np.roll(y, k, 0), mask, n) for k in range(3)]
+        results[n] = _run(fns, devices, batches)
+    (s1, m1), (s2, m2) = results[1], results[2]
+    # Same math, different float summation order across devices: tolerance 1e-5 relative.
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s2.batch_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(m1, m2, strict=True):
+        assert float(a["count"]) == float(b["count"]) == 13.0
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_array_equal(a["confusion"], b["confusion"])
+        assert a["confusion"].sum() == 13
+
+
+def test_teacher_step_lowers_the_loss():
+    devices = jax.local_devices()
+    x, y = _data(16)
+    _, fns = _fns(_spec(), devices)
+    batch = _batch(x, y, np.ones(16, bool), len(devices))
+    _, ms = _run(fns, devices, [batch] * 12)
+    first, last = ms[0]["loss"] / ms[0]["count"], ms[-1]["loss"] / ms[-1]["count"]
+    assert last < 0.8 * first, (first, last)
+
+
+def test_student_dkd_step_lowers_the_loss_with_precomputed_teacher_logits():
+    devices = jax.local_devices()
+    x, y = _data(16)
+    teacher_logits = (np.eye(4)[y] * 4.0 + np.random.default_rng(0).normal(size=(16, 4))).astype(
+        np.float32
+    )
+    _, fns = _fns(_spec(teacher="precomputed"), devices)
+    batch = _batch(x, y, np.ones(16, bool), len(devices), teacher_logits)
+    _, ms = _run(fns, devices, [batch] * 12, weights=_weights("dkd"))
+    assert ms[0]["tckd"] > 0 and ms[0]["nckd"] > 0
+    assert ms[-1]["loss"] < 0.8 * ms[0]["loss"], (ms[0]["loss"], ms[-1]["loss"])
+
+
+def test_live_teacher_is_frozen_and_never_donated():
+    devices = jax.local_devices()
+    x, y = _data(8)
+    teacher = train_lib.create_model(TEACHER, num_classes=NUM_CLASSES)
+    t_vars = jax.device_get(
+        teacher.init(jax.random.PRNGKey(9), jnp.zeros((1, *SHAPE, 1)), train=False)
+    )
+    before = jax.tree.map(np.copy, t_vars)
+    spec = _spec(
+        teacher="live",
+        augment=dataclasses.astuple(_aug(time_shift_frames=2, freq_masks=1)),
+    )
+    _, fns = _fns(spec, devices, teacher_model=teacher)
+    r_state = train_lib.replicate(_init(fns), devices)
+    r_teacher = train_lib.replicate(t_vars, devices)
+    batch = _batch(x, y, np.ones(8, bool), len(devices))
+    for _ in range(2):
+        r_state, m = fns.p_step(r_state, batch, r_teacher, _weights("dkd"), jax.random.PRNGKey(1))
+        m = train_lib._unreplicate(m)
+        assert m["kd"] > 0
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(r_teacher))
+    for a, b in zip(
+        jax.tree.leaves(train_lib._unreplicate(r_teacher)), jax.tree.leaves(before), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_loss_freezes_the_last_good_state():
+    devices = jax.local_devices()
+    x, y = _data(8)
+    batch = _batch(x, y, np.ones(8, bool), len(devices))
+    bad_x = x.copy()
+    bad_x[5, 2, 3] = np.nan  # one corrupt segment in the second batch
+    bad = _batch(bad_x, y, np.ones(8, bool), len(devices))
+    _, fns = _fns(_spec(), devices)
+    good, _ = _run(fns, devices, [batch])  # the state after step 0
+    state, ms = _run(fns, devices, [batch, bad, batch])
+    assert [float(m["nonfinite"]) for m in ms] == [0.0, 1.0, 0.0]
+    assert float(ms[2]["count"]) == 0.0  # halted: later steps are no-ops
+    assert int(state.step) == 1 and int(state.bad_step) == 1
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(good.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(state.batch_stats), jax.tree.leaves(good.batch_stats), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # NaN batch statistics were not kept either
+
+
+def test_predict_logits_pads_the_last_batch_and_compiles_once():
+    model = train_lib.create_model(STUDENT, num_classes=NUM_CLASSES)
+    variables = jax.device_get(
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)), train=False)
+    )
+    x, _ = _data(13)
+    ref = np.asarray(model.apply(variables, jnp.asarray(x[..., None]), train=False))
+    before = train_lib.TRACE_COUNTS["predict"]
+    got = train_lib.predict_logits(model, variables, x, batch_size=4)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    got7 = train_lib.predict_logits(model, variables, x[:7], batch_size=4)
+    np.testing.assert_allclose(got7, ref[:7], rtol=1e-5, atol=1e-5)
+    assert train_lib.TRACE_COUNTS["predict"] - before <= 1
+    assert train_lib.predict_logits(model, variables, x[:0], batch_size=4).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"features must be \[N, F, T\]"):
+        train_lib.predict_logits(model, variables, x[0], batch_size=4)
+
+
+def test_single_process_runs_do_not_initialize_distributed(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert train_lib.maybe_initialize_distributed() is False

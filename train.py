@@ -1,0 +1,67 @@
+"""Train a teacher (CE) or distil a student (DKD, KD, CE, TCKD, NCKD): thin CLI over train_lib.
+
+  python train.py --data PREP --workdir runs/teacher --role teacher
+  python train.py --data PREP --workdir runs/dkd --role student --teacher runs/teacher
+  python train.py ... --preset paper --loss kd --config.kd.beta=2 --config.optim.num_epochs=10
+
+Rerunning the same command resumes from the last checkpoint. Multi-host: see dkd_jax.train_lib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="prep directory (data_prep output)")
+    p.add_argument("--workdir", required=True, help="run directory (created or resumed)")
+    p.add_argument("--role", choices=("teacher", "student"), default="student")
+    p.add_argument("--teacher", help="teacher workdir (students with a distillation loss)")
+    p.add_argument("--loss", choices=("dkd", "kd", "ce", "tckd", "nckd"), help="student loss")
+    p.add_argument("--preset", default="default", help="default | paper | demo | tiny")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run in workdir")
+    p.add_argument("--distributed", action="store_true", help="jax.distributed auto-detect")
+    p.add_argument("--coordinator", help="multi-host coordinator HOST:PORT")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.kd.beta=2)")
+
+    from dkd_jax import config as config_lib
+    from dkd_jax import records, train_lib
+
+    try:
+        train_lib.maybe_initialize_distributed(
+            args.coordinator, args.num_processes, args.process_id, auto=args.distributed
+        )
+        overrides = [f"data.prep_dir={args.data}", f"model.role={args.role}"]
+        if args.loss:
+            overrides.append(f"kd.loss={args.loss}")
+        cfg = config_lib.apply_overrides(config_lib.get_config(args.preset), overrides + rest)
+        result = train_lib.train_and_evaluate(
+            cfg, args.workdir, teacher_workdir=args.teacher, overwrite=args.overwrite
+        )
+    except (config_lib.ConfigError, records.DataError, train_lib.TrainingError, ValueError) as e:
+        if os.environ.get("DKD_JAX_DEBUG"):
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    summary = {k: result[k] for k in ("step", "epoch", "test", "best_validation")}
+    for split in ("test",):
+        if summary[split]:
+            summary[split] = {k: summary[split][k] for k in ("wa", "ua", "num_utterances")}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
