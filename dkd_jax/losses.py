@@ -85,7 +85,10 @@ def _check_labels(fn: str, labels, *, batch: int, num_classes: int) -> jax.Array
             f"{_WHERE}.{fn}: labels must have shape [batch] = ({batch},), got shape {labels.shape}"
         )
     if _is_concrete(labels) and batch > 0:
-        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        # Host-side reduction: jnp.min inside a jit trace would return a tracer even for a
+        # concrete array captured from outside the function.
+        host = jax.device_get(labels)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"{_WHERE}.{fn}: labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]"

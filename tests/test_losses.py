@@ -467,3 +467,16 @@ def test_bad_inputs_raise_clear_errors():
     # Shape errors surface at trace time under jit too.
     with pytest.raises(ValueError, match=r"dkd_jax\.losses\.dkd_loss: .*same shape"):
         dkd_loss(zs, zt[:, :2], y)
+
+
+def test_concrete_labels_captured_under_jit():
+    """Labels closed over by a jitted function are concrete; validation must not trace them."""
+    labels = jnp.array([0, 3, 1])
+    teacher = jnp.zeros((3, 4))
+
+    @jax.jit
+    def f(student):
+        return losses.dkd_loss(student, teacher, labels)
+
+    out = f(jnp.ones((3, 4)))
+    np.testing.assert_allclose(np.asarray(out), 0.0, atol=1e-6)
