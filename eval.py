@@ -1,0 +1,95 @@
+"""Score a trained run on its held-out utterances, or predict the emotion of audio files.
+
+Thin command line over ``dkd_jax.eval_lib``::
+
+    python eval.py --workdir RUN_DIR [--data PREP_DIR] [--step N] [--best]
+    python eval.py predict --workdir RUN_DIR FILE.wav [FILE.wav ...] [--segments] [--json OUT]
+
+The first form writes ``RUN_DIR/results.json`` (WA, UA, per-class scores, confusion matrix,
+counts, package versions, device, git commit, data hash, config) and ``RUN_DIR/confusion.png``,
+and prints the table. The second prints per-file (and with ``--segments`` per-window)
+probabilities; unreadable files are reported one line each on stderr (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python eval.py",
+        description="Score a run's checkpoint on its held-out utterances (segment logits "
+        "averaged per utterance). Use `python eval.py predict --help` for audio files.",
+    )
+    p.add_argument("--workdir", required=True, help="training workdir of the run")
+    p.add_argument("--data", help="prep dir (default: the one in the run's config)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--best", action="store_true", help="best-by-validation checkpoint")
+    p.add_argument("--batch-size", type=int, help="segments per batch (default: config)")
+    p.add_argument(
+        "--aggregate",
+        choices=("logits", "probs"),
+        default="logits",
+        help="average segment logits (default, PyTorch lineage) or probabilities",
+    )
+    p.add_argument("--no-write", action="store_true", help="print only; write no files")
+    return p
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python eval.py predict",
+        description="Emotion probabilities of audio files (any sample rate, channels, length) "
+        "with a trained run's features and normalisation.",
+    )
+    p.add_argument("--workdir", required=True, help="training workdir of the run")
+    p.add_argument("files", nargs="+", help="audio files")
+    p.add_argument("--segments", action="store_true", help="also show each 2-s window")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--best", action="store_true", help="best-by-validation checkpoint")
+    p.add_argument("--json", dest="json_out", help="also write the predictions to this JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from dkd_jax import eval_lib, records
+
+    try:
+        if argv and argv[0] == "predict":
+            args = _predict_parser().parse_args(argv[1:])
+            pred = eval_lib.predict_files(
+                args.workdir, args.files, step=args.step, best=args.best, segments=args.segments
+            )
+            if pred["files"]:
+                print(eval_lib.format_predictions(pred))
+            if args.json_out:
+                eval_lib.write_json(args.json_out, pred)
+            for err in pred["errors"]:
+                print(f"error: {err['error']}", file=sys.stderr)
+            return 2 if pred["errors"] else 0
+        args = _eval_parser().parse_args(argv)
+        eval_lib.evaluate_run(
+            args.workdir,
+            data_dir=args.data,
+            step=args.step,
+            best=args.best,
+            batch_size=args.batch_size,
+            mode=args.aggregate,
+            write=not args.no_write,
+        )
+        if not args.no_write:
+            print(f"wrote {args.workdir}/{eval_lib.RESULTS_FILE} and {eval_lib.CONFUSION_FILE}")
+        return 0
+    except (eval_lib.EvalError, records.DataError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures of the EVAL tests: one small experiment trained once per test session.
+
+``shared_experiment`` runs ``dkd_jax.experiment`` on the conftest ``tiny_prep_dir`` (2 loso
+folds, "tiny" preset, teacher + DKD student, global feature normalisation so that evaluation and
+prediction must apply the stored training statistics). test_experiment.py and test_eval_run.py
+both use it; it is built by whichever asks first and cached for the session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXP_OVERRIDES = ("data.normalization=global",)
+STUDENTS = ("dkd",)
+
+_CACHE: dict[str, tuple[Path, dict, list]] = {}
+
+
+def shared_experiment(prep_dir: Path, tmp_path_factory) -> tuple[Path, dict, list]:
+    """(experiment dir, summary, [(run key, status)]) of the session's tiny experiment."""
+    key = str(prep_dir)
+    if key not in _CACHE:
+        from dkd_jax import experiment
+
+        exp_dir = tmp_path_factory.getbasetemp() / "eval_shared_experiment"
+        spec = experiment.make_spec(
+            data=prep_dir,
+            protocol="loso",
+            folds=(0, 1),
+            preset="tiny",
+            students=STUDENTS,
+            overrides=EXP_OVERRIDES,
+        )
+        events: list = []
+        summary = experiment.run_experiment(
+            exp_dir,
+            spec,
+            progress=False,
+            quiet=True,
+            on_run=lambda plan, status: events.append((plan.key, status)),
+        )
+        _CACHE[key] = (exp_dir, summary, events)
+    return _CACHE[key]

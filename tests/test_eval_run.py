@@ -1,0 +1,218 @@
+"""Tests for scoring a trained run (eval_lib.evaluate_run, eval.py) and predicting audio files.
+
+Uses the session's tiny experiment (tests/helpers_eval.py), trained with global feature
+normalisation, so the references below must apply the stored training statistics themselves.
+"""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import helpers_eval
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+from dkd_jax import audio, checkpointing, eval_lib, records, train_lib
+
+# eval.py is a script at the repository root (not an installed module): load it by path.
+_spec = importlib.util.spec_from_file_location(
+    "eval_cli", Path(__file__).resolve().parents[1] / "eval.py"
+)
+eval_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(eval_cli)
+
+RUN = "fold0-seed0/student_dkd"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_prep_dir, tmp_path_factory):
+    exp_dir, _, _ = helpers_eval.shared_experiment(tiny_prep_dir, tmp_path_factory)
+    return exp_dir / RUN
+
+
+@pytest.fixture(scope="module")
+def restored(run_dir):
+    return checkpointing.restore_run(run_dir)
+
+
+def _normalise(features, norm):
+    assert norm["mode"] == "global"
+    mean = np.asarray(norm["mean"], np.float32)[:, None]
+    std = np.asarray(norm["std"], np.float32)[:, None]
+    return ((features - mean) / std).astype(np.float32)
+
+
+def _reference_logits(restored, features):
+    """Model logits of one unpadded batch (no masking, no pmap): the lineage's per-utterance way."""
+    x = _normalise(features, restored.normalization)[..., None]
+    return np.asarray(restored.model.apply(restored.variables, x, train=False), np.float64)
+
+
+def test_evaluate_run_matches_per_utterance_reference(run_dir, restored, tiny_prep_dir):
+    res = json.loads((run_dir / eval_lib.RESULTS_FILE).read_text())
+    rows = eval_lib.read_utterance_scores(run_dir / eval_lib.SCORES_FILE)
+    split = json.loads((run_dir / "split.json").read_text())
+    arrays = records.load_split(tiny_prep_dir, "eval")
+    names = records.load_metadata(tiny_prep_dir)["label_names"]
+    test = np.isin(arrays.utterance_ids, split["test_ids"])
+    logits = _reference_logits(restored, arrays.features[test])  # one unpadded batch
+    ids, labels = arrays.utterance_ids[test], arrays.labels[test]
+    cm = np.zeros((4, 4), int)
+    assert sorted(rows) == sorted(split["test_ids"])
+    for utt in split["test_ids"]:  # mean logits per utterance, then argmax (lineage rule)
+        sel = ids == utt
+        mean = logits[sel].mean(axis=0)
+        cm[labels[sel][0], int(np.argmax(mean))] += 1
+        np.testing.assert_allclose(rows[utt]["scores"], mean, rtol=1e-5, atol=1e-5)
+        assert rows[utt]["num_segments"] == int(sel.sum())
+        assert rows[utt]["prediction"] == names[int(np.argmax(mean))]
+        assert rows[utt]["label"] == names[labels[sel][0]]
+    segments = int(test.sum())
+    assert res["confusion_matrix"] == cm.tolist()
+    assert res["num_segments"] == segments and res["num_utterances"] == len(split["test_ids"])
+    assert res["wa"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-12)
+    recalls = np.diag(cm) / cm.sum(1)
+    assert res["ua"] == pytest.approx(recalls[cm.sum(1) > 0].mean(), abs=1e-12)
+    assert res["label_names"] == names
+    assert res["step"] == restored.step
+
+
+def test_evaluate_run_probs_mode_and_step(run_dir, restored):
+    res = eval_lib.evaluate_run(run_dir, write=False, verbose=False, mode="probs", step=None)
+    assert res["aggregation"].startswith("mean of segment probs")
+    logits_mode = json.loads((run_dir / eval_lib.RESULTS_FILE).read_text())
+    assert res["num_utterances"] == logits_mode["num_utterances"]
+    with pytest.raises(eval_lib.EvalError, match="no checkpoint at step 999"):
+        eval_lib.evaluate_run(run_dir, step=999, write=False, verbose=False)
+
+
+def test_eval_cli_writes_results_and_plot(run_dir, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(run_dir, work)
+    (work / eval_lib.RESULTS_FILE).unlink()
+    (work / eval_lib.CONFUSION_FILE).unlink()
+    (work / eval_lib.SCORES_FILE).unlink()
+    assert eval_cli.main(["--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((work / eval_lib.RESULTS_FILE).read_text())
+    assert f"WA {100 * res['wa']:.2f} %" in out and "confusion matrix" in out
+    assert (work / eval_lib.CONFUSION_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert len(eval_lib.read_utterance_scores(work / eval_lib.SCORES_FILE)) == res["num_utterances"]
+    for key in ("packages", "device", "git"):
+        assert key in res["provenance"]
+    assert res["data"]["content_hash"].startswith("sha256:")
+
+
+def test_eval_cli_errors_are_one_line(run_dir, tiny_prep_dir, tmp_path, capsys):
+    rc = eval_cli.main(["--workdir", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "no such run directory" in err
+    assert len(err.strip().splitlines()) == 1
+    # a prep dir with other content than the run was trained on
+    other = tmp_path / "other_prep"
+    shutil.copytree(tiny_prep_dir, other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["content_hash"] = "sha256:" + "0" * 64
+    (other / "metadata.json").write_text(json.dumps(meta))
+    rc = eval_cli.main(["--workdir", str(run_dir), "--data", str(other), "--no-write"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "content hash" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def wav_files(tiny_corpus_dir, tiny_prep_dir, tmp_path_factory):
+    """Odd-format copies of one real corpus utterance, plus broken files."""
+    meta = records.load_metadata(tiny_prep_dir)
+    utt = max(meta["utterances"], key=lambda u: u["duration_s"])  # several windows
+    src = tiny_corpus_dir / utt["path"]
+    wave, rate = sf.read(src, dtype="float32")
+    assert rate == 16000
+    out = tmp_path_factory.mktemp("wavs")
+    files = {"orig": src}
+    files["8k"] = out / "a_8k.wav"
+    sf.write(files["8k"], audio.resample(wave, orig_sr=16000, target_sr=8000), 8000)
+    files["stereo44"] = out / "b_44k_stereo.wav"
+    w44 = audio.resample(wave, orig_sr=16000, target_sr=44100)
+    sf.write(files["stereo44"], np.stack([w44, 0.5 * w44], axis=1), 44100, subtype="FLOAT")
+    files["u8"] = out / "c_u8.wav"
+    sf.write(files["u8"], wave, 16000, subtype="PCM_U8")
+    files["short"] = out / "d_short.wav"
+    sf.write(files["short"], wave[:8000], 16000)
+    files["text"] = out / "e_not_audio.wav"
+    files["text"].write_text("this is not a wav file\n")
+    files["empty"] = out / "f_empty.wav"
+    files["empty"].write_bytes(b"")
+    return files, utt
+
+
+def test_predict_matches_the_prep_and_training_pipeline(
+    run_dir, restored, wav_files, tiny_prep_dir
+):
+    files, utt = wav_files
+    pred = eval_lib.predict_files(run_dir, [files["orig"]], segments=True)
+    (entry,) = pred["files"]
+    # Reference: the prep's own eval-layout segments of this utterance, normalised, scored.
+    arrays = records.load_split(tiny_prep_dir, "eval")
+    sel = arrays.utterance_ids == utt["utterance_id"]
+    logits = _reference_logits(restored, arrays.features[sel])
+    mean = logits.mean(axis=0)
+    expected = np.exp(mean - mean.max()) / np.exp(mean - mean.max()).sum()
+    got = np.array([entry["probabilities"][n] for n in pred["label_names"]])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert entry["num_segments"] == int(sel.sum()) == len(entry["segments"])
+    seg0 = np.array([entry["segments"][0]["probabilities"][n] for n in pred["label_names"]])
+    np.testing.assert_allclose(seg0, jax.nn.softmax(logits[0]), rtol=1e-4, atol=1e-6)
+    starts = [s["start_s"] for s in entry["segments"]]
+    assert starts[0] == 0.0 and np.allclose(np.diff(starts), 0.4, atol=0.02)
+    assert entry["prediction"] == pred["label_names"][int(np.argmax(expected))]
+
+
+def test_predict_odd_formats_and_errors(run_dir, wav_files):
+    files, utt = wav_files
+    order = ["8k", "stereo44", "u8", "short", "text", "empty"]
+    traces = train_lib.TRACE_COUNTS["predict"]
+    pred = eval_lib.predict_files(run_dir, [files[k] for k in order])
+    # files of different lengths share one compiled prediction function (at most one new trace)
+    assert train_lib.TRACE_COUNTS["predict"] - traces <= 1
+    traces = train_lib.TRACE_COUNTS["predict"]
+    eval_lib.predict_files(run_dir, [files["short"]])
+    eval_lib.evaluate_run(run_dir, write=False, verbose=False)
+    assert train_lib.TRACE_COUNTS["predict"] == traces
+    assert [e["path"] for e in pred["errors"]] == [str(files["text"]), str(files["empty"])]
+    assert "not a readable audio file" in pred["errors"][0]["error"]
+    assert "empty" in pred["errors"][1]["error"]
+    got = {e["path"]: e for e in pred["files"]}
+    assert len(got) == 4
+    for entry in got.values():
+        assert sum(entry["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert entry["prediction"] in pred["label_names"]
+    short = got[str(files["short"])]
+    assert short["padded"] and short["num_segments"] == 1 and short["duration_s"] == 0.5
+    for key in ("8k", "stereo44", "u8"):  # same audio, other formats: same length, windows
+        e = got[str(files[key])]
+        assert e["duration_s"] == pytest.approx(utt["duration_s"], abs=1e-3)
+        assert e["num_segments"] == utt["num_eval_segments"]
+    # 8-bit quantisation changes the features a little, not the shape of the answer
+    assert not got[str(files["u8"])]["padded"]
+
+
+def test_predict_cli(run_dir, wav_files, tmp_path, capsys):
+    files, _ = wav_files
+    out_json = tmp_path / "pred.json"
+    argv = ["predict", "--workdir", str(run_dir), str(files["short"]), str(files["text"])]
+    rc = eval_cli.main([*argv, "--segments", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.strip().splitlines() == [
+        f"error: {files['text']}: " + captured.err.split(": ", 2)[2].strip()
+    ]
+    assert "Traceback" not in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].split()[:3] == ["file", "seconds", "windows"]
+    assert "padded" in lines[1] and "0.00-2.00 s" in lines[2]
+    saved = json.loads(out_json.read_text())
+    assert len(saved["files"]) == 1 and len(saved["errors"]) == 1
+    assert eval_cli.main(["predict", "--workdir", str(run_dir), str(files["8k"])]) == 0

@@ -1,0 +1,263 @@
+"""Tests for dkd_jax.experiment: the runner end to end, resume, reproduce, summaries, CLI.
+
+The end-to-end tests share one tiny experiment (tests/helpers_eval.py: 2 loso folds, teacher +
+DKD student, "tiny" preset) trained once per session.
+"""
+
+import json
+import shutil
+
+import helpers_eval
+import numpy as np
+import pytest
+
+from dkd_jax import config as config_lib
+from dkd_jax import eval_lib, experiment, records
+
+
+@pytest.fixture(scope="module")
+def exp(tiny_prep_dir, tmp_path_factory):
+    return helpers_eval.shared_experiment(tiny_prep_dir, tmp_path_factory)
+
+
+def _results(exp_dir, key):
+    return json.loads((exp_dir / key / eval_lib.RESULTS_FILE).read_text())
+
+
+def _test_evals(exp_dir, key):
+    lines = (exp_dir / key / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in recs if r.get("event") == "eval" and r.get("split") == "test"]
+
+
+KEYS = [f"fold{f}-seed0/{m}" for f in (0, 1) for m in ("teacher", "student_dkd")]
+
+
+def test_run_writes_every_run_and_summary(exp, tiny_prep_dir):
+    exp_dir, summary, events = exp
+    assert events == [(k, "trained") for k in KEYS]
+    meta = records.load_metadata(tiny_prep_dir)
+    for key in KEYS:
+        res = _results(exp_dir, key)
+        assert (exp_dir / key / eval_lib.CONFUSION_FILE).stat().st_size > 1000
+        cm = np.array(res["confusion_matrix"])
+        assert cm.sum() == res["num_utterances"] == res["split"]["num_test_utterances"]
+        assert res["wa"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-12)
+        assert res["data"]["content_hash"] == meta["content_hash"]
+        assert res["config"]["data"]["normalization"] == "global"
+        assert res["provenance"]["packages"]["jax"] and res["provenance"]["device"]["device_kind"]
+        # The runner's evaluation equals train_lib's own last-epoch test evaluation.
+        last = _test_evals(exp_dir, key)[-1]
+        assert last["step"] == res["step"]
+        assert last["confusion_matrix"] == res["confusion_matrix"]
+        assert last["wa"] == res["wa"] and last["ua"] == res["ua"]
+    # Held-out sessions: fold k holds out the k-th session, and the folds cover every utterance.
+    splits = [_results(exp_dir, f"fold{f}-seed0/teacher")["split"]["name"] for f in (0, 1)]
+    assert splits == ["loso-fold0-Session1", "loso-fold1-Session2"]
+    total = sum(_results(exp_dir, f"fold{f}-seed0/teacher")["num_utterances"] for f in (0, 1))
+    assert total == len(meta["utterances"])
+    # Summary: mean and sample std per model, best-epoch column >= last epoch.
+    assert set(summary["models"]) == {"teacher", *helpers_eval.STUDENTS}
+    for model, name in (("teacher", "teacher"), ("dkd", "student_dkd")):
+        wa = [_results(exp_dir, f"fold{f}-seed0/{name}")["wa"] for f in (0, 1)]
+        stats = summary["models"][model]
+        assert stats["runs"] == 2
+        assert stats["wa"]["mean"] == pytest.approx(np.mean(wa), abs=1e-12)
+        assert stats["wa"]["std"] == pytest.approx(np.std(wa, ddof=1), abs=1e-12)
+    for row in summary["runs"]:
+        evals = _test_evals(exp_dir, row["workdir"])
+        assert row["best_epoch_wa"] == max(e["wa"] for e in evals) >= row["wa"]
+        assert row["best_epoch_ua"] == max(e["ua"] for e in evals) >= row["ua"]
+    on_disk = json.loads((exp_dir / experiment.SUMMARY_JSON).read_text())
+    assert on_disk["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
+    md = (exp_dir / experiment.SUMMARY_MD).read_text()
+    assert "Optimistic" in md and "best epoch on test" in md
+    assert md.count("| fold") == 4  # one row per run
+    text = experiment.format_summary_text(summary)
+    assert "student DKD" in text and "teacher (CE)" in text and "optimistic" in text
+
+
+def test_rerun_skips_finished_runs_and_resumes_missing_ones(exp, tiny_prep_dir):
+    exp_dir, summary, _ = exp
+    spec = experiment.make_spec(
+        data=tiny_prep_dir,
+        protocol="loso",
+        folds=(0, 1),
+        preset="tiny",
+        students=helpers_eval.STUDENTS,
+        overrides=helpers_eval.EXP_OVERRIDES,
+    )
+    events = []
+    again = experiment.run_experiment(
+        exp_dir, spec, progress=False, quiet=True, on_run=lambda p, s: events.append((p.key, s))
+    )
+    assert events == [(k, "skipped") for k in KEYS]
+    assert again["models"] == summary["models"]
+    # A run whose results.json is gone is resumed (from its final checkpoint) and re-evaluated.
+    key = "fold1-seed0/student_dkd"
+    before = _results(exp_dir, key)
+    (exp_dir / key / eval_lib.RESULTS_FILE).unlink()
+    events.clear()
+    experiment.run_experiment(
+        exp_dir, spec, progress=False, quiet=True, on_run=lambda p, s: events.append((p.key, s))
+    )
+    assert [k for k, s in events if s == "trained"] == [key]
+    after = _results(exp_dir, key)
+    for field in ("wa", "ua", "confusion_matrix", "step", "config"):
+        assert after[field] == before[field]
+
+
+def test_changed_settings_are_refused(exp, tiny_prep_dir):
+    exp_dir, _, _ = exp
+    spec = experiment.make_spec(
+        data=tiny_prep_dir, protocol="loso", folds=(0,), preset="tiny", overrides=["kd.beta=2"]
+    )
+    with pytest.raises(experiment.ExperimentError, match="other settings"):
+        experiment.run_experiment(exp_dir, spec, progress=False, quiet=True)
+
+
+def test_is_finished_requires_same_config(exp, tiny_prep_dir):
+    exp_dir, _, _ = exp
+    spec = experiment.ExperimentSpec.from_dict(
+        json.loads((exp_dir / experiment.EXPERIMENT_FILE).read_text())
+    )
+    plan = experiment.plan_runs(spec, exp_dir)[1]
+    assert experiment.is_finished(exp_dir / plan.key, plan.config)
+    plan.config.train.progress = not plan.config.train.progress  # volatile: still finished
+    assert experiment.is_finished(exp_dir / plan.key, plan.config)
+    plan.config.kd.beta = 3.0
+    assert not experiment.is_finished(exp_dir / plan.key, plan.config)
+
+
+def test_reproduce_reports_bit_for_bit_match(exp, tmp_path):
+    exp_dir, _, _ = exp
+    report = experiment.reproduce(
+        exp_dir, fold=0, model="dkd", scratch=tmp_path / "rep", progress=False, quiet=True
+    )
+    assert list(report["runs"]) == ["fold0-seed0/student_dkd"]
+    run = report["runs"]["fold0-seed0/student_dkd"]
+    assert run == {
+        "match": True,
+        "results": True,
+        "metrics": True,
+        "params": True,
+        "differences": [],
+    }
+    assert report["match"] is True
+    assert json.loads((tmp_path / "rep" / "reproduce.json").read_text())["match"] is True
+    # the rerun student distilled from the original teacher
+    teacher = json.loads((tmp_path / "rep/fold0-seed0/student_dkd/teacher.json").read_text())
+    assert teacher["workdir"] == str((exp_dir / "fold0-seed0/teacher").absolute())
+
+
+def test_compare_runs_detects_differences(exp, tmp_path):
+    exp_dir, _, _ = exp
+    cmp = experiment.compare_runs(exp_dir / "fold0-seed0/teacher", exp_dir / "fold1-seed0/teacher")
+    assert cmp["match"] is False and cmp["params"] is False and cmp["metrics"] is False
+    assert any(d.startswith("variables") for d in cmp["differences"])
+    # one flipped bit in a copy's results is found
+    copy = tmp_path / "copy"
+    shutil.copytree(exp_dir / "fold0-seed0/teacher", copy)
+    res = json.loads((copy / eval_lib.RESULTS_FILE).read_text())
+    res["ua"] = np.nextafter(res["ua"], 2.0)
+    (copy / eval_lib.RESULTS_FILE).write_text(json.dumps(res))
+    cmp = experiment.compare_runs(exp_dir / "fold0-seed0/teacher", copy)
+    assert cmp["params"] and cmp["metrics"] and not cmp["results"] and not cmp["match"]
+
+
+def test_make_spec_defaults_and_errors(tiny_prep_dir):
+    paper = experiment.make_spec(data=tiny_prep_dir, protocol="paper")
+    assert paper.seeds == (111111, 123456, 0, 999999, 987654) and paper.folds == ()
+    loso = experiment.make_spec(data=tiny_prep_dir, protocol="loso", preset="tiny")
+    assert loso.folds == (0, 1) and loso.seeds == (0,)
+    plans = experiment.plan_runs(paper, "/x")
+    assert [p.group for p in plans[::2]] == [f"seed{s}" for s in paper.seeds]
+    assert all(p.config.data.split_seed == p.seed == p.config.train.seed for p in plans)
+    assert [p.model for p in plans[:2]] == ["teacher", "dkd"]
+    assert plans[0].config.model.role == "teacher" and plans[1].config.kd.loss == "dkd"
+    with pytest.raises(experiment.ExperimentError, match="2 sessions"):
+        experiment.make_spec(data=tiny_prep_dir, protocol="loso", folds=(2,))
+    with pytest.raises(experiment.ExperimentError, match=r"runner sets data\.fold"):
+        experiment.make_spec(data=tiny_prep_dir, protocol="loso", overrides=["data.fold=1"])
+    with pytest.raises(experiment.ExperimentError, match="bad --students"):
+        experiment.make_spec(data=tiny_prep_dir, protocol="loso", students=("dkd", "xx"))
+    with pytest.raises(experiment.ExperimentError, match="unknown"):
+        experiment.make_spec(data=tiny_prep_dir, protocol="loso", overrides=["kd.nope=1"])
+    with pytest.raises(experiment.ExperimentError, match="--folds applies to loso"):
+        experiment.make_spec(data=tiny_prep_dir, protocol="paper", folds=(0,))
+    assert experiment._parse_ints("0-2,5", "--folds") == (0, 1, 2, 5)
+    spec = experiment.make_spec(
+        data=tiny_prep_dir, protocol="loso", overrides=["--config.kd.beta=2", "config.kd.alpha=0"]
+    )
+    assert spec.overrides == ("kd.beta=2", "kd.alpha=0")  # one canonical form
+
+
+def test_teacher_preset_and_overrides_reach_the_configs(tiny_prep_dir):
+    spec = experiment.make_spec(
+        data=tiny_prep_dir,
+        protocol="loso",
+        folds=(1,),
+        seeds=(3, 4),
+        preset="tiny",
+        teacher_preset="demo",
+        students=("ce", "nckd"),
+        overrides=["kd.beta=2.5"],
+    )
+    plans = experiment.plan_runs(spec, "/x")
+    assert [p.key for p in plans] == [
+        f"fold1-seed{s}/{m}" for s in (3, 4) for m in ("teacher", "student_ce", "student_nckd")
+    ]
+    teacher, ce = plans[0].config, plans[1].config
+    demo, tiny = config_lib.get_config("demo"), config_lib.get_config("tiny")
+    assert demo.optim.num_epochs != tiny.optim.num_epochs
+    assert teacher.optim.num_epochs == demo.optim.num_epochs  # --teacher-preset demo
+    assert ce.optim.num_epochs == tiny.optim.num_epochs  # --preset tiny
+    assert teacher.kd.beta == ce.kd.beta == 2.5
+    assert ce.kd.loss == "ce" and plans[2].config.kd.loss == "nckd"
+    assert all(p.config.data.fold == 1 for p in plans)
+    assert [p.config.train.seed for p in plans] == [3, 3, 3, 4, 4, 4]
+
+
+def test_best_epoch_scores_takes_independent_maxima(tmp_path):
+    recs = [
+        {"event": "train", "step": 1, "loss": 1.0},
+        {"event": "eval", "split": "test", "step": 2, "wa": 0.5, "ua": 0.6},
+        {"event": "eval", "split": "validation", "step": 2, "wa": 0.99, "ua": 0.99},
+        {"event": "eval", "split": "test", "step": 4, "wa": 0.7, "ua": 0.4},
+        {"event": "eval", "split": "test", "step": 6, "wa": 0.6, "ua": 0.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + "{cut")
+    best = experiment.best_epoch_scores(tmp_path)
+    assert best == {"best_wa": 0.7, "best_ua": 0.6, "num_evals": 3}
+    assert experiment.best_epoch_scores(tmp_path / "missing")["best_wa"] is None
+
+
+def test_summary_statistics_single_run_has_no_std():
+    rows = [
+        {"model": "dkd", "wa": 0.5, "ua": 0.4, "best_epoch_wa": 0.6, "best_epoch_ua": None},
+    ]
+    s = experiment.summarize_rows(rows, ["teacher", "dkd"])
+    assert list(s) == ["dkd"]
+    assert s["dkd"]["wa"] == {"mean": 0.5, "std": None, "n": 1}
+    assert s["dkd"]["best_epoch_ua"] == {"mean": None, "std": None, "n": 0}
+    assert experiment._fmt(s["dkd"]["wa"]) == "50.0" and experiment._fmt(s["dkd"]["ua"]) == "40.0"
+
+
+def test_cli_summarize_and_errors(exp, capsys, tmp_path, tiny_prep_dir):
+    exp_dir, _, _ = exp
+    # the same experiment through the command line: everything is finished, nothing retrains
+    argv = ["run", "--data", str(tiny_prep_dir), "--out", str(exp_dir), "--folds", "0-1"]
+    argv += ["--preset", "tiny", "--students", ",".join(helpers_eval.STUDENTS), "--no-progress"]
+    argv += [f"--config.{o}" for o in helpers_eval.EXP_OVERRIDES]
+    assert experiment.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 4 and "teacher (CE)" in out
+    assert experiment.main(["summarize", str(exp_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "student DKD" in out and "mean ± std" in out
+    rc = experiment.main(["run", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    rc = experiment.main(["reproduce", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not an experiment directory" in err
