@@ -5,9 +5,12 @@ Modules (one responsibility each):
   metrics       pure confusion matrix, WA, UA, per-class scores
   audio         pure NumPy feature front end (log-mel, MFCC)
   records       the one TFRecord schema shared by writer and reader
-  models        Flax MACNN (head-fusion attention) and area attention
+  models        Flax MACNN (head-fusion attention); area_attention: multi-scale area attention
+  config        typed run configs and presets; protocols: train/test splits
+  input_pipeline, checkpointing  batches and normalisation; orbax save/restore
   train_lib     train state, pmap'ed steps, teacher and student loops
   eval_lib      utterance aggregation, reports, prediction
+  experiment    whole experiments (folds x seeds x models) and summaries; demo: the README demo
 """
 
 __version__ = "0.1.0"
