@@ -440,3 +440,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
     assert train_cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["test"]["ua"] == runs["teacher"]["test"]["ua"]
+
+
+def test_area_attention_teacher_distils_a_head_fusion_student(tiny_prep_dir, tmp_path):
+    """Spec §2.3 option 2: an area-attention teacher (dropout on) distilled into MACNN."""
+    arch = {
+        "model.teacher.preset": "area_teacher",
+        "model.teacher.attention_heads": 1,
+        "model.teacher.attention_hidden": 4,
+    }
+    cfg = _config(tiny_prep_dir, **{**TEACHER, **arch, "optim.num_epochs": 1})
+    train_lib.train_and_evaluate(cfg, tmp_path / "area_teacher")
+    teacher = checkpointing.restore_run(tmp_path / "area_teacher")
+    assert teacher.model.attention == "area"
+    assert "area_attention" in str(jax.tree_util.tree_structure(teacher.variables["params"]))
+
+    scfg = _config(tiny_prep_dir, **arch, **{"optim.num_epochs": 1, "train.on_device": "off"})
+    result = train_lib.train_and_evaluate(
+        scfg, tmp_path / "student", teacher_workdir=tmp_path / "area_teacher"
+    )
+    student = checkpointing.restore_run(tmp_path / "student")
+    assert student.model.attention == "head_fusion"
+    events = _events(tmp_path / "student")
+    assert events[0]["teacher"] == "precomputed"
+    train = [e for e in events if e["event"] == "train"]
+    assert train and all(np.isfinite(e["tckd"]) and np.isfinite(e["nckd"]) for e in train)
+    assert any(e["nckd"] > 0 for e in train)
+    assert np.isfinite(result["train"]["loss"]) and result["test"]["num_utterances"] > 0
