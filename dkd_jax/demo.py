@@ -29,19 +29,6 @@ CHANCE = 0.25  # four balanced-UA classes
 QUICK_FOLDS = (0, 1)
 
 
-def cpu_overrides() -> tuple[str, ...]:
-    """Config overrides for a CPU backend: stream host batches (``train.on_device=off``).
-
-    On XLA:CPU a training step inside a compiled loop (the on-device epoch path's ``lax.scan``)
-    runs several times slower than the same step compiled alone (measured on 2 cores: a "demo"
-    CE student fold took 161 s on the on-device path and 35 s streaming), so the demo streams
-    there. GPUs and TPUs keep the default (``auto``).
-    """
-    import jax
-
-    return ("train.on_device=off",) if jax.default_backend() == "cpu" else ()
-
-
 def _stage(num: int, total: int, text: str) -> float:
     print(f"\n[{num}/{total}] {text}", flush=True)
     return time.perf_counter()
@@ -114,7 +101,6 @@ def run_demo(
         folds=folds,
         preset=preset,
         students=("dkd", "ce"),
-        overrides=cpu_overrides(),
     )
     t0 = _stage(
         3,
