@@ -117,13 +117,16 @@ def _prep(runs):
     return config_lib.loads((runs["root"] / "teacher" / "config.json").read_text()).data.prep_dir
 
 
-def _assert_events_close(a, b, rel=1e-5):
+def _assert_events_close(a, b, rel=1e-5, abs_tol=5e-6):
+    # abs_tol: a KL term near 0 (e.g. NCKD of a student that already matches its teacher) is a
+    # difference of nearly equal sums, so its *relative* rounding error is large (measured: an
+    # NCKD of 0.00436 differed by 8e-7 between the paths with jax 0.10.2 / flax 0.12.8).
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             if isinstance(x[k], float):
-                assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-7), (x["event"], k)
+                assert x[k] == pytest.approx(y[k], rel=rel, abs=abs_tol), (x["event"], k)
             elif k not in ("test", "validation", "best_validation", "train"):
                 assert x[k] == y[k], (x["event"], k)
 
@@ -133,9 +136,10 @@ def test_on_device_and_streaming_paths_agree(runs):
     differently, so they agree to float rounding (each path alone is bit-reproducible).
 
     Tolerance: 2e-5 absolute on parameters (2% of one Adam step at lr 1e-3); logged losses to
-    1e-5 relative. Left out: the biases of the convolutions that feed a BatchNorm. Their true
-    gradient is exactly 0 (BatchNorm subtracts them again), so Adam turns rounding noise into
-    +-lr random steps that differ between the paths and do not change the network's function.
+    1e-5 relative or 5e-6 absolute. Left out: the biases of the convolutions that feed a
+    BatchNorm. Their true gradient is exactly 0 (BatchNorm subtracts them again), so Adam turns
+    rounding noise into +-lr random steps that differ between the paths and do not change the
+    network's function.
     """
     from flax import traverse_util
 

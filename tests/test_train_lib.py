@@ -414,3 +414,25 @@ def test_single_process_runs_do_not_initialize_distributed(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     assert train_lib.maybe_initialize_distributed() is False
+
+
+def test_predict_logits_pads_a_short_last_batch_only_to_a_small_bucket():
+    # A small eval set must not pay for a whole eval batch: the last batch is padded to the next
+    # power-of-two per-device size (>= EVAL_MIN_BUCKET), which bounds the compiled shapes.
+    model = train_lib.create_model(STUDENT, num_classes=NUM_CLASSES)
+    variables = jax.device_get(
+        model.init(jax.random.PRNGKey(1), jnp.zeros((1, *SHAPE, 1)), train=False)
+    )
+    x, _ = _data(45)
+    ref = np.asarray(model.apply(variables, jnp.asarray(x[..., None]), train=False))
+    before = train_lib.TRACE_COUNTS["predict"]
+    for n in (1, 3, 16, 17, 45):  # 2 devices, 32 per device: buckets 8, 16, 32 rows
+        got = train_lib.predict_logits(model, variables, x[:n], batch_size=64)
+        assert got.shape == (n, NUM_CLASSES)
+        np.testing.assert_allclose(got, ref[:n], rtol=1e-5, atol=1e-5)
+    assert train_lib.TRACE_COUNTS["predict"] - before <= 3
+    # Several full batches and a short tail: rows come back in order, none lost or duplicated.
+    got = train_lib.predict_logits(model, variables, x, batch_size=16)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert [train_lib._tail_rows(k, 32) for k in (1, 8, 9, 17, 32, 40)] == [8, 8, 16, 32, 32, 32]
+    assert train_lib._tail_rows(3, 4) == 4
