@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=("teacher", "student"), default="student")
     p.add_argument("--teacher", help="teacher workdir (students with a distillation loss)")
     p.add_argument("--loss", choices=("dkd", "kd", "ce", "tckd", "nckd"), help="student loss")
-    p.add_argument("--preset", default="default", help="default | paper | demo | tiny")
+    p.add_argument("--preset", default="default", help="default | paper | demo | emodb | tiny")
     p.add_argument("--overwrite", action="store_true", help="replace a different run in workdir")
     p.add_argument("--distributed", action="store_true", help="jax.distributed auto-detect")
     p.add_argument("--coordinator", help="multi-host coordinator HOST:PORT")

@@ -30,6 +30,21 @@ def test_default_preset_counts_its_schedule_in_steps():
     assert cfg.optim.learning_rate == paper.optim.learning_rate
 
 
+def test_emodb_preset_changes_only_what_small_corpora_need():
+    cfg, base = config_lib.get_config("emodb"), config_lib.get_config("default")
+    assert cfg.data.normalization == "speaker" and cfg.data.protocol == "loso"
+    assert (cfg.optim.learning_rate, cfg.optim.schedule, cfg.optim.warmup_steps) == (
+        3e-3,
+        "cosine",
+        45,
+    )
+    assert cfg.augment.enabled and cfg.augment.mixup_alpha == 0.0
+    assert (cfg.kd.alpha, cfg.kd.beta, cfg.kd.temperature) == (1.0, 0.5, 1.0)
+    # Same architectures, batch, epochs and weight decay as the paper's recipe.
+    assert cfg.model == base.model
+    assert (cfg.optim.batch_size, cfg.optim.num_epochs, cfg.optim.weight_decay) == (32, 50, 1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(config_lib.PRESETS))
 def test_every_preset_round_trips_through_json(name):
     cfg = config_lib.get_config(name)
