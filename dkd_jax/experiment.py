@@ -31,8 +31,17 @@ Command line (``python -m dkd_jax.experiment --help``)::
 
     python -m dkd_jax.experiment run --data PREP --out EXP --protocol loso [--folds 0,1]
         [--seeds 0] [--preset demo] [--students dkd,ce] [--teacher-preset P] [--config.x.y=v]
-    python -m dkd_jax.experiment summarize EXP
+    python -m dkd_jax.experiment summarize EXP [--validation-only]
     python -m dkd_jax.experiment reproduce EXP [--fold K] [--model dkd] [--scratch DIR]
+
+Choosing settings without looking at the held-out speakers (inner cross-validation): run the
+candidates with a validation hold-out carved from the *training* speakers and
+``--validation-only``, which prints only validation scores and writes no summary::
+
+    python -m dkd_jax.experiment run ... --validation-only \
+        --config.data.validation=speaker --config.data.validation_fraction=0.25
+
+When runs have a validation hold-out, ``summary.md`` also reports their validation WA/UA.
 """
 
 from __future__ import annotations
@@ -380,8 +389,13 @@ def execute_run(
     *,
     teacher_workdir: Path | None,
     quiet: bool = False,
+    validation_only: bool = False,
 ) -> dict[str, Any]:
-    """Trains one run, evaluates it, and returns its results."""
+    """Trains one run, evaluates it, and returns its results.
+
+    With ``validation_only`` the printed line shows the run's validation scores instead of its
+    test scores (the test scores are still written to ``results.json``).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_run(plan, workdir, teacher_workdir=teacher_workdir)
@@ -389,11 +403,19 @@ def execute_run(
     results = eval_lib.evaluate_run(workdir, verbose=False)
     results["train_seconds"] = round(t1 - t0, 3)
     eval_lib.write_json(workdir / eval_lib.RESULTS_FILE, results)
-    _say(
-        f"    {plan.key}: WA {100 * results['wa']:.1f} %  UA {100 * results['ua']:.1f} %  "
-        f"({results['num_utterances']} test utterances; train {t1 - t0:.0f} s)",
-        quiet=quiet,
-    )
+    if validation_only:
+        val = validation_scores(workdir)
+        _say(
+            f"    {plan.key}: validation WA {_pct(val['val_wa'])} %  UA {_pct(val['val_ua'])} %  "
+            f"(train {t1 - t0:.0f} s)",
+            quiet=quiet,
+        )
+    else:
+        _say(
+            f"    {plan.key}: WA {100 * results['wa']:.1f} %  UA {100 * results['ua']:.1f} %  "
+            f"({results['num_utterances']} test utterances; train {t1 - t0:.0f} s)",
+            quiet=quiet,
+        )
     return results
 
 
@@ -405,6 +427,7 @@ def run_experiment(
     progress: bool = True,
     quiet: bool = False,
     on_run: Callable[[RunPlan, str], None] | None = None,
+    validation_only: bool = False,
 ) -> dict[str, Any]:
     """Runs (or resumes) every run of an experiment, then writes and returns the summary.
 
@@ -416,11 +439,16 @@ def run_experiment(
         progress: show per-epoch progress bars (also needs a terminal).
         quiet: print nothing.
         on_run: called with (plan, "skipped" | "trained") after each run (tests use it).
+        validation_only: for choosing settings without looking at the held-out speakers: print
+            only validation scores (the runs need ``data.validation`` != "none") and write no
+            ``summary.json``/``summary.md`` (``summarize`` writes them once the choice is made).
 
     Returns:
-        The summary dict (also in ``summary.json``).
+        The summary dict (also in ``summary.json`` unless ``validation_only``).
     """
     exp_dir = Path(exp_dir)
+    if validation_only:
+        _require_validation(plan_runs(spec, exp_dir))
     exp_dir.mkdir(parents=True, exist_ok=True)
     _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
     enable_compilation_cache(exp_dir / CACHE_DIR)
@@ -437,16 +465,36 @@ def run_experiment(
                 _say(f"    {plan.key}: finished earlier, skipped", quiet=quiet)
                 status = "skipped"
             else:
-                execute_run(plan, workdir, teacher_workdir=teacher, quiet=quiet)
+                execute_run(
+                    plan,
+                    workdir,
+                    teacher_workdir=teacher,
+                    quiet=quiet,
+                    validation_only=validation_only,
+                )
                 status = "trained"
             if on_run is not None:
                 on_run(plan, status)
+    if validation_only:
+        summary = build_summary(exp_dir, spec=spec, plans=plans)
+        summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        _say("", quiet=quiet)
+        _say(format_summary_text(summary, validation_only=True), quiet=quiet)
+        return summary
     summary = write_summary(exp_dir, spec=spec, plans=plans)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     _say("", quiet=quiet)
     _say(format_summary_text(summary), quiet=quiet)
     _say(f"\nsummary: {exp_dir / SUMMARY_MD}  (and {SUMMARY_JSON})", quiet=quiet)
     return summary
+
+
+def _require_validation(plans: Sequence[RunPlan]) -> None:
+    if any(p.config.data.validation == "none" for p in plans):
+        raise ExperimentError(
+            "--validation-only needs a validation hold-out inside the training speakers: add "
+            "--config.data.validation=speaker (and e.g. --config.data.validation_fraction=0.25)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,9 +536,31 @@ def best_epoch_scores(workdir: str | os.PathLike) -> dict[str, float | None]:
     }
 
 
+def validation_scores(workdir: str | os.PathLike) -> dict[str, float | None]:
+    """The run's last validation evaluation (``{"event": "eval", "split": "validation"}`` in
+    ``metrics.jsonl``; the last epoch is always evaluated): {"val_wa", "val_ua"}, both None when
+    the run has no validation hold-out. Never reads a test score."""
+    out: dict[str, float | None] = {"val_wa": None, "val_ua": None}
+    path = Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a killed run
+            continue
+        w, u = _eval_wa_ua(rec, "validation")
+        if w is not None or u is not None:
+            out = {"val_wa": w, "val_ua": u}
+    return out
+
+
 def _test_wa_ua(rec: dict[str, Any]) -> tuple[float | None, float | None]:
     """(WA, UA) of a ``metrics.jsonl`` test evaluation record, else (None, None)."""
-    if rec.get("event") != "eval" or rec.get("split") != "test":
+    return _eval_wa_ua(rec, "test")
+
+
+def _eval_wa_ua(rec: dict[str, Any], split: str) -> tuple[float | None, float | None]:
+    if rec.get("event") != "eval" or rec.get("split") != split:
         return None, None
 
     def get(key):
@@ -519,6 +589,7 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
             continue
         res = json.loads(path.read_text())
         best = best_epoch_scores(workdir)
+        val = validation_scores(workdir)
         rows.append(
             {
                 "group": plan.group,
@@ -530,6 +601,8 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
                 "ua": res["ua"],
                 "best_epoch_wa": best["best_wa"],
                 "best_epoch_ua": best["best_ua"],
+                "val_wa": val["val_wa"],
+                "val_ua": val["val_ua"],
                 "num_test_utterances": res["num_utterances"],
                 "confusion_matrix": res["confusion_matrix"],
                 "label_names": res["label_names"],
@@ -550,8 +623,8 @@ def summarize_rows(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> dic
         if not mine:
             continue
         stats: dict[str, Any] = {"label": MODEL_LABELS.get(model, model), "runs": len(mine)}
-        for k in ("wa", "ua", "best_epoch_wa", "best_epoch_ua"):
-            stats[k] = _mean_std([r[k] for r in mine])
+        for k in ("wa", "ua", "best_epoch_wa", "best_epoch_ua", "val_wa", "val_ua"):
+            stats[k] = _mean_std([r.get(k) for r in mine])
         cms = [r["confusion_matrix"] for r in mine if r.get("confusion_matrix") is not None]
         if cms:
             pooled = np.sum(np.asarray(cms, np.int64), axis=0)
@@ -568,6 +641,30 @@ def write_summary(
     plans: Sequence[RunPlan] | None = None,
 ) -> dict[str, Any]:
     """Builds the summary of the finished runs and writes ``summary.json`` and ``summary.md``."""
+    exp_dir = Path(exp_dir)
+    summary = build_summary(exp_dir, spec=spec, plans=plans)
+    for model, stats in summary["models"].items():
+        names = next((r["label_names"] for r in summary["runs"] if r["model"] == model), None)
+        if "pooled_confusion_matrix" in stats and names:
+            plot = eval_lib.plot_confusion(
+                np.asarray(stats["pooled_confusion_matrix"]),
+                names,
+                exp_dir / f"confusion_{model}.png",
+                title=f"{stats['label']}: confusion pooled over {stats['runs']} run(s)",
+            )
+            stats["pooled_confusion_plot"] = plot.name
+    eval_lib.write_json(exp_dir / SUMMARY_JSON, summary)
+    (exp_dir / SUMMARY_MD).write_text(format_summary_markdown(summary))
+    return summary
+
+
+def build_summary(
+    exp_dir: str | os.PathLike,
+    *,
+    spec: ExperimentSpec | None = None,
+    plans: Sequence[RunPlan] | None = None,
+) -> dict[str, Any]:
+    """The summary dict of the finished runs (what ``write_summary`` writes), writing nothing."""
     exp_dir = Path(exp_dir)
     if spec is None:
         path = exp_dir / EXPERIMENT_FILE
@@ -591,20 +688,10 @@ def write_summary(
             "utterance; mean ± sample std (ddof=1) over runs",
             "best_epoch": "OPTIMISTIC: max over epochs of the test-set WA and (independently) UA, "
             "i.e. the epoch is chosen on the test set, as in the head-fusion lineage code",
+            "val": "last-epoch WA/UA on the validation hold-out carved from the training "
+            "speakers/utterances (data.validation); None without one",
         },
     }
-    for model, stats in summary["models"].items():
-        names = next((r["label_names"] for r in rows if r["model"] == model), None)
-        if "pooled_confusion_matrix" in stats and names:
-            plot = eval_lib.plot_confusion(
-                np.asarray(stats["pooled_confusion_matrix"]),
-                names,
-                exp_dir / f"confusion_{model}.png",
-                title=f"{stats['label']}: confusion pooled over {stats['runs']} run(s)",
-            )
-            stats["pooled_confusion_plot"] = plot.name
-    eval_lib.write_json(exp_dir / SUMMARY_JSON, summary)
-    (exp_dir / SUMMARY_MD).write_text(format_summary_markdown(summary))
     return summary
 
 
@@ -630,19 +717,45 @@ def _title(summary: dict[str, Any]) -> str:
     return f"{what}; {groups} fold/seed group(s), {summary['num_finished_runs']} runs finished"
 
 
-def format_summary_text(summary: dict[str, Any]) -> str:
-    """The per-model table for the terminal."""
+def _has_validation(summary: dict[str, Any]) -> bool:
+    return any(r.get("val_ua") is not None for r in summary["runs"])
+
+
+def format_summary_text(summary: dict[str, Any], *, validation_only: bool = False) -> str:
+    """The per-model table for the terminal (``validation_only``: validation scores only, for
+    choosing settings without seeing the held-out speakers)."""
+    if validation_only:
+        lines = [
+            _title(summary),
+            "VALIDATION WA / UA in %, mean ± std over runs (last epoch, validation hold-out "
+            "inside the training data; test scores not shown)",
+        ]
+        head = f"{'model':<14} {'runs':>4}  {'val WA':>12}  {'val UA':>12}"
+        lines += [head, "-" * len(head)]
+        for stats in summary["models"].values():
+            lines.append(
+                f"{stats['label']:<14} {stats['runs']:>4}  {_fmt(stats['val_wa']):>12}  "
+                f"{_fmt(stats['val_ua']):>12}"
+            )
+        lines.append(
+            "per run (val UA): "
+            + ", ".join(f"{r['workdir']} {_pct(r.get('val_ua'))}" for r in summary["runs"])
+        )
+        return "\n".join(lines)
     lines = [
         _title(summary),
         "WA / UA in %, mean ± std over runs (last epoch, held-out utterances)",
     ]
+    val = _has_validation(summary)
     head = f"{'model':<14} {'runs':>4}  {'WA':>12}  {'UA':>12}   {'best-epoch-on-test WA/UA *':>26}"
+    head += f"  {'val UA':>12}" if val else ""
     lines += [head, "-" * len(head)]
     for stats in summary["models"].values():
         best = f"{_fmt(stats['best_epoch_wa'])} / {_fmt(stats['best_epoch_ua'])}"
         lines.append(
             f"{stats['label']:<14} {stats['runs']:>4}  {_fmt(stats['wa']):>12}  "
             f"{_fmt(stats['ua']):>12}   {best:>26}"
+            + (f"  {_fmt(stats['val_ua']):>12}" if val else "")
         )
     lines.append(
         "* optimistic: epoch picked on the test set (lineage protocol); not a fair estimate"
@@ -658,6 +771,7 @@ def format_summary_text(summary: dict[str, Any]) -> str:
 def format_summary_markdown(summary: dict[str, Any]) -> str:
     """``summary.md``: settings, the per-model table and the per-run table."""
     exp = summary["experiment"]
+    val = _has_validation(summary)
     lines = [
         "# Experiment summary",
         "",
@@ -671,13 +785,15 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         "from the last-epoch checkpoint (segment logits averaged per utterance); mean ± sample "
         "std over runs.",
         "",
-        "| model | runs | WA | UA | best epoch on test: WA ⚠ | best epoch on test: UA ⚠ |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | runs | WA | UA | best epoch on test: WA ⚠ | best epoch on test: UA ⚠ |"
+        + (" validation WA | validation UA |" if val else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if val else ""),
     ]
     for stats in summary["models"].values():
         lines.append(
             f"| {stats['label']} | {stats['runs']} | {_fmt(stats['wa'])} | {_fmt(stats['ua'])} "
             f"| {_fmt(stats['best_epoch_wa'])} | {_fmt(stats['best_epoch_ua'])} |"
+            + (f" {_fmt(stats['val_wa'])} | {_fmt(stats['val_ua'])} |" if val else "")
         )
     lines += [
         "",
@@ -911,8 +1027,19 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="if --out holds other settings, delete its runs"
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="choose settings without seeing the held-out speakers: print only validation "
+        "scores (needs --config.data.validation=speaker|utterance) and write no summary",
+    )
     s = sub.add_parser("summarize", help="rewrite summary.json/summary.md from finished runs")
     s.add_argument("exp_dir")
+    s.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="print only validation scores; write nothing",
+    )
     q = sub.add_parser("reproduce", help="rerun finished runs and compare them bit for bit")
     q.add_argument("exp_dir")
     q.add_argument("--fold", type=int, help="loso fold (or paper seed) to rerun")
@@ -939,12 +1066,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 students=[s for s in args.students.split(",") if s],
                 overrides=overrides,
             )
-            run_experiment(args.out, spec, overwrite=args.overwrite, progress=not args.no_progress)
+            run_experiment(
+                args.out,
+                spec,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                validation_only=args.validation_only,
+            )
         elif args.command == "summarize":
             if overrides:
                 raise ExperimentError("summarize takes no --config overrides")
-            summary = write_summary(args.exp_dir)
-            print(format_summary_text(summary))
+            if args.validation_only:
+                summary = build_summary(args.exp_dir)
+                if not _has_validation(summary):
+                    raise ExperimentError(
+                        f"{args.exp_dir}: no finished run has a validation hold-out "
+                        "(data.validation=none)"
+                    )
+                print(format_summary_text(summary, validation_only=True))
+            else:
+                summary = write_summary(args.exp_dir)
+                print(format_summary_text(summary))
         else:
             if overrides:
                 raise ExperimentError("reproduce takes no --config overrides")

@@ -261,3 +261,51 @@ def test_cli_summarize_and_errors(exp, capsys, tmp_path, tiny_prep_dir):
     rc = experiment.main(["reproduce", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "not an experiment directory" in err
+
+
+def test_validation_scores_reads_only_the_last_validation_eval(tmp_path):
+    recs = [
+        {"event": "eval", "split": "validation", "step": 2, "wa": 0.2, "ua": 0.25},
+        {"event": "eval", "split": "test", "step": 4, "wa": 0.9, "ua": 0.9},
+        {"event": "eval", "split": "validation", "step": 4, "wa": 0.5, "ua": 0.4},
+        {"event": "eval", "split": "test", "step": 6, "wa": 0.8, "ua": 0.8},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + "{cut")
+    assert experiment.validation_scores(tmp_path) == {"val_wa": 0.5, "val_ua": 0.4}
+    assert experiment.validation_scores(tmp_path / "missing") == {"val_wa": None, "val_ua": None}
+
+
+def test_validation_only_run_shows_no_test_scores(tiny_prep_dir, tmp_path, capsys):
+    out_dir = tmp_path / "inner_cv"
+    base = ["--data", str(tiny_prep_dir), "--out", str(out_dir), "--folds", "0"]
+    base += ["--preset", "tiny", "--students", "ce", "--no-progress"]
+    # Without a validation hold-out there is nothing to choose on: refused before any training.
+    assert experiment.main(["run", *base, "--validation-only"]) == 2
+    err = capsys.readouterr().err
+    assert "--config.data.validation=speaker" in err and not out_dir.exists()
+    argv = ["run", *base, "--validation-only", "--config.data.validation=speaker"]
+    argv += ["--config.data.validation_fraction=0.5"]
+    assert experiment.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "VALIDATION" in out and "test utterances" not in out and "best-epoch" not in out
+    assert out.count(": validation WA") == 2  # teacher and CE student
+    assert not (out_dir / experiment.SUMMARY_JSON).exists()
+    rows = experiment.build_summary(out_dir)["runs"]
+    for row in rows:
+        val = experiment.validation_scores(out_dir / row["workdir"])
+        assert row["val_ua"] == val["val_ua"] is not None
+        assert f"{row['workdir']} {100 * val['val_ua']:.1f}" in out
+    assert experiment.main(["summarize", str(out_dir), "--validation-only"]) == 0
+    out = capsys.readouterr().out
+    assert "VALIDATION" in out and "best-epoch" not in out
+    assert not (out_dir / experiment.SUMMARY_JSON).exists()
+    # Once the choice is made, the ordinary summary reports test and validation scores.
+    assert experiment.main(["summarize", str(out_dir)]) == 0
+    md = (out_dir / experiment.SUMMARY_MD).read_text()
+    assert "validation UA" in md and "val UA" in capsys.readouterr().out
+
+
+def test_summarize_validation_only_needs_a_validation_hold_out(exp, capsys):
+    exp_dir, _, _ = exp
+    assert experiment.main(["summarize", str(exp_dir), "--validation-only"]) == 2
+    assert "no finished run has a validation hold-out" in capsys.readouterr().err
