@@ -51,6 +51,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -658,6 +659,56 @@ def write_summary(
     return summary
 
 
+_GROUP_PATTERNS = {"loso": re.compile(r"fold(\d+)-seed(\d+)"), "paper": re.compile(r"seed(\d+)")}
+
+
+def _with_earlier_runs(
+    exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan]
+) -> tuple[list[RunPlan], list[str]]:
+    """The planned runs plus every *finished* run of earlier invocations of the same experiment.
+
+    Folds, seeds and students may change between invocations (the data, protocol, presets and
+    overrides may not, so every run in the directory is comparable): a summary covers all
+    finished runs, e.g. TCKD/NCKD students added later for one seed next to the full DKD grid.
+    """
+    pattern = _GROUP_PATTERNS[spec.protocol]
+    folds, seeds, students = set(spec.folds), set(spec.seeds), list(spec.students)
+    found = False
+    for group_dir in sorted(exp_dir.glob("*")) if exp_dir.is_dir() else []:
+        m = pattern.fullmatch(group_dir.name)
+        if not m or not group_dir.is_dir():
+            continue
+        nums = [int(x) for x in m.groups()]
+        for run in group_dir.glob("student_*"):
+            loss = run.name.removeprefix("student_")
+            if loss in STUDENT_LOSSES and (run / eval_lib.RESULTS_FILE).exists():
+                found = True
+                if loss not in students:
+                    students.append(loss)
+                if spec.protocol == "loso":
+                    folds.add(nums[0])
+                seeds.add(nums[-1])
+        if (group_dir / "teacher" / eval_lib.RESULTS_FILE).exists():
+            found = True
+            if spec.protocol == "loso":
+                folds.add(nums[0])
+            seeds.add(nums[-1])
+    students = [s for s in STUDENT_LOSSES if s in students]
+    students = [s for s in spec.students] + [s for s in students if s not in spec.students]
+    if not found:
+        return list(plans), students
+    union = dataclasses.replace(
+        spec, folds=tuple(sorted(folds)), seeds=tuple(sorted(seeds)), students=tuple(students)
+    )
+    keys = {p.key for p in plans}
+    extra = [
+        p
+        for p in plan_runs(union, exp_dir)
+        if p.key not in keys and (exp_dir / p.key / eval_lib.RESULTS_FILE).exists()
+    ]
+    return [*plans, *extra], students
+
+
 def build_summary(
     exp_dir: str | os.PathLike,
     *,
@@ -673,8 +724,9 @@ def build_summary(
         spec = ExperimentSpec.from_dict(json.loads(path.read_text()))
     if plans is None:
         plans = plan_runs(spec, exp_dir)
+    plans, students = _with_earlier_runs(exp_dir, spec, plans)
     rows = collect_runs(exp_dir, plans)
-    models = ["teacher", *spec.students]
+    models = ["teacher", *students]
     metadata = records.load_metadata(spec.data) if Path(spec.data).exists() else {}
     summary = {
         "experiment": spec.to_dict(),

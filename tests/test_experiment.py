@@ -309,3 +309,30 @@ def test_summarize_validation_only_needs_a_validation_hold_out(exp, capsys):
     exp_dir, _, _ = exp
     assert experiment.main(["summarize", str(exp_dir), "--validation-only"]) == 2
     assert "no finished run has a validation hold-out" in capsys.readouterr().err
+
+
+def test_summary_covers_finished_runs_of_earlier_invocations(exp, tiny_prep_dir, tmp_path):
+    # An experiment extended with another student for one fold (e.g. TCKD/NCKD for one seed next
+    # to a full DKD grid) summarises every finished run, not only the last invocation's.
+    exp_dir, summary, _ = exp
+    copy = tmp_path / "extended"
+    shutil.copytree(exp_dir, copy)
+    spec = experiment.make_spec(
+        data=tiny_prep_dir,
+        protocol="loso",
+        folds=(0,),
+        preset="tiny",
+        students=("ce",),
+        overrides=helpers_eval.EXP_OVERRIDES,
+    )
+    events = []
+    out = experiment.run_experiment(
+        copy, spec, progress=False, quiet=True, on_run=lambda p, s: events.append((p.key, s))
+    )
+    assert events == [("fold0-seed0/teacher", "skipped"), ("fold0-seed0/student_ce", "trained")]
+    assert list(out["models"]) == ["teacher", "ce", "dkd"]
+    assert [out["models"][m]["runs"] for m in ("teacher", "ce", "dkd")] == [2, 1, 2]
+    assert out["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
+    assert out["num_finished_runs"] == out["num_planned_runs"] == 5
+    again = experiment.write_summary(copy)  # the `summarize` command: same coverage
+    assert again["models"].keys() == out["models"].keys() and again["num_finished_runs"] == 5
