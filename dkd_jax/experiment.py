@@ -664,8 +664,9 @@ _GROUP_PATTERNS = {"loso": re.compile(r"fold(\d+)-seed(\d+)"), "paper": re.compi
 
 def _with_earlier_runs(
     exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan]
-) -> tuple[list[RunPlan], list[str]]:
-    """The planned runs plus every *finished* run of earlier invocations of the same experiment.
+) -> tuple[list[RunPlan], ExperimentSpec]:
+    """The planned runs plus every *finished* run of earlier invocations of the same experiment,
+    and the spec they cover (folds, seeds and students widened to include them).
 
     Folds, seeds and students may change between invocations (the data, protocol, presets and
     overrides may not, so every run in the directory is comparable): a summary covers all
@@ -696,7 +697,7 @@ def _with_earlier_runs(
     students = [s for s in STUDENT_LOSSES if s in students]
     students = [s for s in spec.students] + [s for s in students if s not in spec.students]
     if not found:
-        return list(plans), students
+        return list(plans), spec
     union = dataclasses.replace(
         spec, folds=tuple(sorted(folds)), seeds=tuple(sorted(seeds)), students=tuple(students)
     )
@@ -706,7 +707,7 @@ def _with_earlier_runs(
         for p in plan_runs(union, exp_dir)
         if p.key not in keys and (exp_dir / p.key / eval_lib.RESULTS_FILE).exists()
     ]
-    return [*plans, *extra], students
+    return [*plans, *extra], union
 
 
 def build_summary(
@@ -724,12 +725,13 @@ def build_summary(
         spec = ExperimentSpec.from_dict(json.loads(path.read_text()))
     if plans is None:
         plans = plan_runs(spec, exp_dir)
-    plans, students = _with_earlier_runs(exp_dir, spec, plans)
+    plans, covered = _with_earlier_runs(exp_dir, spec, plans)
+    students = list(covered.students)
     rows = collect_runs(exp_dir, plans)
     models = ["teacher", *students]
     metadata = records.load_metadata(spec.data) if Path(spec.data).exists() else {}
     summary = {
-        "experiment": spec.to_dict(),
+        "experiment": covered.to_dict(),
         "data_content_hash": metadata.get("content_hash"),
         "num_planned_runs": len(plans),
         "num_finished_runs": len(rows),

@@ -334,5 +334,7 @@ def test_summary_covers_finished_runs_of_earlier_invocations(exp, tiny_prep_dir,
     assert [out["models"][m]["runs"] for m in ("teacher", "ce", "dkd")] == [2, 1, 2]
     assert out["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
     assert out["num_finished_runs"] == out["num_planned_runs"] == 5
+    assert out["experiment"]["folds"] == [0, 1] and out["experiment"]["students"] == ["ce", "dkd"]
+    assert "folds [0, 1]" in experiment.format_summary_text(out)
     again = experiment.write_summary(copy)  # the `summarize` command: same coverage
     assert again["models"].keys() == out["models"].keys() and again["num_finished_runs"] == 5
