@@ -476,17 +476,13 @@ def run_experiment(
                 status = "trained"
             if on_run is not None:
                 on_run(plan, status)
-    if validation_only:
-        summary = build_summary(exp_dir, spec=spec, plans=plans)
-        summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        _say("", quiet=quiet)
-        _say(format_summary_text(summary, validation_only=True), quiet=quiet)
-        return summary
-    summary = write_summary(exp_dir, spec=spec, plans=plans)
+    make = build_summary if validation_only else write_summary
+    summary = make(exp_dir, spec=spec, plans=plans)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     _say("", quiet=quiet)
-    _say(format_summary_text(summary), quiet=quiet)
-    _say(f"\nsummary: {exp_dir / SUMMARY_MD}  (and {SUMMARY_JSON})", quiet=quiet)
+    _say(format_summary_text(summary, validation_only=validation_only), quiet=quiet)
+    if not validation_only:
+        _say(f"\nsummary: {exp_dir / SUMMARY_MD}  (and {SUMMARY_JSON})", quiet=quiet)
     return summary
 
 
@@ -514,22 +510,13 @@ def best_epoch_scores(workdir: str | os.PathLike) -> dict[str, float | None]:
         {"best_wa", "best_ua", "num_evals"}; the maxima are None when the run logged no test
         evaluations.
     """
-    path = Path(workdir) / "metrics.jsonl"
     wa, ua = [], []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            w, u = _test_wa_ua(rec)
-            if w is not None:
-                wa.append(w)
-            if u is not None:
-                ua.append(u)
+    for rec in _read_metrics(workdir):
+        w, u = _eval_wa_ua(rec, "test")
+        if w is not None:
+            wa.append(w)
+        if u is not None:
+            ua.append(u)
     return {
         "best_wa": max(wa) if wa else None,
         "best_ua": max(ua) if ua else None,
@@ -542,25 +529,28 @@ def validation_scores(workdir: str | os.PathLike) -> dict[str, float | None]:
     ``metrics.jsonl``; the last epoch is always evaluated): {"val_wa", "val_ua"}, both None when
     the run has no validation hold-out. Never reads a test score."""
     out: dict[str, float | None] = {"val_wa": None, "val_ua": None}
-    path = Path(workdir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a killed run
-            continue
+    for rec in _read_metrics(workdir):
         w, u = _eval_wa_ua(rec, "validation")
         if w is not None or u is not None:
             out = {"val_wa": w, "val_ua": u}
     return out
 
 
-def _test_wa_ua(rec: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(WA, UA) of a ``metrics.jsonl`` test evaluation record, else (None, None)."""
-    return _eval_wa_ua(rec, "test")
+def _read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The parseable records of a run's ``metrics.jsonl`` ([] when missing); a line cut by a
+    killed run is skipped."""
+    path = Path(workdir) / "metrics.jsonl"
+    records_ = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records_.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records_
 
 
 def _eval_wa_ua(rec: dict[str, Any], split: str) -> tuple[float | None, float | None]:
+    """(WA, UA) of a ``metrics.jsonl`` evaluation record of ``split``, else (None, None)."""
     if rec.get("event") != "eval" or rec.get("split") != split:
         return None, None
 
@@ -673,31 +663,21 @@ def _with_earlier_runs(
     finished runs, e.g. TCKD/NCKD students added later for one seed next to the full DKD grid.
     """
     pattern = _GROUP_PATTERNS[spec.protocol]
-    folds, seeds, students = set(spec.folds), set(spec.seeds), list(spec.students)
-    found = False
-    for group_dir in sorted(exp_dir.glob("*")) if exp_dir.is_dir() else []:
-        m = pattern.fullmatch(group_dir.name)
-        if not m or not group_dir.is_dir():
+    folds, seeds, models = set(spec.folds), set(spec.seeds), set()
+    for result in exp_dir.glob(f"*/*/{eval_lib.RESULTS_FILE}"):
+        group, run = result.parent.parent.name, result.parent.name
+        m = pattern.fullmatch(group)
+        model = "teacher" if run == "teacher" else run.removeprefix("student_")
+        if not m or (model != "teacher" and model not in STUDENT_LOSSES):
             continue
         nums = [int(x) for x in m.groups()]
-        for run in group_dir.glob("student_*"):
-            loss = run.name.removeprefix("student_")
-            if loss in STUDENT_LOSSES and (run / eval_lib.RESULTS_FILE).exists():
-                found = True
-                if loss not in students:
-                    students.append(loss)
-                if spec.protocol == "loso":
-                    folds.add(nums[0])
-                seeds.add(nums[-1])
-        if (group_dir / "teacher" / eval_lib.RESULTS_FILE).exists():
-            found = True
-            if spec.protocol == "loso":
-                folds.add(nums[0])
-            seeds.add(nums[-1])
-    students = [s for s in STUDENT_LOSSES if s in students]
-    students = [s for s in spec.students] + [s for s in students if s not in spec.students]
-    if not found:
+        folds.update(nums[:-1])  # loso: the fold; paper: none
+        seeds.add(nums[-1])
+        models.add(model)
+    if not models:
         return list(plans), spec
+    extra_students = [s for s in STUDENT_LOSSES if s in models and s not in spec.students]
+    students = [*spec.students, *extra_students]
     union = dataclasses.replace(
         spec, folds=tuple(sorted(folds)), seeds=tuple(sorted(seeds)), students=tuple(students)
     )

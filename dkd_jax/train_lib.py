@@ -827,7 +827,7 @@ def predict_logits(
     out = []
     start = 0
     while start < n:
-        rows = min(per, _tail_rows(-(-(n - start) // d), per))
+        rows = _tail_rows(-(-(n - start) // d), per)
         step = rows * d
         chunk = features[start : start + step]
         if chunk.shape[0] < step:
@@ -836,7 +836,7 @@ def predict_logits(
         logits = fn(rep, chunk.reshape(d, rows, *chunk.shape[1:]))
         out.append(np.asarray(logits).reshape(step, num_classes)[: n - start])
         start += step
-    return np.concatenate(out)[:n]
+    return np.concatenate(out)
 
 
 @dataclasses.dataclass
