@@ -14,7 +14,6 @@ probabilities; unreadable files are reported one line each on stderr (exit statu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -58,20 +57,20 @@ def _predict_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from dkd_jax import eval_lib, records
+    from dkd_jax import eval_lib, jsonio, predict, records, run_dir
 
     try:
         if argv and argv[0] == "predict":
             args = _predict_parser().parse_args(argv[1:])
-            pred = eval_lib.predict_files(
+            pred = predict.predict_files(
                 args.workdir, args.files, step=args.step, best=args.best, segments=args.segments
             )
             if pred["files"]:
-                print(eval_lib.format_predictions(pred))
+                print(predict.format_predictions(pred))
             if args.json_out:
-                eval_lib.write_json(args.json_out, pred)
+                jsonio.write_json(args.json_out, pred)
             for err in pred["errors"]:
-                print(f"error: {err['error']}", file=sys.stderr)
+                print(f"eval.py: error: {err['error']}", file=sys.stderr)
             return 2 if pred["errors"] else 0
         args = _eval_parser().parse_args(argv)
         eval_lib.evaluate_run(
@@ -84,10 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             write=not args.no_write,
         )
         if not args.no_write:
-            print(f"wrote {args.workdir}/{eval_lib.RESULTS_FILE} and {eval_lib.CONFUSION_FILE}")
+            print(f"wrote {args.workdir}/{run_dir.RESULTS_FILE} and {run_dir.CONFUSION_FILE}")
         return 0
-    except (eval_lib.EvalError, records.DataError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"eval.py: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (eval_lib.EvalError, records.DataError, run_dir.RunDirError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,7 @@
   python train.py --data PREP --workdir runs/dkd --role student --teacher runs/teacher
   python train.py ... --preset paper --loss kd --config.kd.beta=2 --config.optim.num_epochs=10
 
-Rerunning the same command resumes from the last checkpoint. Multi-host: see dkd_jax.train_lib.
+Rerunning the same command resumes from the last checkpoint. Multi-host: see dkd_jax.distributed.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.kd.beta=2)")
 
     from dkd_jax import config as config_lib
-    from dkd_jax import records, train_lib
+    from dkd_jax import distributed, records, run_dir, train_lib
 
     try:
-        train_lib.maybe_initialize_distributed(
+        distributed.maybe_initialize_distributed(
             args.coordinator, args.num_processes, args.process_id, auto=args.distributed
         )
         overrides = [f"data.prep_dir={args.data}", f"model.role={args.role}"]
@@ -47,7 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         result = train_lib.train_and_evaluate(
             cfg, args.workdir, teacher_workdir=args.teacher, overwrite=args.overwrite
         )
-    except (config_lib.ConfigError, records.DataError, train_lib.TrainingError, ValueError) as e:
+    except OSError as e:  # read-only or full workdir, permissions: the path and the reason
+        if os.environ.get("DKD_JAX_DEBUG"):
+            raise
+        print(f"train.py: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (
+        config_lib.ConfigError,
+        records.DataError,
+        train_lib.TrainingError,
+        distributed.DistributedError,
+        ValueError,
+    ) as e:
         if os.environ.get("DKD_JAX_DEBUG"):
             raise
         print(f"train.py: error: {e}", file=sys.stderr)

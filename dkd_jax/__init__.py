@@ -1,16 +1,20 @@
 """dkd-jax: DKDFMH (head-fusion attention CNN + Decoupled Knowledge Distillation) in JAX/Flax.
 
 Modules (one responsibility each):
-  losses        pure DKD / KD / CE losses, per-example, jittable
-  metrics       pure confusion matrix, WA, UA, per-class scores
-  audio         pure NumPy feature front end (log-mel, MFCC)
-  records       the one TFRecord schema shared by writer and reader
-  models        Flax MACNN (head-fusion attention); area_attention: multi-scale area attention
-  config        typed run configs and presets; protocols: train/test splits
-  input_pipeline, checkpointing  batches and normalisation; orbax save/restore
-  train_lib     train state, pmap'ed steps, teacher and student loops
-  eval_lib      utterance aggregation, reports, prediction
-  experiment    whole experiments (folds x seeds x models) and summaries; demo: the README demo
+  losses, metrics      pure DKD / KD / CE losses; confusion matrix, WA, UA
+  audio, records       the NumPy feature front end; the one TFRecord schema
+  models               Flax MACNN (head fusion); area_attention: multi-scale area attention
+  config, protocols    typed run configs and presets; train/test splits
+  input_pipeline       a run's data: training arrays, held-out sets, normalisation, batches
+  train_lib            train_and_evaluate as named phases; train_step: the compiled pmap step;
+                       train_state: state and optimiser; objective: loss weights and terms;
+                       train_loop: logging, evaluation and checkpoint cadence
+  run_dir              every file of a run directory, the workdir lock, restore_run;
+                       checkpointing: thin orbax wrapper; jsonio: atomic JSON files
+  distributed          multi-host start-up, cross-process reductions, replication
+  eval_lib             the one scoring path, reports; predict: audio files; provenance
+  experiment           whole experiments (folds x seeds x models), summaries, reproduce
+  demo                 the README demo
 """
 
 __version__ = "0.1.0"

@@ -138,7 +138,7 @@ def run_demo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from dkd_jax import experiment
+    from dkd_jax.experiment import cli
 
     p = argparse.ArgumentParser(
         prog="python -m dkd_jax.demo",
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_demo(
             args.out,
-            folds=experiment._parse_ints(args.folds, "--folds"),
+            folds=cli.parse_ints(args.folds, "--folds"),
             quick=args.quick,
             progress=not args.no_progress,
             workers=args.workers,
@@ -162,13 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        from dkd_jax import run_dir
+
+        print(f"demo: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        return 2
     except Exception as e:
         from dkd_jax import train_lib
 
         # PrepError, DataError, ExperimentError, ConfigError, EvalError are ValueErrors.
-        if not isinstance(e, ValueError | OSError | train_lib.TrainingError):
+        if not isinstance(e, ValueError | train_lib.TrainingError):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"demo: error: {e}", file=sys.stderr)
         return 2
     return 0
 

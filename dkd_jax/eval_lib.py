@@ -1,60 +1,57 @@
-"""Evaluation: utterance-level scoring of a run, reports, plots, provenance and prediction.
+"""Evaluation: the one scoring path from segments to utterance-level numbers, reports, plots.
 
-Owns everything between a trained checkpoint and a number in a table:
+Owns everything between a model and a number in a table. Training (the periodic and final
+evaluations of ``train_lib``) and ``eval.py`` score through the same functions:
 
-* ``score_segments`` groups segment logits by utterance (``metrics.aggregate_utterances``: mean
-  of the segment logits, DESIGN.md §3, paper_spec.md §1.3) and returns utterance-level labels
-  and predictions;
-* ``classification_report`` turns labels + predictions into WA, UA, per-class
+* :func:`predict_logits` runs a model in eval mode over segments (one compiled function, the
+  last batch padded to a small power-of-two bucket);
+* :func:`score_segments` groups segment logits by utterance (``metrics.aggregate_utterances``:
+  mean of the segment logits, DESIGN.md §3) in order of first appearance, and
+  :func:`score_eval_set` chains the two for an ``input_pipeline.EvalSet``;
+* :func:`classification_report` turns labels + predictions into WA, UA, per-class
   recall/precision/F1, the confusion matrix and counts (all from one confusion matrix, via
-  ``dkd_jax.metrics``); ``format_report`` prints it; ``plot_confusion`` draws counts and
-  row-normalised rates;
-* ``provenance`` records package versions, the device kind, the git commit and the Python
-  version, so a number can be traced to what produced it;
-* ``evaluate_run`` scores a run's checkpoint on its held-out utterances (``split.json`` in the
-  workdir, eval-layout segments) and writes ``results.json`` + ``confusion.png``;
-* ``predict_files`` gives emotion probabilities for audio files of any format, with the run's
-  own feature config and normalisation.
+  ``dkd_jax.metrics``); :func:`format_report` prints it; :func:`plot_confusion` draws it;
+* :func:`write_run_results` writes ``results.json``, ``utterance_scores.csv`` and
+  ``confusion.png`` into a run directory (``run_dir`` owns the files), both at the end of
+  training and from :func:`evaluate_run`, which scores any checkpoint of a run on its held-out
+  utterances.
 
-Numbers never come from here: ``metrics`` computes them, ``train_lib.predict_logits`` produces
-the logits (one compiled function, last batch padded and masked).
+Numbers never come from here: ``metrics`` computes them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import importlib.metadata
-import json
+import functools
 import math
 import os
-import platform
-import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dkd_jax import metrics
+from dkd_jax import distributed, input_pipeline, metrics, provenance, records, run_dir
 
-RESULTS_FILE = "results.json"
-CONFUSION_FILE = "confusion.png"
-SCORES_FILE = "utterance_scores.csv"
-SPLIT_FILE = "split.json"
+__all__ = [
+    "EvalError",
+    "UtteranceScores",
+    "classification_report",
+    "evaluate_run",
+    "format_report",
+    "plot_confusion",
+    "predict_logits",
+    "report_from_confusion",
+    "restore",
+    "score_eval_set",
+    "score_segments",
+    "write_run_results",
+]
 
-# Distributions whose versions go into results.json (missing ones are recorded as None).
-_PACKAGES = (
-    "jax",
-    "jaxlib",
-    "flax",
-    "optax",
-    "orbax-checkpoint",
-    "numpy",
-    "librosa",
-    "soundfile",
-    "tensorflow-datasets",
-    "matplotlib",
-)
+TRACE_COUNTS: collections.Counter = collections.Counter()
+"""How often the prediction function was traced (tests assert no retracing)."""
 
 
 class EvalError(ValueError):
@@ -75,7 +72,8 @@ class UtteranceScores:
         labels: [U] int, the utterance labels.
         scores: [U, C] float, the per-utterance mean of the segment logits (``mode="logits"``)
             or of the segment probabilities (``mode="probs"``).
-        predictions: [U] int, argmax of ``scores``.
+        predictions: [U] int, argmax of the float64 means (``scores`` are them rounded to
+            float32).
         num_segments: [U] int, segments per utterance.
     """
 
@@ -143,14 +141,12 @@ def score_segments(
     if conflicting.size:
         bad = unique_ids[seg_utt[conflicting[0]]]
         raise EvalError(f"utterance {bad!r} has segments with different labels")
-    scores = np.asarray(
-        metrics.aggregate_utterances(logits, seg_utt, num_utts, mode=mode), dtype=np.float32
-    )
+    means = metrics.aggregate_utterances(logits, seg_utt, num_utts, mode=mode)  # float64
     return UtteranceScores(
         utterance_ids=unique_ids,
         labels=utt_labels,
-        scores=scores,
-        predictions=np.argmax(scores, axis=-1),
+        scores=np.asarray(means, dtype=np.float32),
+        predictions=np.argmax(means, axis=-1),
         num_segments=np.bincount(seg_utt, minlength=num_utts),
     )
 
@@ -315,122 +311,212 @@ def plot_confusion(
 
 
 # --------------------------------------------------------------------------------------------
-# Provenance
+# Segment logits
 # --------------------------------------------------------------------------------------------
 
 
-def git_commit(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
-    """The git commit of the checkout at ``path``, and whether its tree differs from it.
-
-    ``dirty`` is True when tracked files are modified or files that are not ignored are
-    untracked (the code that ran may not be the commit's).
-
-    Returns None when ``path`` (default: this package's directory) is not in a git checkout or git
-    is unavailable.
-    """
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return None
-        status = subprocess.run(
-            ["git", "status", "--porcelain"],  # untracked (not ignored) files count too
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {
-        "commit": commit.stdout.strip(),
-        "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None,
-    }
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that determine the numbers (None if not installed)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    from dkd_jax import __version__
-
-    versions["dkd_jax"] = __version__
-    return versions
-
-
-def device_info() -> dict[str, Any]:
-    """The JAX backend, device kind and device counts of this process."""
+@functools.lru_cache(maxsize=16)
+def _predict_fn(model, devices):
     import jax
+    import jax.numpy as jnp
 
-    devices = jax.local_devices()
+    def predict(variables, x):
+        TRACE_COUNTS["predict"] += 1
+        return model.apply(variables, x[..., None], train=False).astype(jnp.float32)
+
+    return jax.pmap(predict, axis_name=distributed.AXIS, in_axes=(0, 0), devices=devices)
+
+
+EVAL_MIN_BUCKET = 8
+"""Smallest per-device batch of a padded last prediction batch (see :func:`predict_logits`)."""
+
+
+def _tail_rows(needed: int, per: int) -> int:
+    """Per-device rows of a batch that must hold ``needed`` rows: ``per`` when it is full, else
+    the next power of two >= needed (at least EVAL_MIN_BUCKET), so that a short last batch
+    costs about its size and only log2(per) extra shapes can ever compile."""
+    if needed >= per:
+        return per
+    bucket = EVAL_MIN_BUCKET
+    while bucket < needed:
+        bucket *= 2
+    return min(bucket, per)
+
+
+def predict_logits(
+    model, variables, features: np.ndarray, *, batch_size: int, devices: Sequence | None = None
+) -> np.ndarray:
+    """Segment logits of a model in eval mode (running BatchNorm statistics).
+
+    One compiled function per (model, per-device batch, segment shape), pmapped over the local
+    devices. Full batches have ``batch_size`` rows; the last one is zero-padded only up to the
+    next power-of-two per-device size (>= ``EVAL_MIN_BUCKET``), so a small eval set does not pay
+    for a whole ``batch_size`` batch (on a 2-core CPU, padding 81 EmoDB segments to 256 made the
+    per-epoch evaluation cost as much as the epoch's training), and at most
+    ``log2(batch_size / d / EVAL_MIN_BUCKET) + 2`` shapes compile per model. Padding rows are
+    discarded (eval-mode BatchNorm is per example, so padding cannot change real rows).
+
+    Args:
+      model: a MACNN.
+      variables: {"params", "batch_stats"} (host or device arrays, not replicated).
+      features: [N, F, T] float32 segments (already normalised like the training data).
+      batch_size: segments per call over all local devices (rounded up to a multiple of them).
+      devices: devices to use (default all local devices).
+
+    Returns:
+      [N, num_classes] float32 numpy logits.
+    """
+    features = np.asarray(features, np.float32)
+    if features.ndim != 3:
+        raise ValueError(f"predict_logits: features must be [N, F, T], got {features.shape}")
+    devices = tuple(devices) if devices is not None else distributed.local_devices()
+    d = len(devices)
+    per = max(1, -(-int(batch_size) // d))
+    n = features.shape[0]
+    num_classes = model.num_classes
+    if n == 0:
+        return np.zeros((0, num_classes), np.float32)
+    fn = _predict_fn(model, devices)
+    rep = distributed.replicate(
+        {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
+        devices=devices,
+    )
+    out = []
+    start = 0
+    while start < n:
+        rows = _tail_rows(-(-(n - start) // d), per)
+        step = rows * d
+        chunk = features[start : start + step]
+        if chunk.shape[0] < step:
+            pad = np.zeros((step - chunk.shape[0], *chunk.shape[1:]), np.float32)
+            chunk = np.concatenate([chunk, pad])
+        logits = fn(rep, chunk.reshape(d, rows, *chunk.shape[1:]))
+        out.append(np.asarray(logits).reshape(step, num_classes)[: n - start])
+        start += step
+    return np.concatenate(out)
+
+
+def score_eval_set(
+    model,
+    variables,
+    eval_set: input_pipeline.EvalSet,
+    *,
+    batch_size: int,
+    devices: Sequence | None = None,
+    mode: str = "logits",
+) -> UtteranceScores:
+    """Utterance-level scores of a model on a held-out set (the one scoring path)."""
+    logits = predict_logits(
+        model, variables, eval_set.features, batch_size=batch_size, devices=devices
+    )
+    return score_segments(logits, eval_set.labels, eval_set.utterance_ids, mode=mode)
+
+
+def eval_summary(
+    scores: UtteranceScores, eval_set: input_pipeline.EvalSet, *, num_classes: int
+) -> dict[str, Any]:
+    """The numbers training logs per evaluation (``metrics.jsonl`` "eval" records): wa, ua,
+    confusion_matrix, num_utterances, num_segments, num_unscored."""
+    cm = metrics.confusion_matrix(scores.labels, scores.predictions, num_classes=num_classes)
     return {
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "local_device_count": len(devices),
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-        "host": platform.node(),
-        "machine": platform.machine(),
+        "wa": metrics.weighted_accuracy(cm),
+        "ua": metrics.unweighted_accuracy(cm),
+        "confusion_matrix": cm.tolist(),
+        "num_utterances": len(scores.utterance_ids),
+        "num_segments": len(eval_set),
+        "num_unscored": int(eval_set.num_unscored),
     }
 
 
-def provenance() -> dict[str, Any]:
-    """Everything that identifies the software and hardware behind a result."""
-    return {"packages": package_versions(), "device": device_info(), "git": git_commit()}
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Converts numpy scalars/arrays, paths, dataclasses and non-finite floats for ``json.dump``."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Writes ``obj`` as indented JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
-# Scoring a run
+# Results of a run
 # --------------------------------------------------------------------------------------------
 
 
-def _restore(workdir: Path, *, step: int | None, best: bool):
-    from dkd_jax import checkpointing
+def build_results(
+    scores: UtteranceScores,
+    *,
+    label_names: Sequence[str],
+    cfg,
+    split,
+    step: int,
+    checkpoint: str,
+    num_segments: int,
+    data_dir: str | os.PathLike,
+    content_hash: str | None,
+    workdir: str | os.PathLike,
+    mode: str = "logits",
+) -> dict[str, Any]:
+    """The ``results.json`` dict: the report (:func:`report_from_confusion`) plus the run's
+    step, checkpoint, role and loss, split sizes, aggregation, data, config and provenance."""
+    from dkd_jax import config as config_lib
 
+    report = classification_report(scores.labels, scores.predictions, label_names=label_names)
+    return {
+        **report,
+        "num_segments": int(num_segments),
+        "step": int(step),
+        "checkpoint": checkpoint,
+        "role": cfg.model.role,
+        "loss": cfg.kd.loss if cfg.model.role == "student" else "ce",
+        "split": {
+            "name": split.name,
+            "num_train_utterances": len(split.train_ids),
+            "num_validation_utterances": len(split.validation_ids),
+            "num_test_utterances": len(split.test_ids),
+        },
+        "aggregation": f"mean of segment {mode} per utterance, then argmax",
+        "data": {"prep_dir": os.path.abspath(data_dir), "content_hash": content_hash},
+        "workdir": os.path.abspath(workdir),
+        "config": config_lib.to_dict(cfg),
+        "provenance": provenance.provenance(),
+    }
+
+
+def write_run_results(
+    workdir: str | os.PathLike,
+    results: Mapping[str, Any],
+    scores: UtteranceScores,
+    *,
+    mode: str = "logits",
+    plot: bool = True,
+) -> None:
+    """Writes ``results.json``, ``utterance_scores.csv`` and (``plot``) ``confusion.png``."""
+    label_names = list(results["label_names"])
+    run_dir.write_scores(
+        workdir,
+        utterance_ids=scores.utterance_ids,
+        labels=scores.labels,
+        predictions=scores.predictions,
+        num_segments=scores.num_segments,
+        scores=scores.scores,
+        label_names=label_names,
+        mode=mode,
+    )
+    if plot:
+        plot_confusion(
+            np.asarray(results["confusion_matrix"]),
+            label_names,
+            run_dir.confusion_plot_path(workdir),
+            title=f"{Path(workdir).name} ({results['split']['name']}, step {results['step']}): "
+            f"WA {100 * results['wa']:.1f} %, UA {100 * results['ua']:.1f} %",
+        )
+    run_dir.write_results(workdir, results)  # last: a run is finished once this exists
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a run from its checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def restore(workdir: str | os.PathLike, *, step: int | None, best: bool) -> run_dir.RestoredRun:
+    """``run_dir.restore_run`` with its problems as :class:`EvalError`."""
+    workdir = Path(workdir)
     if not workdir.is_dir():
         raise EvalError(f"{workdir}: no such run directory")
     try:
-        return checkpointing.restore_run(workdir, step=step, best=best)
-    except FileNotFoundError as e:
-        raise EvalError(f"{workdir}: {e}") from None
-    except ValueError as e:  # missing config/split/checkpoints, bad config (named by the callee)
+        return run_dir.restore_run(workdir, step=step, best=best)
+    except run_dir.RunDirError as e:
         raise EvalError(str(e)) from None
 
 
@@ -467,9 +553,8 @@ def evaluate_run(
     """Scores a run's checkpoint on its held-out utterances.
 
     The test utterances are those of ``split.json`` in the workdir; their eval-layout segments
-    (hop ``eval_hop_seconds``) are normalised as in training (``normalization.json``), scored by
-    ``train_lib.predict_logits`` (one compiled function, last batch padded and masked), and the
-    segment logits are averaged per utterance before the argmax.
+    (hop ``eval_hop_seconds``) are normalised as in training (``normalization.json``) and scored
+    by :func:`score_eval_set`, exactly as training scores them.
 
     Args:
         workdir: a training workdir.
@@ -478,310 +563,61 @@ def evaluate_run(
         best: use the best-by-validation checkpoint instead.
         batch_size: segments per compiled batch (default ``config.data.eval_batch_size``).
         mode: utterance aggregation, "logits" (mean of logits) or "probs" (mean of softmax).
-        write: write ``results.json``, ``utterance_scores.csv`` (per-utterance label,
-            prediction and mean scores) and ``confusion.png`` (when ``plot``) into the workdir
-            (on process 0 only, in a multi-process job).
+        write: write ``results.json``, ``utterance_scores.csv`` and ``confusion.png`` (when
+            ``plot``) into the workdir, holding its lock (process 0 only, in a multi-process job).
         plot: draw the confusion matrix.
         verbose: print the report table.
 
     Returns:
-        The results dict: the report (``report_from_confusion``) plus ``num_segments``, ``step``,
-        ``split``, ``data`` (prep dir, content hash), ``aggregation``, ``config``,
-        ``provenance`` and ``eval_seconds``.
+        The results dict (:func:`build_results`) plus ``eval_seconds``.
 
     Raises:
         EvalError: missing run files, data that differs from the run's, no test utterances, or
             test utterances missing from the prep dir.
+        run_dir.WorkdirLockedError: ``write`` while another process holds the workdir.
     """
-    import time
-
     import jax
-
-    from dkd_jax import config as config_lib
-    from dkd_jax import input_pipeline, protocols, records, train_lib
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
-    run = _restore(workdir, step=step, best=best)
+    run = restore(workdir, step=step, best=best)
     try:
-        split, _ = protocols.load_split_file(workdir / protocols.SPLIT_FILE)
-    except ValueError as e:
+        split, _ = run_dir.load_split(workdir)
+    except run_dir.RunDirError as e:
         raise EvalError(str(e)) from None
     data_dir = os.fspath(data_dir) if data_dir is not None else run.config.data.prep_dir
     try:
-        metadata = input_pipeline.load_metadata(data_dir)
+        metadata = records.load_metadata(data_dir)
     except records.DataError as e:
         raise EvalError(str(e)) from None
     _check_same_data(run, metadata, data_dir)
     if not split.test_ids:
         raise EvalError(f"{workdir}: the run's split ({split.name}) has no test utterances")
-    arrays = input_pipeline.load_segments(data_dir, "eval", split.test_ids)
-    missing = sorted(set(split.test_ids) - set(arrays.utterance_ids.tolist()))
-    if missing:
+    eval_set = input_pipeline.load_eval_set(data_dir, "test", split.test_ids, run.normalization)
+    if eval_set.num_unscored:
         raise EvalError(
-            f"{data_dir}: {len(missing)} test utterance(s) of {workdir} have no eval segments "
-            f"(first: {missing[0]})"
+            f"{data_dir}: {eval_set.num_unscored} test utterance(s) of {workdir} have no eval "
+            "segments"
         )
-    arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
     bs = int(batch_size or run.config.data.eval_batch_size)
-    logits = train_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)
-    scores = score_segments(logits, arrays.labels, arrays.utterance_ids, mode=mode)
-    label_names = list(metadata["label_names"])
-    report = classification_report(scores.labels, scores.predictions, label_names=label_names)
-    results: dict[str, Any] = {
-        **report,
-        "num_segments": len(arrays),
-        "step": int(run.step),
-        "checkpoint": "best-by-validation" if best else "latest",
-        "role": run.config.model.role,
-        "loss": run.config.kd.loss if run.config.model.role == "student" else "ce",
-        "split": {
-            "name": split.name,
-            "num_train_utterances": len(split.train_ids),
-            "num_validation_utterances": len(split.validation_ids),
-            "num_test_utterances": len(split.test_ids),
-        },
-        "aggregation": f"mean of segment {mode} per utterance, then argmax",
-        "data": {"prep_dir": os.path.abspath(data_dir), "content_hash": metadata["content_hash"]},
-        "workdir": os.path.abspath(workdir),
-        "config": config_lib.to_dict(run.config),
-        "provenance": provenance(),
-    }
+    scores = score_eval_set(run.model, run.variables, eval_set, batch_size=bs, mode=mode)
+    results = build_results(
+        scores,
+        label_names=list(metadata["label_names"]),
+        cfg=run.config,
+        split=split,
+        step=run.step,
+        checkpoint="best-by-validation" if best else "latest",
+        num_segments=len(eval_set),
+        data_dir=data_dir,
+        content_hash=metadata["content_hash"],
+        workdir=workdir,
+        mode=mode,
+    )
     results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if write and jax.process_index() == 0:
-        write_json(workdir / RESULTS_FILE, results)
-        write_utterance_scores(workdir / SCORES_FILE, scores, label_names, mode=mode)
-        if plot:
-            plot_confusion(
-                np.asarray(report["confusion_matrix"]),
-                label_names,
-                workdir / CONFUSION_FILE,
-                title=f"{workdir.name} ({split.name}, step {run.step}): "
-                f"WA {100 * report['wa']:.1f} %, UA {100 * report['ua']:.1f} %",
-            )
+        with run_dir.locked(workdir, "eval.py"):
+            write_run_results(workdir, results, scores, mode=mode, plot=plot)
     if verbose:
         print(format_report(results, title=f"{workdir} — {split.name}, step {run.step}"))
     return results
-
-
-def write_utterance_scores(
-    path: str | os.PathLike, scores: UtteranceScores, label_names: Sequence[str], *, mode: str
-) -> Path:
-    """Writes one CSV row per utterance: id, true and predicted label, segments, mean scores.
-
-    Args:
-        path: output CSV file.
-        scores: ``score_segments`` output.
-        label_names: class names (column suffixes).
-        mode: "logits" or "probs" (what the score columns hold).
-    """
-    import csv
-
-    path = Path(path)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["utterance_id", "label", "prediction", "num_segments"]
-            + [f"{mode}_{n}" for n in label_names]
-        )
-        for i, utt in enumerate(scores.utterance_ids):
-            w.writerow(
-                [utt, label_names[scores.labels[i]], label_names[scores.predictions[i]]]
-                + [int(scores.num_segments[i])]
-                + [repr(float(v)) for v in scores.scores[i]]
-            )
-    return path
-
-
-def read_utterance_scores(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Reads ``write_utterance_scores`` output: {utterance id: {label, prediction, num_segments,
-    scores [C] float32}}."""
-    import csv
-
-    out = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            cols = [k for k in row if k.startswith(("logits_", "probs_"))]
-            out[row["utterance_id"]] = {
-                "label": row["label"],
-                "prediction": row["prediction"],
-                "num_segments": int(row["num_segments"]),
-                "scores": np.array([float(row[k]) for k in cols], np.float32),
-            }
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Prediction on audio files
-# --------------------------------------------------------------------------------------------
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
-    """Features of one audio file cut into eval-layout windows, exactly as data_prep does.
-
-    The waveform is loaded (any rate, channels, sample format; resampled and mixed down),
-    zero-padded to one window when shorter, turned into whole-file features and cut into windows
-    with the eval hop. A file shorter than one window gives one (padded) window even when the
-    run's prep dropped short utterances.
-
-    Args:
-        path: an audio file.
-        feature_config: the run's ``audio.FeatureConfig``.
-
-    Returns:
-        {"segments" [K, F, T] float32, "valid_frames" [K] int32, "starts_s" [K] float,
-        "duration_s" float, "padded" bool}.
-
-    Raises:
-        audio.AudioError: unreadable or empty file.
-    """
-    from dkd_jax import audio
-
-    fc = dataclasses.replace(feature_config, short_utterances="pad")
-    wave = audio.load_audio(path, sample_rate=fc.sample_rate)
-    duration = wave.shape[0] / fc.sample_rate
-    padded, valid = audio.pad_to_window(wave, fc)
-    feats = audio.compute_features(padded, fc)
-    segments, valid_frames = audio.segment_features(
-        feats, fc, hop_seconds=fc.eval_hop_seconds, num_valid_frames=valid
-    )
-    starts = audio.segment_starts(feats.shape[1], fc, hop_seconds=fc.eval_hop_seconds)
-    return {
-        "segments": segments,
-        "valid_frames": valid_frames,
-        "starts_s": (starts * fc.hop_length / fc.sample_rate).tolist(),
-        "duration_s": duration,
-        "padded": bool(wave.shape[0] < fc.window_samples),
-    }
-
-
-def predict_files(
-    workdir: str | os.PathLike,
-    paths: Sequence[str | os.PathLike],
-    *,
-    step: int | None = None,
-    best: bool = False,
-    batch_size: int | None = None,
-    segments: bool = False,
-) -> dict[str, Any]:
-    """Emotion probabilities for audio files with a trained run.
-
-    Uses the run's own feature config (from its ``split.json`` data info) and its feature
-    normalisation (``normalization.json``: "global" applies the training statistics, "utterance"
-    and "speaker" normalise each file by its own statistics, since a new file's speaker is
-    unknown). The file probability is ``softmax`` of the mean segment logits (the same mean whose
-    argmax ``evaluate_run`` scores).
-
-    Args:
-        workdir: a training workdir.
-        paths: audio files (any sample rate, channel count, sample format, length).
-        step, best: which checkpoint (default the latest).
-        batch_size: segments per compiled batch (default ``config.data.eval_batch_size``).
-        segments: also return per-window probabilities (2-s windows, eval hop).
-
-    Returns:
-        {"label_names": [...], "files": [{"path", "duration_s", "num_segments", "padded",
-        "probabilities" {name: p}, "prediction", optional "segments": [{"start_s", "end_s",
-        "probabilities", "prediction"}]}], "errors": [{"path", "error"}]}; unreadable files go to
-        "errors" and the others are still scored.
-
-    Raises:
-        EvalError: the run cannot be restored or lacks its feature config.
-    """
-    from dkd_jax import audio, input_pipeline, records, train_lib
-
-    workdir = Path(workdir)
-    run = _restore(workdir, step=step, best=best)
-    fc_dict = run.data_info.get("feature_config")
-    if not fc_dict:
-        try:
-            fc_dict = records.load_metadata(run.config.data.prep_dir)["feature_config"]
-        except records.DataError:
-            raise EvalError(
-                f"{workdir}: the run records no feature config and its prep dir "
-                f"{run.config.data.prep_dir!r} is unavailable"
-            ) from None
-    fc = audio.FeatureConfig.from_dict(fc_dict)
-    label_names = list(run.data_info.get("label_names") or ["neutral", "happy", "sad", "angry"])
-    done, errors = [], []
-    for i, path in enumerate(paths):
-        try:
-            seg = file_segments(path, fc)
-        except audio.AudioError as e:
-            errors.append({"path": os.fspath(path), "error": str(e)})
-            continue
-        done.append((i, os.fspath(path), seg))
-    out: dict[str, Any] = {"label_names": label_names, "files": [], "errors": errors}
-    if not done:
-        return out
-    counts = [d[2]["segments"].shape[0] for d in done]
-    owner = np.repeat(np.arange(len(done)), counts)
-    ids = np.array([f"file{i}" for i, _, _ in done], dtype=str)[owner]
-    arrays = records.SegmentArrays(
-        features=np.concatenate([d[2]["segments"] for d in done]),
-        labels=np.zeros(len(owner), np.int32),
-        utterance_ids=ids,
-        segment_index=np.concatenate([np.arange(c, dtype=np.int32) for c in counts]),
-        valid_frames=np.concatenate([d[2]["valid_frames"] for d in done]).astype(np.int32),
-        speakers=ids,  # unknown speaker: each file is its own group
-        sessions=np.full(len(owner), "", dtype=str),
-        genders=np.full(len(owner), "", dtype=str),
-    )
-    arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
-    bs = int(batch_size or run.config.data.eval_batch_size)
-    logits = np.asarray(
-        train_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)
-    )
-    window = fc.window_seconds
-    for k, (_, path, seg) in enumerate(done):
-        seg_logits = logits[owner == k]
-        probs = _softmax(seg_logits.mean(axis=0))
-        entry: dict[str, Any] = {
-            "path": path,
-            "duration_s": round(seg["duration_s"], 3),
-            "num_segments": int(seg_logits.shape[0]),
-            "padded": seg["padded"],
-            "probabilities": {n: float(p) for n, p in zip(label_names, probs, strict=True)},
-            "prediction": label_names[int(np.argmax(probs))],
-        }
-        if segments:
-            seg_probs = _softmax(seg_logits)
-            entry["segments"] = [
-                {
-                    "start_s": round(start, 3),
-                    "end_s": round(min(start + window, max(seg["duration_s"], window)), 3),
-                    "probabilities": {n: float(p) for n, p in zip(label_names, row, strict=True)},
-                    "prediction": label_names[int(np.argmax(row))],
-                }
-                for start, row in zip(seg["starts_s"], seg_probs, strict=True)
-            ]
-        out["files"].append(entry)
-    return out
-
-
-def format_predictions(pred: dict[str, Any]) -> str:
-    """Plain-text table of ``predict_files`` output (one row per file, indented segment rows)."""
-    names = pred["label_names"]
-    width = max([4, *(len(f["path"]) for f in pred["files"])])
-    width = min(width, 60)
-    cols = " ".join(f"{n:>8}" for n in names)
-    lines = [f"{'file':<{width}}  {'seconds':>7}  {'windows':>7}  {cols}  prediction"]
-    for f in pred["files"]:
-        shown = f["path"] if len(f["path"]) <= width else "…" + f["path"][-(width - 1) :]
-        probs = " ".join(f"{f['probabilities'][n]:>8.3f}" for n in names)
-        note = "  (shorter than one window: padded)" if f["padded"] else ""
-        lines.append(
-            f"{shown:<{width}}  {f['duration_s']:>7.2f}  {f['num_segments']:>7d}  {probs}  "
-            f"{f['prediction']}{note}"
-        )
-        for s in f.get("segments", []):
-            span = f"  {s['start_s']:6.2f}-{s['end_s']:.2f} s"
-            probs = " ".join(f"{s['probabilities'][n]:>8.3f}" for n in names)
-            lines.append(f"{span:<{width}}  {'':>7}  {'':>7}  {probs}  {s['prediction']}")
-    return "\n".join(lines)

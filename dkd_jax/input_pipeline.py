@@ -2,6 +2,9 @@
 
 This module owns how training and evaluation data reach the devices (no TensorFlow):
 
+* :func:`load_run_data` is the one call a training run makes: its training segments, its
+  held-out sets (:class:`EvalSet`, also built by :func:`load_eval_set` for ``eval.py``) and the
+  normalisation fitted on the training segments;
 * :func:`load_segments` reads one segment layout of a prep dir (``records.load_split``), keeps
   the utterances of a split, and (multi-host) this process's share of the shards;
 * feature normalisation (:func:`fit_normalization`, :func:`normalize_arrays`): per feature bin,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,18 +39,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dkd_jax import records
+from dkd_jax import distributed, records
 
 __all__ = [
     "NORMALIZATION_MODES",
+    "EvalSet",
+    "RunData",
     "TrainArrays",
     "epoch_order",
     "fit_normalization",
     "iterate_batches",
+    "load_eval_set",
+    "load_run_data",
     "load_segments",
     "normalize_arrays",
     "normalize_features",
-    "on_device_bytes",
     "steps_per_epoch",
 ]
 
@@ -57,25 +64,6 @@ _VAR_EPS = 1e-6
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-
-
-def load_metadata(prep_dir: str | os.PathLike) -> dict:
-    """``records.load_metadata`` plus checks for a missing or empty prep dir.
-
-    Raises:
-      records.DataError: the directory is missing, not a prep dir, or lists no utterances.
-    """
-    prep_dir = os.fspath(prep_dir)
-    if not prep_dir:
-        raise records.DataError("no data directory given (--data PREP_DIR)")
-    if not os.path.isdir(prep_dir):
-        raise records.DataError(f"{prep_dir}: data directory does not exist")
-    if not os.listdir(prep_dir):
-        raise records.DataError(f"{prep_dir}: data directory is empty (run data_prep first)")
-    meta = records.load_metadata(prep_dir)
-    if not meta.get("utterances"):
-        raise records.DataError(f"{prep_dir}: metadata.json lists no utterances")
-    return meta
 
 
 def load_segments(
@@ -155,14 +143,6 @@ def group_moments(
     return count, total, total_sq
 
 
-def _sum_over_processes(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    if jax.process_count() == 1:
-        return arrays
-    from jax.experimental import multihost_utils
-
-    return tuple(np.asarray(multihost_utils.process_allgather(a)).sum(axis=0) for a in arrays)
-
-
 def _moments_to_stats(count, total, total_sq) -> tuple[np.ndarray, np.ndarray]:
     c = np.maximum(count, 1.0)[:, None]
     mean = total / c
@@ -207,7 +187,7 @@ def fit_normalization(
     except KeyError as e:
         raise ValueError(f"normalization group {e} is not in group_names") from None
     count, total, total_sq = group_moments(arrays.features, arrays.valid_frames, gi, len(names))
-    count, total, total_sq = _sum_over_processes(count, total, total_sq)
+    count, total, total_sq = (distributed.over_processes(a) for a in (count, total, total_sq))
     mean, std = _moments_to_stats(count, total, total_sq)
     if mode == "global":
         if count[0] == 0:
@@ -283,6 +263,130 @@ def normalize_arrays(
     std = np.array([stored[n]["std"] for n in names], np.float32)
     feats = normalize_features(arrays.features, mean, std, gi)
     return dataclasses.replace(arrays, features=feats)
+
+
+# --------------------------------------------------------------------------------------------
+# The data of a run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Held-out segments of one split, normalised, ready for ``eval_lib.score_eval_set``.
+
+    Attributes:
+      name: "test" or "validation".
+      features: [N, F, T] float32 normalised eval-layout segments.
+      labels: [N] int32 label of each segment (its utterance's).
+      utterance_ids: [N] str utterance of each segment.
+      num_unscored: utterances of the split with no segment (e.g. dropped short utterances).
+    """
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    utterance_ids: np.ndarray
+    num_unscored: int = 0
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_eval_set(
+    prep_dir: str | os.PathLike,
+    name: str,
+    utterance_ids: Sequence[str],
+    normalization: Mapping[str, Any],
+) -> EvalSet:
+    """The eval-layout segments of ``utterance_ids``, normalised with a run's normalisation."""
+    arrays = load_segments(prep_dir, "eval", utterance_ids)
+    arrays = normalize_arrays(arrays, normalization)
+    found = set(arrays.utterance_ids.tolist())
+    return EvalSet(
+        name=name,
+        features=arrays.features,
+        labels=arrays.labels.astype(np.int32),
+        utterance_ids=arrays.utterance_ids,
+        num_unscored=len(set(utterance_ids) - found),
+    )
+
+
+@dataclasses.dataclass
+class RunData:
+    """Everything a training run reads from the prep dir.
+
+    Attributes:
+      train: this process's share of the training segments (train layout), normalised.
+      num_train_global: training segments over all processes.
+      eval_sets: the non-empty held-out sets ("test", then "validation"), normalised.
+      normalization: what the run stores in ``normalization.json`` and applies to every input
+        later: "global" statistics, the *training speakers'* statistics ("speaker": a held-out
+        utterance of a training speaker is normalised like its training data), or just the
+        mode ("utterance": every utterance normalises itself; unseen speakers too).
+    """
+
+    train: records.SegmentArrays
+    num_train_global: int
+    eval_sets: list[EvalSet]
+    normalization: dict[str, Any]
+
+
+def load_run_data(
+    prep_dir: str | os.PathLike,
+    metadata: Mapping[str, Any],
+    split,
+    *,
+    normalization: str,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> RunData:
+    """Reads a run's training and held-out segments and fits its feature normalisation.
+
+    The statistics come from the training segments only (summed over processes, so every host
+    normalises alike); "speaker" and "utterance" groups are named from the metadata so that every
+    process sums the same arrays.
+
+    Args:
+      prep_dir: the prep directory.
+      metadata: its ``metadata.json``.
+      split: the run's ``protocols.Split``.
+      normalization: one of NORMALIZATION_MODES.
+      process_index, process_count: multi-host share of the training segments.
+
+    Raises:
+      records.DataError: no training segments.
+    """
+    train = load_segments(
+        prep_dir,
+        "train",
+        split.train_ids,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    num_global = int(distributed.over_processes(len(train)))
+    if num_global == 0:
+        raise records.DataError(f"{prep_dir}: no training segments for split {split.name}")
+    groups = None
+    if normalization == "speaker":
+        groups = sorted({str(u["speaker"]) for u in metadata["utterances"]})
+    elif normalization == "utterance":
+        groups = sorted(split.train_ids)
+    fitted = fit_normalization(train, normalization, group_names=groups)
+    train = normalize_arrays(train, fitted)
+    saved = {k: v for k, v in fitted.items() if k != "groups" or normalization == "speaker"}
+    eval_sets = []
+    for name, ids in (("test", split.test_ids), ("validation", split.validation_ids)):
+        if not ids:
+            continue
+        es = load_eval_set(prep_dir, name, ids, saved)
+        if len(es) == 0:
+            print(
+                f"warning: no {name} segments (all {len(ids)} utterances were dropped)",
+                file=sys.stderr,
+            )
+            continue
+        eval_sets.append(es)
+    return RunData(train, num_global, eval_sets, saved)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,11 +524,6 @@ def iterate_batches(
             pending = nxt
         if pending is not None:
             yield pending.result()
-
-
-def on_device_bytes(data: TrainArrays) -> int:
-    """Bytes the on-device path places on each device (the arrays are replicated per device)."""
-    return data.nbytes()
 
 
 def device_memory_budget(device: jax.Device, fraction: float = 0.3) -> int:

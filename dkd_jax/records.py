@@ -471,9 +471,17 @@ def load_metadata(prep_dir: str | os.PathLike) -> dict:
     """Reads ``metadata.json`` of a prep dir.
 
     Raises:
-      DataError: missing / unreadable metadata (e.g. an interrupted prep run).
+      DataError: a missing or empty directory, missing / unreadable metadata (e.g. an
+        interrupted prep run).
     """
-    path = os.path.join(os.fspath(prep_dir), METADATA_FILE)
+    prep_dir = os.fspath(prep_dir)
+    if not prep_dir:
+        raise DataError("no data directory given (--data PREP_DIR)")
+    if not os.path.isdir(prep_dir):
+        raise DataError(f"{prep_dir}: data directory does not exist")
+    if not os.listdir(prep_dir):
+        raise DataError(f"{prep_dir}: data directory is empty (run data_prep first)")
+    path = os.path.join(prep_dir, METADATA_FILE)
     if not os.path.exists(path):
         hint = (
             " (an interrupted prep run: re-run the same data_prep command to finish it)"

@@ -6,7 +6,7 @@ minutes; here the same code path runs on the "tiny" corpus and preset with one f
 
 import json
 
-from dkd_jax import demo, eval_lib, experiment
+from dkd_jax import demo, experiment, run_dir
 
 
 def test_demo_stages_and_resume(tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_demo_stages_and_resume(tmp_path, capsys):
     assert meta["feature_config"]["kind"] == "mfcc" and meta["segment_shape"] == [26, 63]
     assert set(summary["models"]) == {"teacher", "dkd", "ce"}
     for model in ("teacher", "student_dkd", "student_ce"):
-        assert (exp_dir / "fold0-seed0" / model / eval_lib.RESULTS_FILE).exists()
+        assert (exp_dir / "fold0-seed0" / model / run_dir.RESULTS_FILE).exists()
     assert (exp_dir / "confusion_dkd.png").exists()
     # Second run: corpus, prep and the finished fold are reused, nothing retrains.
     again = demo.run_demo(out, folds=(0,), progress=False, corpus_size="tiny", preset="tiny")
@@ -37,4 +37,4 @@ def test_demo_cli_error_is_one_line(tmp_path, capsys):
     blocker.write_text("not a directory")
     rc = demo.main(["--out", str(blocker), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert rc == 2 and err.startswith("demo: error: ") and len(err.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from dkd_jax import eval_lib
+from dkd_jax import eval_lib, jsonio, provenance
 
 NAMES = ["neutral", "happy", "sad", "angry"]
 
@@ -123,12 +123,12 @@ def test_plot_confusion_writes_png(tmp_path):
 
 def test_to_jsonable_and_write_json(tmp_path):
     obj = {"a": np.float32(0.5), "b": np.arange(3), "c": math.nan, "d": (1, np.int64(2))}
-    path = eval_lib.write_json(tmp_path / "x.json", obj)
+    path = jsonio.write_json(tmp_path / "x.json", obj)
     assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": None, "d": [1, 2]}
 
 
 def test_provenance_fields():
-    prov = eval_lib.provenance()
+    prov = provenance.provenance()
     assert prov["packages"]["jax"] and prov["packages"]["numpy"] == np.__version__
     assert prov["device"]["platform"] == "cpu" and prov["device"]["local_device_count"] == 2
     git = prov["git"]

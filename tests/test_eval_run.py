@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dkd_jax import audio, checkpointing, eval_lib, records, train_lib
+from dkd_jax import audio, eval_lib, predict, records, run_dir
 
 # eval.py is a script at the repository root (not an installed module): load it by path.
 _spec = importlib.util.spec_from_file_location(
@@ -28,14 +28,14 @@ RUN = "fold0-seed0/student_dkd"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_prep_dir, tmp_path_factory):
+def run_path(tiny_prep_dir, tmp_path_factory):
     exp_dir, _, _ = helpers_eval.shared_experiment(tiny_prep_dir, tmp_path_factory)
     return exp_dir / RUN
 
 
 @pytest.fixture(scope="module")
-def restored(run_dir):
-    return checkpointing.restore_run(run_dir)
+def restored(run_path):
+    return run_dir.restore_run(run_path)
 
 
 def _normalise(features, norm):
@@ -51,10 +51,10 @@ def _reference_logits(restored, features):
     return np.asarray(restored.model.apply(restored.variables, x, train=False), np.float64)
 
 
-def test_evaluate_run_matches_per_utterance_reference(run_dir, restored, tiny_prep_dir):
-    res = json.loads((run_dir / eval_lib.RESULTS_FILE).read_text())
-    rows = eval_lib.read_utterance_scores(run_dir / eval_lib.SCORES_FILE)
-    split = json.loads((run_dir / "split.json").read_text())
+def test_evaluate_run_matches_per_utterance_reference(run_path, restored, tiny_prep_dir):
+    res = json.loads((run_path / run_dir.RESULTS_FILE).read_text())
+    rows = run_dir.read_scores(run_path)
+    split = json.loads((run_path / "split.json").read_text())
     arrays = records.load_split(tiny_prep_dir, "eval")
     names = records.load_metadata(tiny_prep_dir)["label_names"]
     test = np.isin(arrays.utterance_ids, split["test_ids"])
@@ -80,36 +80,36 @@ def test_evaluate_run_matches_per_utterance_reference(run_dir, restored, tiny_pr
     assert res["step"] == restored.step
 
 
-def test_evaluate_run_probs_mode_and_step(run_dir, restored):
-    res = eval_lib.evaluate_run(run_dir, write=False, verbose=False, mode="probs", step=None)
+def test_evaluate_run_probs_mode_and_step(run_path, restored):
+    res = eval_lib.evaluate_run(run_path, write=False, verbose=False, mode="probs", step=None)
     assert res["aggregation"].startswith("mean of segment probs")
-    logits_mode = json.loads((run_dir / eval_lib.RESULTS_FILE).read_text())
+    logits_mode = json.loads((run_path / run_dir.RESULTS_FILE).read_text())
     assert res["num_utterances"] == logits_mode["num_utterances"]
     with pytest.raises(eval_lib.EvalError, match="no checkpoint at step 999"):
-        eval_lib.evaluate_run(run_dir, step=999, write=False, verbose=False)
+        eval_lib.evaluate_run(run_path, step=999, write=False, verbose=False)
 
 
-def test_eval_cli_writes_results_and_plot(run_dir, tmp_path, capsys):
+def test_eval_cli_writes_results_and_plot(run_path, tmp_path, capsys):
     work = tmp_path / "run"
-    shutil.copytree(run_dir, work)
-    (work / eval_lib.RESULTS_FILE).unlink()
-    (work / eval_lib.CONFUSION_FILE).unlink()
-    (work / eval_lib.SCORES_FILE).unlink()
+    shutil.copytree(run_path, work)
+    (work / run_dir.RESULTS_FILE).unlink()
+    (work / run_dir.CONFUSION_FILE).unlink()
+    (work / run_dir.SCORES_FILE).unlink()
     assert eval_cli.main(["--workdir", str(work)]) == 0
     out = capsys.readouterr().out
-    res = json.loads((work / eval_lib.RESULTS_FILE).read_text())
+    res = json.loads((work / run_dir.RESULTS_FILE).read_text())
     assert f"WA {100 * res['wa']:.2f} %" in out and "confusion matrix" in out
-    assert (work / eval_lib.CONFUSION_FILE).read_bytes()[:4] == b"\x89PNG"
-    assert len(eval_lib.read_utterance_scores(work / eval_lib.SCORES_FILE)) == res["num_utterances"]
+    assert (work / run_dir.CONFUSION_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert len(run_dir.read_scores(work)) == res["num_utterances"]
     for key in ("packages", "device", "git"):
         assert key in res["provenance"]
     assert res["data"]["content_hash"].startswith("sha256:")
 
 
-def test_eval_cli_errors_are_one_line(run_dir, tiny_prep_dir, tmp_path, capsys):
+def test_eval_cli_errors_are_one_line(run_path, tiny_prep_dir, tmp_path, capsys):
     rc = eval_cli.main(["--workdir", str(tmp_path / "missing")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and "no such run directory" in err
+    assert rc == 2 and err.startswith("eval.py: error: ") and "no such run directory" in err
     assert len(err.strip().splitlines()) == 1
     # a prep dir with other content than the run was trained on
     other = tmp_path / "other_prep"
@@ -117,7 +117,7 @@ def test_eval_cli_errors_are_one_line(run_dir, tiny_prep_dir, tmp_path, capsys):
     meta = json.loads((other / "metadata.json").read_text())
     meta["content_hash"] = "sha256:" + "0" * 64
     (other / "metadata.json").write_text(json.dumps(meta))
-    rc = eval_cli.main(["--workdir", str(run_dir), "--data", str(other), "--no-write"])
+    rc = eval_cli.main(["--workdir", str(run_path), "--data", str(other), "--no-write"])
     err = capsys.readouterr().err
     assert rc == 2 and "content hash" in err and "Traceback" not in err
 
@@ -149,10 +149,10 @@ def wav_files(tiny_corpus_dir, tiny_prep_dir, tmp_path_factory):
 
 
 def test_predict_matches_the_prep_and_training_pipeline(
-    run_dir, restored, wav_files, tiny_prep_dir
+    run_path, restored, wav_files, tiny_prep_dir
 ):
     files, utt = wav_files
-    pred = eval_lib.predict_files(run_dir, [files["orig"]], segments=True)
+    pred = predict.predict_files(run_path, [files["orig"]], segments=True)
     (entry,) = pred["files"]
     # Reference: the prep's own eval-layout segments of this utterance, normalised, scored.
     arrays = records.load_split(tiny_prep_dir, "eval")
@@ -170,17 +170,17 @@ def test_predict_matches_the_prep_and_training_pipeline(
     assert entry["prediction"] == pred["label_names"][int(np.argmax(expected))]
 
 
-def test_predict_odd_formats_and_errors(run_dir, wav_files):
+def test_predict_odd_formats_and_errors(run_path, wav_files):
     files, utt = wav_files
     order = ["8k", "stereo44", "u8", "short", "text", "empty"]
-    traces = train_lib.TRACE_COUNTS["predict"]
-    pred = eval_lib.predict_files(run_dir, [files[k] for k in order])
+    traces = eval_lib.TRACE_COUNTS["predict"]
+    pred = predict.predict_files(run_path, [files[k] for k in order])
     # files of different lengths share one compiled prediction function (at most one new trace)
-    assert train_lib.TRACE_COUNTS["predict"] - traces <= 1
-    traces = train_lib.TRACE_COUNTS["predict"]
-    eval_lib.predict_files(run_dir, [files["short"]])
-    eval_lib.evaluate_run(run_dir, write=False, verbose=False)
-    assert train_lib.TRACE_COUNTS["predict"] == traces
+    assert eval_lib.TRACE_COUNTS["predict"] - traces <= 1
+    traces = eval_lib.TRACE_COUNTS["predict"]
+    predict.predict_files(run_path, [files["short"]])
+    eval_lib.evaluate_run(run_path, write=False, verbose=False)
+    assert eval_lib.TRACE_COUNTS["predict"] == traces
     assert [e["path"] for e in pred["errors"]] == [str(files["text"]), str(files["empty"])]
     assert "not a readable audio file" in pred["errors"][0]["error"]
     assert "empty" in pred["errors"][1]["error"]
@@ -199,20 +199,19 @@ def test_predict_odd_formats_and_errors(run_dir, wav_files):
     assert not got[str(files["u8"])]["padded"]
 
 
-def test_predict_cli(run_dir, wav_files, tmp_path, capsys):
+def test_predict_cli(run_path, wav_files, tmp_path, capsys):
     files, _ = wav_files
     out_json = tmp_path / "pred.json"
-    argv = ["predict", "--workdir", str(run_dir), str(files["short"]), str(files["text"])]
+    argv = ["predict", "--workdir", str(run_path), str(files["short"]), str(files["text"])]
     rc = eval_cli.main([*argv, "--segments", "--json", str(out_json)])
     captured = capsys.readouterr()
     assert rc == 2
-    assert captured.err.strip().splitlines() == [
-        f"error: {files['text']}: " + captured.err.split(": ", 2)[2].strip()
-    ]
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"eval.py: error: {files['text']}: not a readable audio file")
     assert "Traceback" not in captured.err
     lines = captured.out.splitlines()
     assert lines[0].split()[:3] == ["file", "seconds", "windows"]
     assert "padded" in lines[1] and "0.00-2.00 s" in lines[2]
     saved = json.loads(out_json.read_text())
     assert len(saved["files"]) == 1 and len(saved["errors"]) == 1
-    assert eval_cli.main(["predict", "--workdir", str(run_dir), str(files["8k"])]) == 0
+    assert eval_cli.main(["predict", "--workdir", str(run_path), str(files["8k"])]) == 0

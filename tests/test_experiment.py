@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dkd_jax import config as config_lib
-from dkd_jax import eval_lib, experiment, records
+from dkd_jax import experiment, records, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def exp(tiny_prep_dir, tmp_path_factory):
 
 
 def _results(exp_dir, key):
-    return json.loads((exp_dir / key / eval_lib.RESULTS_FILE).read_text())
+    return json.loads((exp_dir / key / run_dir.RESULTS_FILE).read_text())
 
 
 def _test_evals(exp_dir, key):
@@ -39,7 +39,7 @@ def test_run_writes_every_run_and_summary(exp, tiny_prep_dir):
     meta = records.load_metadata(tiny_prep_dir)
     for key in KEYS:
         res = _results(exp_dir, key)
-        assert (exp_dir / key / eval_lib.CONFUSION_FILE).stat().st_size > 1000
+        assert (exp_dir / key / run_dir.CONFUSION_FILE).stat().st_size > 1000
         cm = np.array(res["confusion_matrix"])
         assert cm.sum() == res["num_utterances"] == res["split"]["num_test_utterances"]
         assert res["wa"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-12)
@@ -96,7 +96,7 @@ def test_rerun_skips_finished_runs_and_resumes_missing_ones(exp, tiny_prep_dir):
     # A run whose results.json is gone is resumed (from its final checkpoint) and re-evaluated.
     key = "fold1-seed0/student_dkd"
     before = _results(exp_dir, key)
-    (exp_dir / key / eval_lib.RESULTS_FILE).unlink()
+    (exp_dir / key / run_dir.RESULTS_FILE).unlink()
     events.clear()
     experiment.run_experiment(
         exp_dir, spec, progress=False, quiet=True, on_run=lambda p, s: events.append((p.key, s))
@@ -158,9 +158,9 @@ def test_compare_runs_detects_differences(exp, tmp_path):
     # one flipped bit in a copy's results is found
     copy = tmp_path / "copy"
     shutil.copytree(exp_dir / "fold0-seed0/teacher", copy)
-    res = json.loads((copy / eval_lib.RESULTS_FILE).read_text())
+    res = json.loads((copy / run_dir.RESULTS_FILE).read_text())
     res["ua"] = np.nextafter(res["ua"], 2.0)
-    (copy / eval_lib.RESULTS_FILE).write_text(json.dumps(res))
+    (copy / run_dir.RESULTS_FILE).write_text(json.dumps(res))
     cmp = experiment.compare_runs(exp_dir / "fold0-seed0/teacher", copy)
     assert cmp["params"] and cmp["metrics"] and not cmp["results"] and not cmp["match"]
 
@@ -185,7 +185,7 @@ def test_make_spec_defaults_and_errors(tiny_prep_dir):
         experiment.make_spec(data=tiny_prep_dir, protocol="loso", overrides=["kd.nope=1"])
     with pytest.raises(experiment.ExperimentError, match="--folds applies to loso"):
         experiment.make_spec(data=tiny_prep_dir, protocol="paper", folds=(0,))
-    assert experiment._parse_ints("0-2,5", "--folds") == (0, 1, 2, 5)
+    assert experiment.cli.parse_ints("0-2,5", "--folds") == (0, 1, 2, 5)
     spec = experiment.make_spec(
         data=tiny_prep_dir, protocol="loso", overrides=["--config.kd.beta=2", "config.kd.alpha=0"]
     )
@@ -240,7 +240,8 @@ def test_summary_statistics_single_run_has_no_std():
     assert list(s) == ["dkd"]
     assert s["dkd"]["wa"] == {"mean": 0.5, "std": None, "n": 1}
     assert s["dkd"]["best_epoch_ua"] == {"mean": None, "std": None, "n": 0}
-    assert experiment._fmt(s["dkd"]["wa"]) == "50.0" and experiment._fmt(s["dkd"]["ua"]) == "40.0"
+    assert experiment.report._fmt(s["dkd"]["wa"]) == "50.0"
+    assert experiment.report._fmt(s["dkd"]["ua"]) == "40.0"
 
 
 def test_cli_summarize_and_errors(exp, capsys, tmp_path, tiny_prep_dir):
@@ -257,7 +258,7 @@ def test_cli_summarize_and_errors(exp, capsys, tmp_path, tiny_prep_dir):
     assert "student DKD" in out and "mean ± std" in out
     rc = experiment.main(["run", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert rc == 2 and err.startswith("experiment: error: ") and len(err.strip().splitlines()) == 1
     rc = experiment.main(["reproduce", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "not an experiment directory" in err

@@ -126,15 +126,6 @@ def test_normalization_none_and_bad_mode():
         input_pipeline.fit_normalization(arrs, "minmax")
 
 
-def test_missing_or_empty_data_dir(tmp_path):
-    with pytest.raises(records.DataError, match="does not exist"):
-        input_pipeline.load_metadata(tmp_path / "nope")
-    with pytest.raises(records.DataError, match="data directory is empty"):
-        input_pipeline.load_metadata(tmp_path)
-    with pytest.raises(records.DataError, match="no data directory given"):
-        input_pipeline.load_metadata("")
-
-
 def test_process_shares_are_disjoint_and_complete(tiny_prep_dir):
     meta = records.load_metadata(tiny_prep_dir)
     ids = [u["utterance_id"] for u in meta["utterances"]][:30]

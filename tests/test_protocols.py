@@ -2,7 +2,7 @@
 
 import pytest
 
-from dkd_jax import protocols
+from dkd_jax import protocols, run_dir
 
 
 def _metadata(num_sessions=5, per_speaker=20, content_hash="sha256:" + "ab" * 32):
@@ -127,11 +127,14 @@ def test_split_file_round_trip_and_leak_check(tmp_path):
         fraction=0.2,
         seed=0,
     )
-    path = protocols.save_split(tmp_path / "split.json", split, {"content_hash": "x"})
-    back, info = protocols.load_split_file(path)
+    run_dir.write_split(tmp_path, split, {"content_hash": "x"})
+    back, info = run_dir.load_split(tmp_path)
     assert back == split and info == {"content_hash": "x"}
-    with pytest.raises(ValueError, match="no split file"):
-        protocols.load_split_file(tmp_path / "missing.json")
+    with pytest.raises(run_dir.RunDirError, match="missing split file"):
+        run_dir.load_split(tmp_path / "missing")
+    (tmp_path / "split.json").write_text('{"train_ids": ')
+    with pytest.raises(run_dir.RunDirError, match=r"split\.json: unreadable split file"):
+        run_dir.load_split(tmp_path)
     leaky = protocols.Split(("a", "b"), ("b",), "leaky")
     with pytest.raises(ValueError, match="1 utterance\\(s\\) in both train and test"):
         protocols.check_disjoint(leaky)

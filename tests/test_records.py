@@ -172,6 +172,13 @@ def test_load_split_reports_corrupt_shard(prep_dir, tmp_path):
 
 
 def test_metadata_errors(tmp_path, prep_dir):
+    with pytest.raises(records.DataError, match="data directory is empty"):
+        records.load_metadata(tmp_path)
+    with pytest.raises(records.DataError, match="does not exist"):
+        records.load_metadata(tmp_path / "nope")
+    with pytest.raises(records.DataError, match="no data directory given"):
+        records.load_metadata("")
+    (tmp_path / "notes.txt").write_text("not a prep dir")
     with pytest.raises(records.DataError, match=r"metadata\.json: missing"):
         records.load_metadata(tmp_path)
     with pytest.raises(records.DataError, match="unknown split 'test'"):

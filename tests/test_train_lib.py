@@ -12,7 +12,15 @@ import optax
 import pytest
 
 from dkd_jax import config as config_lib
-from dkd_jax import losses, train_lib
+from dkd_jax import (
+    distributed,
+    eval_lib,
+    losses,
+    models,
+    objective,
+    train_state,
+    train_step,
+)
 
 SHAPE = (12, 16)
 NUM_CLASSES = 4
@@ -28,11 +36,11 @@ def _spec(**kw):
         num_classes=NUM_CLASSES,
     )
     base.update(kw)
-    return train_lib.StepSpec(**base)
+    return train_step.StepSpec(**base)
 
 
 def _weights(loss="ce", **kd):
-    return train_lib.loss_weights(loss, config_lib.KDConfig(**{"warmup_epochs": 0.0, **kd}))
+    return objective.loss_weights(loss, config_lib.KDConfig(**{"warmup_epochs": 0.0, **kd}))
 
 
 def _optim(**kw):
@@ -66,10 +74,10 @@ def _batch(x, labels, mask, num_devices, teacher_logits=None):
 
 
 def _fns(spec, devices, *, teacher_model=None, optim=None, arch=STUDENT):
-    model = train_lib.create_model(
-        arch, num_classes=NUM_CLASSES, batch_norm_axis_name=train_lib.AXIS
+    model = models.create_model(
+        arch, num_classes=NUM_CLASSES, batch_norm_axis_name=distributed.AXIS
     )
-    fns = train_lib.make_train_functions(
+    fns = train_step.make_train_functions(
         model,
         teacher_model,
         optim or STEP_OPTIM,
@@ -82,21 +90,21 @@ def _fns(spec, devices, *, teacher_model=None, optim=None, arch=STUDENT):
 
 
 def _init(fns, seed=0, arch=STUDENT):
-    model = train_lib.create_model(arch, num_classes=NUM_CLASSES)
-    return train_lib.create_train_state(jax.random.PRNGKey(seed), model, fns.tx, SHAPE)
+    model = models.create_model(arch, num_classes=NUM_CLASSES)
+    return train_state.create_train_state(jax.random.PRNGKey(seed), model, fns.tx, SHAPE)
 
 
 def _run(fns, devices, batches, *, weights=None, seed=0, teacher_vars=None):
     """Runs p_step over host batches; returns (host state, list of host metrics)."""
     weights = _weights() if weights is None else weights
-    r_state = train_lib.replicate(_init(fns, seed), devices)
-    r_teacher = None if teacher_vars is None else train_lib.replicate(teacher_vars, devices)
+    r_state = distributed.replicate(_init(fns, seed), devices)
+    r_teacher = None if teacher_vars is None else distributed.replicate(teacher_vars, devices)
     key = jax.random.PRNGKey(42)
     out = []
     for b in batches:
         r_state, m = fns.p_step(r_state, b, r_teacher, weights, key)
-        out.append(train_lib._unreplicate(m))  # syncs every step (CPU collectives)
-    return train_lib._unreplicate(r_state), out
+        out.append(distributed.unreplicate(m))  # syncs every step (CPU collectives)
+    return distributed.unreplicate(r_state), out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +115,7 @@ def _run(fns, devices, batches, *, weights=None, seed=0, teacher_vars=None):
 def test_step_epochs_schedule_matches_the_lineage_loop():
     spe = 3
     optim = config_lib.OptimConfig(schedule="step_epochs", decay_every=10, learning_rate=1e-3)
-    sched = train_lib.learning_rate_schedule(optim, steps_per_epoch=spe, total_steps=50 * spe)
+    sched = train_state.learning_rate_schedule(optim, steps_per_epoch=spe, total_steps=50 * spe)
     lr, expected = 1e-3, []
     for i in range(50):  # head_fusion/train.py: after epoch i > 0 with i % 10 == 0, lr /= 10
         expected += [lr] * spe
@@ -119,7 +127,7 @@ def test_step_epochs_schedule_matches_the_lineage_loop():
 
 
 def test_step_cosine_and_warmup_schedules():
-    step = train_lib.learning_rate_schedule(
+    step = train_state.learning_rate_schedule(
         _optim(schedule="step", decay_every=4, decay_factor=0.5, learning_rate=1.0),
         steps_per_epoch=3,
         total_steps=20,
@@ -127,13 +135,13 @@ def test_step_cosine_and_warmup_schedules():
     np.testing.assert_allclose(
         np.asarray(jax.vmap(step)(jnp.arange(12))), [1.0] * 4 + [0.5] * 4 + [0.25] * 4
     )
-    cos = train_lib.learning_rate_schedule(
+    cos = train_state.learning_rate_schedule(
         _optim(schedule="cosine", learning_rate=2.0), steps_per_epoch=3, total_steps=100
     )
     assert float(cos(0)) == pytest.approx(2.0)
     assert float(cos(50)) == pytest.approx(1.0, rel=1e-5)
     assert float(cos(100)) == pytest.approx(0.0, abs=1e-6)
-    warm = train_lib.learning_rate_schedule(
+    warm = train_state.learning_rate_schedule(
         _optim(learning_rate=1.0, warmup_steps=4), steps_per_epoch=3, total_steps=100
     )
     np.testing.assert_allclose(
@@ -143,7 +151,7 @@ def test_step_cosine_and_warmup_schedules():
 
 def test_optimizer_is_adam_with_coupled_l2_like_pytorch():
     lr, wd, b1, b2, eps = 0.1, 0.05, 0.9, 0.999, 1e-8
-    tx = train_lib.create_optimizer(
+    tx = train_state.create_optimizer(
         _optim(learning_rate=lr, weight_decay=wd), steps_per_epoch=1, total_steps=10
     )
     theta = np.array([0.5, -1.0, 2.0])
@@ -170,9 +178,9 @@ def test_optimizer_is_adam_with_coupled_l2_like_pytorch():
 
 
 def test_kd_ramp_counts_epochs_from_one():
-    got = [float(train_lib.kd_ramp(s, 5.0, 4)) for s in (0, 3, 4, 15, 16, 40)]
+    got = [float(objective.kd_ramp(s, 5.0, 4)) for s in (0, 3, 4, 15, 16, 40)]
     np.testing.assert_allclose(got, [0.2, 0.2, 0.4, 0.8, 1.0, 1.0], rtol=1e-6)
-    assert float(train_lib.kd_ramp(0, 0.0, 4)) == 1.0
+    assert float(objective.kd_ramp(0, 0.0, 4)) == 1.0
 
 
 @pytest.mark.parametrize("loss", ["dkd", "kd", "tckd", "nckd", "ce"])
@@ -182,10 +190,10 @@ def test_objective_follows_the_configured_loss(loss):
     t = jnp.asarray(rng.normal(size=(6, 4)) * 3, jnp.float32)
     y = jnp.asarray([0, 1, 2, 3, 1, 2])
     kd = config_lib.KDConfig(alpha=0.7, beta=3.0, kd_weight=0.9, ce_weight=0.5, temperature=2.0)
-    w = train_lib.loss_weights(loss, kd)
+    w = objective.loss_weights(loss, kd)
     teacher = None if loss == "ce" else t
-    terms = train_lib.loss_terms(s, teacher, y, y, jnp.ones(6), temperature=w["temperature"])
-    got = train_lib.objective(terms, w, 0.25)
+    terms = objective.loss_terms(s, teacher, y, y, jnp.ones(6), temperature=w["temperature"])
+    got = objective.objective(terms, w, 0.25)
     ce = losses.cross_entropy(s, y)
     if loss == "ce":
         np.testing.assert_allclose(got, ce, rtol=1e-6)  # the CE student: plain CE
@@ -201,7 +209,7 @@ def test_objective_follows_the_configured_loss(loss):
 
 
 def test_teachers_always_train_on_plain_cross_entropy():
-    w = train_lib.loss_weights("dkd", config_lib.KDConfig(ce_weight=0.1), role="teacher")
+    w = objective.loss_weights("dkd", config_lib.KDConfig(ce_weight=0.1), role="teacher")
     assert (w["ce"], w["kd"], w["tckd"], w["nckd"], w["warmup_epochs"]) == (1, 0, 0, 0, 0)
 
 
@@ -211,12 +219,12 @@ def test_mixup_mixes_label_terms():
     t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     ya, yb = jnp.asarray([0, 1, 2, 3, 0]), jnp.asarray([1, 1, 3, 0, 2])
     lam = jnp.asarray([1.0, 0.3, 0.5, 0.9, 0.0])
-    terms = train_lib.loss_terms(s, t, ya, yb, lam, temperature=4.0)
+    terms = objective.loss_terms(s, t, ya, yb, lam, temperature=4.0)
     ce = lam * losses.cross_entropy(s, ya) + (1 - lam) * losses.cross_entropy(s, yb)
     np.testing.assert_allclose(terms["ce"], ce, rtol=1e-6)
     d = lam * losses.dkd_loss(s, t, ya) + (1 - lam) * losses.dkd_loss(s, t, yb)
     w = _weights("dkd")
-    got = train_lib.objective(terms, w, 1.0) - terms["ce"]
+    got = objective.objective(terms, w, 1.0) - terms["ce"]
     np.testing.assert_allclose(got, d, rtol=1e-5)
     np.testing.assert_allclose(terms["kd"], losses.kd_loss(s, t), rtol=1e-6)  # label-free
 
@@ -233,7 +241,7 @@ def _aug(**kw):
 def test_time_shift_is_a_bounded_circular_roll():
     x, y = _data(8)
     aug = _aug(time_shift_frames=3)
-    out, yb, lam = jax.jit(lambda x, y, k: train_lib.augment_batch(x, y, k, aug))(
+    out, yb, lam = jax.jit(lambda x, y, k: objective.augment_batch(x, y, k, aug))(
         x[..., None], y, jax.random.PRNGKey(3)
     )
     out = np.asarray(out)[..., 0]
@@ -256,7 +264,7 @@ def test_spec_augment_masks_are_bands_filled_with_the_mean(axis):
         else {"time_masks": 2, "time_mask_width": 4}
     )
     out = np.asarray(
-        train_lib.augment_batch(jnp.asarray(x[..., None]), y, jax.random.PRNGKey(5), _aug(**kw))[0]
+        objective.augment_batch(jnp.asarray(x[..., None]), y, jax.random.PRNGKey(5), _aug(**kw))[0]
     )[..., 0]
     ax = 0 if axis == "freq" else 1
     width = 3 if axis == "freq" else 4
@@ -278,7 +286,7 @@ def test_spec_augment_masks_are_bands_filled_with_the_mean(axis):
 
 def test_mixup_is_a_convex_combination_with_a_partner():
     x, y = _data(8, seed=4)
-    out, yb, lam = train_lib.augment_batch(
+    out, yb, lam = objective.augment_batch(
         jnp.asarray(x[..., None]), jnp.asarray(y), jax.random.PRNGKey(7), _aug(mixup_alpha=0.4)
     )
     out, yb, lam = np.asarray(out)[..., 0], np.asarray(yb), np.asarray(lam)
@@ -347,7 +355,7 @@ def test_student_dkd_step_lowers_the_loss_with_precomputed_teacher_logits():
 def test_live_teacher_is_frozen_and_never_donated():
     devices = jax.local_devices()
     x, y = _data(8)
-    teacher = train_lib.create_model(TEACHER, num_classes=NUM_CLASSES)
+    teacher = models.create_model(TEACHER, num_classes=NUM_CLASSES)
     t_vars = jax.device_get(
         teacher.init(jax.random.PRNGKey(9), jnp.zeros((1, *SHAPE, 1)), train=False)
     )
@@ -357,16 +365,16 @@ def test_live_teacher_is_frozen_and_never_donated():
         augment=dataclasses.astuple(_aug(time_shift_frames=2, freq_masks=1)),
     )
     _, fns = _fns(spec, devices, teacher_model=teacher)
-    r_state = train_lib.replicate(_init(fns), devices)
-    r_teacher = train_lib.replicate(t_vars, devices)
+    r_state = distributed.replicate(_init(fns), devices)
+    r_teacher = distributed.replicate(t_vars, devices)
     batch = _batch(x, y, np.ones(8, bool), len(devices))
     for _ in range(2):
         r_state, m = fns.p_step(r_state, batch, r_teacher, _weights("dkd"), jax.random.PRNGKey(1))
-        m = train_lib._unreplicate(m)
+        m = distributed.unreplicate(m)
         assert m["kd"] > 0
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(r_teacher))
     for a, b in zip(
-        jax.tree.leaves(train_lib._unreplicate(r_teacher)), jax.tree.leaves(before), strict=True
+        jax.tree.leaves(distributed.unreplicate(r_teacher)), jax.tree.leaves(before), strict=True
     ):
         np.testing.assert_array_equal(a, b)
 
@@ -393,46 +401,46 @@ def test_nonfinite_loss_freezes_the_last_good_state():
 
 
 def test_predict_logits_pads_the_last_batch_and_compiles_once():
-    model = train_lib.create_model(STUDENT, num_classes=NUM_CLASSES)
+    model = models.create_model(STUDENT, num_classes=NUM_CLASSES)
     variables = jax.device_get(
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)), train=False)
     )
     x, _ = _data(13)
     ref = np.asarray(model.apply(variables, jnp.asarray(x[..., None]), train=False))
-    before = train_lib.TRACE_COUNTS["predict"]
-    got = train_lib.predict_logits(model, variables, x, batch_size=4)
+    before = eval_lib.TRACE_COUNTS["predict"]
+    got = eval_lib.predict_logits(model, variables, x, batch_size=4)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    got7 = train_lib.predict_logits(model, variables, x[:7], batch_size=4)
+    got7 = eval_lib.predict_logits(model, variables, x[:7], batch_size=4)
     np.testing.assert_allclose(got7, ref[:7], rtol=1e-5, atol=1e-5)
-    assert train_lib.TRACE_COUNTS["predict"] - before <= 1
-    assert train_lib.predict_logits(model, variables, x[:0], batch_size=4).shape == (0, 4)
+    assert eval_lib.TRACE_COUNTS["predict"] - before <= 1
+    assert eval_lib.predict_logits(model, variables, x[:0], batch_size=4).shape == (0, 4)
     with pytest.raises(ValueError, match=r"features must be \[N, F, T\]"):
-        train_lib.predict_logits(model, variables, x[0], batch_size=4)
+        eval_lib.predict_logits(model, variables, x[0], batch_size=4)
 
 
 def test_single_process_runs_do_not_initialize_distributed(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
-    assert train_lib.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
 
 
 def test_predict_logits_pads_a_short_last_batch_only_to_a_small_bucket():
     # A small eval set must not pay for a whole eval batch: the last batch is padded to the next
     # power-of-two per-device size (>= EVAL_MIN_BUCKET), which bounds the compiled shapes.
-    model = train_lib.create_model(STUDENT, num_classes=NUM_CLASSES)
+    model = models.create_model(STUDENT, num_classes=NUM_CLASSES)
     variables = jax.device_get(
         model.init(jax.random.PRNGKey(1), jnp.zeros((1, *SHAPE, 1)), train=False)
     )
     x, _ = _data(45)
     ref = np.asarray(model.apply(variables, jnp.asarray(x[..., None]), train=False))
-    before = train_lib.TRACE_COUNTS["predict"]
+    before = eval_lib.TRACE_COUNTS["predict"]
     for n in (1, 3, 16, 17, 45):  # 2 devices, 32 per device: buckets 8, 16, 32 rows
-        got = train_lib.predict_logits(model, variables, x[:n], batch_size=64)
+        got = eval_lib.predict_logits(model, variables, x[:n], batch_size=64)
         assert got.shape == (n, NUM_CLASSES)
         np.testing.assert_allclose(got, ref[:n], rtol=1e-5, atol=1e-5)
-    assert train_lib.TRACE_COUNTS["predict"] - before <= 3
+    assert eval_lib.TRACE_COUNTS["predict"] - before <= 3
     # Several full batches and a short tail: rows come back in order, none lost or duplicated.
-    got = train_lib.predict_logits(model, variables, x, batch_size=16)
+    got = eval_lib.predict_logits(model, variables, x, batch_size=16)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    assert [train_lib._tail_rows(k, 32) for k in (1, 8, 9, 17, 32, 40)] == [8, 8, 16, 32, 32, 32]
-    assert train_lib._tail_rows(3, 4) == 4
+    assert [eval_lib._tail_rows(k, 32) for k in (1, 8, 9, 17, 32, 40)] == [8, 8, 16, 32, 32, 32]
+    assert eval_lib._tail_rows(3, 4) == 4

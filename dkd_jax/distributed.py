@@ -1,0 +1,142 @@
+"""Devices and processes: ``jax.distributed`` start-up, cross-process reductions, replication.
+
+Multi-host (:func:`maybe_initialize_distributed`): with a coordinator named by flags, by
+``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or detected by
+``jax.distributed.initialize`` (SLURM, TPU pods), every process reads its share of the training
+shards, and pmap's collectives span all devices of all processes. Launch lines:
+
+* SLURM, 2 nodes × 4 GPUs, one process per node (``jax.distributed.initialize()`` reads the
+  SLURM environment)::
+
+      srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=4 \\
+          python train.py --distributed --data PREP --workdir RUN --role teacher
+
+* TPU pod slice (every worker runs the same command; the TPU environment is detected)::
+
+      gcloud compute tpus tpu-vm ssh NAME --worker=all --command \\
+          "cd dkd-jax && python train.py --distributed --data PREP --workdir gs-or-nfs/RUN ..."
+
+* explicit (any cluster)::
+
+      python train.py --coordinator HOST0:1234 --num-processes 2 --process-id {0,1} ...
+
+The workdir and prep dir must be on a filesystem every process sees; process 0 holds the
+workdir's lock and writes its files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+__all__ = [
+    "AXIS",
+    "DistributedError",
+    "local_devices",
+    "maybe_initialize_distributed",
+    "over_processes",
+    "replicate",
+    "unreplicate",
+]
+
+AXIS = "batch"
+"""The name of the data-parallel (pmap) axis."""
+
+
+class DistributedError(RuntimeError):
+    """Multi-process start-up failed, or too few devices (one line)."""
+
+
+def maybe_initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+) -> bool:
+    """Calls ``jax.distributed.initialize`` when a multi-process run is requested.
+
+    Requested by: explicit arguments; the environment ``JAX_COORDINATOR_ADDRESS`` (with
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); ``auto=True`` (``--distributed``: let JAX detect
+    SLURM, Open MPI or a TPU pod); or a SLURM job step with more than one task. CPU processes use
+    the gloo collectives. Must run before anything touches a JAX device.
+
+    Returns:
+      True when initialised.
+
+    Raises:
+      DistributedError: initialisation failed (the message says how to name the coordinator).
+    """
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in env
+    if not (coordinator or auto or slurm):
+        return False
+    if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if coordinator:
+        kwargs["coordinator_address"] = coordinator
+    if num_processes is not None:
+        kwargs["num_processes"] = num_processes
+    if process_id is not None:
+        kwargs["process_id"] = process_id
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(
+            f"jax.distributed.initialize({kwargs or ''}) failed: {str(e).splitlines()[0][:300]}; "
+            "name the coordinator with --coordinator HOST:PORT --num-processes N --process-id I"
+        ) from e
+    return True
+
+
+def over_processes(value, op: str = "sum"):
+    """Reduces a number or an array over all processes ("sum" or "max"); itself with one."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+    out = gathered.sum(axis=0) if op == "sum" else gathered.max(axis=0)
+    return type(value)(out) if isinstance(value, int | float) else out
+
+
+def local_devices(num_devices: int = 0) -> tuple:
+    """The first ``num_devices`` local devices (0: all).
+
+    Raises:
+      DistributedError: fewer local devices than asked for.
+    """
+    devs = jax.local_devices()
+    if num_devices:
+        if num_devices > len(devs):
+            raise DistributedError(
+                f"train.num_devices={num_devices} but only {len(devs)} local device(s): {devs}"
+            )
+        devs = devs[:num_devices]
+    return tuple(devs)
+
+
+def replicate(tree, devices):
+    """Copies of a host pytree on every device, stacked on a leading [devices] axis with the
+    same sharding pmap gives its outputs (so the first call does not trace differently)."""
+    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.P(AXIS))
+    n = len(devices)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x[None], (n, *x.shape)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree):
+    """Device 0's copy of a replicated pytree, as host numpy (no compiled slicing)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)

@@ -1,0 +1,170 @@
+"""``python -m dkd_jax.experiment``: run, summarize or reproduce an experiment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dkd_jax import config as config_lib
+from dkd_jax import eval_lib, records, run_dir
+from dkd_jax.experiment.report import (
+    build_summary,
+    format_summary_text,
+    has_validation,
+    write_summary,
+)
+from dkd_jax.experiment.runner import reproduce, run_experiment
+from dkd_jax.experiment.spec import PAPER_SEEDS, STUDENT_LOSSES, ExperimentError, make_spec
+
+
+def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None or text == "":
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part[1:]:  # a range "0-4"
+            lo, hi = part.split("-", 1)
+            try:
+                out.extend(range(int(lo), int(hi) + 1))
+            except ValueError:
+                raise ExperimentError(f"bad {what} {text!r}: {part!r} is not a range") from None
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ExperimentError(f"bad {what} {text!r}: {part!r} is not an integer") from None
+    if len(set(out)) != len(out):
+        raise ExperimentError(f"bad {what} {text!r}: repeated values")
+    return tuple(out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dkd_jax.experiment",
+        description="Run a whole protocol (teacher + distilled students per fold/seed), "
+        "summarise it, or check that it reproduces bit for bit.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run",
+        help="train + evaluate every fold/seed, then summarise (resumable)",
+        description="Extra arguments --config.GROUP.FIELD=VALUE override the config of every run.",
+    )
+    r.add_argument("--data", required=True, help="prep directory (data_prep output)")
+    r.add_argument("--out", required=True, help="experiment directory")
+    r.add_argument("--protocol", choices=("loso", "paper"), default="loso")
+    r.add_argument("--folds", help="loso folds, e.g. 0,1 or 0-4 (default: all sessions)")
+    r.add_argument(
+        "--seeds",
+        help="loso: training seeds (default: the preset's); paper: split seeds "
+        f"(default {','.join(map(str, PAPER_SEEDS))})",
+    )
+    r.add_argument("--preset", default="default", help="config preset of the runs")
+    r.add_argument("--teacher-preset", default="", help="config preset of the teacher")
+    r.add_argument(
+        "--students", default="dkd", help=f"comma-separated subset of {','.join(STUDENT_LOSSES)}"
+    )
+    r.add_argument(
+        "--overwrite", action="store_true", help="if --out holds other settings, delete its runs"
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="choose settings without seeing the held-out speakers: print only validation "
+        "scores (needs --config.data.validation=speaker|utterance) and write no summary",
+    )
+    s = sub.add_parser("summarize", help="rewrite summary.json/summary.md from finished runs")
+    s.add_argument("exp_dir")
+    s.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="print only validation scores; write nothing",
+    )
+    q = sub.add_parser("reproduce", help="rerun finished runs and compare them bit for bit")
+    q.add_argument("exp_dir")
+    q.add_argument("--fold", type=int, help="loso fold (or paper seed) to rerun")
+    q.add_argument("--model", help="teacher or a student objective (dkd, ce, ...)")
+    q.add_argument("--scratch", help="where the reruns go (default EXP/reproduce)")
+    q.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    try:
+        if args.command == "run":
+            spec = make_spec(
+                data=args.data,
+                protocol=args.protocol,
+                folds=parse_ints(args.folds, "--folds"),
+                seeds=parse_ints(args.seeds, "--seeds"),
+                preset=args.preset,
+                teacher_preset=args.teacher_preset,
+                students=[s for s in args.students.split(",") if s],
+                overrides=overrides,
+            )
+            run_experiment(
+                args.out,
+                spec,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                validation_only=args.validation_only,
+            )
+        elif args.command == "summarize":
+            if overrides:
+                raise ExperimentError("summarize takes no --config overrides")
+            if args.validation_only:
+                summary = build_summary(args.exp_dir)
+                if not has_validation(summary):
+                    raise ExperimentError(
+                        f"{args.exp_dir}: no finished run has a validation hold-out "
+                        "(data.validation=none)"
+                    )
+                print(format_summary_text(summary, validation_only=True))
+            else:
+                summary = write_summary(args.exp_dir)
+                print(format_summary_text(summary))
+        else:
+            if overrides:
+                raise ExperimentError("reproduce takes no --config overrides")
+            report = reproduce(
+                args.exp_dir,
+                fold=args.fold,
+                model=args.model,
+                scratch=args.scratch,
+                progress=not args.no_progress,
+            )
+            return 0 if report["match"] else 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"experiment: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from dkd_jax import distributed, train_lib
+
+        known = (
+            ExperimentError,
+            eval_lib.EvalError,
+            records.DataError,
+            config_lib.ConfigError,
+            run_dir.RunDirError,
+            train_lib.TrainingError,
+            distributed.DistributedError,
+        )
+        if not isinstance(e, known):
+            raise
+        print(f"experiment: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The summary of an experiment: per-model mean ± std over runs, pooled confusion matrices,
+``summary.json``, ``summary.md`` and the terminal table.
+
+Headline numbers are last-epoch scores. The lineage's "best epoch on the test set" numbers (max
+over epochs of the test WA and, independently, of the test UA, read from ``metrics.jsonl``) are
+reported in a separate, clearly labelled column: they select the epoch on the test set and are
+optimistic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkd_jax import eval_lib, jsonio, records, run_dir
+from dkd_jax.experiment.spec import (
+    EXPERIMENT_FILE,
+    MODEL_LABELS,
+    STUDENT_LOSSES,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    ExperimentError,
+    ExperimentSpec,
+    RunPlan,
+    plan_runs,
+)
+
+
+def best_epoch_scores(workdir: str | os.PathLike) -> dict[str, float | None]:
+    """The lineage's optimistic numbers: max over evaluations of test WA and of test UA.
+
+    Reads the test evaluations of ``metrics.jsonl`` (``{"event": "eval", "split": "test", "wa",
+    "ua", ...}``, one per evaluated epoch, written by ``train_lib``); the two maxima are taken
+    independently, as the head-fusion code does, so they may come from different epochs.
+
+    Returns:
+        {"best_wa", "best_ua", "num_evals"}; the maxima are None when the run logged no test
+        evaluations.
+    """
+    wa, ua = [], []
+    for rec in run_dir.read_metrics(workdir):
+        w, u = _eval_wa_ua(rec, "test")
+        if w is not None:
+            wa.append(w)
+        if u is not None:
+            ua.append(u)
+    return {
+        "best_wa": max(wa) if wa else None,
+        "best_ua": max(ua) if ua else None,
+        "num_evals": max(len(wa), len(ua)),
+    }
+
+
+def validation_scores(workdir: str | os.PathLike) -> dict[str, float | None]:
+    """The run's last validation evaluation (``{"event": "eval", "split": "validation"}`` in
+    ``metrics.jsonl``; the last epoch is always evaluated): {"val_wa", "val_ua"}, both None when
+    the run has no validation hold-out. Never reads a test score."""
+    out: dict[str, float | None] = {"val_wa": None, "val_ua": None}
+    for rec in run_dir.read_metrics(workdir):
+        w, u = _eval_wa_ua(rec, "validation")
+        if w is not None or u is not None:
+            out = {"val_wa": w, "val_ua": u}
+    return out
+
+
+def _eval_wa_ua(rec: dict[str, Any], split: str) -> tuple[float | None, float | None]:
+    """(WA, UA) of a ``metrics.jsonl`` evaluation record of ``split``, else (None, None)."""
+    if rec.get("event") != "eval" or rec.get("split") != split:
+        return None, None
+
+    def get(key):
+        v = rec.get(key)
+        return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+    return get("wa"), get("ua")
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    arr = np.asarray(vals, np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else None
+    return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
+
+
+def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]]:
+    """One row per finished run: group, model, held-out set, WA/UA, best-epoch WA/UA."""
+    rows = []
+    for plan in plans:
+        workdir = exp_dir / plan.key
+        res = run_dir.read_results(workdir)
+        if res is None:
+            continue
+        best = best_epoch_scores(workdir)
+        val = validation_scores(workdir)
+        rows.append(
+            {
+                "group": plan.group,
+                "model": plan.model,
+                "fold": plan.fold,
+                "seed": plan.seed,
+                "split": res.get("split", {}).get("name"),
+                "wa": res["wa"],
+                "ua": res["ua"],
+                "best_epoch_wa": best["best_wa"],
+                "best_epoch_ua": best["best_ua"],
+                "val_wa": val["val_wa"],
+                "val_ua": val["val_ua"],
+                "num_test_utterances": res["num_utterances"],
+                "confusion_matrix": res["confusion_matrix"],
+                "label_names": res["label_names"],
+                "step": res.get("step"),
+                "train_seconds": res.get("train_seconds"),
+                "workdir": plan.key,
+            }
+        )
+    return rows
+
+
+def summarize_rows(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> dict[str, Any]:
+    """Per model: mean ± sample std (ddof 1) of WA, UA and the best-epoch numbers over runs,
+    and the confusion matrix pooled (summed) over runs."""
+    out = {}
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        if not mine:
+            continue
+        stats: dict[str, Any] = {"label": MODEL_LABELS.get(model, model), "runs": len(mine)}
+        for k in ("wa", "ua", "best_epoch_wa", "best_epoch_ua", "val_wa", "val_ua"):
+            stats[k] = _mean_std([r.get(k) for r in mine])
+        cms = [r["confusion_matrix"] for r in mine if r.get("confusion_matrix") is not None]
+        if cms:
+            pooled = np.sum(np.asarray(cms, np.int64), axis=0)
+            stats["pooled_confusion_matrix"] = pooled.tolist()
+            stats["pooled_wa"] = float(np.trace(pooled) / max(pooled.sum(), 1))
+        out[model] = stats
+    return out
+
+
+def write_summary(
+    exp_dir: str | os.PathLike,
+    *,
+    spec: ExperimentSpec | None = None,
+    plans: Sequence[RunPlan] | None = None,
+) -> dict[str, Any]:
+    """Builds the summary of the finished runs and writes ``summary.json`` and ``summary.md``."""
+    exp_dir = Path(exp_dir)
+    summary = build_summary(exp_dir, spec=spec, plans=plans)
+    for model, stats in summary["models"].items():
+        names = next((r["label_names"] for r in summary["runs"] if r["model"] == model), None)
+        if "pooled_confusion_matrix" in stats and names:
+            plot = eval_lib.plot_confusion(
+                np.asarray(stats["pooled_confusion_matrix"]),
+                names,
+                exp_dir / f"confusion_{model}.png",
+                title=f"{stats['label']}: confusion pooled over {stats['runs']} run(s)",
+            )
+            stats["pooled_confusion_plot"] = plot.name
+    jsonio.write_json(exp_dir / SUMMARY_JSON, summary)
+    (exp_dir / SUMMARY_MD).write_text(format_summary_markdown(summary))
+    return summary
+
+
+_GROUP_PATTERNS = {"loso": re.compile(r"fold(\d+)-seed(\d+)"), "paper": re.compile(r"seed(\d+)")}
+
+
+def _with_earlier_runs(
+    exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan]
+) -> tuple[list[RunPlan], ExperimentSpec]:
+    """The planned runs plus every *finished* run of earlier invocations of the same experiment,
+    and the spec they cover (folds, seeds and students widened to include them).
+
+    Folds, seeds and students may change between invocations (the data, protocol, presets and
+    overrides may not, so every run in the directory is comparable): a summary covers all
+    finished runs, e.g. TCKD/NCKD students added later for one seed next to the full DKD grid.
+    """
+    pattern = _GROUP_PATTERNS[spec.protocol]
+    folds, seeds, models = set(spec.folds), set(spec.seeds), set()
+    for result in exp_dir.glob(f"*/*/{run_dir.RESULTS_FILE}"):
+        group, run = result.parent.parent.name, result.parent.name
+        m = pattern.fullmatch(group)
+        model = "teacher" if run == "teacher" else run.removeprefix("student_")
+        if not m or (model != "teacher" and model not in STUDENT_LOSSES):
+            continue
+        nums = [int(x) for x in m.groups()]
+        folds.update(nums[:-1])  # loso: the fold; paper: none
+        seeds.add(nums[-1])
+        models.add(model)
+    if not models:
+        return list(plans), spec
+    extra_students = [s for s in STUDENT_LOSSES if s in models and s not in spec.students]
+    students = [*spec.students, *extra_students]
+    union = dataclasses.replace(
+        spec, folds=tuple(sorted(folds)), seeds=tuple(sorted(seeds)), students=tuple(students)
+    )
+    keys = {p.key for p in plans}
+    extra = [
+        p
+        for p in plan_runs(union, exp_dir)
+        if p.key not in keys and (exp_dir / p.key / run_dir.RESULTS_FILE).exists()
+    ]
+    return [*plans, *extra], union
+
+
+def build_summary(
+    exp_dir: str | os.PathLike,
+    *,
+    spec: ExperimentSpec | None = None,
+    plans: Sequence[RunPlan] | None = None,
+) -> dict[str, Any]:
+    """The summary dict of the finished runs (what ``write_summary`` writes), writing nothing."""
+    exp_dir = Path(exp_dir)
+    if spec is None:
+        path = exp_dir / EXPERIMENT_FILE
+        if not path.exists():
+            raise ExperimentError(f"{path}: missing (not an experiment directory)")
+        spec = ExperimentSpec.from_dict(json.loads(path.read_text()))
+    if plans is None:
+        plans = plan_runs(spec, exp_dir)
+    plans, covered = _with_earlier_runs(exp_dir, spec, plans)
+    students = list(covered.students)
+    rows = collect_runs(exp_dir, plans)
+    models = ["teacher", *students]
+    metadata = records.load_metadata(spec.data) if Path(spec.data).exists() else {}
+    summary = {
+        "experiment": covered.to_dict(),
+        "data_content_hash": metadata.get("content_hash"),
+        "num_planned_runs": len(plans),
+        "num_finished_runs": len(rows),
+        "models": summarize_rows(rows, models),
+        "runs": rows,
+        "metric_notes": {
+            "wa_ua": "last-epoch checkpoint, held-out utterances, mean of segment logits per "
+            "utterance; mean ± sample std (ddof=1) over runs",
+            "best_epoch": "OPTIMISTIC: max over epochs of the test-set WA and (independently) UA, "
+            "i.e. the epoch is chosen on the test set, as in the head-fusion lineage code",
+            "val": "last-epoch WA/UA on the validation hold-out carved from the training "
+            "speakers/utterances (data.validation); None without one",
+        },
+    }
+    return summary
+
+
+def _fmt(stat: dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    if stat["std"] is None:
+        return f"{100 * stat['mean']:.1f}"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _title(summary: dict[str, Any]) -> str:
+    exp = summary["experiment"]
+    groups = len({r["group"] for r in summary["runs"]})
+    if exp["protocol"] == "loso":
+        what = f"loso (leave one session out), folds {exp['folds']}, seeds {exp['seeds']}"
+    else:
+        what = f"paper (random 80/20 utterance split), seeds {exp['seeds']}"
+    return f"{what}; {groups} fold/seed group(s), {summary['num_finished_runs']} runs finished"
+
+
+def has_validation(summary: dict[str, Any]) -> bool:
+    return any(r.get("val_ua") is not None for r in summary["runs"])
+
+
+def format_summary_text(summary: dict[str, Any], *, validation_only: bool = False) -> str:
+    """The per-model table for the terminal (``validation_only``: validation scores only, for
+    choosing settings without seeing the held-out speakers)."""
+    if validation_only:
+        lines = [
+            _title(summary),
+            "VALIDATION WA / UA in %, mean ± std over runs (last epoch, validation hold-out "
+            "inside the training data; test scores not shown)",
+        ]
+        head = f"{'model':<14} {'runs':>4}  {'val WA':>12}  {'val UA':>12}"
+        lines += [head, "-" * len(head)]
+        for stats in summary["models"].values():
+            lines.append(
+                f"{stats['label']:<14} {stats['runs']:>4}  {_fmt(stats['val_wa']):>12}  "
+                f"{_fmt(stats['val_ua']):>12}"
+            )
+        lines.append(
+            "per run (val UA): "
+            + ", ".join(f"{r['workdir']} {_pct(r.get('val_ua'))}" for r in summary["runs"])
+        )
+        return "\n".join(lines)
+    lines = [
+        _title(summary),
+        "WA / UA in %, mean ± std over runs (last epoch, held-out utterances)",
+    ]
+    val = has_validation(summary)
+    head = f"{'model':<14} {'runs':>4}  {'WA':>12}  {'UA':>12}   {'best-epoch-on-test WA/UA *':>26}"
+    head += f"  {'val UA':>12}" if val else ""
+    lines += [head, "-" * len(head)]
+    for stats in summary["models"].values():
+        best = f"{_fmt(stats['best_epoch_wa'])} / {_fmt(stats['best_epoch_ua'])}"
+        lines.append(
+            f"{stats['label']:<14} {stats['runs']:>4}  {_fmt(stats['wa']):>12}  "
+            f"{_fmt(stats['ua']):>12}   {best:>26}"
+            + (f"  {_fmt(stats['val_ua']):>12}" if val else "")
+        )
+    lines.append(
+        "* optimistic: epoch picked on the test set (lineage protocol); not a fair estimate"
+    )
+    if summary["num_finished_runs"] < summary["num_planned_runs"]:
+        lines.append(
+            f"({summary['num_planned_runs'] - summary['num_finished_runs']} planned runs are not "
+            "finished yet)"
+        )
+    return "\n".join(lines)
+
+
+def format_summary_markdown(summary: dict[str, Any]) -> str:
+    """``summary.md``: settings, the per-model table and the per-run table."""
+    exp = summary["experiment"]
+    val = has_validation(summary)
+    lines = [
+        "# Experiment summary",
+        "",
+        f"- protocol: {_title(summary)}",
+        f"- data: `{exp['data']}` (content hash `{summary.get('data_content_hash')}`)",
+        f"- presets: student `{exp['preset']}`, teacher `{exp['teacher_preset'] or exp['preset']}`"
+        f"; students: {', '.join(exp['students']) or 'none'}",
+        f"- overrides: {', '.join(f'`{o}`' for o in exp['overrides']) or 'none'}",
+        "",
+        "WA (overall accuracy) and UA (mean per-class recall) on the held-out utterances, in %, "
+        "from the last-epoch checkpoint (segment logits averaged per utterance); mean ± sample "
+        "std over runs.",
+        "",
+        "| model | runs | WA | UA | best epoch on test: WA ⚠ | best epoch on test: UA ⚠ |"
+        + (" validation WA | validation UA |" if val else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if val else ""),
+    ]
+    for stats in summary["models"].values():
+        lines.append(
+            f"| {stats['label']} | {stats['runs']} | {_fmt(stats['wa'])} | {_fmt(stats['ua'])} "
+            f"| {_fmt(stats['best_epoch_wa'])} | {_fmt(stats['best_epoch_ua'])} |"
+            + (f" {_fmt(stats['val_wa'])} | {_fmt(stats['val_ua'])} |" if val else "")
+        )
+    lines += [
+        "",
+        "⚠ **Optimistic, not a fair estimate**: the maximum over epochs of the *test-set* WA and,"
+        " separately, UA (the epoch is chosen on the test set, and the two maxima may come from "
+        "different epochs), as reported by the head-fusion lineage code. Shown only for "
+        "comparison with numbers obtained that way.",
+        "",
+        "## Per run",
+        "",
+        "| group | held out | model | test utterances | WA | UA | best-epoch WA ⚠ | "
+        "best-epoch UA ⚠ | workdir |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in summary["runs"]:
+        lines.append(
+            f"| {r['group']} | {r['split']} | {MODEL_LABELS.get(r['model'], r['model'])} "
+            f"| {r['num_test_utterances']} | {_pct(r['wa'])} | {_pct(r['ua'])} "
+            f"| {_pct(r['best_epoch_wa'])} | {_pct(r['best_epoch_ua'])} | `{r['workdir']}` |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,364 @@
+"""Running an experiment: every planned run trained (or resumed) in order, the summary written;
+and ``reproduce``, which reruns finished runs and checks them bit for bit.
+
+For every group the teacher is trained with cross-entropy (``train_lib.train_and_evaluate``)
+and each requested student is distilled from it. Training itself scores the last epoch on the
+held-out utterances and writes ``results.json`` (``eval_lib``, the same scoring path as
+``eval.py``), so nothing is evaluated twice. A run is *finished* when its ``results.json``
+exists and records the same training config; rerunning the same command skips finished runs
+and resumes the others (training resumes from its last checkpoint). Each run holds its
+workdir's lock while it trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkd_jax import jsonio, provenance, run_dir
+from dkd_jax.experiment.report import (
+    build_summary,
+    format_summary_text,
+    validation_scores,
+    write_summary,
+)
+from dkd_jax.experiment.spec import (
+    CACHE_DIR,
+    EXPERIMENT_FILE,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    ExperimentError,
+    ExperimentSpec,
+    RunPlan,
+    is_finished,
+    plan_runs,
+)
+
+
+def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
+    """Turns on JAX's persistent compilation cache in ``cache_dir`` (every compile is cached)."""
+    import jax
+
+    path = Path(cache_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _say(msg: str, *, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def _load_or_write_spec(exp_dir: Path, spec: ExperimentSpec, *, overwrite: bool) -> None:
+    """Records the settings; refuses (or, with ``overwrite``, wipes) an experiment with others.
+
+    Folds, seeds and students may change between invocations (an experiment can be extended);
+    the data, protocol, presets and overrides may not.
+    """
+    path = exp_dir / EXPERIMENT_FILE
+    if path.exists():
+        old = ExperimentSpec.from_dict(json.loads(path.read_text()))
+        fixed = ("data", "protocol", "preset", "teacher_preset", "overrides")
+        changed = [k for k in fixed if getattr(old, k) != getattr(spec, k)]
+        if changed and not overwrite:
+            detail = "; ".join(f"{k}: {getattr(old, k)!r} -> {getattr(spec, k)!r}" for k in changed)
+            raise ExperimentError(
+                f"{exp_dir} holds an experiment with other settings ({detail}); use another "
+                "--out, or --overwrite to delete its runs and start over"
+            )
+        if changed:
+            for child in exp_dir.iterdir():
+                if child.name != CACHE_DIR:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+    jsonio.write_json(path, spec.to_dict())
+
+
+def execute_run(
+    plan: RunPlan,
+    workdir: Path,
+    *,
+    teacher_workdir: Path | None,
+    quiet: bool = False,
+    validation_only: bool = False,
+) -> dict[str, Any]:
+    """Trains (or resumes) one run and returns its ``results.json`` (written by training).
+
+    With ``validation_only`` the printed line shows the run's validation scores instead of its
+    test scores (the test scores are still written to ``results.json``).
+    """
+    from dkd_jax import train_lib
+
+    t0 = time.perf_counter()
+    kwargs = {} if teacher_workdir is None else {"teacher_workdir": str(teacher_workdir)}
+    with run_dir.locked(workdir, "the experiment runner"):
+        train_lib.train_and_evaluate(plan.config, str(workdir), **kwargs)
+    seconds = time.perf_counter() - t0
+    results = run_dir.read_results(workdir)
+    if results is None:
+        raise ExperimentError(f"{workdir}: training finished without results.json")
+    if validation_only:
+        val = validation_scores(workdir)
+        _say(
+            f"    {plan.key}: validation WA {_pct(val['val_wa'])} %  UA {_pct(val['val_ua'])} %  "
+            f"(train {seconds:.0f} s)",
+            quiet=quiet,
+        )
+    else:
+        _say(
+            f"    {plan.key}: WA {100 * results['wa']:.1f} %  UA {100 * results['ua']:.1f} %  "
+            f"({results['num_utterances']} test utterances; train {seconds:.0f} s)",
+            quiet=quiet,
+        )
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def run_experiment(
+    exp_dir: str | os.PathLike,
+    spec: ExperimentSpec,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    on_run: Callable[[RunPlan, str], None] | None = None,
+    validation_only: bool = False,
+) -> dict[str, Any]:
+    """Runs (or resumes) every run of an experiment, then writes and returns the summary.
+
+    Args:
+        exp_dir: experiment directory (created if missing).
+        spec: the experiment (``make_spec``).
+        overwrite: when ``exp_dir`` holds an experiment with other settings, delete its runs
+            and start over (without it, that is an error).
+        progress: show per-epoch progress bars (also needs a terminal).
+        quiet: print nothing.
+        on_run: called with (plan, "skipped" | "trained") after each run (tests use it).
+        validation_only: for choosing settings without looking at the held-out speakers: print
+            only validation scores (the runs need ``data.validation`` != "none") and write no
+            ``summary.json``/``summary.md`` (``summarize`` writes them once the choice is made).
+
+    Returns:
+        The summary dict (also in ``summary.json`` unless ``validation_only``).
+    """
+    exp_dir = Path(exp_dir)
+    if validation_only:
+        _require_validation(plan_runs(spec, exp_dir))
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
+    enable_compilation_cache(exp_dir / CACHE_DIR)
+    plans = plan_runs(spec, exp_dir)
+    groups = list(dict.fromkeys(p.group for p in plans))
+    t_start = time.perf_counter()
+    for gi, group in enumerate(groups, 1):
+        _say(f"  {group} (group {gi} of {len(groups)})", quiet=quiet)
+        for plan in (p for p in plans if p.group == group):
+            workdir = exp_dir / plan.key
+            teacher = exp_dir / plan.teacher_key if plan.teacher_key else None
+            plan.config.train.progress = progress
+            if is_finished(workdir, plan.config):
+                _say(f"    {plan.key}: finished earlier, skipped", quiet=quiet)
+                status = "skipped"
+            else:
+                execute_run(
+                    plan,
+                    workdir,
+                    teacher_workdir=teacher,
+                    quiet=quiet,
+                    validation_only=validation_only,
+                )
+                status = "trained"
+            if on_run is not None:
+                on_run(plan, status)
+    make = build_summary if validation_only else write_summary
+    summary = make(exp_dir, spec=spec, plans=plans)
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    _say("", quiet=quiet)
+    _say(format_summary_text(summary, validation_only=validation_only), quiet=quiet)
+    if not validation_only:
+        _say(f"\nsummary: {exp_dir / SUMMARY_MD}  (and {SUMMARY_JSON})", quiet=quiet)
+    return summary
+
+
+def _require_validation(plans: Sequence[RunPlan]) -> None:
+    if any(p.config.data.validation == "none" for p in plans):
+        raise ExperimentError(
+            "--validation-only needs a validation hold-out inside the training speakers: add "
+            "--config.data.validation=speaker (and e.g. --config.data.validation_fraction=0.25)"
+        )
+
+
+_TIMING_WORDS = ("time", "timing", "second", "per_s", "wall", "throughput", "date")
+
+
+def _is_timing(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in _TIMING_WORDS) or k.endswith("_s")
+
+
+def _drop_timings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_timings(v) for k, v in obj.items() if not _is_timing(str(k))}
+    if isinstance(obj, list):
+        return [_drop_timings(v) for v in obj]
+    return obj
+
+
+def _metrics_records(workdir: Path) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` records without wall-clock fields (which never reproduce)."""
+    return [_drop_timings(rec) for rec in run_dir.read_metrics(workdir)]
+
+
+def compare_runs(original: str | os.PathLike, rerun: str | os.PathLike) -> dict[str, Any]:
+    """Compares two finished runs bit for bit.
+
+    Checks the results (WA, UA, confusion matrix, per-class scores, evaluated step, and every
+    utterance's mean logits in ``utterance_scores.csv``), every non-timing value of
+    ``metrics.jsonl``, and every leaf of the restored variables (params and batch statistics:
+    same shape, dtype and bytes).
+
+    Returns:
+        {"match": bool, "results": bool, "metrics": bool, "params": bool, "differences": [...]}
+    """
+    original, rerun = Path(original), Path(rerun)
+    diffs: list[str] = []
+    ra = run_dir.read_results(original) or {}
+    rb = run_dir.read_results(rerun) or {}
+    keys = ("wa", "ua", "confusion_matrix", "per_class", "num_utterances", "num_segments", "step")
+    res_ok = True
+    for k in keys:
+        if ra.get(k) != rb.get(k):
+            res_ok = False
+            diffs.append(f"results.{k}: {ra.get(k)!r} != {rb.get(k)!r}")
+    sa, sb = (d / run_dir.SCORES_FILE for d in (original, rerun))
+    if sa.exists() and sb.exists() and sa.read_bytes() != sb.read_bytes():
+        res_ok = False
+        diffs.append(f"{run_dir.SCORES_FILE}: per-utterance scores differ")
+    ma, mb = _metrics_records(original), _metrics_records(rerun)
+    met_ok = ma == mb
+    if not met_ok:
+        if len(ma) != len(mb):
+            diffs.append(f"metrics.jsonl: {len(ma)} records != {len(mb)} records")
+        for i, (a, b) in enumerate(zip(ma, mb, strict=False)):
+            if a != b:
+                bad = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                diffs.append(f"metrics.jsonl record {i}: {bad[:6]} differ")
+                break
+    va = run_dir.restore_run(original).variables
+    vb = run_dir.restore_run(rerun).variables
+    par_ok = True
+    import jax
+
+    flat_a = jax.tree_util.tree_flatten_with_path(va)[0]
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(vb)[0])
+    if len(flat_a) != len(flat_b):
+        par_ok = False
+        diffs.append(f"variables: {len(flat_a)} leaves != {len(flat_b)} leaves")
+    for path, leaf in flat_a:
+        other = flat_b.get(path)
+        a = np.asarray(leaf)
+        b = None if other is None else np.asarray(other)
+        if b is None or a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+            par_ok = False
+            diffs.append(f"variables{jax.tree_util.keystr(path)} differ")
+            if len(diffs) > 20:
+                break
+    return {
+        "match": res_ok and met_ok and par_ok,
+        "results": res_ok,
+        "metrics": met_ok,
+        "params": par_ok,
+        "differences": diffs,
+    }
+
+
+def reproduce(
+    exp_dir: str | os.PathLike,
+    *,
+    fold: int | None = None,
+    model: str | None = None,
+    scratch: str | os.PathLike | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Reruns finished runs of an experiment into a scratch dir and compares them bit for bit.
+
+    Args:
+        exp_dir: a finished (or partly finished) experiment.
+        fold: restrict to one group: the loso fold index, or the paper seed.
+        model: restrict to one model ("teacher" or a student objective). A student alone is
+            distilled from the *original* teacher; when the teacher is rerun too, the rerun
+            students distil from the rerun teacher (the whole chain is checked).
+        scratch: where the reruns go (default ``EXP/reproduce``; emptied first).
+        progress: progress bars.
+        quiet: print nothing.
+
+    Returns:
+        {"match": bool, "runs": {run key: compare_runs(...)}}; also written to
+        ``<scratch>/reproduce.json``.
+    """
+    exp_dir = Path(exp_dir)
+    path = exp_dir / EXPERIMENT_FILE
+    if not path.exists():
+        raise ExperimentError(f"{path}: missing (not an experiment directory)")
+    spec = ExperimentSpec.from_dict(json.loads(path.read_text()))
+    plans = plan_runs(spec, exp_dir)
+    if fold is not None:
+        plans = [p for p in plans if (p.fold if spec.protocol == "loso" else p.seed) == fold]
+    if model is not None:
+        plans = [p for p in plans if p.model == model]
+    plans = [p for p in plans if (exp_dir / p.key / run_dir.RESULTS_FILE).exists()]
+    if not plans:
+        raise ExperimentError(
+            f"{exp_dir}: no finished run matches fold={fold} model={model} (finished runs have a "
+            "results.json)"
+        )
+    rerun_plans = []
+    for plan in plans:  # rerun exactly what ran: the run's own resolved config.json
+        try:
+            cfg = run_dir.load_config(exp_dir / plan.key)
+        except run_dir.RunDirError as e:
+            raise ExperimentError(f"cannot reproduce {plan.key}: {e}") from None
+        rerun_plans.append(dataclasses.replace(plan, config=cfg))
+    plans = rerun_plans
+    scratch = Path(scratch) if scratch is not None else exp_dir / "reproduce"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    enable_compilation_cache(exp_dir / CACHE_DIR)
+    rerun_keys = {p.key for p in plans}
+    report: dict[str, Any] = {"runs": {}}
+    for plan in plans:
+        teacher = None
+        if plan.teacher_key is not None:
+            teacher = (scratch if plan.teacher_key in rerun_keys else exp_dir) / plan.teacher_key
+        _say(f"reproducing {plan.key} -> {scratch / plan.key}", quiet=quiet)
+        plan.config.train.progress = progress
+        execute_run(plan, scratch / plan.key, teacher_workdir=teacher, quiet=True)
+        cmp = compare_runs(exp_dir / plan.key, scratch / plan.key)
+        report["runs"][plan.key] = cmp
+        verdict = "MATCH (bit for bit)" if cmp["match"] else "DIFFERENT"
+        _say(f"    {plan.key}: {verdict}", quiet=quiet)
+        for d in cmp["differences"][:10]:
+            _say(f"      {d}", quiet=quiet)
+    report["match"] = all(r["match"] for r in report["runs"].values())
+    report["provenance"] = provenance.provenance()
+    jsonio.write_json(scratch / "reproduce.json", report)
+    _say(
+        f"reproduce: {'all runs match bit for bit' if report['match'] else 'MISMATCH'} "
+        f"({len(plans)} run(s); report {scratch / 'reproduce.json'})",
+        quiet=quiet,
+    )
+    return report

@@ -1,0 +1,254 @@
+"""What an experiment runs: its settings (``experiment.json``), its plan of runs, and which runs
+are finished.
+
+``<group>`` is ``fold<k>-seed<s>`` for ``loso`` (fold k holds out the k-th session; the seed is
+the training seed) and ``seed<s>`` for ``paper`` (the seed draws the 80/20 split *and* seeds
+training, as in the lineage code). Per group the teacher runs first, then each student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dkd_jax import config as config_lib
+from dkd_jax import protocols, records, run_dir
+
+EXPERIMENT_FILE = "experiment.json"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+CACHE_DIR = ".jax_cache"
+PAPER_SEEDS = (111111, 123456, 0, 999999, 987654)
+STUDENT_LOSSES = ("dkd", "ce", "kd", "tckd", "nckd")
+MODEL_LABELS = {
+    "teacher": "teacher (CE)",
+    "dkd": "student DKD",
+    "ce": "student CE",
+    "kd": "student KD",
+    "tckd": "student TCKD",
+    "nckd": "student NCKD",
+}
+# Fields the runner sets itself for every run; overriding them would break the layout.
+_RUNNER_FIELDS = (
+    "data.prep_dir",
+    "data.protocol",
+    "data.fold",
+    "data.split_seed",
+    "train.seed",
+    "model.role",
+    "kd.loss",
+)
+# Fields that do not change what a run computes (ignored when deciding whether it is finished).
+_VOLATILE_FIELDS = ("data.prep_dir", "train.progress", "train.compilation_cache_dir")
+
+
+class ExperimentError(ValueError):
+    """An experiment that cannot be run or summarised as asked (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    """What an experiment runs (saved as ``experiment.json``).
+
+    Attributes:
+        data: prep directory (absolute path).
+        protocol: "loso" or "paper".
+        folds: loso folds to run (indices into the sorted session list); ignored for "paper".
+        seeds: loso: training seeds per fold; paper: split + training seeds.
+        preset: config preset of the students (and of the teacher unless ``teacher_preset``).
+        teacher_preset: config preset of the teacher ("" = ``preset``).
+        students: student objectives, a subset of STUDENT_LOSSES, in display order.
+        overrides: ``group.field=value`` config overrides applied to every run.
+    """
+
+    data: str
+    protocol: str
+    folds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    preset: str = "default"
+    teacher_preset: str = ""
+    students: tuple[str, ...] = ("dkd",)
+    overrides: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """One training run of an experiment.
+
+    Attributes:
+        group: "fold<k>-seed<s>" (loso) or "seed<s>" (paper).
+        model: "teacher" or a student objective.
+        fold: loso fold index (None for paper).
+        seed: training seed (and split seed for paper).
+        config: the resolved training config.
+    """
+
+    group: str
+    model: str
+    fold: int | None
+    seed: int
+    config: config_lib.Config
+
+    @property
+    def key(self) -> str:
+        """Path of the run relative to the experiment dir."""
+        return f"{self.group}/{run_dir_name(self.model)}"
+
+    @property
+    def teacher_key(self) -> str | None:
+        return None if self.model == "teacher" else f"{self.group}/{run_dir_name('teacher')}"
+
+
+def run_dir_name(model: str) -> str:
+    """Directory name of a model's run inside its group ("teacher", "student_dkd", ...)."""
+    return "teacher" if model == "teacher" else f"student_{model}"
+
+
+def make_spec(
+    *,
+    data: str | os.PathLike,
+    protocol: str,
+    folds: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    preset: str = "default",
+    teacher_preset: str = "",
+    students: Sequence[str] = ("dkd",),
+    overrides: Sequence[str] = (),
+) -> ExperimentSpec:
+    """Validates the settings of an experiment and fills in defaults.
+
+    Defaults: ``loso`` runs every fold (one per session) with the preset's training seed;
+    ``paper`` runs the lineage seeds 111111, 123456, 0, 999999, 987654.
+
+    Raises:
+        ExperimentError: unknown protocol/preset/student, bad fold, runner-owned overrides.
+        records.DataError: the prep dir cannot be read.
+    """
+    data = str(Path(data).resolve())
+    metadata = records.load_metadata(data)
+    if protocol not in ("loso", "paper"):
+        raise ExperimentError(f"unknown protocol {protocol!r}; choose loso or paper")
+    for name in (preset, teacher_preset or preset):
+        if name not in config_lib.PRESETS:
+            raise ExperimentError(f"unknown preset {name!r}; known: {sorted(config_lib.PRESETS)}")
+    students = tuple(students)
+    bad = [s for s in students if s not in STUDENT_LOSSES]
+    if bad or len(set(students)) != len(students):
+        raise ExperimentError(
+            f"bad --students {','.join(students)!r}: choose distinct names from "
+            f"{', '.join(STUDENT_LOSSES)}"
+        )
+    # canonical "group.field=value" (the CLI passes "--config.group.field=value")
+    overrides = tuple(o.strip().lstrip("-").removeprefix("config.") for o in overrides)
+    for item in overrides:
+        path = item.split("=", 1)[0].strip()
+        if path in _RUNNER_FIELDS:
+            raise ExperimentError(
+                f"override {item!r}: the runner sets {path} itself (use --data, --protocol, "
+                "--folds, --seeds, --students)"
+            )
+    # Validate the overrides once, with a clear message, before any run starts.
+    try:
+        config_lib.apply_overrides(config_lib.get_config(preset), overrides)
+    except config_lib.ConfigError as e:
+        raise ExperimentError(str(e)) from None
+    if protocol == "loso":
+        num = protocols.num_folds(metadata, "loso")
+        folds = tuple(range(num)) if folds is None else tuple(folds)
+        out_of_range = [f for f in folds if not 0 <= f < num]
+        if out_of_range or not folds:
+            names = protocols.sessions(metadata)
+            raise ExperimentError(
+                f"loso folds {list(folds)} invalid: the data has {num} sessions {names} "
+                f"(folds 0..{num - 1})"
+            )
+        if seeds is None:
+            seeds = (config_lib.get_config(preset).train.seed,)
+    else:
+        if folds:
+            raise ExperimentError("--folds applies to loso; the paper protocol uses --seeds")
+        folds = ()
+        seeds = PAPER_SEEDS if seeds is None else tuple(seeds)
+    if not seeds or any(s < 0 for s in seeds):
+        raise ExperimentError(f"seeds must be non-negative integers, got {list(seeds)}")
+    return ExperimentSpec(
+        data=data,
+        protocol=protocol,
+        folds=tuple(int(f) for f in folds),
+        seeds=tuple(int(s) for s in seeds),
+        preset=preset,
+        teacher_preset=teacher_preset,
+        students=students,
+        overrides=tuple(overrides),
+    )
+
+
+def _run_config(
+    spec: ExperimentSpec, model: str, fold: int | None, seed: int, cache_dir: str
+) -> config_lib.Config:
+    preset = (spec.teacher_preset or spec.preset) if model == "teacher" else spec.preset
+    cfg = config_lib.apply_overrides(config_lib.get_config(preset), spec.overrides)
+    cfg.data.prep_dir = spec.data
+    cfg.data.protocol = spec.protocol
+    if spec.protocol == "loso":
+        cfg.data.fold = int(fold)
+    else:
+        cfg.data.split_seed = int(seed)
+    cfg.train.seed = int(seed)
+    cfg.train.compilation_cache_dir = cache_dir
+    cfg.model.role = "teacher" if model == "teacher" else "student"
+    if model != "teacher":
+        cfg.kd.loss = model
+    return cfg.validate()
+
+
+def plan_runs(spec: ExperimentSpec, exp_dir: str | os.PathLike) -> list[RunPlan]:
+    """All runs of an experiment in execution order (per group: teacher, then students)."""
+    cache_dir = str(Path(exp_dir).resolve() / CACHE_DIR)
+    groups: list[tuple[str, int | None, int]] = []
+    if spec.protocol == "loso":
+        groups = [(f"fold{f}-seed{s}", f, s) for f in spec.folds for s in spec.seeds]
+    else:
+        groups = [(f"seed{s}", None, s) for s in spec.seeds]
+    plans = []
+    for group, fold, seed in groups:
+        for model in ("teacher", *spec.students):
+            cfg = _run_config(spec, model, fold, seed, cache_dir)
+            plans.append(RunPlan(group=group, model=model, fold=fold, seed=seed, config=cfg))
+    return plans
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    d = json.loads(json.dumps(cfg_dict))
+    for path in _VOLATILE_FIELDS:
+        group, field = path.split(".")
+        d.get(group, {}).pop(field, None)
+    return d
+
+
+def is_finished(workdir: str | os.PathLike, cfg: config_lib.Config) -> bool:
+    """True when ``workdir`` holds a ``results.json`` evaluated for this same training config."""
+    results = run_dir.read_results(workdir)
+    if results is None:
+        return False
+    stored = results.get("config")
+    if not isinstance(stored, dict):
+        return False
+    try:  # through the current schema: fields added since take their defaults
+        stored = config_lib.to_dict(config_lib.from_dict(stored))
+    except config_lib.ConfigError:  # a field that no longer exists: not this config
+        return False
+    return _comparable(stored) == _comparable(config_lib.to_dict(cfg))

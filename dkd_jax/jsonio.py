@@ -1,0 +1,70 @@
+"""Atomic files and JSON conversion (used by ``run_dir``, the experiment runner and the CLIs).
+
+Every JSON file of a run or an experiment is written to a temporary file in the same directory
+and renamed over the old one, so a process killed mid-write leaves the previous version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["read_json", "to_jsonable", "write_json", "write_text"]
+
+
+class JSONFileError(ValueError):
+    """A JSON file that is missing or unreadable (the message names it)."""
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Converts numpy scalars/arrays, paths, dataclasses and non-finite floats for ``json``."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> Path:
+    """Writes ``obj`` as JSON atomically (numpy, paths, NaN → null handled)."""
+    return write_text(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
+    """Reads a JSON file; JSONFileError naming it when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JSONFileError(f"{path}: missing {what}") from None
+    except json.JSONDecodeError as e:
+        raise JSONFileError(f"{path}: unreadable {what} ({e})") from None

@@ -1,0 +1,191 @@
+"""Prediction on audio files with a trained run (``python eval.py predict --workdir RUN``).
+
+The files go through exactly the prep pipeline of the run (``audio``: resample to its rate, mix
+down, zero-pad a file shorter than one window, whole-file features, 2-s windows at the eval
+hop), the run's own feature normalisation, and ``eval_lib.predict_logits``; a file's
+probabilities are the softmax of its mean window logits (the mean whose argmax ``evaluate_run``
+scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["file_segments", "format_predictions", "predict_files"]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
+    """Features of one audio file cut into eval-layout windows, exactly as data_prep does.
+
+    The waveform is loaded (any rate, channels, sample format; resampled and mixed down),
+    zero-padded to one window when shorter, turned into whole-file features and cut into windows
+    with the eval hop. A file shorter than one window gives one (padded) window even when the
+    run's prep dropped short utterances.
+
+    Args:
+        path: an audio file.
+        feature_config: the run's ``audio.FeatureConfig``.
+
+    Returns:
+        {"segments" [K, F, T] float32, "valid_frames" [K] int32, "starts_s" [K] float,
+        "duration_s" float, "padded" bool}.
+
+    Raises:
+        audio.AudioError: unreadable or empty file.
+    """
+    from dkd_jax import audio
+
+    fc = dataclasses.replace(feature_config, short_utterances="pad")
+    wave = audio.load_audio(path, sample_rate=fc.sample_rate)
+    duration = wave.shape[0] / fc.sample_rate
+    padded, valid = audio.pad_to_window(wave, fc)
+    feats = audio.compute_features(padded, fc)
+    segments, valid_frames = audio.segment_features(
+        feats, fc, hop_seconds=fc.eval_hop_seconds, num_valid_frames=valid
+    )
+    starts = audio.segment_starts(feats.shape[1], fc, hop_seconds=fc.eval_hop_seconds)
+    return {
+        "segments": segments,
+        "valid_frames": valid_frames,
+        "starts_s": (starts * fc.hop_length / fc.sample_rate).tolist(),
+        "duration_s": duration,
+        "padded": bool(wave.shape[0] < fc.window_samples),
+    }
+
+
+def predict_files(
+    workdir: str | os.PathLike,
+    paths: Sequence[str | os.PathLike],
+    *,
+    step: int | None = None,
+    best: bool = False,
+    batch_size: int | None = None,
+    segments: bool = False,
+) -> dict[str, Any]:
+    """Emotion probabilities for audio files with a trained run.
+
+    Uses the run's own feature config (from its ``split.json`` data info) and its feature
+    normalisation (``normalization.json``: "global" applies the training statistics, "utterance"
+    and "speaker" normalise each file by its own statistics, since a new file's speaker is
+    unknown). The file probability is ``softmax`` of the mean segment logits (the same mean whose
+    argmax ``evaluate_run`` scores).
+
+    Args:
+        workdir: a training workdir.
+        paths: audio files (any sample rate, channel count, sample format, length).
+        step, best: which checkpoint (default the latest).
+        batch_size: segments per compiled batch (default ``config.data.eval_batch_size``).
+        segments: also return per-window probabilities (2-s windows, eval hop).
+
+    Returns:
+        {"label_names": [...], "files": [{"path", "duration_s", "num_segments", "padded",
+        "probabilities" {name: p}, "prediction", optional "segments": [{"start_s", "end_s",
+        "probabilities", "prediction"}]}], "errors": [{"path", "error"}]}; unreadable files go to
+        "errors" and the others are still scored.
+
+    Raises:
+        EvalError: the run cannot be restored or lacks its feature config.
+    """
+    from dkd_jax import audio, eval_lib, input_pipeline, records
+
+    workdir = Path(workdir)
+    run = eval_lib.restore(workdir, step=step, best=best)
+    fc_dict = run.data_info.get("feature_config")
+    if not fc_dict:
+        try:
+            fc_dict = records.load_metadata(run.config.data.prep_dir)["feature_config"]
+        except records.DataError:
+            raise eval_lib.EvalError(
+                f"{workdir}: the run records no feature config and its prep dir "
+                f"{run.config.data.prep_dir!r} is unavailable"
+            ) from None
+    fc = audio.FeatureConfig.from_dict(fc_dict)
+    label_names = list(run.data_info.get("label_names") or ["neutral", "happy", "sad", "angry"])
+    done, errors = [], []
+    for i, path in enumerate(paths):
+        try:
+            seg = file_segments(path, fc)
+        except audio.AudioError as e:
+            errors.append({"path": os.fspath(path), "error": str(e)})
+            continue
+        done.append((i, os.fspath(path), seg))
+    out: dict[str, Any] = {"label_names": label_names, "files": [], "errors": errors}
+    if not done:
+        return out
+    counts = [d[2]["segments"].shape[0] for d in done]
+    owner = np.repeat(np.arange(len(done)), counts)
+    ids = np.array([f"file{i}" for i, _, _ in done], dtype=str)[owner]
+    arrays = records.SegmentArrays(
+        features=np.concatenate([d[2]["segments"] for d in done]),
+        labels=np.zeros(len(owner), np.int32),
+        utterance_ids=ids,
+        segment_index=np.concatenate([np.arange(c, dtype=np.int32) for c in counts]),
+        valid_frames=np.concatenate([d[2]["valid_frames"] for d in done]).astype(np.int32),
+        speakers=ids,  # unknown speaker: each file is its own group
+        sessions=np.full(len(owner), "", dtype=str),
+        genders=np.full(len(owner), "", dtype=str),
+    )
+    arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
+    bs = int(batch_size or run.config.data.eval_batch_size)
+    logits = np.asarray(
+        eval_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)
+    )
+    window = fc.window_seconds
+    for k, (_, path, seg) in enumerate(done):
+        seg_logits = logits[owner == k]
+        probs = _softmax(seg_logits.mean(axis=0))
+        entry: dict[str, Any] = {
+            "path": path,
+            "duration_s": round(seg["duration_s"], 3),
+            "num_segments": int(seg_logits.shape[0]),
+            "padded": seg["padded"],
+            "probabilities": {n: float(p) for n, p in zip(label_names, probs, strict=True)},
+            "prediction": label_names[int(np.argmax(probs))],
+        }
+        if segments:
+            seg_probs = _softmax(seg_logits)
+            entry["segments"] = [
+                {
+                    "start_s": round(start, 3),
+                    "end_s": round(min(start + window, max(seg["duration_s"], window)), 3),
+                    "probabilities": {n: float(p) for n, p in zip(label_names, row, strict=True)},
+                    "prediction": label_names[int(np.argmax(row))],
+                }
+                for start, row in zip(seg["starts_s"], seg_probs, strict=True)
+            ]
+        out["files"].append(entry)
+    return out
+
+
+def format_predictions(pred: dict[str, Any]) -> str:
+    """Plain-text table of ``predict_files`` output (one row per file, indented segment rows)."""
+    names = pred["label_names"]
+    width = max([4, *(len(f["path"]) for f in pred["files"])])
+    width = min(width, 60)
+    cols = " ".join(f"{n:>8}" for n in names)
+    lines = [f"{'file':<{width}}  {'seconds':>7}  {'windows':>7}  {cols}  prediction"]
+    for f in pred["files"]:
+        shown = f["path"] if len(f["path"]) <= width else "…" + f["path"][-(width - 1) :]
+        probs = " ".join(f"{f['probabilities'][n]:>8.3f}" for n in names)
+        note = "  (shorter than one window: padded)" if f["padded"] else ""
+        lines.append(
+            f"{shown:<{width}}  {f['duration_s']:>7.2f}  {f['num_segments']:>7d}  {probs}  "
+            f"{f['prediction']}{note}"
+        )
+        for s in f.get("segments", []):
+            span = f"  {s['start_s']:6.2f}-{s['end_s']:.2f} s"
+            probs = " ".join(f"{s['probabilities'][n]:>8.3f}" for n in names)
+            lines.append(f"{span:<{width}}  {'':>7}  {'':>7}  {probs}  {s['prediction']}")
+    return "\n".join(lines)

@@ -1,0 +1,677 @@
+"""The run directory: every file of a training workdir, its readers and writers, and its lock.
+
+One module owns the layout, so that no other module spells a file name::
+
+    RUN/.lock                   held while a process trains or writes (see :func:`locked`)
+    RUN/config.json             the resolved config (written once a run starts)
+    RUN/split.json              the utterance lists and the data it was made from
+    RUN/normalization.json      the feature normalisation applied to every input
+    RUN/teacher.json            students: which teacher (workdir, step, mode)
+    RUN/metrics.jsonl           one JSON record per event (start, train, epoch, eval, final)
+    RUN/tensorboard/            the same scalars for TensorBoard
+    RUN/checkpoints/<step>/     the last K training states (orbax, see ``checkpointing``)
+    RUN/checkpoints_best/<step>/  the state with the best validation UA
+    RUN/checkpoints_damaged/    unreadable checkpoints moved aside on resume (never deleted)
+    RUN/results.json            scores of the evaluated checkpoint (``eval_lib``)
+    RUN/utterance_scores.csv    one row per held-out utterance
+    RUN/confusion.png           the confusion matrix
+
+Every JSON file is written atomically (a temporary file renamed over the old one), so a process
+killed mid-write leaves the previous version. ``metrics.jsonl`` is append-only; a line cut by a
+kill is skipped by :func:`read_metrics`, the one reader of that file.
+
+Errors are one line: :class:`RunDirError` (and its subclasses) name the file or directory and
+what to do. OS errors (read-only workdir, permission denied, no space left) propagate as
+``OSError`` with the path, and the command lines print them as ``<tool>: error: PATH: reason``
+(:func:`describe_os_error`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkd_jax import checkpointing, jsonio, protocols
+from dkd_jax import config as config_lib
+
+__all__ = [
+    "CheckpointError",
+    "MetricsWriter",
+    "RestoredRun",
+    "RunDirError",
+    "WorkdirError",
+    "WorkdirLockedError",
+    "describe_os_error",
+    "locked",
+    "prepare_workdir",
+    "read_metrics",
+    "restore_run",
+]
+
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+NORMALIZATION_FILE = "normalization.json"
+TEACHER_FILE = "teacher.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+SCORES_FILE = "utterance_scores.csv"
+CONFUSION_FILE = "confusion.png"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+DAMAGED_DIR = "checkpoints_damaged"
+LOCK_FILE = ".lock"
+
+# What a new run (or --overwrite) clears; results go too, so they never describe another run.
+_RUN_FILES = (
+    CONFIG_FILE,
+    SPLIT_FILE,
+    NORMALIZATION_FILE,
+    TEACHER_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    SCORES_FILE,
+    CONFUSION_FILE,
+)
+_RUN_DIRS = (CHECKPOINT_DIR, BEST_DIR, TENSORBOARD_DIR)
+
+RESUME_COMPATIBLE = frozenset(
+    {
+        "data.prep_dir",
+        "data.eval_batch_size",
+        "train.progress",
+        "train.log_every_steps",
+        "train.checkpoint_every_steps",
+        "train.keep_checkpoints",
+        "train.compilation_cache_dir",
+        "train.debug_abort_after_steps",
+        "train.num_devices",
+    }
+)
+"""Config fields that may change between a run and its resumption."""
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (one line naming the path)."""
+
+
+class WorkdirError(RunDirError):
+    """The workdir holds a different run, or is unusable."""
+
+
+class WorkdirLockedError(WorkdirError):
+    """Another live process holds the workdir's lock."""
+
+
+class CheckpointError(RunDirError):
+    """No readable checkpoint where one is needed."""
+
+
+def _read_json(path: Path, *, what: str) -> Any:
+    try:
+        return jsonio.read_json(path, what=what)
+    except jsonio.JSONFileError as e:
+        raise RunDirError(str(e)) from None
+
+
+def describe_os_error(e: OSError) -> str:
+    """``PATH: reason`` for an OSError (the path it names, else its message)."""
+    reason = e.strerror or str(e)
+    path = e.filename
+    if path is None:
+        return reason
+    return f"{os.fspath(path)}: {reason}"
+
+
+# --------------------------------------------------------------------------------------------
+# The lock
+# --------------------------------------------------------------------------------------------
+
+_HELD: dict[str, list] = {}  # lock path -> [fd, depth]: re-entrant within this process
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time of a process (clock ticks since boot, /proc), to detect a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_text(holder: Mapping[str, Any]) -> str:
+    return (
+        f"{holder.get('tool', 'a process')} (pid {holder.get('pid')} on host "
+        f"{holder.get('host')}, started {holder.get('started')})"
+    )
+
+
+def _acquire(path: Path, tool: str) -> int:
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkdirLockedError(
+                f"{path.parent}: in use by {_holder_text(holder)}; wait for it to finish or "
+                "stop it, or use another workdir"
+            ) from None
+        try:  # the file may have been removed by its last holder between open and flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    holder = _read_holder(fd)
+    if holder and holder.get("pid") != os.getpid():
+        if holder.get("host") != platform.node():  # its process cannot be checked from here
+            os.close(fd)
+            raise WorkdirLockedError(
+                f"{path.parent}: locked by {_holder_text(holder)} on another host; if that "
+                f"process has ended, delete {path} and rerun"
+            )
+        print(
+            f"warning: {path.parent}: taking over the lock of {_holder_text(holder)}, "
+            "which is no longer running",
+            file=sys.stderr,
+        )
+    me = {
+        "tool": tool,
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "proc_start": _proc_start(os.getpid()),
+        "argv": sys.argv,
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    return fd
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 65536, 0)
+        holder = json.loads(data.decode() or "{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> Iterator[None]:
+    """Holds the workdir's lock for the duration of the block (creating the workdir).
+
+    The lock is an ``flock`` on ``RUN/.lock``, whose content names the holder (tool, host, pid,
+    start time). A second process is refused with :class:`WorkdirLockedError` naming the
+    holder. A lock file left by a process that died (the kernel released its flock) is taken
+    over with a warning; one naming another host is refused (its holder cannot be checked from
+    here) and the message says which file to delete. Re-entrant within a process (the
+    experiment runner holds a run's lock while training and evaluation take it again).
+
+    Args:
+      workdir: the run directory.
+      tool: who holds it (shown to the refused process), e.g. "train.py".
+      enabled: False makes this a no-op (processes other than 0 of a multi-host run).
+
+    Raises:
+      WorkdirLockedError: the workdir is in use.
+      OSError: the workdir cannot be created or written (read-only, full, permissions).
+    """
+    if not enabled:
+        yield
+        return
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"{workdir}: exists and is not a directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = (workdir / LOCK_FILE).absolute()
+    key = str(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    fd = _acquire(path, tool)
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            path.unlink()
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Config, split, normalisation, teacher
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(workdir: str | os.PathLike) -> config_lib.Config:
+    """The resolved config of a workdir (RunDirError naming the file when missing or bad)."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise RunDirError(f"{path}: missing (not a training workdir, or the run never started)")
+    try:
+        return config_lib.loads(path.read_text(), source=str(path))
+    except config_lib.ConfigError as e:
+        raise RunDirError(str(e)) from None
+
+
+def write_config(workdir: str | os.PathLike, cfg: config_lib.Config) -> Path:
+    """Writes ``config.json``."""
+    return jsonio.write_text(Path(workdir) / CONFIG_FILE, config_lib.dumps(cfg))
+
+
+def prepare_workdir(
+    workdir: str | os.PathLike, cfg: config_lib.Config, *, overwrite: bool, clear: bool = True
+) -> bool:
+    """Checks a workdir before training: True when it holds this run to resume.
+
+    A workdir with a ``config.json`` of another config (apart from the
+    :data:`RESUME_COMPATIBLE` fields) is refused; with ``overwrite`` its run files are deleted
+    first (only when ``clear``: process 0 of a multi-host run). Checkpoints without a config
+    are refused too (whose would they be?).
+
+    Raises:
+      WorkdirError: the workdir holds another run.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"{workdir}: exists and is not a directory")
+    cfg_path = workdir / CONFIG_FILE
+    if overwrite:
+        if clear:
+            clear_run(workdir)
+        return False
+    if cfg_path.exists():
+        try:
+            old = config_lib.loads(cfg_path.read_text(), source=str(cfg_path))
+        except config_lib.ConfigError as e:
+            raise WorkdirError(f"{e}; use --overwrite to start a new run there") from None
+        changed = {k: v for k, v in config_lib.diff(old, cfg).items() if k not in RESUME_COMPATIBLE}
+        if changed:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise WorkdirError(
+                f"{workdir} holds a run with a different config ({shown}); use another "
+                "--workdir, or --overwrite to replace it"
+            )
+        return True
+    if (workdir / CHECKPOINT_DIR).exists():
+        raise WorkdirError(
+            f"{workdir} has checkpoints but no config.json; use --overwrite to replace them"
+        )
+    return False
+
+
+def clear_run(workdir: str | os.PathLike) -> None:
+    """Deletes a run's files (``--overwrite``); other files in the directory are kept."""
+    workdir = Path(workdir)
+    for name in _RUN_FILES:
+        (workdir / name).unlink(missing_ok=True)
+    for name in _RUN_DIRS:
+        shutil.rmtree(workdir / name, ignore_errors=True)
+
+
+def write_split(workdir: str | os.PathLike, split: protocols.Split, data_info: Mapping) -> Path:
+    """Writes ``split.json``: the split plus ``data_info`` (content hash, features, labels)."""
+    payload = {**split.to_dict(), "data": dict(data_info)}
+    return jsonio.write_text(
+        Path(workdir) / SPLIT_FILE, json.dumps(payload, indent=1, sort_keys=True) + "\n"
+    )
+
+
+def load_split(workdir: str | os.PathLike) -> tuple[protocols.Split, dict[str, Any]]:
+    """Reads ``split.json`` → (Split, data_info); RunDirError naming the file when unreadable."""
+    path = Path(workdir) / SPLIT_FILE
+    d = _read_json(path, what="split file (is this a training workdir?)")
+    try:
+        return protocols.Split.from_dict(d), dict(d.get("data", {}))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise RunDirError(f"{path}: unreadable split file ({e!r})") from None
+
+
+def write_normalization(workdir: str | os.PathLike, normalization: Mapping) -> Path:
+    """Writes ``normalization.json`` (the statistics every input of the run is normalised by)."""
+    return jsonio.write_text(Path(workdir) / NORMALIZATION_FILE, json.dumps(normalization) + "\n")
+
+
+def load_normalization(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The run's normalisation; ``{"mode": "none"}`` when the run has none recorded."""
+    path = Path(workdir) / NORMALIZATION_FILE
+    if not path.exists():
+        return {"mode": "none"}
+    return _read_json(path, what="normalisation file")
+
+
+def write_teacher(workdir: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Writes ``teacher.json`` (a student's teacher: workdir, step, model, mode)."""
+    return jsonio.write_json(Path(workdir) / TEACHER_FILE, dict(record))
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl and TensorBoard
+# --------------------------------------------------------------------------------------------
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` ([] when missing); a line cut by a killed run
+    (or anything else that is not a JSON object) is skipped."""
+    path = Path(workdir) / METRICS_FILE
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+class MetricsWriter:
+    """Appends records to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only).
+
+    On resumption from step S, records after S (and a previous "final" record) are dropped
+    first, so the file of a resumed run equals that of an uninterrupted one.
+
+    Args:
+      workdir: the run directory.
+      enabled: False on processes other than 0 (then every call is a no-op).
+      resume_step: the step training resumes from (0: a new run, the file is emptied).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool, resume_step: int):
+        self.enabled = enabled
+        self.path = Path(workdir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        kept = []
+        if resume_step > 0:
+            for rec in read_metrics(workdir):
+                if rec.get("step", 0) <= resume_step and rec.get("event") != "final":
+                    kept.append(json.dumps(rec, sort_keys=True))
+        jsonio.write_text(self.path, "".join(k + "\n" for k in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self._tb = None
+
+    def log(self, record: Mapping[str, Any], scalars: Mapping[str, float] | None = None) -> None:
+        """Appends one record (and its scalars at ``record["step"]``)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._tb is not None and scalars:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(v):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        """Flushes TensorBoard."""
+        if self._tb is not None:
+            with contextlib.suppress(OSError):
+                self._tb.flush()
+                self._tb.close()
+            self._tb = None
+
+
+# --------------------------------------------------------------------------------------------
+# Results and per-utterance scores
+# --------------------------------------------------------------------------------------------
+
+
+def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> Path:
+    """Writes ``results.json``."""
+    return jsonio.write_json(Path(workdir) / RESULTS_FILE, dict(results))
+
+
+def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``results.json`` of a run, or None when it is missing or unreadable (not finished)."""
+    path = Path(workdir) / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def write_scores(
+    workdir: str | os.PathLike,
+    *,
+    utterance_ids: Sequence[str],
+    labels: Sequence[int],
+    predictions: Sequence[int],
+    num_segments: Sequence[int],
+    scores: np.ndarray,
+    label_names: Sequence[str],
+    mode: str,
+) -> Path:
+    """Writes ``utterance_scores.csv``: id, true and predicted label, segments, mean scores.
+
+    Args:
+      workdir: the run directory.
+      utterance_ids, labels, predictions, num_segments: one entry per utterance.
+      scores: [U, C] per-utterance mean logits ("logits") or probabilities ("probs").
+      label_names: class names (column suffixes).
+      mode: "logits" or "probs" (what the score columns hold).
+    """
+    path = Path(workdir) / SCORES_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(
+                ["utterance_id", "label", "prediction", "num_segments"]
+                + [f"{mode}_{n}" for n in label_names]
+            )
+            for i, utt in enumerate(utterance_ids):
+                w.writerow(
+                    [utt, label_names[labels[i]], label_names[predictions[i]]]
+                    + [int(num_segments[i])]
+                    + [repr(float(v)) for v in scores[i]]
+                )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_scores(workdir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Reads ``utterance_scores.csv``: {utterance id: {label, prediction, num_segments,
+    scores [C] float32}} ({} when missing)."""
+    path = Path(workdir) / SCORES_FILE
+    if not path.exists():
+        return {}
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            cols = [k for k in row if k.startswith(("logits_", "probs_"))]
+            out[row["utterance_id"]] = {
+                "label": row["label"],
+                "prediction": row["prediction"],
+                "num_segments": int(row["num_segments"]),
+                "scores": np.array([float(row[k]) for k in cols], np.float32),
+            }
+    return out
+
+
+def confusion_plot_path(workdir: str | os.PathLike) -> Path:
+    """Where the run's confusion-matrix plot goes."""
+    return Path(workdir) / CONFUSION_FILE
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def checkpointer(
+    workdir: str | os.PathLike, *, best: bool = False, max_to_keep: int = 1, read_only: bool = False
+) -> checkpointing.Checkpointer:
+    """The run's training (or best-by-validation) checkpoints."""
+    return checkpointing.Checkpointer(
+        Path(workdir) / (BEST_DIR if best else CHECKPOINT_DIR),
+        max_to_keep=max_to_keep,
+        read_only=read_only,
+    )
+
+
+def restore_for_resume(
+    workdir: str | os.PathLike,
+    ckpt: checkpointing.Checkpointer,
+    target: Any,
+    *,
+    move_aside: bool = True,
+) -> tuple[Any, dict[str, Any]] | None:
+    """The newest *readable* training checkpoint, for resuming; None when there is none yet.
+
+    A checkpoint that cannot be read (a truncated state or metadata file, say) is moved aside
+    to ``RUN/checkpoints_damaged/<step>`` with a warning that names it and why, and the next
+    older one is tried (``move_aside=False``, on processes other than 0 of a multi-host run:
+    skipped without moving).
+
+    Raises:
+      CheckpointError: checkpoints exist but none is readable (the message names the directory
+        and each step's problem).
+    """
+    problems = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            return ckpt.restore(step, target=target)
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+            reason = checkpointing.describe_error(e)
+            problems.append(f"step {step}: {reason}")
+            where = ckpt.directory / str(step)
+            if move_aside:
+                where = _move_aside(Path(workdir), ckpt, step)
+                print(
+                    f"warning: checkpoint {ckpt.directory / str(step)} is unreadable ({reason}); "
+                    f"moved to {where}; resuming from an earlier checkpoint if one is readable",
+                    file=sys.stderr,
+                )
+    if problems:
+        raise CheckpointError(
+            f"{ckpt.directory}: no readable checkpoint ({'; '.join(problems)}); the damaged ones "
+            f"are in {Path(workdir) / DAMAGED_DIR}. Rerun with --overwrite to start again"
+        )
+    return None
+
+
+def _move_aside(workdir: Path, ckpt: checkpointing.Checkpointer, step: int) -> Path:
+    dest_root = workdir / DAMAGED_DIR
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / str(step)
+    k = 1
+    while dest.exists():
+        dest = dest_root / f"{step}.{k}"
+        k += 1
+    shutil.move(str(ckpt.directory / str(step)), dest)
+    ckpt.reload()
+    return dest
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A trained run, ready for evaluation.
+
+    Attributes:
+      config: the run's resolved Config.
+      model: the Flax MACNN that was trained (teacher or student, per config.model.role).
+      variables: {"params", "batch_stats"} (numpy, host).
+      step: the restored step.
+      normalization: the run's feature normalisation (``input_pipeline.normalize_arrays``).
+      data_info: content hash, feature config, label names of the training data (split.json).
+      checkpoint: the checkpoint directory that was read.
+    """
+
+    config: config_lib.Config
+    model: Any
+    variables: dict[str, Any]
+    step: int
+    normalization: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "none"})
+    data_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint: str = ""
+
+
+def restore_run(
+    workdir: str | os.PathLike, *, step: int | None = None, best: bool = False
+) -> RestoredRun:
+    """Loads a run for evaluation: config, model, variables, step.
+
+    Never modifies the workdir (a damaged checkpoint is reported, not moved).
+
+    Args:
+      workdir: a training workdir.
+      step: which checkpoint (default: the latest, i.e. the end of training).
+      best: restore the best-by-validation-UA checkpoint instead (needs a validation split).
+
+    Raises:
+      RunDirError: not a workdir, no such checkpoint (the message says what exists), or an
+        unreadable checkpoint (the message names its path and suggests ``--step``).
+    """
+    from dkd_jax import models
+
+    workdir = Path(workdir)
+    cfg = load_config(workdir)
+    _, data_info = load_split(workdir)
+    num_classes = len(data_info.get("label_names", [])) or 4
+    role = cfg.model.role
+    model = models.create_model(getattr(cfg.model, role), num_classes=num_classes)
+    directory = workdir / (BEST_DIR if best else CHECKPOINT_DIR)
+    if not directory.exists():
+        what = "best-by-validation checkpoint (no validation split?)" if best else "checkpoints"
+        raise CheckpointError(f"{directory}: no {what}")
+    ckpt = checkpointing.Checkpointer(directory, max_to_keep=1, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        chosen = step if step is not None else (steps[-1] if steps else None)
+        if chosen is None or chosen not in steps:
+            want = "" if step is None else f" at step {step}"
+            raise CheckpointError(f"{directory}: no checkpoint{want}; have {steps}")
+        try:
+            state, meta = ckpt.restore(chosen)
+        except Exception as e:
+            others = [s for s in steps if s != chosen]
+            hint = f"; try --step {others[-1]} (steps: {others})" if others else ""
+            raise CheckpointError(
+                f"{directory / str(chosen)}: unreadable checkpoint "
+                f"({checkpointing.describe_error(e)}){hint}"
+            ) from None
+    finally:
+        ckpt.close()
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    return RestoredRun(
+        config=cfg,
+        model=model,
+        variables=variables,
+        step=int(meta.get("step", state["step"])),
+        normalization=load_normalization(workdir),
+        data_info=data_info,
+        checkpoint=str(directory / str(chosen)),
+    )

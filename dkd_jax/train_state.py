@@ -1,0 +1,146 @@
+"""The train state, the optimiser and the learning-rate schedules.
+
+A :class:`TrainState` is everything that changes during training and is checkpointed. The
+optimiser is Adam with *coupled* L2 weight decay (added to the gradient, as PyTorch's
+``Adam(weight_decay=...)`` does; not AdamW), optional global-norm clipping, and a schedule from
+:func:`learning_rate_schedule`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dkd_jax import config as config_lib
+from dkd_jax import models
+
+__all__ = [
+    "TRACE_COUNTS",
+    "TrainState",
+    "create_optimizer",
+    "create_train_state",
+    "learning_rate_schedule",
+]
+
+TRACE_COUNTS: collections.Counter = collections.Counter()
+"""How often the jitted initialisation was traced (tests assert it is shared between runs)."""
+
+
+def learning_rate_schedule(
+    optim: config_lib.OptimConfig, *, steps_per_epoch: int, total_steps: int
+):
+    """The learning rate as a function of the optimiser step (jnp-traceable, also on host).
+
+    ``step_epochs`` follows the lineage exactly: after finishing 0-based epoch ``i > 0`` with
+    ``i % decay_every == 0`` the rate is multiplied by ``decay_factor``, so epochs 0..10 run at
+    the peak, 11..20 at 1/10 (decay_every 10). ``warmup_steps`` ramps linearly first.
+    """
+    lr, factor, every = optim.learning_rate, optim.decay_factor, optim.decay_every
+    warm = optim.warmup_steps
+    kind = optim.schedule
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.int32)
+        if kind == "constant":
+            value = jnp.asarray(lr, jnp.float32)
+        elif kind == "step":
+            k = jnp.maximum(count - warm, 0) // every
+            value = lr * jnp.asarray(factor, jnp.float32) ** k.astype(jnp.float32)
+        elif kind == "step_epochs":
+            epoch = count // steps_per_epoch
+            k = jnp.maximum(epoch - 1, 0) // every
+            value = lr * jnp.asarray(factor, jnp.float32) ** k.astype(jnp.float32)
+        elif kind == "cosine":
+            span = max(total_steps - warm, 1)
+            frac = jnp.clip((count - warm).astype(jnp.float32) / span, 0.0, 1.0)
+            value = 0.5 * lr * (1.0 + jnp.cos(jnp.pi * frac))
+        else:  # validated by Config
+            raise ValueError(f"unknown schedule {kind!r}")
+        if warm > 0:
+            ramp = jnp.minimum((count + 1).astype(jnp.float32) / warm, 1.0)
+            value = value * ramp
+        return value.astype(jnp.float32)
+
+    return schedule
+
+
+def create_optimizer(
+    optim: config_lib.OptimConfig, *, steps_per_epoch: int, total_steps: int
+) -> optax.GradientTransformation:
+    """Adam with coupled L2 (PyTorch ``Adam(weight_decay=...)``), not AdamW::
+
+    chain([clip_by_global_norm], add_decayed_weights(wd), scale_by_adam, scale_by_lr(schedule))
+    """
+    parts = []
+    if optim.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+    if optim.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(optim.weight_decay))
+    parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
+    parts.append(
+        optax.scale_by_learning_rate(
+            learning_rate_schedule(optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        )
+    )
+    return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed).
+
+    Attributes:
+      step: int32 optimiser steps taken.
+      params: model parameters.
+      batch_stats: BatchNorm running statistics.
+      opt_state: optimiser state.
+      bad_step: int32, -1 while every loss was finite; else the step whose loss was not (the
+        state is then frozen at the last good values).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    bad_step: jax.Array
+
+
+def create_train_state(
+    rng: jax.Array, model: models.MACNN, tx: optax.GradientTransformation, segment_shape
+) -> TrainState:
+    """Initial state (host numpy arrays) for inputs [batch, *segment_shape, 1].
+
+    The model's variables come from one jitted ``model.init`` cached per (model, shape), so
+    runs of one architecture (folds, ablations) share that compilation; the optimiser state is
+    initialised separately.
+    """
+    model = model.clone(batch_norm_axis_name=None)
+    variables = jax.device_get(_variables_init(model, tuple(segment_shape))(rng))
+    params = variables["params"]
+    opt_state = jax.device_get(jax.jit(tx.init)(params))
+    return TrainState(
+        step=np.zeros((), np.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=opt_state,
+        bad_step=np.full((), -1, np.int32),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _variables_init(model, segment_shape):
+    shape = (1, *segment_shape, 1)
+
+    def init(rng):
+        TRACE_COUNTS["init"] += 1
+        variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    return jax.jit(init)

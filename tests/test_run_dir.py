@@ -1,0 +1,376 @@
+"""Tests of dkd_jax.run_dir: the workdir lock, file readers/writers, damaged checkpoints, OS errors.
+
+The recovery tests train the "tiny" teacher on the session's tiny prep (streamed, 2 epochs, a
+checkpoint every 2 steps) and compare every recovered run with one uninterrupted reference run
+of the same config: same parameters bit for bit, same metrics.jsonl.
+"""
+
+import errno
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import train as train_cli
+from dkd_jax import checkpointing, jsonio, run_dir, train_lib
+from dkd_jax import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
+# eval.py is a script at the repository root (not an installed module): load it by path.
+_spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
+eval_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(eval_cli)
+OVERRIDES = {
+    "model.role": "teacher",
+    "data.validation": "none",
+    "train.on_device": "off",
+    "train.checkpoint_every_steps": 2,
+    "train.keep_checkpoints": 10,
+    "train.log_every_steps": 2,
+}
+
+
+def _config(prep_dir):
+    items = {"data.prep_dir": str(prep_dir), **OVERRIDES}
+    return config_lib.apply_overrides(
+        config_lib.get_config("tiny"), [f"{k}={v}" for k, v in items.items()]
+    )
+
+
+def _cli_args(prep_dir, workdir):
+    overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items() if k != "model.role"]
+    data = ["--data", str(prep_dir), "--workdir", str(workdir)]
+    return [*data, "--role", "teacher", "--preset=tiny", *overrides]
+
+
+def _variables(workdir):
+    return run_dir.restore_run(workdir).variables
+
+
+def _assert_same_run(a, b):
+    la = jax.tree_util.tree_flatten_with_path(_variables(a))[0]
+    lb = dict(jax.tree_util.tree_flatten_with_path(_variables(b))[0])
+    assert len(la) == len(lb)
+    for path, x in la:
+        assert np.asarray(x).tobytes() == np.asarray(lb[path]).tobytes(), path
+
+    def events(wd):
+        return [{k: v for k, v in r.items() if k != "timing"} for r in run_dir.read_metrics(wd)]
+
+    assert events(a) == events(b)
+    ra, rb = run_dir.read_results(a), run_dir.read_results(b)
+    assert (ra["wa"], ra["ua"], ra["confusion_matrix"]) == (
+        rb["wa"],
+        rb["ua"],
+        rb["confusion_matrix"],
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_prep_dir, tmp_path_factory):
+    """One uninterrupted run; its checkpoint steps."""
+    wd = tmp_path_factory.mktemp("rundir") / "reference"
+    train_lib.train_and_evaluate(_config(tiny_prep_dir), wd)
+    steps = checkpointing.Checkpointer(wd / run_dir.CHECKPOINT_DIR, max_to_keep=10).all_steps()
+    assert len(steps) >= 3, steps
+    return wd, steps
+
+
+def _copy_run(reference, dest):
+    shutil.copytree(reference, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# The lock
+# --------------------------------------------------------------------------------------------
+
+
+def _probe_lock(workdir) -> subprocess.CompletedProcess:
+    code = (
+        "import sys\nfrom dkd_jax import run_dir\n"
+        "try:\n"
+        f"    with run_dir.locked({str(workdir)!r}, 'probe'):\n        print('acquired')\n"
+        "except run_dir.WorkdirLockedError as e:\n    print('refused:', e)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+
+
+def test_a_locked_workdir_refuses_a_second_process_and_names_the_holder(tmp_path):
+    wd = tmp_path / "run"
+    with run_dir.locked(wd, "train.py"):
+        out = _probe_lock(wd)
+        assert out.stdout.startswith("refused:"), out
+        assert f"pid {os.getpid()}" in out.stdout and platform.node() in out.stdout
+        assert "train.py" in out.stdout and "started" in out.stdout
+        with run_dir.locked(wd, "nested"):  # re-entrant within the holding process
+            pass
+    assert not (wd / run_dir.LOCK_FILE).exists()
+    assert _probe_lock(wd).stdout.strip() == "acquired"
+
+
+def test_train_cli_on_a_locked_workdir_is_one_line(tmp_path, tiny_prep_dir, capsys):
+    wd = tmp_path / "run"
+    code = (
+        "import sys\nfrom dkd_jax import run_dir\n"
+        f"with run_dir.locked({str(wd)!r}, 'another train.py'):\n"
+        "    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        rc = train_cli.main(_cli_args(tiny_prep_dir, wd))
+    finally:
+        holder.communicate(b"", timeout=60)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("train.py: error: ") and "in use by another train.py" in err
+    assert f"pid {holder.pid}" in err
+    assert not (wd / run_dir.CONFIG_FILE).exists()  # nothing was written into the held workdir
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    wd = tmp_path / "run"
+    wd.mkdir()
+    holder = {"tool": "train.py", "pid": dead.pid, "host": platform.node(), "started": "x"}
+    (wd / run_dir.LOCK_FILE).write_text(json.dumps(holder))
+    with run_dir.locked(wd, "train.py"):
+        mine = json.loads((wd / run_dir.LOCK_FILE).read_text())
+        assert mine["pid"] == os.getpid()
+    err = capsys.readouterr().err
+    assert "taking over the lock" in err and f"pid {dead.pid}" in err
+
+
+def test_a_lock_left_on_another_host_is_refused_with_the_file_to_delete(tmp_path):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    holder = {"tool": "train.py", "pid": 1, "host": "some-other-host", "started": "x"}
+    (wd / run_dir.LOCK_FILE).write_text(json.dumps(holder))
+    with pytest.raises(run_dir.WorkdirLockedError, match="some-other-host") as e:
+        with run_dir.locked(wd, "train.py"):
+            pass
+    assert str(wd / run_dir.LOCK_FILE) in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_metrics_skips_cut_lines_and_writer_drops_records_after_resume(tmp_path):
+    w = run_dir.MetricsWriter(tmp_path, enabled=True, resume_step=0)
+    for step in (1, 2, 3):
+        w.log({"event": "train", "step": step})
+    w.log({"event": "final", "step": 3})
+    w.close()
+    with open(tmp_path / run_dir.METRICS_FILE, "a") as f:
+        f.write('{"event": "train", "st')  # a line cut by a kill
+    assert [r["step"] for r in run_dir.read_metrics(tmp_path)] == [1, 2, 3, 3]
+    run_dir.MetricsWriter(tmp_path, enabled=True, resume_step=2).close()
+    assert run_dir.read_metrics(tmp_path) == [
+        {"event": "train", "step": 1},
+        {"event": "train", "step": 2},
+    ]
+    assert run_dir.read_metrics(tmp_path / "nothing") == []
+
+
+def test_json_files_are_written_atomically_and_converted(tmp_path):
+    path = jsonio.write_json(
+        tmp_path / "x.json", {"a": np.float32(1.5), "b": np.arange(2), "c": float("nan")}
+    )
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1], "c": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temporary left
+    assert run_dir.read_results(tmp_path) is None
+    (tmp_path / run_dir.RESULTS_FILE).write_text("{cut")
+    assert run_dir.read_results(tmp_path) is None
+    with pytest.raises(run_dir.RunDirError, match=r"config\.json: missing"):
+        run_dir.load_config(tmp_path)
+
+
+def test_overwrite_clears_results_so_they_never_describe_another_run(tmp_path):
+    cfg = config_lib.get_config("tiny")
+    run_dir.write_config(tmp_path, cfg)
+    for name in (run_dir.RESULTS_FILE, run_dir.SCORES_FILE, run_dir.CONFUSION_FILE):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    other = config_lib.apply_overrides(cfg, ["optim.num_epochs=7"])
+    with pytest.raises(run_dir.WorkdirError, match=r"optim\.num_epochs: 2 -> 7"):
+        run_dir.prepare_workdir(tmp_path, other, overwrite=False)
+    assert run_dir.prepare_workdir(tmp_path, cfg, overwrite=False) is True
+    assert run_dir.prepare_workdir(tmp_path, other, overwrite=True) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _state_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)  # the array data
+
+
+@pytest.mark.parametrize("damage", ["meta", "state"])
+def test_truncated_newest_checkpoint_resumes_from_the_previous_one(
+    reference, tiny_prep_dir, tmp_path, capsys, damage
+):
+    ref, steps = reference
+    wd = _copy_run(ref, tmp_path / "run")
+    newest = wd / run_dir.CHECKPOINT_DIR / str(steps[-1])
+    _truncate(newest / "meta" / "metadata" if damage == "meta" else _state_file(newest))
+    (wd / run_dir.RESULTS_FILE).unlink()
+    train_lib.train_and_evaluate(_config(tiny_prep_dir), wd)
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is unreadable" in err and "moved to" in err
+    assert (wd / run_dir.DAMAGED_DIR / str(steps[-1])).is_dir()  # kept for inspection
+    _assert_same_run(ref, wd)
+
+
+def test_no_readable_checkpoint_is_one_line_naming_the_directory(
+    reference, tiny_prep_dir, tmp_path, capsys
+):
+    ref, steps = reference
+    wd = _copy_run(ref, tmp_path / "run")
+    for step in steps:
+        _truncate(wd / run_dir.CHECKPOINT_DIR / str(step) / "meta" / "metadata")
+    rc = train_cli.main(_cli_args(tiny_prep_dir, wd))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith(f"train.py: error: {wd / run_dir.CHECKPOINT_DIR}: no readable")
+
+
+def test_eval_names_a_damaged_checkpoint_and_suggests_another_step(reference, tmp_path, capsys):
+    ref, steps = reference
+    wd = _copy_run(ref, tmp_path / "run")
+    newest = wd / run_dir.CHECKPOINT_DIR / str(steps[-1])
+    _truncate(_state_file(newest))
+    assert eval_cli.main(["--workdir", str(wd)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"eval.py: error: {newest}: unreadable checkpoint")
+    assert f"--step {steps[-2]}" in err
+    assert newest.is_dir()  # eval never moves anything
+    assert eval_cli.main(["--workdir", str(wd), "--step", str(steps[-2]), "--no-write"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# OS errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not Path("/sys").is_dir(), reason="needs Linux /sys (not writable, even as root)"
+)
+def test_unwritable_workdir_is_one_line_with_the_path(tiny_prep_dir, capsys):
+    wd = Path("/sys/dkd_jax_not_writable/run")
+    assert train_cli.main(_cli_args(tiny_prep_dir, wd)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("train.py: error: /sys/dkd_jax_not_writable")
+    assert "not permitted" in err or "denied" in err or "Read-only" in err
+
+
+def test_read_only_workdir_as_an_unprivileged_user(tiny_prep_dir):
+    """chmod cannot stop root: run train.py as a user that may not write (nobody as root)."""
+    base = Path(tempfile.mkdtemp(prefix="dkd_jax_ro_"))
+    try:
+        base.chmod(0o755)
+        wd = base / "ro"
+        wd.mkdir(mode=0o555)
+        run_as = 65534 if os.geteuid() == 0 else None  # nobody
+        if run_as is not None:
+            for p in (base, REPO, Path(sys.executable).resolve()):
+                for q in (p, *p.parents):
+                    if q.exists() and not q.stat().st_mode & 0o001:
+                        pytest.skip(f"{q} is not traversable by an unprivileged user")
+        out = subprocess.run(
+            [sys.executable, "train.py", *_cli_args(tiny_prep_dir, wd)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            user=run_as,
+        )
+    finally:
+        shutil.rmtree(base)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert err[-1] == f"train.py: error: {wd / run_dir.LOCK_FILE}: Permission denied"
+
+
+def _failing_on_call(n, real, exc):
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def test_disk_full_during_a_checkpoint_save_leaves_a_resumable_run(
+    reference, tiny_prep_dir, tmp_path, monkeypatch, capsys
+):
+    ref, steps = reference
+    wd = tmp_path / "run"
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):  # a save that fills the disk half way
+        if step == steps[1]:
+            tmp = Path(self.directory) / f"{step}.orbax-checkpoint-tmp-1234"
+            (tmp / "state").mkdir(parents=True)
+            (tmp / "state" / "part").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "state" / "part"))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    assert train_cli.main(_cli_args(tiny_prep_dir, wd)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("train.py: error: ") and "No space left on device" in err
+    assert str(wd / run_dir.CHECKPOINT_DIR) in err
+    kept = checkpointing.Checkpointer(wd / run_dir.CHECKPOINT_DIR, max_to_keep=10).all_steps()
+    assert kept == steps[:1]
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    assert train_cli.main(_cli_args(tiny_prep_dir, wd)) == 0  # the space is back: resume
+    _assert_same_run(ref, wd)
+
+
+def test_disk_full_in_the_metrics_writer_is_one_line_and_resumable(
+    reference, tiny_prep_dir, tmp_path, monkeypatch, capsys
+):
+    ref, _ = reference
+    wd = tmp_path / "run"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(wd / run_dir.METRICS_FILE))
+    real_log = run_dir.MetricsWriter.log
+    monkeypatch.setattr(run_dir.MetricsWriter, "log", _failing_on_call(7, real_log, full))
+    assert train_cli.main(_cli_args(tiny_prep_dir, wd)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"train.py: error: {wd / run_dir.METRICS_FILE}: No space left on device"
+    monkeypatch.setattr(run_dir.MetricsWriter, "log", real_log)
+    assert train_cli.main(_cli_args(tiny_prep_dir, wd)) == 0
+    _assert_same_run(ref, wd)
