@@ -30,15 +30,17 @@ Command-line overrides use dotted paths typed from the dataclass fields::
 
     apply_overrides(cfg, ["kd.beta=2", "optim.schedule=cosine", "model.student.attention_heads=8"])
 
-A misspelt field or a value of the wrong type raises :class:`ConfigError` naming the field, the
-value and what is allowed. ``to_dict``/``from_dict`` round-trip exactly (``config.json`` in every
-workdir).
+A misspelt field, a value of the wrong type, a non-finite float (``inf``, ``nan``) in any field
+or a value out of its range (a learning rate must be > 0) raises :class:`ConfigError` naming the
+field, the value and what is allowed. ``to_dict``/``from_dict`` round-trip exactly
+(``config.json`` in every workdir).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -544,16 +546,16 @@ def _coerce(value: Any, tp, path: str) -> Any:
                     return int(f)
         raise bad
     if tp is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise bad from None
+        if not math.isfinite(number):
+            # "inf", "nan", JSON Infinity/NaN, 1e999: no field of a run has a non-finite meaning.
+            raise ConfigError(f"bad value {value!r} for {path}: expected a finite float")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -2,10 +2,10 @@
 
 This module owns the loss numerics of the project and nothing else. Every function is pure
 (arrays in, arrays out, keyword hyperparameters, no config, no global state), imports only
-``jax`` and ``jax.numpy``, and returns one float32 value per example, shape ``[batch]``; the
-caller reduces (``.mean()``, a masked mean, a ``pmean`` ...). All functions work under
-``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.pmap``, so they can be copied into or imported by
-any JAX project::
+``jax`` (``jax.numpy``, ``jax.experimental.checkify``), and each loss returns one float32 value
+per example, shape ``[batch]``; the caller reduces (``.mean()``, a masked mean, a ``pmean`` ...).
+All functions work under ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.pmap``, so they can be
+copied into or imported by any JAX project::
 
     from dkd_jax.losses import dkd_loss
 
@@ -25,9 +25,17 @@ is no ``log(softmax(...))`` anywhere. Results and gradients stay finite for logi
 exactly 0).
 The teacher logits are wrapped in ``jax.lax.stop_gradient``: the teacher never receives gradient.
 
-Labels must be integer class ids in ``[0, num_classes)``. Shapes and dtypes are validated at trace
-time (``ValueError`` / ``TypeError`` naming the function and the problem); label *values* are
-validated only when they are concrete (eager calls), since traced values cannot be inspected.
+Bad values. Labels must be integer class ids in ``[0, num_classes)``. Shapes and dtypes are
+validated at trace time (``ValueError`` / ``TypeError`` naming the function and the problem), and
+concrete values (eager calls, constants closed over by a jitted function) raise ``ValueError``.
+Traced values cannot raise, so they poison the result instead: an example whose label is out of
+range gets a NaN loss, and a temperature that is not finite and > 0 (or an ``alpha`` / ``beta`` of
+``dkd_loss`` that is not finite and >= 0) makes every example NaN, so that a training loop that
+checks its loss for NaN stops. The NaN stays in its example: the other examples' values and
+gradients do not change (bit for bit), and the bad example gets zero gradient, so a mean over the
+valid examples stays finite. For a raised error inside ``jit``, call
+:func:`validate_labels` / :func:`validate_temperature` in a function wrapped with
+``jax.experimental.checkify.checkify``.
 
 References:
   B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022,
@@ -42,8 +50,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
-__all__ = ["cross_entropy", "dkd_loss", "kd_loss", "nckd_loss", "tckd_loss"]
+__all__ = [
+    "cross_entropy",
+    "dkd_loss",
+    "kd_loss",
+    "nckd_loss",
+    "tckd_loss",
+    "validate_labels",
+    "validate_temperature",
+]
 
 _WHERE = "dkd_jax.losses"
 
@@ -117,8 +134,33 @@ def _check_scalar(fn: str, name: str, value, *, positive: bool) -> jax.Array:
     return jnp.asarray(value, jnp.float32)
 
 
+def _guard_labels(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """(labels with out-of-range ids replaced by class 0, in-range mask [B]).
+
+    The bad examples are computed with a harmless label (finite values and gradients) and set to
+    NaN at the end by :func:`_poison`, so that no NaN reaches the other examples' gradients.
+    """
+    ok = (labels >= 0) & (labels < num_classes)
+    return jnp.where(ok, labels, jnp.zeros_like(labels)), ok
+
+
+def _guard_scalar(value: jax.Array, *, positive: bool, safe: float) -> tuple[jax.Array, jax.Array]:
+    """(value, or ``safe`` where it is not finite and > 0 / >= 0; scalar bool validity)."""
+    ok = jnp.isfinite(value) & ((value > 0) if positive else (value >= 0))
+    return jnp.where(ok, value, safe), ok
+
+
+def _poison(loss: jax.Array, ok: jax.Array) -> jax.Array:
+    """NaN where ``ok`` ([batch] or scalar) is False; ``loss`` itself where it is True."""
+    return jnp.where(ok, loss, jnp.nan)
+
+
 def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_classes):
-    """Validates inputs; returns (z_s / T, stop_gradient(z_t) / T, target mask, T)."""
+    """Validates inputs; returns (z_s / T, stop_gradient(z_t) / T, target mask, T, ok).
+
+    ``ok`` is False for examples whose loss must be NaN (label out of range, or a temperature that
+    is not finite and > 0); the returned target mask and ``T`` are safe stand-ins there.
+    """
     s = _check_logits(fn, "student_logits", student_logits, min_classes=min_classes)
     t = _check_logits(fn, "teacher_logits", teacher_logits, min_classes=min_classes)
     if s.shape != t.shape:
@@ -127,12 +169,15 @@ def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_cla
             f"got {s.shape} and {t.shape}"
         )
     temp = _check_scalar(fn, "temperature", temperature, positive=True)
+    temp, ok = _guard_scalar(temp, positive=True, safe=1.0)
     batch, num_classes = s.shape
     target = None
     if labels is not None:
         labels = _check_labels(fn, labels, batch=batch, num_classes=num_classes)
+        labels, label_ok = _guard_labels(labels, num_classes)
+        ok = ok & label_ok
         target = labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)[None, :]
-    return s / temp, jax.lax.stop_gradient(t) / temp, target, temp
+    return s / temp, jax.lax.stop_gradient(t) / temp, target, temp, ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +241,8 @@ def cross_entropy(logits, labels) -> jax.Array:
       labels: [batch] integer class ids in ``[0, num_classes)``.
 
     Returns:
-      [batch] float32 per-example losses (>= 0).
+      [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
+      of range.
 
     Raises:
       TypeError / ValueError: bad dtypes, shapes, or (when concrete) out-of-range labels.
@@ -210,9 +256,10 @@ def cross_entropy(logits, labels) -> jax.Array:
     """
     z = _check_logits("cross_entropy", "logits", logits, min_classes=1)
     labels = _check_labels("cross_entropy", labels, batch=z.shape[0], num_classes=z.shape[1])
+    labels, ok = _guard_labels(labels, z.shape[1])
     lse = jax.nn.logsumexp(z, axis=-1)
     z_y = jnp.take_along_axis(z, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return lse - z_y
+    return _poison(lse - z_y, ok)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
@@ -231,7 +278,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
       temperature: softmax temperature ``T > 0`` (Python float or scalar array).
 
     Returns:
-      [batch] float32 per-example losses (>= 0).
+      [batch] float32 per-example losses (>= 0); all NaN for a (traced) temperature that is not
+      finite and > 0.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -244,12 +292,12 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
     References:
       G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
-    zs, zt, _, temp = _prepare(
+    zs, zt, _, temp, ok = _prepare(
         "kd_loss", student_logits, teacher_logits, None, temperature, min_classes=1
     )
     log_ps = zs - jax.nn.logsumexp(zs, axis=-1, keepdims=True)
     log_pt = zt - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
-    return temp**2 * _kl_from_logs(log_pt, log_ps)
+    return _poison(temp**2 * _kl_from_logs(log_pt, log_ps), ok)
 
 
 def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax.Array:
@@ -272,7 +320,8 @@ def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
       temperature: softmax temperature ``T > 0``.
 
     Returns:
-      [batch] float32 per-example losses (>= 0).
+      [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
+      of range, and for every example when a (traced) temperature is not finite and > 0.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -285,10 +334,10 @@ def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
     References:
       B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
     """
-    zs, zt, target, temp = _prepare(
+    zs, zt, target, temp, ok = _prepare(
         "tckd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
     )
-    return temp**2 * _tckd(zs, zt, target)
+    return _poison(temp**2 * _tckd(zs, zt, target), ok)
 
 
 def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax.Array:
@@ -311,7 +360,8 @@ def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
       temperature: softmax temperature ``T > 0``.
 
     Returns:
-      [batch] float32 per-example losses (>= 0).
+      [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
+      of range, and for every example when a (traced) temperature is not finite and > 0.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -324,10 +374,10 @@ def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
     References:
       B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
     """
-    zs, zt, target, temp = _prepare(
+    zs, zt, target, temp, ok = _prepare(
         "nckd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
     )
-    return temp**2 * _nckd(zs, zt, target)
+    return _poison(temp**2 * _nckd(zs, zt, target), ok)
 
 
 def dkd_loss(
@@ -354,7 +404,9 @@ def dkd_loss(
       temperature: softmax temperature ``T > 0``.
 
     Returns:
-      [batch] float32 per-example losses (>= 0 for alpha, beta >= 0).
+      [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
+      of range, and for every example when a (traced) temperature is not finite and > 0 or a
+      (traced) alpha / beta is not finite and >= 0.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -374,9 +426,111 @@ def dkd_loss(
       Z. Zhao et al., "Hierarchical Network with Decoupled Knowledge Distillation for Speech
       Emotion Recognition", ICASSP 2023, arXiv:2303.05134.
     """
-    zs, zt, target, temp = _prepare(
+    zs, zt, target, temp, ok = _prepare(
         "dkd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
     )
-    a = _check_scalar("dkd_loss", "alpha", alpha, positive=False)
-    b = _check_scalar("dkd_loss", "beta", beta, positive=False)
-    return temp**2 * (a * _tckd(zs, zt, target) + b * _nckd(zs, zt, target))
+    a, a_ok = _guard_scalar(
+        _check_scalar("dkd_loss", "alpha", alpha, positive=False), positive=False, safe=0.0
+    )
+    b, b_ok = _guard_scalar(
+        _check_scalar("dkd_loss", "beta", beta, positive=False), positive=False, safe=0.0
+    )
+    loss = temp**2 * (a * _tckd(zs, zt, target) + b * _nckd(zs, zt, target))
+    return _poison(loss, ok & a_ok & b_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Checked mode (jax.experimental.checkify)
+# --------------------------------------------------------------------------------------------
+
+
+def validate_labels(labels, num_classes: int) -> None:
+    """Checks that every label is a class id in ``[0, num_classes)``, with ``checkify.check``.
+
+    The losses return NaN for an example whose traced label is out of range. For a raised error
+    instead, call this inside a function wrapped with ``jax.experimental.checkify.checkify``
+    (inside or outside ``jax.jit``, also under ``vmap`` / ``pmap``): the returned error names the
+    first bad label and its index, and ``err.throw()`` raises it. Called eagerly on concrete
+    labels, a failed check raises at once. Under ``jax.jit`` *without* ``checkify``, tracing fails
+    ("Cannot abstractly evaluate a checkify.check which was not functionalized").
+
+    Args:
+      labels: integer class ids of any shape (usually ``[batch]``); the index in the message is
+        the position in the flattened array.
+      num_classes: the number of classes (a Python int >= 1).
+
+    Raises:
+      TypeError / ValueError: non-integer labels or a bad ``num_classes`` (at trace time).
+      jax.experimental.checkify.JaxRuntimeError (a ``ValueError``): a label out of range, raised
+        by ``err.throw()`` (or at once when called eagerly).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.experimental import checkify
+      >>> from dkd_jax.losses import dkd_loss, validate_labels
+      >>> def loss(student, teacher, labels):
+      ...     validate_labels(labels, num_classes=3)
+      ...     return dkd_loss(student, teacher, labels).mean()
+      >>> checked = jax.jit(checkify.checkify(loss))
+      >>> err, value = checked(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.array([0, 5]))
+      >>> print(err.get())  # doctest: +ELLIPSIS
+      dkd_jax.losses.validate_labels: labels must lie in [0, 3), got 5 at index 1...
+      >>> err, value = checked(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.array([0, 2]))
+      >>> print(err.get(), float(value))
+      None 0.0
+    """
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"{_WHERE}.validate_labels: labels must be integer class ids, got dtype {labels.dtype}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"{_WHERE}.validate_labels: num_classes must be an int >= 1, got {num_classes!r}"
+        )
+    if labels.size == 0:
+        return
+    flat = labels.reshape(-1)
+    ok = (flat >= 0) & (flat < num_classes)
+    first_bad = jnp.argmin(ok)  # index of the first False (0 when all are True: unused)
+    checkify.check(
+        jnp.all(ok),
+        f"{_WHERE}.validate_labels: labels must lie in [0, {num_classes}), "
+        "got {label} at index {index}",
+        label=flat[first_bad],
+        index=first_bad,
+    )
+
+
+def validate_temperature(temperature) -> None:
+    """Checks that a (possibly traced) temperature is finite and > 0, with ``checkify.check``.
+
+    The losses return NaN for every example when a traced temperature is not finite and > 0
+    (concrete ones raise ``ValueError`` at once). Use this like :func:`validate_labels`, inside a
+    function wrapped with ``jax.experimental.checkify.checkify``, for a raised error instead.
+
+    Args:
+      temperature: a scalar (Python number or array, may be traced).
+
+    Raises:
+      TypeError / ValueError: a non-scalar or non-real temperature (at trace time).
+      jax.experimental.checkify.JaxRuntimeError (a ``ValueError``): not finite and > 0, raised by
+        ``err.throw()`` (or at once when called eagerly).
+    """
+    if isinstance(temperature, bool):
+        raise TypeError(f"{_WHERE}.validate_temperature: temperature must be a number, got True")
+    t = jnp.asarray(temperature)
+    if t.ndim != 0:
+        raise ValueError(
+            f"{_WHERE}.validate_temperature: temperature must be a scalar, got shape {t.shape}"
+        )
+    if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
+        raise TypeError(
+            f"{_WHERE}.validate_temperature: temperature must be a real number, got dtype {t.dtype}"
+        )
+    t = t.astype(jnp.float32)
+    checkify.check(
+        jnp.isfinite(t) & (t > 0),
+        f"{_WHERE}.validate_temperature: temperature must be finite and > 0, got {{t}}",
+        t=t,
+    )

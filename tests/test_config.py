@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+import typing
 
 import pytest
 
@@ -163,3 +165,77 @@ def test_augment_enabled_flag():
     assert not aug.enabled
     for field, value in (("time_shift_frames", 3), ("freq_masks", 1), ("mixup_alpha", 0.2)):
         assert dataclasses.replace(aug, **{field: value}).enabled
+
+
+def _float_fields(cls=config_lib.Config, prefix=""):
+    """Dotted paths of every float field of the config (walking the nested groups)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, path = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _float_fields(tp, path + ".")
+        elif tp is float:
+            yield path
+
+
+def test_float_fields_are_found():
+    fields = set(_float_fields())
+    assert {"optim.learning_rate", "kd.beta", "augment.mixup_alpha"} <= fields
+    assert "optim.num_epochs" not in fields and len(fields) >= 15
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "NaN", "Infinity", "1e999", "-1", "0"])
+def test_learning_rate_must_be_finite_and_positive(value):
+    # Before: --config.optim.learning_rate=inf passed validation.
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.apply_overrides(
+            config_lib.get_config("default"), [f"--config.optim.learning_rate={value}"]
+        )
+    message = str(e.value)
+    assert "optim.learning_rate" in message and "\n" not in message
+    assert ("finite" in message) if value not in ("-1", "0") else ("must be > 0" in message)
+
+
+@pytest.mark.parametrize("path", sorted(_float_fields()))
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_no_float_field_accepts_a_non_finite_value(path, value):
+    pattern = rf"^bad value '{value}' for {re.escape(path)}: expected a finite float$"
+    with pytest.raises(config_lib.ConfigError, match=pattern):
+        config_lib.apply_overrides(config_lib.get_config("tiny"), [f"{path}={value}"])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_floats_are_refused_in_config_json_and_in_code(value):
+    d = config_lib.to_dict(config_lib.get_config("tiny"))
+    d["optim"]["learning_rate"] = value
+    with pytest.raises(config_lib.ConfigError, match=r"optim\.learning_rate: expected a finite"):
+        config_lib.from_dict(d)
+    text = json.dumps(d)  # Python writes Infinity / NaN, which json.loads reads back
+    with pytest.raises(config_lib.ConfigError, match=r"^run/config\.json: bad value .* for optim"):
+        config_lib.loads(text, source="run/config.json")
+    cfg = config_lib.get_config("tiny")
+    cfg.kd.temperature = value  # set in code, then validated
+    with pytest.raises(config_lib.ConfigError, match=r"kd\.temperature: expected a finite"):
+        cfg.validate()
+
+
+def test_fields_that_may_be_zero_stay_valid():
+    zero = [
+        "optim.weight_decay=0",
+        "optim.warmup_steps=0",
+        "optim.grad_clip_norm=0",
+        "kd.warmup_epochs=0",
+        "kd.alpha=0",
+        "kd.beta=0",
+        "kd.kd_weight=0",
+        "kd.ce_weight=0",
+        "augment.mixup_alpha=0",
+        "optim.b1=0",
+        "train.checkpoint_every_steps=0",
+    ]
+    cfg = config_lib.apply_overrides(config_lib.get_config("default"), zero)
+    assert cfg.optim.weight_decay == 0.0 and cfg.kd.warmup_epochs == 0.0
+    small = config_lib.apply_overrides(cfg, ["optim.learning_rate=1e-9"])
+    assert small.optim.learning_rate == 1e-9
+    with pytest.raises(config_lib.ConfigError, match=r"optim\.num_epochs: expected int"):
+        config_lib.apply_overrides(config_lib.get_config("default"), ["optim.num_epochs=inf"])

@@ -1,22 +1,27 @@
 """Tests for dkd_jax.losses: NumPy float64 oracles, hand-computed cases, identities, gradients,
-extreme logits, bfloat16, jit tracing, vmap and pmap on the 2 forced CPU devices."""
+extreme logits, bfloat16, jit tracing, vmap and pmap on the 2 forced CPU devices, traced bad
+labels / temperatures (NaN confined to the bad example) and the checkify checked mode."""
 
 from __future__ import annotations
 
 import doctest
+import functools
 import math
+import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from jax.test_util import check_grads
 from scipy.special import logsumexp
 
 from dkd_jax import losses
 
 # The tests exercise the jitted functions, as production runs them. Hyperparameters are traced
-# (one compilation per shape); eager-only behaviour (label value checks) is tested via `losses.*`.
+# (one compilation per shape); eager-only behaviour (label value checks that raise) is tested via
+# `losses.*`; traced bad values (NaN results) at the end of this file.
 cross_entropy = jax.jit(losses.cross_entropy)
 kd_loss = jax.jit(losses.kd_loss)
 tckd_loss = jax.jit(losses.tckd_loss)
@@ -480,3 +485,252 @@ def test_concrete_labels_captured_under_jit():
 
     out = f(jnp.ones((3, 4)))
     np.testing.assert_allclose(np.asarray(out), 0.0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Traced bad values: NaN confined to the bad example; checked mode with checkify
+# --------------------------------------------------------------------------------------------
+
+# Float32 bit patterns (hex) of the per-example values and d(mean)/d(student logits) that the
+# implementation *before* traced bad values became NaN (commit aa2f5a3) computed, with every
+# argument traced under jit (T = 2, alpha 0.7, beta 3), on XLA:CPU x86-64 with jax 0.10.2.
+# Keys are _random_case(seed, batch, num_classes, scale) arguments. The NaN guard must not move
+# a single bit of a valid result (training runs must reproduce).
+_PREVIOUS_BITS = {
+    (14, 6, 4, 3.0): {
+        "ce": "412de7fe 4071d227 4129c618 40fc127b 40f03fdf 407fc920",
+        "grad_ce": (
+            "3e295cf5 3a8e76f2 393fce72 be2aa9d6 3a9cb4f1 3e1522f0 be26c3fc 3c833d10 3aa38933 "
+            "be2aa997 3e29616c 368c049e 391045c6 3e2a6dae 3805906e be2a9a19 3c3e5c27 3e16bd0c "
+            "be2a92b1 3bfdfc3e 3e2519cd 3af738ba 39ff0942 be2787c3"
+        ),
+        "kd": "408a8653 4091a504 418b311d 411313d3 403df8f2 409a861b",
+        "grad_kd": (
+            "3e3f4248 bd50416b be0775be bb6f0c32 bdc557bd 3e45c291 bdf6ca9b 3cc274e2 3c61ae7d "
+            "bd491fe2 3e95388d be832205 bc315282 3e751ce4 39ecb5c4 be6a7e1a 3d327997 3ba314c0 "
+            "bdbeb5e9 3d368fa5 3e5a0018 3c821e4b bd105fc4 be462bf4"
+        ),
+        "tckd": "3d125c33 3fd9aa96 3fcb4aef 410e0805 401f5a07 40745288",
+        "grad_tckd": (
+            "3b568580 398b1f7c 38e44b05 bb6f0c32 3bfb8bad 3dad8524 bdf6ca9b 3ce632f4 3b7ff760 "
+            "bd491fe1 3d383390 396cd8e1 3bceefee 3e60ea28 3b471c01 be6a7e1a 3c8de440 3d7c8760 "
+            "bdbeb5e9 3c67c95c 3e2a625c 3c936dd5 3c15bdb1 be462bf4"
+        ),
+        "nckd": "408b7409 40aa1463 419521c8 3f890066 3f2de1cc 404e7aa0",
+        "grad_nckd": (
+            "3e3ebdb2 bd547fef be099db9 00000000 be469c9a 3e4ef0f3 00000000 bc0545a0 3c3ea38c "
+            "00000000 3e94ca25 be9abf41 bd6e3b8c 3d89183c bc0fd3bc 00000000 3d18a71e bda4c7c6 "
+            "00000000 3d30e866 3e17e640 bbdce3d4 be10ff23 00000000"
+        ),
+        "dkd": "41519482 41891527 4264251c 4116cc2a 4071f52b 41459d9d",
+        "grad_dkd": (
+            "3f0fa470 be1f2f42 bece6299 bb275556 bf139549 3f2a6390 bdacc106 bb9b12d0 3d1a2d7a "
+            "bd0cc984 3f673e44 bf681484 be2e25ce 3eb58a87 bcc6518d be242512 3dfdcf6a be4afa5f "
+            "bd857f56 3e0ed24e 3f0fbde7 bbf9de4f bed63828 be0ab85d"
+        ),
+    },
+    (15, 5, 7, 300.0): {
+        "ce": "4428d06a 4449bae3 00000000 43b9c718 00000000",
+        "grad_ce": (
+            "00000000 00000000 00000000 00000000 0157ac87 3e4ccccd be4ccccd 00000000 be4ccccd "
+            "3e4ccccd 00000000 00000000 00000000 00000000 00000000 04782472 00000000 00000000 "
+            "00000000 00000000 00000000 00000000 be4ccccd 00000000 3e4ccccd 00000000 00000000 "
+            "00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000"
+        ),
+        "kd": "4482ca54 444ccf36 4489e065 44a938cf 445b3798",
+        "grad_kd": (
+            "00000000 becccccd 12150f26 00000000 20522aaa 3ecccccd 00000000 00000000 00000000 "
+            "3ecccccd becccccd 00000000 00000000 00000000 00000000 b65b74a3 00000000 3ecccc76 "
+            "991894e7 becccc00 b4835a92 b6c41f3d 00000000 00000000 3eccccc4 00000000 00000000 "
+            "becccc00 00000000 00000000 3ecccccd becccccd 00000000 1f18001b 138ff7f2"
+        ),
+        "tckd": "00000000 00000000 43206d1c 00000000 432fdd9e",
+        "grad_tckd": (
+            "00000000 00000000 8582453a 00000000 93476ef0 00000000 00000000 00000000 00000000 "
+            "00000000 00000000 00000000 00000000 00000000 00000000 becccccd 00000000 3ecccccd "
+            "00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 "
+            "00000000 00000000 00000000 3ecccccd 00000000 86b384e3 becccccb b341fa65"
+        ),
+        "nckd": "4482ca54 444ccf36 446ba594 44a938cf 442f4031",
+        "grad_nckd": (
+            "00000000 becccccd 12150f26 00000000 20522aaa 3ecccccd 00000000 00000000 00000000 "
+            "3ecccccd becccccd 00000000 00000000 00000000 00000000 3ecccc08 00000000 00000000 "
+            "991894e7 becccc00 b4835a92 b6c41f3d 00000000 00000000 3eccccc4 00000000 00000000 "
+            "becccc00 00000000 00000000 00000000 becccccd 06b384e3 3ecccccb 3341fa65"
+        ),
+        "dkd": "45442f7e 45199b68 4537c0f5 457dd536 450b21d7",
+        "grad_dkd": (
+            "00000000 bf99999a 12df96ba 00000000 211da000 3f99999a 00000000 00000000 00000000 "
+            "3f99999a bf99999a 00000000 00000000 00000000 00000000 3f6b83f8 00000000 3e8f5c29 "
+            "99e4df5a bf999900 b54507db b793176e 00000000 00000000 3f999993 00000000 00000000 "
+            "bf999900 00000000 00000000 3e8f5c29 bf99999a 074e726d 3f6b851e 33df132a"
+        ),
+    },
+}
+
+
+def _traced_fns():
+    """name -> f(student, teacher, labels, T), every argument traced when jitted."""
+    return {
+        "ce": lambda s, t, y, T: losses.cross_entropy(s, y),
+        "kd": lambda s, t, y, T: losses.kd_loss(s, t, temperature=T),
+        "tckd": lambda s, t, y, T: losses.tckd_loss(s, t, y, temperature=T),
+        "nckd": lambda s, t, y, T: losses.nckd_loss(s, t, y, temperature=T),
+        "dkd": lambda s, t, y, T: losses.dkd_loss(s, t, y, alpha=0.7, beta=3.0, temperature=T),
+    }
+
+
+def _hex(x) -> str:
+    return " ".join(f"{u:08x}" for u in np.asarray(x, np.float32).ravel().view(np.uint32))
+
+
+@pytest.mark.skipif(
+    jax.__version__ != "0.10.2" or platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="bit patterns recorded with jax 0.10.2 on XLA:CPU x86-64",
+)
+@pytest.mark.parametrize("case", sorted(_PREVIOUS_BITS))
+def test_in_range_results_are_bit_identical_to_the_previous_implementation(case):
+    seed, batch, num_classes, scale = case
+    zs, zt, y = _random_case(seed, batch, num_classes, scale=scale)
+    for name, f in _traced_fns().items():
+        value = jax.jit(f)(zs, zt, y, 2.0)
+        grad = jax.jit(jax.grad(lambda *a, f=f: f(*a).mean()))(zs, zt, y, 2.0)
+        assert _hex(value) == _PREVIOUS_BITS[case][name], name
+        assert _hex(grad) == _PREVIOUS_BITS[case]["grad_" + name], name
+
+
+LABEL_FNS = ("ce", "tckd", "nckd", "dkd")
+BAD_LABELS = [4, 7, -1, np.iinfo(np.int32).max, np.iinfo(np.int32).min]
+
+
+@pytest.mark.parametrize("bad", BAD_LABELS)
+def test_traced_out_of_range_label_gives_nan_in_that_example_only(bad):
+    # Before: dkd_loss gave plausible finite numbers (and a negative TCKD) for labels 4, 7, -1.
+    zs, zt, y = _random_case(40, 6, 4)
+    y_bad = y.copy()
+    y_bad[2] = bad
+    keep = np.arange(6) != 2
+    for name in LABEL_FNS:
+        f = jax.jit(_traced_fns()[name])
+        got, ref = np.asarray(f(zs, zt, y_bad, 2.0)), np.asarray(f(zs, zt, y, 2.0))
+        assert np.isnan(got[2]), name
+        assert got[keep].tobytes() == ref[keep].tobytes(), name  # the other rows, bit for bit
+
+
+def test_out_of_range_labels_under_vmap_and_pmap():
+    n_dev = jax.local_device_count()
+    zs, zt, y = _random_case(41, 8, 4)
+    y[5], y[6] = 4, -3
+    for name in LABEL_FNS:
+        f = functools.partial(_traced_fns()[name], T=2.0)
+        for mapped in (jax.vmap(f), jax.pmap(f)):
+            out = np.asarray(
+                mapped(*(a.reshape(n_dev, 8 // n_dev, *a.shape[1:]) for a in (zs, zt, y)))
+            ).ravel()
+            assert np.isnan(out[5]) and np.isnan(out[6]), name
+            assert np.all(np.isfinite(np.delete(out, [5, 6]))), name
+
+
+@pytest.mark.parametrize("name", LABEL_FNS)
+def test_gradient_of_a_mean_over_valid_examples_ignores_the_bad_example(name):
+    # A linear student shares its parameters across the batch, so a NaN anywhere in the bad
+    # example's backward pass (0 * inf from a `where`) would reach every parameter.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    zt = (3.0 * rng.standard_normal((6, 4))).astype(np.float32)
+    y = rng.integers(0, 4, size=6).astype(np.int32)
+    y_bad = y.copy()
+    y_bad[1] = 9
+    valid = np.arange(6) != 1
+    f = _traced_fns()[name]
+
+    def masked_mean(w, labels):
+        per_example = f(x @ w, zt, labels, 2.0)
+        return jnp.sum(jnp.where(valid, per_example, 0.0)) / jnp.sum(valid)
+
+    value_and_grad = jax.jit(jax.value_and_grad(masked_mean))
+    (got, g_got), (want, g_want) = value_and_grad(w, y_bad), value_and_grad(w, y)
+    assert np.isfinite(got) and np.all(np.isfinite(g_got))
+    assert float(got) == float(want)
+    np.testing.assert_array_equal(g_got, g_want)  # exactly the gradient of the valid examples
+    # Per example: the bad example gets exactly zero gradient, the others theirs.
+    g_logits = jax.jit(jax.grad(lambda s, lab: jnp.sum(jnp.where(valid, f(s, zt, lab, 2.0), 0))))
+    g_bad, g_ref = g_logits(x @ w, y_bad), g_logits(x @ w, y)
+    assert np.all(np.asarray(g_bad)[1] == 0.0)
+    np.testing.assert_array_equal(np.asarray(g_bad)[valid], np.asarray(g_ref)[valid])
+
+
+@pytest.mark.parametrize("T", [0.0, -1.0, -4.0, -np.inf, np.inf, np.nan])
+def test_traced_bad_temperature_makes_every_example_nan(T):
+    zs, zt, y = _random_case(42, 5, 4)
+    for name, f in _traced_fns().items():
+        if name == "ce":
+            continue  # no temperature
+        out = jax.jit(f)(zs, zt, y, T)
+        assert np.all(np.isnan(out)), (name, out)
+        grad = jax.jit(jax.grad(lambda s, T, f=f: jnp.sum(f(s, zt, y, T))))(zs, T)
+        assert np.all(np.asarray(grad) == 0.0), name  # no NaN from 0 * inf in the backward pass
+
+
+@pytest.mark.parametrize("alpha,beta", [(-1.0, 8.0), (1.0, -0.5), (np.inf, 8.0), (1.0, np.nan)])
+def test_traced_bad_dkd_weights_make_every_example_nan(alpha, beta):
+    zs, zt, y = _random_case(43, 5, 4)
+    f = jax.jit(lambda a, b: losses.dkd_loss(zs, zt, y, alpha=a, beta=b))
+    assert np.all(np.isnan(f(alpha, beta)))
+    assert np.all(np.isfinite(f(0.0, 0.0)))  # zero weights are valid
+
+
+def _checked_dkd_mean(num_classes=4):
+    def loss(s, t, y, T):
+        losses.validate_labels(y, num_classes)
+        losses.validate_temperature(T)
+        return losses.dkd_loss(s, t, y, temperature=T).mean()
+
+    return loss
+
+
+def test_validate_labels_raises_inside_jit_with_checkify():
+    zs, zt, y = _random_case(44, 6, 4)
+    checked = jax.jit(checkify.checkify(_checked_dkd_mean()))
+    err, value = checked(zs, zt, y, 2.0)
+    assert err.get() is None and np.isfinite(value)
+    err.throw()  # no error: returns None
+    for labels, bad, index in (([0, 1, 2, 4, 3, 0], 4, 3), ([0, 9, 2, -1, 3, 0], 9, 1)):
+        err, value = checked(zs, zt, np.array(labels, np.int32), 2.0)
+        assert np.isnan(value)  # the unchecked result stays poisoned too
+        pattern = rf"validate_labels: labels must lie in \[0, 4\), got {bad} at index {index}"
+        with pytest.raises(checkify.JaxRuntimeError, match=pattern):
+            err.throw()
+    # Under vmap: the error names the mapped index too.
+    per_row = checkify.checkify(jax.vmap(functools.partial(losses.validate_labels, num_classes=4)))
+    err, _ = jax.jit(per_row)(np.array([[0, 1], [2, -1]], np.int32))
+    assert "got -1 at index 1" in err.get()
+
+
+def test_validate_temperature_raises_inside_jit_with_checkify():
+    zs, zt, y = _random_case(45, 4, 3)
+    checked = jax.jit(checkify.checkify(_checked_dkd_mean(num_classes=3)))
+    assert checked(zs, zt, y, 4.0)[0].get() is None
+    for T in (0.0, -2.0, np.inf, np.nan):
+        err, _ = checked(zs, zt, y, T)
+        with pytest.raises(checkify.JaxRuntimeError, match="temperature must be finite and > 0"):
+            err.throw()
+
+
+def test_validate_labels_eagerly_and_without_checkify():
+    losses.validate_labels(jnp.array([0, 3, 1]), 4)  # fine
+    losses.validate_labels(jnp.zeros((0,), jnp.int32), 4)  # empty: nothing to check
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got 5 at index 2"):
+        losses.validate_labels(jnp.array([0, 3, 5]), 4)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        losses.validate_temperature(-1.0)
+    # Under jit without checkify the check cannot be staged: a trace-time error, not silence.
+    with pytest.raises(ValueError, match="checkify"):
+        jax.jit(functools.partial(losses.validate_labels, num_classes=4))(jnp.array([0, 1]))
+    with pytest.raises(TypeError, match="integer class ids"):
+        losses.validate_labels(jnp.array([0.0, 1.0]), 4)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        losses.validate_labels(jnp.array([0, 1]), 0)
+    with pytest.raises(ValueError, match="temperature must be a scalar"):
+        losses.validate_temperature(jnp.ones(2))
