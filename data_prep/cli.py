@@ -5,6 +5,7 @@
   python -m data_prep emodb --root path/to/emodb/wav --out DIR [--classes ...]
   python -m data_prep csv --manifest corpus.csv --out DIR [--corpus NAME] [--classes ...]
   python -m data_prep synth --out CORPUS_DIR [--size demo|tiny|iemocap] [--seed N]
+      [--speaker-confound F]
 
 Feature/run options of the three corpus sources: ``--features logmel40|logmel64|logmel128|
 mfcc26``, ``--short pad|drop``, ``--workers N``, ``--shards N``, ``--overwrite``,
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--speaker-confound",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of speakers who show one emotion only (default 0)",
+    )
     return parser
 
 
@@ -123,6 +131,7 @@ def _run_synth(args) -> int:
         seed=args.seed,
         workers=args.workers,
         progress=not args.no_progress,
+        speaker_confound=args.speaker_confound,
     )
     print(json.dumps(summary, indent=1, default=str))
     print(

@@ -77,6 +77,21 @@ global prosodic features reaches about 65-75 % on held-out sessions (4 classes, 
 ``tests/test_synth.py``); the same regression on the generator's true parameters reaches about
 90 %: the classes overlap in parameter space, so no classifier should come near 100 %.
 
+Speaker-confounded corpora (``speaker_confound=F``, CLI ``--speaker-confound F``): a fraction F
+of the speakers (``round(F * speakers)``, drawn by a seeded permutation) show one emotion only:
+all their utterances carry one label of ``CONFOUND_LABELS`` (``neu exc sad ang``, the four classes
+of the IEMOCAP reader with its default happy mapping), handed out in turn within each gender
+(females from ``neu``, males from ``sad``) so that gender does not predict the label. The other
+speakers keep the usual quotas. Dialogs, turns and speakers are those of the unconfounded corpus
+of the same seed; durations and annotations differ, as they are drawn after the labels.
+``summary.json`` then lists ``single_emotion_speakers``. This reproduces a corpus where speaker
+and emotion are confounded (as in issue 15, where 24 of 29 speakers showed one emotion): on
+``size="tiny", sessions=10, turns_per_dialog=6, speaker_confound=0.8`` the feature-statistics
+baseline (``dkd_jax.baseline``) scores 0.54 pooled LOSO WA with global and 0.26 with
+per-speaker normalisation (``tests/test_baseline.py``). With ``speaker_confound=0`` (the
+default) the setting is left out of the config and the corpus is byte-identical to one
+generated without it.
+
 Every utterance's audio depends only on (seed, utterance id, its label and length, the speaker
 and session), through a NumPy ``SeedSequence`` built from a stable BLAKE2 hash, so the same seed
 gives byte-identical files whatever the number of worker processes.
@@ -116,6 +131,12 @@ LABELS = ("neu", "hap", "exc", "sad", "ang", "fru", "fea", "sur", "dis", "oth", 
 CORE_LABELS = ("neu", "hap", "exc", "sad", "ang")
 # Excluded labels guaranteed in small corpora (``min_other_per_speaker``).
 _GUARANTEED_OTHER = ("xxx", "fru", "sur")
+# Labels given in turn to single-emotion speakers (``speaker_confound``): the four classes of the
+# IEMOCAP reader with its default happy mapping ("exc") and with "hap+exc".
+CONFOUND_LABELS = ("neu", "exc", "sad", "ang")
+# Settings that are not part of the size presets; at their default they are left out of the
+# resolved config (and so of summary.json), which keeps default corpora byte-identical.
+OPTIONAL_SETTINGS: dict[str, Any] = {"speaker_confound": 0.0}
 DEFAULT_LABEL_WEIGHTS = {
     "neu": 0.22,
     "hap": 0.10,
@@ -672,10 +693,12 @@ def resolve_config(size: str = "demo", **overrides: Any) -> dict[str, Any]:
     if size not in SIZE_PRESETS:
         raise ValueError(f"unknown corpus size {size!r}; expected one of {sorted(SIZE_PRESETS)}")
     cfg = json.loads(json.dumps(SIZE_PRESETS[size]))  # deep copy
-    unknown = sorted(set(overrides) - set(cfg))
+    unknown = sorted(set(overrides) - set(cfg) - set(OPTIONAL_SETTINGS))
     if unknown:
-        raise ValueError(f"unknown synthetic-corpus setting(s) {unknown}; valid: {sorted(cfg)}")
+        valid = sorted([*cfg, *OPTIONAL_SETTINGS])
+        raise ValueError(f"unknown synthetic-corpus setting(s) {unknown}; valid: {valid}")
     cfg.update(overrides)
+    _resolve_optional(cfg)
     ints = {
         "sessions": (1, 99),
         "impro_dialogs": (0, 198),
@@ -725,6 +748,42 @@ def resolve_config(size: str = "demo", **overrides: Any) -> dict[str, Any]:
     total = sum(values.values())
     cfg["label_weights"] = {lab: round(v / total, 10) for lab, v in values.items()}
     return cfg
+
+
+def _resolve_optional(cfg: dict) -> None:
+    """Validates the OPTIONAL_SETTINGS in ``cfg``; drops those at their default (in place), so a
+    corpus generated with a default optional setting is byte-identical to one without it."""
+    confound = cfg.pop("speaker_confound", 0.0)
+    if (
+        isinstance(confound, bool)
+        or not isinstance(confound, int | float)
+        or not 0.0 <= confound <= 1.0
+    ):
+        raise ValueError(
+            f"synthetic corpus: speaker_confound must be a number in [0, 1], got {confound!r}"
+        )
+    if confound > 0:
+        cfg["speaker_confound"] = float(confound)
+
+
+def confounded_speakers(cfg: dict, seed: int) -> dict[str, str]:
+    """Speakers who show a single emotion ({speaker: label code}), from ``speaker_confound``.
+
+    ``round(speaker_confound * speakers)`` speakers, drawn by a seeded permutation (a random
+    stream of its own, so nothing else of the plan moves), get the labels of
+    :data:`CONFOUND_LABELS` in turn.
+    """
+    fraction = cfg.get("speaker_confound", 0.0)
+    if not fraction:
+        return {}
+    speakers = [f"Ses{s:02d}{letter}" for s in range(1, cfg["sessions"] + 1) for letter in "FM"]
+    order = _rng(seed, "speaker_confound").permutation(len(speakers))
+    chosen = [speakers[i] for i in order[: round(fraction * len(speakers))]]
+    out, turn = {}, {"F": 0, "M": len(CONFOUND_LABELS) // 2}
+    for spk in chosen:
+        out[spk] = CONFOUND_LABELS[turn[spk[-1]] % len(CONFOUND_LABELS)]
+        turn[spk[-1]] += 1
+    return out
 
 
 def _dialogs(session: int, n_impro: int, n_script: int) -> list[tuple[str, str, str]]:
@@ -799,6 +858,7 @@ def _make_plan(cfg: dict, seed: int) -> list[dict[str, Any]]:
     """All sessions' dialogs with their utterances (ids, labels, lengths, times, annotations)."""
     sessions = []
     weights = cfg["label_weights"]
+    single = confounded_speakers(cfg, seed)
     for s in range(1, cfg["sessions"] + 1):
         rng = _rng(seed, "plan", str(s))
         dialogs = []
@@ -817,9 +877,12 @@ def _make_plan(cfg: dict, seed: int) -> list[dict[str, Any]]:
             dialogs.append(
                 {"name": name, "type": kind, "theme": theme, "speakers": speakers, "labels": {}}
             )
-        for speaker_slots in slots.values():
+        for letter, speaker_slots in slots.items():
             labels = _quotas(len(speaker_slots), weights, cfg)
             rng.shuffle(labels)
+            own = single.get(f"Ses{s:02d}{letter}")
+            if own is not None:
+                labels = [own] * len(labels)
             # Each label takes a free slot of this speaker, theme-matching dialogs more likely.
             theme = np.array([LABELS.index(dialogs[d]["theme"]) for d, _ in speaker_slots])
             theme_weight = np.array(
@@ -1003,7 +1066,7 @@ def _summary(plan: list[dict], params: dict) -> dict[str, Any]:
         return entry
 
     d = np.asarray(durations)
-    return {
+    summary = {
         "generator": GENERATOR_NAME,
         "generator_version": GENERATOR_VERSION,
         "size": params["size"],
@@ -1030,6 +1093,10 @@ def _summary(plan: list[dict], params: dict) -> dict[str, Any]:
         "note": "Synthetic speech for pipeline checks; it says nothing about real emotion"
         " recognition.",
     }
+    single = confounded_speakers(params["config"], params["seed"])
+    if single:  # only with speaker_confound > 0 (default summaries stay byte-identical)
+        summary["single_emotion_speakers"] = dict(sorted(single.items()))
+    return summary
 
 
 _README = """Synthetic emotional-speech corpus in the IEMOCAP release layout.
@@ -1132,7 +1199,9 @@ def generate_corpus(
         (then a calling script needs the usual ``if __name__ == "__main__":`` guard).
       progress: show a tqdm progress bar (only on a terminal).
       **overrides: replace preset settings (e.g. ``sessions=3``, ``turns_per_dialog=20``,
-        ``label_weights={...}``); see ``SIZE_PRESETS`` for the keys.
+        ``label_weights={...}``); see ``SIZE_PRESETS`` for the keys. ``speaker_confound`` (in
+        [0, 1], default 0) makes that share of the speakers show a single emotion (see the
+        module docstring).
 
     Returns:
       The summary also written to ``out_dir/summary.json``: counts per session / speaker / label /

@@ -479,3 +479,80 @@ def test_chunked_synthesis_matches_one_pass(monkeypatch, chunk_frames):
     other = run()
     assert np.max(np.abs(other - reference)) <= 1  # float rounding at most one PCM step
     assert np.std(reference) > 100  # not silence
+
+
+# ------------------------------------------------------------------------------------------------
+# Speaker-confounded corpora (speaker_confound / --speaker-confound)
+# ------------------------------------------------------------------------------------------------
+# sha256 of json.dumps(_make_plan(resolve_config(size), 0), sort_keys=True) at the commit before
+# speaker_confound existed (aa2f5a3): the default corpora (and so the demo) must not move.
+PLAN_DIGESTS = {
+    "tiny": "e972f98e0e47f32e859ad8594f5826d502d60033eabc037366afeb07d469f821",
+    "demo": "4a3b8fd573a84cedb8a0929561d64b2c486d3aa65e7baf023923806152ac2fa4",
+}
+
+
+@pytest.mark.parametrize("size", sorted(PLAN_DIGESTS))
+def test_default_plans_unchanged(size):
+    for cfg in (synth.resolve_config(size), synth.resolve_config(size, speaker_confound=0)):
+        assert "speaker_confound" not in cfg
+        plan = json.dumps(synth._make_plan(cfg, 0), sort_keys=True, default=str)
+        assert hashlib.sha256(plan.encode()).hexdigest() == PLAN_DIGESTS[size]
+
+
+def test_confound_zero_is_byte_identical(tmp_path):
+    a = synth.generate_corpus(
+        tmp_path / "a", size="tiny", seed=2, workers=1, progress=False, **SMALL
+    )
+    b = synth.generate_corpus(
+        tmp_path / "b",
+        size="tiny",
+        seed=2,
+        workers=1,
+        progress=False,
+        speaker_confound=0.0,
+        **SMALL,
+    )
+    assert a == b and "single_emotion_speakers" not in a
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+
+
+def test_speaker_confound_plan():
+    base = synth.corpus_summary("tiny", seed=0, sessions=5)
+    conf = synth.corpus_summary("tiny", seed=0, sessions=5, speaker_confound=0.8)
+    single = conf["single_emotion_speakers"]
+    assert conf["config"]["speaker_confound"] == 0.8 and len(single) == 8
+    for spk, entry in conf["speakers"].items():
+        if spk in single:
+            assert entry["labels"] == {single[spk]: entry["utterances"]}, spk
+        else:
+            assert len(entry["labels"]) >= 5, spk  # the usual quotas
+            assert entry["labels"] == base["speakers"][spk]["labels"]
+    # Within each gender the labels rotate, so gender does not predict the label: per gender,
+    # label counts differ by at most one.
+    for gender in "FM":
+        counts = Counter(lab for s, lab in single.items() if s.endswith(gender))
+        values = [counts[lab] for lab in synth.CONFOUND_LABELS]
+        assert max(values) - min(values) <= 1, (gender, counts)
+    # Same dialogs and turns as the unconfounded corpus (durations are drawn after the labels).
+    assert conf["num_utterances"] == base["num_utterances"]
+    assert conf["num_dialogs"] == base["num_dialogs"]
+    every = synth.corpus_summary("tiny", seed=0, sessions=5, speaker_confound=1.0)
+    assert len(every["single_emotion_speakers"]) == 10
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, True, "0.5", float("nan")])
+def test_speaker_confound_rejects_bad_values(tmp_path, value):
+    with pytest.raises(ValueError, match=r"speaker_confound must be a number in \[0, 1\]"):
+        synth.generate_corpus(tmp_path / "out", size="tiny", progress=False, speaker_confound=value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_speaker_confound(tmp_path, capsys):
+    from data_prep import cli
+
+    args = cli.build_parser().parse_args(["synth", "--out", "x", "--speaker-confound", "0.8"])
+    assert args.speaker_confound == 0.8
+    assert cli.build_parser().parse_args(["synth", "--out", "x"]).speaker_confound == 0.0
+    rc = cli.main(["synth", "--out", str(tmp_path / "c"), "--speaker-confound", "2"])
+    assert rc == 2 and "speaker_confound must be a number in [0, 1]" in capsys.readouterr().err
