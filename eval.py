@@ -4,6 +4,7 @@ Thin command line over ``dkd_jax.eval_lib``::
 
     python eval.py --workdir RUN_DIR [--data PREP_DIR] [--step N] [--best]
     python eval.py predict --workdir RUN_DIR FILE.wav [FILE.wav ...] [--segments] [--json OUT]
+        [--group SPEAKER FILE [FILE ...]] [--groups path_speaker.csv]
 
 The first form writes ``RUN_DIR/results.json`` (WA, UA, per-class scores, confusion matrix,
 counts, package versions, device, git commit, data hash, config) and ``RUN_DIR/confusion.png``,
@@ -46,12 +47,48 @@ def _predict_parser() -> argparse.ArgumentParser:
         "with a trained run's features and normalisation.",
     )
     p.add_argument("--workdir", required=True, help="training workdir of the run")
-    p.add_argument("files", nargs="+", help="audio files")
+    p.add_argument("files", nargs="*", help="audio files (each its own speaker)")
+    p.add_argument(
+        "--group",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME FILE",
+        help="NAME FILE [FILE ...]: files of one speaker, normalised together when the run used "
+        "per-speaker normalisation (repeatable; put ungrouped files before the first --group)",
+    )
+    p.add_argument("--groups", help="CSV with columns path,speaker: files and their speakers")
     p.add_argument("--segments", action="store_true", help="also show each 2-s window")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--best", action="store_true", help="best-by-validation checkpoint")
     p.add_argument("--json", dest="json_out", help="also write the predictions to this JSON file")
     return p
+
+
+def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
+    """The files to predict and each file's speaker group (None: on its own)."""
+    files: list[str] = list(args.files)
+    groups: list[str | None] = [None] * len(files)
+    for name, *members in args.group:
+        if not members:
+            parser.error(f"--group {name} names no file (use --group NAME FILE [FILE ...])")
+        files += members
+        groups += [name] * len(members)
+    if args.groups:
+        import csv
+
+        try:
+            with open(args.groups, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as e:
+            parser.error(f"--groups {args.groups}: {e.strerror}")
+        if not rows or not {"path", "speaker"} <= set(rows[0]):
+            parser.error(f"--groups {args.groups}: needs a header with columns path,speaker")
+        files += [r["path"] for r in rows]
+        groups += [r["speaker"] or None for r in rows]
+    if not files:
+        parser.error("no audio files given")
+    return files, groups
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,10 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if argv and argv[0] == "predict":
-            args = _predict_parser().parse_args(argv[1:])
+            parser = _predict_parser()
+            args = parser.parse_args(argv[1:])
+            files, groups = _files_and_groups(args, parser)
             pred = predict.predict_files(
-                args.workdir, args.files, step=args.step, best=args.best, segments=args.segments
+                args.workdir,
+                files,
+                step=args.step,
+                best=args.best,
+                segments=args.segments,
+                groups=groups,
             )
+            for warning in pred["warnings"]:
+                print(f"eval.py: warning: {warning}", file=sys.stderr)
             if pred["files"]:
                 print(predict.format_predictions(pred))
             if args.json_out:

@@ -10,7 +10,8 @@
    preset: per held-out session a head-fusion teacher (8 heads × 256) trained with
    cross-entropy, a student (4 × 64) distilled from it with DKD, and the same student trained
    with cross-entropy alone for comparison → ``OUT/experiment``;
-4. the summary table (mean ± std over folds), whether the students beat chance, and where the
+4. the summary table (mean ± std over folds), whether the students beat chance and the
+   feature-statistics baseline, and where the
    results and plots are.
 
 Every stage is resumable: re-running reuses the corpus, the prep and the finished folds.
@@ -112,7 +113,7 @@ def run_demo(
     _done(t0, "experiment finished")
 
     _stage(4, total, "result")
-    for model in ("dkd", "ce", "teacher"):
+    for model in ("dkd", "ce", "teacher", "baseline"):
         stats = summary["models"].get(model)
         uas = [r["ua"] for r in summary["runs"] if r["model"] == model]
         if not stats or not uas:
@@ -125,6 +126,8 @@ def run_demo(
             f"{100 * min(uas):.1f}-{100 * max(uas):.1f} %; {above} of {len(uas)} above chance), "
             f"{verdict} the {100 * CHANCE:.0f} % chance level on average"
         )
+    if summary.get("baseline_verdict"):
+        print(f"      {summary['baseline_verdict']}")
     print(f"      summary table: {exp_dir / experiment.SUMMARY_MD} (and {experiment.SUMMARY_JSON})")
     print(f"      confusion matrices pooled over folds: {exp_dir}/confusion_<model>.png")
     print(

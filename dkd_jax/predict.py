@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from dkd_jax import audio
+
 __all__ = ["file_segments", "format_predictions", "predict_files"]
 
 
@@ -45,8 +47,6 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
     Raises:
         audio.AudioError: unreadable or empty file.
     """
-    from dkd_jax import audio
-
     fc = dataclasses.replace(feature_config, short_utterances="pad")
     wave = audio.load_audio(path, sample_rate=fc.sample_rate)
     duration = wave.shape[0] / fc.sample_rate
@@ -73,14 +73,17 @@ def predict_files(
     best: bool = False,
     batch_size: int | None = None,
     segments: bool = False,
+    groups: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """Emotion probabilities for audio files with a trained run.
 
     Uses the run's own feature config (from its ``split.json`` data info) and its feature
-    normalisation (``normalization.json``: "global" applies the training statistics, "utterance"
-    and "speaker" normalise each file by its own statistics, since a new file's speaker is
-    unknown). The file probability is ``softmax`` of the mean segment logits (the same mean whose
-    argmax ``evaluate_run`` scores).
+    normalisation (``normalization.json``): "global" applies the training statistics;
+    "utterance" normalises each file by its own statistics; "speaker" normalises the files of
+    one *group* (one speaker, ``groups``) by the group's statistics, as the run normalised each
+    speaker's utterances (a group named like one of the run's training speakers uses that
+    speaker's stored statistics), and a file without a group by its own. The file probability is
+    ``softmax`` of the mean segment logits (the same mean whose argmax ``evaluate_run`` scores).
 
     Args:
         workdir: a training workdir.
@@ -88,20 +91,68 @@ def predict_files(
         step, best: which checkpoint (default the latest).
         batch_size: segments per compiled batch (default ``config.data.eval_batch_size``).
         segments: also return per-window probabilities (2-s windows, eval hop).
+        groups: one group name (the speaker) per file, or None for a file of its own.
 
     Returns:
-        {"label_names": [...], "files": [{"path", "duration_s", "num_segments", "padded",
-        "probabilities" {name: p}, "prediction", optional "segments": [{"start_s", "end_s",
-        "probabilities", "prediction"}]}], "errors": [{"path", "error"}]}; unreadable files go to
-        "errors" and the others are still scored.
+        {"label_names": [...], "normalization": mode, "files": [{"path", "group",
+        "duration_s", "num_segments", "padded", "probabilities" {name: p}, "prediction",
+        optional "segments": [{"start_s", "end_s", "probabilities", "prediction"}]}],
+        "errors": [{"path", "error"}], "warnings": [str]}; unreadable files go to "errors" and
+        the others are still scored.
 
     Raises:
-        EvalError: the run cannot be restored or lacks its feature config.
+        EvalError: the run cannot be restored or lacks its feature config; ``groups`` does not
+            give one entry per file.
     """
-    from dkd_jax import audio, eval_lib, input_pipeline, records
+    from dkd_jax import eval_lib, input_pipeline
 
     workdir = Path(workdir)
+    if groups is not None and len(groups) != len(paths):
+        raise eval_lib.EvalError(f"{len(groups)} group names for {len(paths)} files")
     run = eval_lib.restore(workdir, step=step, best=best)
+    fc = _feature_config(run, workdir)
+    label_names = list(run.data_info.get("label_names") or ["neutral", "happy", "sad", "angry"])
+    mode = run.normalization.get("mode", "none")
+    out: dict[str, Any] = {
+        "label_names": label_names,
+        "normalization": mode,
+        "files": [],
+        "errors": [],
+        "warnings": [],
+    }
+    if mode == "speaker" and not any(groups or []):
+        out["warnings"].append(
+            f"{workdir} was trained with per-speaker normalisation, but no file has a speaker "
+            "group: each file is normalised on its own. Name the files of one speaker with "
+            "--group NAME FILE ... (or --groups CSV with path,speaker) to normalise them "
+            "together, as the run did"
+        )
+    done = []
+    for i, path in enumerate(paths):
+        try:
+            done.append(
+                (os.fspath(path), (groups or [None] * len(paths))[i], file_segments(path, fc))
+            )
+        except audio.AudioError as e:
+            out["errors"].append({"path": os.fspath(path), "error": str(e)})
+    if not done:
+        return out
+    arrays, owner = _segment_arrays(done)
+    arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
+    bs = int(batch_size or run.config.data.eval_batch_size)
+    logits = np.asarray(
+        eval_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)
+    )
+    for k, (path, group, seg) in enumerate(done):
+        entry = _file_entry(path, seg, logits[owner == k], label_names, fc, segments=segments)
+        entry["group"] = group
+        out["files"].append(entry)
+    return out
+
+
+def _feature_config(run, workdir: Path) -> audio.FeatureConfig:
+    from dkd_jax import eval_lib, records
+
     fc_dict = run.data_info.get("feature_config")
     if not fc_dict:
         try:
@@ -111,81 +162,82 @@ def predict_files(
                 f"{workdir}: the run records no feature config and its prep dir "
                 f"{run.config.data.prep_dir!r} is unavailable"
             ) from None
-    fc = audio.FeatureConfig.from_dict(fc_dict)
-    label_names = list(run.data_info.get("label_names") or ["neutral", "happy", "sad", "angry"])
-    done, errors = [], []
-    for i, path in enumerate(paths):
-        try:
-            seg = file_segments(path, fc)
-        except audio.AudioError as e:
-            errors.append({"path": os.fspath(path), "error": str(e)})
-            continue
-        done.append((i, os.fspath(path), seg))
-    out: dict[str, Any] = {"label_names": label_names, "files": [], "errors": errors}
-    if not done:
-        return out
-    counts = [d[2]["segments"].shape[0] for d in done]
+    return audio.FeatureConfig.from_dict(fc_dict)
+
+
+def _segment_arrays(done: list) -> tuple[Any, np.ndarray]:
+    """All files' windows as one SegmentArrays (utterance = file, speaker = its group or the
+    file itself), and the file index of each window."""
+    from dkd_jax import records
+
+    counts = [seg["segments"].shape[0] for _, _, seg in done]
     owner = np.repeat(np.arange(len(done)), counts)
-    ids = np.array([f"file{i}" for i, _, _ in done], dtype=str)[owner]
+    ids = np.array([f"file{k}" for k in range(len(done))], dtype=str)
+    # A file without a group is a speaker of its own (a name no training speaker can have).
+    speakers = np.array(
+        [g if g else f"<ungrouped file {k}>" for k, (_, g, _) in enumerate(done)], dtype=str
+    )
     arrays = records.SegmentArrays(
-        features=np.concatenate([d[2]["segments"] for d in done]),
+        features=np.concatenate([seg["segments"] for _, _, seg in done]),
         labels=np.zeros(len(owner), np.int32),
-        utterance_ids=ids,
+        utterance_ids=ids[owner],
         segment_index=np.concatenate([np.arange(c, dtype=np.int32) for c in counts]),
-        valid_frames=np.concatenate([d[2]["valid_frames"] for d in done]).astype(np.int32),
-        speakers=ids,  # unknown speaker: each file is its own group
+        valid_frames=np.concatenate([seg["valid_frames"] for _, _, seg in done]).astype(np.int32),
+        speakers=speakers[owner],
         sessions=np.full(len(owner), "", dtype=str),
         genders=np.full(len(owner), "", dtype=str),
     )
-    arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
-    bs = int(batch_size or run.config.data.eval_batch_size)
-    logits = np.asarray(
-        eval_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)
-    )
-    window = fc.window_seconds
-    for k, (_, path, seg) in enumerate(done):
-        seg_logits = logits[owner == k]
-        probs = _softmax(seg_logits.mean(axis=0))
-        entry: dict[str, Any] = {
-            "path": path,
-            "duration_s": round(seg["duration_s"], 3),
-            "num_segments": int(seg_logits.shape[0]),
-            "padded": seg["padded"],
-            "probabilities": {n: float(p) for n, p in zip(label_names, probs, strict=True)},
-            "prediction": label_names[int(np.argmax(probs))],
-        }
-        if segments:
-            seg_probs = _softmax(seg_logits)
-            entry["segments"] = [
-                {
-                    "start_s": round(start, 3),
-                    "end_s": round(min(start + window, max(seg["duration_s"], window)), 3),
-                    "probabilities": {n: float(p) for n, p in zip(label_names, row, strict=True)},
-                    "prediction": label_names[int(np.argmax(row))],
-                }
-                for start, row in zip(seg["starts_s"], seg_probs, strict=True)
-            ]
-        out["files"].append(entry)
-    return out
+    return arrays, owner
+
+
+def _file_entry(path, seg, seg_logits, label_names, fc, *, segments: bool) -> dict[str, Any]:
+    probs = _softmax(seg_logits.mean(axis=0))
+    entry: dict[str, Any] = {
+        "path": path,
+        "duration_s": round(seg["duration_s"], 3),
+        "num_segments": int(seg_logits.shape[0]),
+        "padded": seg["padded"],
+        "probabilities": {n: float(p) for n, p in zip(label_names, probs, strict=True)},
+        "prediction": label_names[int(np.argmax(probs))],
+    }
+    if segments:
+        window = fc.window_seconds
+        seg_probs = _softmax(seg_logits)
+        entry["segments"] = [
+            {
+                "start_s": round(start, 3),
+                "end_s": round(min(start + window, max(seg["duration_s"], window)), 3),
+                "probabilities": {n: float(p) for n, p in zip(label_names, row, strict=True)},
+                "prediction": label_names[int(np.argmax(row))],
+            }
+            for start, row in zip(seg["starts_s"], seg_probs, strict=True)
+        ]
+    return entry
 
 
 def format_predictions(pred: dict[str, Any]) -> str:
-    """Plain-text table of ``predict_files`` output (one row per file, indented segment rows)."""
+    """Plain-text table of ``predict_files`` output (one row per file, indented segment rows;
+    a speaker-group column when any file has one)."""
     names = pred["label_names"]
     width = max([4, *(len(f["path"]) for f in pred["files"])])
     width = min(width, 60)
+    grouped = any(f.get("group") for f in pred["files"])
+    gw = max([5, *(len(f.get("group") or "") for f in pred["files"])]) if grouped else 0
     cols = " ".join(f"{n:>8}" for n in names)
-    lines = [f"{'file':<{width}}  {'seconds':>7}  {'windows':>7}  {cols}  prediction"]
+    group_head = f"{'group':<{gw}}  " if grouped else ""
+    lines = [f"{'file':<{width}}  {group_head}{'seconds':>7}  {'windows':>7}  {cols}  prediction"]
     for f in pred["files"]:
         shown = f["path"] if len(f["path"]) <= width else "…" + f["path"][-(width - 1) :]
         probs = " ".join(f"{f['probabilities'][n]:>8.3f}" for n in names)
         note = "  (shorter than one window: padded)" if f["padded"] else ""
+        group = f"{f.get('group') or '-':<{gw}}  " if grouped else ""
         lines.append(
-            f"{shown:<{width}}  {f['duration_s']:>7.2f}  {f['num_segments']:>7d}  {probs}  "
+            f"{shown:<{width}}  {group}{f['duration_s']:>7.2f}  {f['num_segments']:>7d}  {probs}  "
             f"{f['prediction']}{note}"
         )
         for s in f.get("segments", []):
             span = f"  {s['start_s']:6.2f}-{s['end_s']:.2f} s"
             probs = " ".join(f"{s['probabilities'][n]:>8.3f}" for n in names)
-            lines.append(f"{span:<{width}}  {'':>7}  {'':>7}  {probs}  {s['prediction']}")
+            pad = " " * (gw + 2) if grouped else ""
+            lines.append(f"{span:<{width}}  {pad}{'':>7}  {'':>7}  {probs}  {s['prediction']}")
     return "\n".join(lines)

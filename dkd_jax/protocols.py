@@ -1,6 +1,7 @@
 """Train/test protocols: which utterances a run trains on and which it is scored on.
 
-This module owns the split rules (DESIGN.md §4) and the ``split.json`` file of a workdir:
+This module owns the split rules (DESIGN.md §4); ``run_dir`` stores a run's split in its
+``split.json``:
 
 * ``"loso"``: leave one session out. Sessions are sorted by name and fold ``k`` holds out
   ``sessions[k]``; every utterance of that session is a test utterance, so no speaker of the
@@ -13,34 +14,27 @@ This module owns the split rules (DESIGN.md §4) and the ``split.json`` file of 
 A validation hold-out (:func:`hold_out_validation`) is carved from the *training* utterances only,
 by whole speakers or by utterances, so checkpoint selection never looks at the test set.
 
-Every function here is pure (metadata dict in, :class:`Split` out) except :func:`save_split` /
-:func:`load_split_file`.
+Every function here is pure (metadata dict in, :class:`Split` out).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "PROTOCOLS",
-    "SPLIT_FILE",
     "Split",
     "hold_out_validation",
-    "load_split_file",
     "make_split",
     "num_folds",
-    "save_split",
+    "split_for_run",
 ]
 
 PROTOCOLS = ("loso", "paper", "none")
-SPLIT_FILE = "split.json"
 PAPER_TEST_FRACTION = 0.2
 
 
@@ -211,26 +205,21 @@ def hold_out_validation(
     return Split(tuple(rest), split.test_ids, f"{split.name}-val{mode}", tuple(val))
 
 
-def save_split(path: str | os.PathLike, split: Split, data_info: Mapping[str, Any]) -> Path:
-    """Writes ``split.json``: the split plus ``data_info`` (content hash, features, labels)."""
-    path = Path(path)
-    payload = {**split.to_dict(), "data": dict(data_info)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+def split_for_run(metadata: Mapping[str, Any], data_config: Any) -> Split:
+    """The split of a run: the protocol's split with its validation hold-out, checked disjoint.
 
-
-def load_split_file(path: str | os.PathLike) -> tuple[Split, dict[str, Any]]:
-    """Reads ``split.json`` → (Split, data_info); ValueError naming the file when unreadable."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-        return Split.from_dict(d), dict(d.get("data", {}))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no split file (is this a training workdir?)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable split file ({e})") from None
+    Args:
+      metadata: the prep metadata.
+      data_config: a ``config.DataConfig`` (protocol, fold, split_seed, validation,
+        validation_fraction).
+    """
+    d = data_config
+    split = make_split(metadata, protocol=d.protocol, fold=d.fold, seed=d.split_seed)
+    split = hold_out_validation(
+        split, metadata, mode=d.validation, fraction=d.validation_fraction, seed=d.split_seed
+    )
+    check_disjoint(split)
+    return split
 
 
 def check_disjoint(split: Split) -> None:

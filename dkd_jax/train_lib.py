@@ -65,6 +65,7 @@ functions of (seed, step) and the accumulators are saved with each checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -115,6 +116,8 @@ def train_and_evaluate(
     *,
     teacher_workdir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    heartbeat_seconds: float = 0.0,
+    label: str = "",
 ) -> dict[str, Any]:
     """Trains one model (teacher or student) and evaluates it on the held-out utterances.
 
@@ -124,6 +127,10 @@ def train_and_evaluate(
       workdir: output directory (created; an existing run with the same config is resumed).
       teacher_workdir: the teacher's workdir (students with a distillation loss).
       overwrite: replace a run with a different config in ``workdir``.
+      heartbeat_seconds: > 0: print a line with the epoch, step and running loss at this
+        interval (``train_loop.Heartbeat``; the experiment runner uses it when progress bars
+        cannot show, e.g. in a log file).
+      label: the run's name in those lines (default: the workdir).
 
     Returns:
       Final metrics: {"step", "epoch", "test": {wa, ua, ...} or None, "validation": ... or None,
@@ -144,12 +151,18 @@ def train_and_evaluate(
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     workdir = Path(workdir)
     t_start = time.perf_counter()
+    primary = jax.process_index() == 0
+    beat = None
+    if heartbeat_seconds > 0 and primary:
+        beat = train_loop.Heartbeat(label or str(workdir), heartbeat_seconds)
     try:
-        with run_dir.locked(workdir, "training", enabled=jax.process_index() == 0):
+        with run_dir.locked(workdir, "training", enabled=primary), beat or contextlib.nullcontext():
             run = _resolve_run(cfg, workdir, overwrite)
+            if beat is not None:
+                beat.total_steps, beat.num_epochs = run.total_steps, cfg.optim.num_epochs
             teacher = _prepare_teacher(run, teacher_workdir)
             built = _build_state(run, teacher)
-            loop = _run_epochs(run, teacher, built)
+            loop = _run_epochs(run, teacher, built, beat)
             return _finish(run, teacher, built, loop, t_start)
     except jax.errors.JaxRuntimeError as e:  # pragma: no cover - device dependent
         hint = _oom_hint(e)
@@ -188,17 +201,7 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool) -> _Run
     num_classes = len(meta.get("label_names", []))
     if num_classes < 2:
         raise records.DataError(f"{prep_dir}: metadata.json has {num_classes} label names")
-    split = protocols.make_split(
-        meta, protocol=cfg.data.protocol, fold=cfg.data.fold, seed=cfg.data.split_seed
-    )
-    split = protocols.hold_out_validation(
-        split,
-        meta,
-        mode=cfg.data.validation,
-        fraction=cfg.data.validation_fraction,
-        seed=cfg.data.split_seed,
-    )
-    protocols.check_disjoint(split)
+    split = protocols.split_for_run(meta, cfg.data)
     info = _data_info(meta, cfg.data.normalization)
     primary = jax.process_index() == 0
     resuming = run_dir.prepare_workdir(workdir, cfg, overwrite=overwrite, clear=primary)
@@ -365,7 +368,6 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
     )
     eval_model = models.create_model(arch, num_classes=run.num_classes)
     spec = train_step.StepSpec(
-        steps_per_epoch=run.spe,
         teacher=teacher.mode,
         augment=dataclasses.astuple(cfg.augment),
         num_classes=run.num_classes,
@@ -377,7 +379,6 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
         cfg.optim,
         spec,
         run.devices,
-        total_steps=run.total_steps,
         segment_shape=segment_shape,
     )
     root = jax.random.PRNGKey(cfg.train.seed)
@@ -420,7 +421,11 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
         on_device=on_device,
         eval_model=eval_model,
         fns=fns,
-        weights=objective.loss_weights(run.loss, cfg.kd, role=run.role),
+        weights=train_step.hyper(
+            objective.loss_weights(run.loss, cfg.kd, role=run.role),
+            steps_per_epoch=run.spe,
+            total_steps=run.total_steps,
+        ),
         schedule=train_state.learning_rate_schedule(
             cfg.optim, steps_per_epoch=run.spe, total_steps=run.total_steps
         ),
@@ -474,7 +479,7 @@ class _Loop:
     last_eval: dict
 
 
-def _run_epochs(run: _Run, teacher: _Teacher, built: _Built) -> _Loop:
+def _run_epochs(run: _Run, teacher: _Teacher, built: _Built, heartbeat=None) -> _Loop:
     """Phase 4: the epochs, on the device (one compiled scan each) or streamed step by step."""
     cfg, spe = run.cfg, run.spe
     sums = (
@@ -501,6 +506,7 @@ def _run_epochs(run: _Run, teacher: _Teacher, built: _Built) -> _Loop:
         weights=built.weights,
         on_device=built.on_device,
         last_train=built.ck_meta.get("last_train", {}),
+        heartbeat=heartbeat,
     )
     r_state = distributed.replicate(built.state, devices=run.devices)
     r_teacher = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from dkd_jax import config as config_lib
 
 __all__ = [
     "METRIC_KEYS",
+    "Heartbeat",
     "LoopContext",
     "MetricSums",
     "NonFiniteLossError",
@@ -100,6 +103,55 @@ class MetricSums:
         return {"sums": dict(self.sums), "confusion": self.confusion.tolist(), "steps": self.steps}
 
 
+class Heartbeat:
+    """Prints where a run is (epoch, step, running loss) every ``seconds`` from a background
+    thread, so a log without progress bars never goes quiet for long (not even while XLA
+    compiles). Use as a context manager; :meth:`update` is called by the loop.
+
+    Args:
+      label: what is running (e.g. "fold0-seed0/teacher").
+      seconds: the interval.
+      total_steps, num_epochs: for "step s/total, epoch e/epochs".
+      stream: where the lines go (default stdout).
+    """
+
+    def __init__(
+        self, label: str, seconds: float, *, total_steps: int = 0, num_epochs: int = 0, stream=None
+    ):
+        self.label, self.seconds = label, float(seconds)
+        self.total_steps, self.num_epochs = total_steps, num_epochs
+        self.stream = stream or sys.stdout
+        self._state: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+        self._t0 = time.monotonic()
+
+    def update(self, **state: Any) -> None:
+        self._state = dict(state)
+
+    def line(self) -> str:
+        s = self._state
+        where = (
+            f"epoch {s['epoch']}/{self.num_epochs}, step {s['step']}/{self.total_steps}, "
+            f"running loss {s['loss']:.4f}"
+            if s
+            else "preparing (data, compilation)"
+        )
+        return f"      ... {self.label}: {where} ({time.monotonic() - self._t0:.0f} s)"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            print(self.line(), file=self.stream, flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclasses.dataclass
 class LoopContext:
     """Host-side state of a run's loop: metric sums, logging, evaluation, checkpoints."""
@@ -124,6 +176,7 @@ class LoopContext:
     on_device: bool
     last_train: dict = dataclasses.field(default_factory=dict)
     last_scores: dict = dataclasses.field(default_factory=dict)
+    heartbeat: Heartbeat | None = None
     _last_ckpt_step: int = -1
 
     def consume(self, per_step: list, first_step: int, r_state, seconds: float, bar) -> None:
@@ -169,12 +222,13 @@ class LoopContext:
                 self.interval = MetricSums(self.num_classes)
         n = len(per_step)
         if n:
+            epoch, loss = (first_step + n - 1) // self.spe + 1, self.epoch_sums.means()["loss"]
             bar.update(n)
             bar.set_postfix(
-                epoch=(first_step + n - 1) // self.spe + 1,
-                loss=f"{self.epoch_sums.means()['loss']:.4f}",
-                steps_s=f"{n / max(seconds, 1e-9):.1f}",
+                epoch=epoch, loss=f"{loss:.4f}", steps_s=f"{n / max(seconds, 1e-9):.1f}"
             )
+            if self.heartbeat is not None:
+                self.heartbeat.update(epoch=epoch, step=first_step + n, loss=loss)
 
     def _nonfinite(self, r_state) -> None:
         state = distributed.unreplicate(r_state)

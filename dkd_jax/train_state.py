@@ -38,9 +38,12 @@ def learning_rate_schedule(
 ):
     """The learning rate as a function of the optimiser step (jnp-traceable, also on host).
 
-    ``step_epochs`` follows the lineage exactly: after finishing 0-based epoch ``i > 0`` with
-    ``i % decay_every == 0`` the rate is multiplied by ``decay_factor``, so epochs 0..10 run at
-    the peak, 11..20 at 1/10 (decay_every 10). ``warmup_steps`` ramps linearly first.
+    ``steps_per_epoch`` and ``total_steps`` may be traced int32 scalars: the compiled step takes
+    them as runtime values, so runs of different lengths (folds of different sizes) share one
+    executable. ``step_epochs`` follows the lineage exactly: after finishing 0-based epoch
+    ``i > 0`` with ``i % decay_every == 0`` the rate is multiplied by ``decay_factor``, so epochs
+    0..10 run at the peak, 11..20 at 1/10 (decay_every 10). ``warmup_steps`` ramps linearly
+    first.
     """
     lr, factor, every = optim.learning_rate, optim.decay_factor, optim.decay_every
     warm = optim.warmup_steps
@@ -54,12 +57,13 @@ def learning_rate_schedule(
             k = jnp.maximum(count - warm, 0) // every
             value = lr * jnp.asarray(factor, jnp.float32) ** k.astype(jnp.float32)
         elif kind == "step_epochs":
-            epoch = count // steps_per_epoch
+            epoch = count // jnp.asarray(steps_per_epoch, jnp.int32)
             k = jnp.maximum(epoch - 1, 0) // every
             value = lr * jnp.asarray(factor, jnp.float32) ** k.astype(jnp.float32)
         elif kind == "cosine":
-            span = max(total_steps - warm, 1)
-            frac = jnp.clip((count - warm).astype(jnp.float32) / span, 0.0, 1.0)
+            span = jnp.maximum(jnp.asarray(total_steps, jnp.int32) - warm, 1)
+            frac = (count - warm).astype(jnp.float32) / span.astype(jnp.float32)
+            frac = jnp.clip(frac, 0.0, 1.0)
             value = 0.5 * lr * (1.0 + jnp.cos(jnp.pi * frac))
         else:  # validated by Config
             raise ValueError(f"unknown schedule {kind!r}")
@@ -72,11 +76,14 @@ def learning_rate_schedule(
 
 
 def create_optimizer(
-    optim: config_lib.OptimConfig, *, steps_per_epoch: int, total_steps: int
+    optim: config_lib.OptimConfig, *, steps_per_epoch=1, total_steps=1
 ) -> optax.GradientTransformation:
     """Adam with coupled L2 (PyTorch ``Adam(weight_decay=...)``), not AdamW::
 
     chain([clip_by_global_norm], add_decayed_weights(wd), scale_by_adam, scale_by_lr(schedule))
+
+    The state's structure does not depend on ``steps_per_epoch``/``total_steps`` (they may be
+    traced), so ``create_optimizer(optim).init`` initialises the state of any run length.
     """
     parts = []
     if optim.grad_clip_norm > 0:

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -35,6 +36,7 @@ __all__ = [
     "StepSpec",
     "TrainFunctions",
     "clear_caches",
+    "hyper",
     "make_train_functions",
     "train_epoch",
     "train_step",
@@ -49,12 +51,13 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 class StepSpec:
     """The static (hashable) part of a train step; one compilation per distinct spec.
 
-    The loss choice is *not* static: its weights (``objective.loss_weights``) are an argument of the
-    compiled step, so the dkd / kd / tckd / nckd students of one architecture share one
-    compilation (the ablation grid compiles once).
+    Neither the loss choice nor the run length is static: the loss weights and the schedule's
+    steps per epoch and total steps are runtime values of the compiled step (:func:`hyper`), so
+    the dkd / kd / tckd / nckd students of one architecture, and every fold of an experiment
+    whatever its size, share one compilation (and the persistent compilation cache serves
+    later processes).
     """
 
-    steps_per_epoch: int
     teacher: str  # "none" | "precomputed" | "live"
     augment: tuple  # AugmentConfig values (dataclasses.astuple)
     num_classes: int
@@ -64,6 +67,16 @@ class StepSpec:
         return config_lib.AugmentConfig(*self.augment)
 
 
+def hyper(weights: dict, *, steps_per_epoch: int, total_steps: int) -> dict:
+    """The runtime values of a step: ``objective.loss_weights`` plus the run's steps per epoch
+    and total steps (int32; the KD warm-up ramp and the learning-rate schedule use them)."""
+    return {
+        **weights,
+        "steps_per_epoch": np.int32(steps_per_epoch),
+        "total_steps": np.int32(total_steps),
+    }
+
+
 def _zero_metrics(num_classes: int) -> dict:
     out = {k: jnp.zeros((), jnp.float32) for k in train_loop.METRIC_KEYS}
     out["confusion"] = jnp.zeros((num_classes, num_classes), jnp.float32)
@@ -71,7 +84,7 @@ def _zero_metrics(num_classes: int) -> dict:
 
 
 def train_step(
-    state, batch, teacher_vars, weights, rng, *, model, teacher_model, tx, spec: StepSpec
+    state, batch, teacher_vars, weights, rng, *, model, teacher_model, optim, spec: StepSpec
 ):
     """One optimiser step on one device's share of the global batch (call under pmap).
 
@@ -79,11 +92,11 @@ def train_step(
       state: TrainState (this device's replica).
       batch: features [P, F, T], labels [P], mask [P] bool (+ teacher_logits [P, C]).
       teacher_vars: frozen teacher variables (live teacher) or None.
-      weights: ``objective.loss_weights`` (float32 scalars).
+      weights: :func:`hyper` (loss weights, steps per epoch, total steps).
       rng: the run's step key (folded with the step and the device index here).
       model: the trained MACNN (BatchNorm synchronised over AXIS).
       teacher_model: the frozen teacher (live teacher) or None.
-      tx: optimiser.
+      optim: optimiser settings (the optimiser is built here, on the runtime run length).
       spec: static step description.
 
     Returns:
@@ -110,7 +123,10 @@ def train_step(
         teacher_logits = teacher_model.apply(teacher_vars, x, train=False)
     if teacher_logits is not None:
         teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
-    ramp = objective.kd_ramp(state.step, weights["warmup_epochs"], spec.steps_per_epoch)
+    ramp = objective.kd_ramp(state.step, weights["warmup_epochs"], weights["steps_per_epoch"])
+    tx = train_state.create_optimizer(
+        optim, steps_per_epoch=weights["steps_per_epoch"], total_steps=weights["total_steps"]
+    )
 
     def loss_fn(params):
         logits, mutated = model.apply(
@@ -135,7 +151,9 @@ def train_step(
     new_params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     loss_sum = lax.psum(jnp.sum(total), AXIS)
-    ok = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still give a non-finite update (an absurd learning rate):
+    # keeping it would poison every later step.
+    ok = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
 
     out = _zero_metrics(spec.num_classes)
     out.update(count=count, loss=loss_sum, grad_norm=grad_norm, nonfinite=(~ok).astype(jnp.float32))
@@ -237,7 +255,7 @@ class TrainFunctions(NamedTuple):
     """The compiled functions of a run (see :func:`make_train_functions`)."""
 
     tx: optax.GradientTransformation
-    # (state[D], batch[D], teacher_vars[D] | None, weights, step_key) -> (state, metrics)
+    # (state[D], batch[D], teacher_vars[D] | None, hyper, step_key) -> (state, metrics)
     p_step: Any
     # (num_steps, local_batch, per_device, process_index) -> pmapped :func:`train_epoch`
     p_epoch: Any
@@ -250,13 +268,12 @@ def make_train_functions(
     spec: StepSpec,
     devices: Sequence,
     *,
-    total_steps: int,
     segment_shape: Sequence[int],
 ) -> TrainFunctions:
     """The optimiser and the pmapped step and epoch functions of a run.
 
-    Cached on all arguments, so identical runs in one process (tests, cross-validation folds
-    of one shape) share compiled code.
+    Cached on all arguments, so runs of one architecture and segment shape in one process
+    (tests, cross-validation folds of any size, the KD ablations) share compiled code.
 
     Args:
       model: the trained MACNN with ``batch_norm_axis_name=AXIS``.
@@ -264,30 +281,24 @@ def make_train_functions(
       optim: optimiser settings.
       spec: static step description.
       devices: the local devices of the pmap.
-      total_steps: steps of the whole run (cosine schedule).
       segment_shape: (F, T) of one segment.
     """
-    # Only the cosine schedule depends on the run length: other runs of any length share code.
-    total = int(total_steps) if optim.schedule == "cosine" else 0
     return _compiled(
         model,
         teacher_model,
         dataclasses.astuple(optim),
         spec,
         tuple(devices),
-        total,
         tuple(segment_shape),
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(model, teacher_model, optim_key, spec: StepSpec, devices, total_steps, segment_shape):
+def _compiled(model, teacher_model, optim_key, spec: StepSpec, devices, segment_shape):
+    del segment_shape  # part of the cache key only: jax retraces per input shape anyway
     optim = config_lib.OptimConfig(*optim_key)
-    tx = train_state.create_optimizer(
-        optim, steps_per_epoch=spec.steps_per_epoch, total_steps=total_steps
-    )
     step_fn = functools.partial(
-        train_step, model=model, teacher_model=teacher_model, tx=tx, spec=spec
+        train_step, model=model, teacher_model=teacher_model, optim=optim, spec=spec
     )
 
     def one_step(state, batch, teacher_vars, weights, rng):
@@ -330,7 +341,7 @@ def _compiled(model, teacher_model, optim_key, spec: StepSpec, devices, total_st
             devices=devices,
         )
 
-    return TrainFunctions(tx, p_step, p_epoch)
+    return TrainFunctions(train_state.create_optimizer(optim), p_step, p_epoch)
 
 
 def clear_caches() -> None:

@@ -21,7 +21,8 @@ def test_demo_stages_and_resume(tmp_path, capsys):
     assert (out / "corpus" / "Session1").is_dir()
     meta = json.loads((out / "prep" / "metadata.json").read_text())
     assert meta["feature_config"]["kind"] == "mfcc" and meta["segment_shape"] == [26, 63]
-    assert set(summary["models"]) == {"teacher", "dkd", "ce"}
+    assert set(summary["models"]) == {"teacher", "dkd", "ce", "baseline"}
+    assert summary["baseline_verdict"] in text and "baseline (feature statistics): UA" in text
     for model in ("teacher", "student_dkd", "student_ce"):
         assert (exp_dir / "fold0-seed0" / model / run_dir.RESULTS_FILE).exists()
     assert (exp_dir / "confusion_dkd.png").exists()

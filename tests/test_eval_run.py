@@ -215,3 +215,61 @@ def test_predict_cli(run_path, wav_files, tmp_path, capsys):
     saved = json.loads(out_json.read_text())
     assert len(saved["files"]) == 1 and len(saved["errors"]) == 1
     assert eval_cli.main(["predict", "--workdir", str(run_path), str(files["8k"])]) == 0
+
+
+def _speaker_normalised_copy(run_path, tmp_path):
+    """The shared run with its normalisation switched to per-speaker (no stored speaker): the
+    weights do not matter to which statistics normalise which windows."""
+    copy = tmp_path / "speaker_run"
+    shutil.copytree(run_path, copy)
+    (copy / run_dir.NORMALIZATION_FILE).write_text(json.dumps({"mode": "speaker", "groups": {}}))
+    return copy
+
+
+def test_predict_groups_normalise_one_speakers_files_together(
+    run_path, restored, wav_files, tmp_path, capsys
+):
+    files, _ = wav_files
+    copy = _speaker_normalised_copy(run_path, tmp_path)
+    pair = [files["orig"], files["short"]]
+    grouped = predict.predict_files(copy, pair, groups=["spk", "spk"])
+    alone = predict.predict_files(copy, pair)
+    assert [f["group"] for f in grouped["files"]] == ["spk", "spk"] and not grouped["warnings"]
+    assert "per-speaker normalisation" in alone["warnings"][0] and "--group" in alone["warnings"][0]
+    # Reference: one mean/std per band over the real frames of both files' windows.
+    fc = audio.FeatureConfig.from_dict(restored.data_info["feature_config"])
+    segs = [predict.file_segments(f, fc) for f in pair]
+    feats = np.concatenate([s["segments"] for s in segs])
+    valid = np.concatenate([s["valid_frames"] for s in segs])
+    mask = np.arange(feats.shape[2])[None, :] < valid[:, None]
+    x = np.where(mask[:, None, :], feats, np.nan).astype(np.float64)
+    mean, std = np.nanmean(x, axis=(0, 2)), np.sqrt(np.nanvar(x, axis=(0, 2)) + 1e-6)
+    norm = ((feats - mean[None, :, None]) / std[None, :, None]).astype(np.float32)
+    logits = np.asarray(restored.model.apply(restored.variables, norm[..., None], train=False))
+    start = 0
+    for s, entry in zip(segs, grouped["files"], strict=True):
+        m = logits[start : start + len(s["segments"])].mean(axis=0)
+        start += len(s["segments"])
+        expected = np.exp(m - m.max()) / np.exp(m - m.max()).sum()
+        got = np.array([entry["probabilities"][n] for n in grouped["label_names"]])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    short_alone = alone["files"][1]["probabilities"]
+    assert short_alone != grouped["files"][1]["probabilities"]
+    # The command line: --group NAME FILE..., a warning once without groups.
+    argv = ["predict", "--workdir", str(copy)]
+    assert eval_cli.main([*argv, "--group", "spk", *map(str, pair)]) == 0
+    out = capsys.readouterr()
+    assert "group" in out.out.splitlines()[0] and "warning" not in out.err
+    assert eval_cli.main([*argv, *map(str, pair)]) == 0
+    assert capsys.readouterr().err.count("eval.py: warning:") == 1
+    csv_path = tmp_path / "groups.csv"
+    csv_path.write_text(f"path,speaker\n{pair[0]},spk\n{pair[1]},spk\n")
+    assert (
+        eval_cli.main([*argv, "--groups", str(csv_path), "--json", str(tmp_path / "p.json")]) == 0
+    )
+    via_csv = json.loads((tmp_path / "p.json").read_text())
+    assert [f["probabilities"] for f in via_csv["files"]] == [
+        f["probabilities"] for f in grouped["files"]
+    ]
+    with pytest.raises(SystemExit):
+        eval_cli.main([*argv, "--group", "lonely"])

@@ -57,14 +57,14 @@ def test_run_writes_every_run_and_summary(exp, tiny_prep_dir):
     total = sum(_results(exp_dir, f"fold{f}-seed0/teacher")["num_utterances"] for f in (0, 1))
     assert total == len(meta["utterances"])
     # Summary: mean and sample std per model, best-epoch column >= last epoch.
-    assert set(summary["models"]) == {"teacher", *helpers_eval.STUDENTS}
+    assert set(summary["models"]) == {"teacher", *helpers_eval.STUDENTS, "baseline"}
     for model, name in (("teacher", "teacher"), ("dkd", "student_dkd")):
         wa = [_results(exp_dir, f"fold{f}-seed0/{name}")["wa"] for f in (0, 1)]
         stats = summary["models"][model]
         assert stats["runs"] == 2
         assert stats["wa"]["mean"] == pytest.approx(np.mean(wa), abs=1e-12)
         assert stats["wa"]["std"] == pytest.approx(np.std(wa, ddof=1), abs=1e-12)
-    for row in summary["runs"]:
+    for row in (r for r in summary["runs"] if r["model"] != "baseline"):
         evals = _test_evals(exp_dir, row["workdir"])
         assert row["best_epoch_wa"] == max(e["wa"] for e in evals) >= row["wa"]
         assert row["best_epoch_ua"] == max(e["ua"] for e in evals) >= row["ua"]
@@ -72,7 +72,9 @@ def test_run_writes_every_run_and_summary(exp, tiny_prep_dir):
     assert on_disk["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
     md = (exp_dir / experiment.SUMMARY_MD).read_text()
     assert "Optimistic" in md and "best epoch on test" in md
-    assert md.count("| fold") == 4  # one row per run
+    per_run = md.split("## Per run")[1]
+    assert per_run.count("| fold") == 6  # one row per run and per group's baseline
+    assert md.split("## Speaker–label confound")[1].split("## Per run")[0].count("| fold") == 2
     text = experiment.format_summary_text(summary)
     assert "student DKD" in text and "teacher (CE)" in text and "optimistic" in text
 
@@ -289,10 +291,13 @@ def test_validation_only_run_shows_no_test_scores(tiny_prep_dir, tmp_path, capsy
     assert experiment.main(argv) == 0
     out = capsys.readouterr().out
     assert "VALIDATION" in out and "test utterances" not in out and "best-epoch" not in out
-    assert out.count(": validation WA") == 2  # teacher and CE student
+    assert out.count(": validation WA") == 3  # teacher, CE student, the baseline
+    assert "fold0-seed0/baseline: validation WA" in out and "test WA" not in out
+    assert not (out_dir / "fold0-seed0/baseline/results.json").exists()  # never scored on test
+    assert (out_dir / "fold0-seed0/baseline/validation.json").exists()
     assert not (out_dir / experiment.SUMMARY_JSON).exists()
     rows = experiment.build_summary(out_dir)["runs"]
-    for row in rows:
+    for row in (r for r in rows if r["model"] != "baseline"):
         val = experiment.validation_scores(out_dir / row["workdir"])
         assert row["val_ua"] == val["val_ua"] is not None
         assert f"{row['workdir']} {100 * val['val_ua']:.1f}" in out
@@ -331,7 +336,7 @@ def test_summary_covers_finished_runs_of_earlier_invocations(exp, tiny_prep_dir,
         copy, spec, progress=False, quiet=True, on_run=lambda p, s: events.append((p.key, s))
     )
     assert events == [("fold0-seed0/teacher", "skipped"), ("fold0-seed0/student_ce", "trained")]
-    assert list(out["models"]) == ["teacher", "ce", "dkd"]
+    assert list(out["models"]) == ["teacher", "ce", "dkd", "baseline"]
     assert [out["models"][m]["runs"] for m in ("teacher", "ce", "dkd")] == [2, 1, 2]
     assert out["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
     assert out["num_finished_runs"] == out["num_planned_runs"] == 5
@@ -339,3 +344,146 @@ def test_summary_covers_finished_runs_of_earlier_invocations(exp, tiny_prep_dir,
     assert "folds [0, 1]" in experiment.format_summary_text(out)
     again = experiment.write_summary(copy)  # the `summarize` command: same coverage
     assert again["models"].keys() == out["models"].keys() and again["num_finished_runs"] == 5
+
+
+def test_baseline_is_fitted_on_each_fold_and_summarised(exp, tiny_prep_dir):
+    from dkd_jax import baseline, protocols
+
+    exp_dir, summary, _ = exp
+    meta = records.load_metadata(tiny_prep_dir)
+    stats = baseline.utterance_statistics(tiny_prep_dir)
+    cms = []
+    for fold in (0, 1):
+        cfg = run_dir.load_config(exp_dir / f"fold{fold}-seed0/teacher")
+        split = protocols.split_for_run(meta, cfg.data)
+        direct = baseline.fit_baseline(stats, split.train_ids, split.test_ids)
+        stored = json.loads((exp_dir / f"fold{fold}-seed0/baseline/results.json").read_text())
+        assert stored["confusion_matrix"] == direct["confusion_matrix"]
+        assert (stored["wa"], stored["ua"], stored["C"]) == (
+            direct["wa"],
+            direct["ua"],
+            direct["C"],
+        )
+        assert len(stored["predictions"]) == len(split.test_ids)
+        cms.append(np.array(direct["confusion_matrix"]))
+    stats_row = summary["models"]["baseline"]
+    assert stats_row["runs"] == 2 and stats_row["best_epoch_wa"]["mean"] is None
+    pooled = sum(cms)
+    assert stats_row["pooled_confusion_matrix"] == pooled.tolist()
+    assert stats_row["pooled_wa"] == pytest.approx(np.trace(pooled) / pooled.sum(), abs=1e-12)
+    recall = np.diag(pooled) / pooled.sum(axis=1)
+    assert stats_row["pooled_ua"] == pytest.approx(recall[pooled.sum(axis=1) > 0].mean())
+    # The plain verdict: does any deep model beat the baseline (mean UA)?
+    deep = max(summary["models"][m]["ua"]["mean"] for m in ("teacher", "dkd"))
+    verdict = summary["baseline_verdict"]
+    if deep <= stats_row["ua"]["mean"]:
+        assert verdict.startswith("No deep model beats the feature-statistics baseline")
+    else:
+        assert verdict.startswith("The best deep model")
+    assert verdict in experiment.format_summary_text(summary)
+    assert verdict in (exp_dir / experiment.SUMMARY_MD).read_text()
+    assert set(summary["confound"]) == {"fold0-seed0", "fold1-seed0"}
+
+
+def test_no_baseline_progress_lines_and_heartbeat(exp, tiny_prep_dir, tmp_path, capsys):
+    exp_dir, _, _ = exp
+    copy = tmp_path / "copy"
+    shutil.copytree(exp_dir, copy)
+    for fold in (0, 1):
+        shutil.rmtree(copy / f"fold{fold}-seed0" / "baseline")
+    # The first run is redone (results.json gone: resumed from its final checkpoint).
+    (copy / "fold0-seed0/teacher" / run_dir.RESULTS_FILE).unlink()
+    spec = experiment.make_spec(
+        data=tiny_prep_dir,
+        protocol="loso",
+        folds=(0, 1),
+        preset="tiny",
+        students=helpers_eval.STUDENTS,
+        overrides=helpers_eval.EXP_OVERRIDES,
+    )
+    out = experiment.run_experiment(copy, spec, baselines=False, heartbeat_seconds=0.001)
+    text = capsys.readouterr().out
+    assert "baseline" not in out["models"] and not (copy / "fold0-seed0" / "baseline").exists()
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith("fold")]
+    first = next(ln for ln in lines if ln.strip().startswith("fold0-seed0/teacher: WA"))
+    assert "elapsed" in first and "3 run(s) left, ETA" in first
+    assert any("finished earlier, skipped" in ln and "elapsed" in ln for ln in lines)
+    assert "... fold0-seed0/teacher:" in text  # heartbeat lines during the run
+
+
+def test_heartbeat_lines_say_where_the_run_is():
+    import io
+    import time
+
+    from dkd_jax import train_loop
+
+    stream = io.StringIO()
+    with train_loop.Heartbeat("fold0/teacher", 0.02, stream=stream) as beat:
+        time.sleep(0.1)
+        beat.total_steps, beat.num_epochs = 120, 6
+        beat.update(epoch=2, step=37, loss=1.25)
+        time.sleep(0.1)
+    lines = stream.getvalue().splitlines()
+    assert "fold0/teacher: preparing (data, compilation)" in lines[0]
+    assert "fold0/teacher: epoch 2/6, step 37/120, running loss 1.2500" in lines[-1]
+
+
+def test_missing_classes_are_flagged_and_pooled_numbers_count_each_utterance():
+    names = ["neutral", "happy", "sad", "angry"]
+
+    def row(group, cm, absent=()):
+        cm = np.asarray(cm)
+        recall = np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+        present = cm.sum(axis=1) > 0
+        return {
+            "group": group,
+            "model": "dkd",
+            "split": group,
+            "wa": float(np.trace(cm) / cm.sum()),
+            "ua": float(recall[present].mean()),
+            "best_epoch_wa": None,
+            "best_epoch_ua": None,
+            "num_test_utterances": int(cm.sum()),
+            "absent_classes": list(absent),
+            "confusion_matrix": cm.tolist(),
+            "label_names": names,
+            "workdir": f"{group}/student_dkd",
+        }
+
+    full = [[5, 0, 0, 0], [0, 4, 1, 0], [0, 0, 3, 2], [0, 1, 0, 4]]
+    no_sad = [[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]]
+    rows = [row("fold0-seed0", full), row("fold1-seed0", no_sad, ["sad"])]
+    stats = experiment.summarize_rows(rows, ["dkd"])["dkd"]
+    pooled = np.add(full, no_sad)
+    assert stats["pooled_wa"] == pytest.approx(np.trace(pooled) / pooled.sum())
+    assert stats["pooled_ua"] == pytest.approx(np.mean(np.diag(pooled) / pooled.sum(axis=1)))
+    assert stats["runs_missing_classes"] == 1
+    summary = {
+        "experiment": {"protocol": "loso", "folds": [0, 1], "seeds": [0]},
+        "num_finished_runs": 2,
+        "num_planned_runs": 2,
+        "models": {"dkd": stats},
+        "runs": rows,
+    }
+    text = experiment.format_summary_text(summary)
+    assert "1 run(s) have a test set that lacks a class" in text and "fold1-seed0 (no sad)" in text
+    assert f"{100 * stats['pooled_wa']:.1f} / {100 * stats['pooled_ua']:.1f}" in text
+
+
+def test_speaker_normalisation_warns_loudly_on_a_speaker_confounded_corpus(tiny_prep_dir, capsys):
+    from dkd_jax.experiment import checks
+
+    meta = records.load_metadata(tiny_prep_dir)
+    confounded = json.loads(json.dumps(meta))
+    for u in confounded["utterances"]:  # every speaker shows one emotion only
+        u["label"] = sum(map(ord, u["speaker"])) % 4
+    spec = experiment.make_spec(data=tiny_prep_dir, protocol="loso", preset="tiny", folds=(0,))
+    plan = experiment.plan_runs(spec, "unused")[0]
+    for norm, warned in (("speaker", True), ("global", False)):
+        plan.config.data.normalization = norm
+        numbers = checks.group_confound(plan, confounded)
+        assert numbers["strength"] == "strong" and numbers["single_class_share"] == 1.0
+        checks.warn_confound(plan, numbers)
+        err = capsys.readouterr().err
+        loud = "WARNING: normalization=speaker on a corpus where the speaker predicts"
+        assert ("fold0-seed0, training speakers" in err and loud in err) == warned

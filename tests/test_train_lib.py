@@ -30,7 +30,6 @@ TEACHER = config_lib.ArchConfig(preset="teacher", attention_heads=2, attention_h
 
 def _spec(**kw):
     base = dict(
-        steps_per_epoch=100,
         teacher="none",
         augment=dataclasses.astuple(config_lib.AugmentConfig()),
         num_classes=NUM_CLASSES,
@@ -39,8 +38,9 @@ def _spec(**kw):
     return train_step.StepSpec(**base)
 
 
-def _weights(loss="ce", **kd):
-    return objective.loss_weights(loss, config_lib.KDConfig(**{"warmup_epochs": 0.0, **kd}))
+def _weights(loss="ce", *, steps_per_epoch=100, total_steps=1000, **kd):
+    weights = objective.loss_weights(loss, config_lib.KDConfig(**{"warmup_epochs": 0.0, **kd}))
+    return train_step.hyper(weights, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 def _optim(**kw):
@@ -83,7 +83,6 @@ def _fns(spec, devices, *, teacher_model=None, optim=None, arch=STUDENT):
         optim or STEP_OPTIM,
         spec,
         devices,
-        total_steps=1000,
         segment_shape=SHAPE,
     )
     return model, fns
@@ -398,6 +397,61 @@ def test_nonfinite_loss_freezes_the_last_good_state():
         jax.tree.leaves(state.batch_stats), jax.tree.leaves(good.batch_stats), strict=True
     ):
         np.testing.assert_array_equal(a, b)  # NaN batch statistics were not kept either
+
+
+def test_nonfinite_update_freezes_the_initial_state_at_step_zero():
+    """A finite loss and gradient with an absurd learning rate: the update is flagged too."""
+    devices = jax.local_devices()
+    x, y = _data(8)
+    batch = _batch(x, y, np.ones(8, bool), len(devices))
+    huge = dataclasses.replace(STEP_OPTIM, learning_rate=float("inf"))  # bypasses validate()
+    _, fns = _fns(_spec(), devices, optim=huge)
+    state, ms = _run(fns, devices, [batch, batch])
+    assert [float(m["nonfinite"]) for m in ms] == [1.0, 0.0]
+    assert int(state.step) == 0 and int(state.bad_step) == 0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(_init(fns).params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_length_is_a_runtime_value_of_the_step():
+    """Folds of different sizes (steps per epoch, total steps) share one compiled step, and the
+    KD warm-up and the schedule follow the runtime values."""
+    devices = jax.local_devices()
+    x, y = _data(8)
+    batch = _batch(x, y, np.ones(8, bool), len(devices))
+    step_epochs = dataclasses.replace(STEP_OPTIM, schedule="step_epochs", decay_every=1)
+    _, fns = _fns(_spec(teacher="precomputed"), devices, optim=step_epochs)
+    tl = np.zeros((8, NUM_CLASSES), np.float32)
+    batch = _batch(x, y, np.ones(8, bool), len(devices), tl)
+    before = train_step.TRACE_COUNTS["step_fn"]
+    losses = {}
+    for spe in (1, 3):
+        w = _weights("dkd", steps_per_epoch=spe, total_steps=10 * spe, warmup_epochs=4.0)
+        r_state = distributed.replicate(_init(fns), devices)
+        for _ in range(3):
+            r_state, m = fns.p_step(r_state, batch, None, w, jax.random.PRNGKey(0))
+            m = distributed.unreplicate(m)
+        losses[spe] = (float(m["loss"]), distributed.unreplicate(r_state))
+    assert train_step.TRACE_COUNTS["step_fn"] - before <= 1
+    # Step 2 is epoch 3 of a 1-step epoch (lr decayed twice, KD ramp 3/4) but epoch 1 of a
+    # 3-step epoch: different updates from the same start.
+    assert losses[1][0] != losses[3][0]
+
+
+@pytest.mark.parametrize("kind", ["constant", "step", "step_epochs", "cosine"])
+def test_schedule_with_runtime_run_length_equals_the_constant_one_bit_for_bit(kind):
+    optim = _optim(schedule=kind, learning_rate=3e-3, warmup_steps=7, decay_every=5)
+    counts = jnp.arange(0, 400, dtype=jnp.int32)
+    for spe, total in ((13, 130), (3, 321), (1, 1)):
+        const = jax.jit(
+            train_state.learning_rate_schedule(optim, steps_per_epoch=spe, total_steps=total)
+        )(counts)
+
+        def runtime(c, s, t):
+            return train_state.learning_rate_schedule(optim, steps_per_epoch=s, total_steps=t)(c)
+
+        traced = jax.jit(runtime)(counts, jnp.int32(spe), jnp.int32(total))
+        np.testing.assert_array_equal(np.asarray(const), np.asarray(traced))
 
 
 def test_predict_logits_pads_the_last_batch_and_compiles_once():

@@ -69,7 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--overwrite", action="store_true", help="if --out holds other settings, delete its runs"
     )
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars and no heartbeat lines (a line per finished run remains)",
+    )
+    r.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the feature-statistics baseline (logistic regression) on each fold",
+    )
     r.add_argument(
         "--validation-only",
         action="store_true",
@@ -115,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
                 validation_only=args.validation_only,
+                baselines=not args.no_baseline,
             )
         elif args.command == "summarize":
             if overrides:

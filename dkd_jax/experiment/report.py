@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import eval_lib, jsonio, records, run_dir
+from dkd_jax import eval_lib, jsonio, metrics, records, run_dir
+from dkd_jax.experiment import checks
 from dkd_jax.experiment.spec import (
     EXPERIMENT_FILE,
     MODEL_LABELS,
@@ -116,6 +117,7 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
                 "val_wa": val["val_wa"],
                 "val_ua": val["val_ua"],
                 "num_test_utterances": res["num_utterances"],
+                "absent_classes": list(res.get("absent_classes") or []),
                 "confusion_matrix": res["confusion_matrix"],
                 "label_names": res["label_names"],
                 "step": res.get("step"),
@@ -126,9 +128,51 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
     return rows
 
 
+def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]]:
+    """One row per group and baseline model (``checks``): test WA/UA (``results.json``) and
+    validation WA/UA (``validation.json``), whichever exist."""
+    rows = []
+    for plan in {p.group: p for p in plans}.values():
+        for model in checks.BASELINE_MODELS:
+            found = {}
+            for validation in (False, True):
+                path = checks.baseline_file(exp_dir, plan.group, model, validation=validation)
+                try:
+                    found[validation] = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+            if not found:
+                continue
+            test, val = found.get(False) or {}, found.get(True) or {}
+            rows.append(
+                {
+                    "group": plan.group,
+                    "model": model,
+                    "fold": plan.fold,
+                    "seed": plan.seed,
+                    "split": (test or val).get("split", {}).get("name"),
+                    "wa": test.get("wa"),
+                    "ua": test.get("ua"),
+                    "best_epoch_wa": None,
+                    "best_epoch_ua": None,
+                    "val_wa": val.get("wa"),
+                    "val_ua": val.get("ua"),
+                    "num_test_utterances": test.get("num_utterances"),
+                    "absent_classes": list(test.get("absent_classes") or []),
+                    "confusion_matrix": test.get("confusion_matrix"),
+                    "label_names": (test or val).get("label_names"),
+                    "C": (test or val).get("C"),
+                    "workdir": f"{plan.group}/{model}",
+                }
+            )
+    return rows
+
+
 def summarize_rows(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> dict[str, Any]:
     """Per model: mean ± sample std (ddof 1) of WA, UA and the best-epoch numbers over runs,
-    and the confusion matrix pooled (summed) over runs."""
+    the confusion matrix pooled (summed) over runs with its WA and UA (every test utterance
+    counted once, so folds whose test set lacks a class are not averaged with the others), and
+    how many runs' test sets lack a class."""
     out = {}
     for model in models:
         mine = [r for r in rows if r["model"] == model]
@@ -141,7 +185,9 @@ def summarize_rows(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> dic
         if cms:
             pooled = np.sum(np.asarray(cms, np.int64), axis=0)
             stats["pooled_confusion_matrix"] = pooled.tolist()
-            stats["pooled_wa"] = float(np.trace(pooled) / max(pooled.sum(), 1))
+            stats["pooled_wa"] = metrics.weighted_accuracy(pooled) if pooled.sum() else None
+            stats["pooled_ua"] = metrics.unweighted_accuracy(pooled) if pooled.sum() else None
+        stats["runs_missing_classes"] = sum(1 for r in mine if r.get("absent_classes"))
         out[model] = stats
     return out
 
@@ -229,15 +275,21 @@ def build_summary(
     plans, covered = _with_earlier_runs(exp_dir, spec, plans)
     students = list(covered.students)
     rows = collect_runs(exp_dir, plans)
-    models = ["teacher", *students]
+    num_runs = len(rows)
+    rows += collect_baselines(exp_dir, plans)
+    models = ["teacher", *students, *checks.BASELINE_MODELS]
     metadata = records.load_metadata(spec.data) if Path(spec.data).exists() else {}
+    stats = summarize_rows(rows, models)
     summary = {
         "experiment": covered.to_dict(),
         "data_content_hash": metadata.get("content_hash"),
         "num_planned_runs": len(plans),
-        "num_finished_runs": len(rows),
-        "models": summarize_rows(rows, models),
+        "num_finished_runs": num_runs,
+        "models": stats,
         "runs": rows,
+        "baseline_verdict": baseline_verdict(stats, key="ua"),
+        "baseline_verdict_validation": baseline_verdict(stats, key="val_ua"),
+        "confound": _confounds(metadata, plans),
         "metric_notes": {
             "wa_ua": "last-epoch checkpoint, held-out utterances, mean of segment logits per "
             "utterance; mean ± sample std (ddof=1) over runs",
@@ -245,9 +297,47 @@ def build_summary(
             "i.e. the epoch is chosen on the test set, as in the head-fusion lineage code",
             "val": "last-epoch WA/UA on the validation hold-out carved from the training "
             "speakers/utterances (data.validation); None without one",
+            "pooled": "WA/UA of the confusion matrix summed over runs (every held-out utterance "
+            "once); a run whose test set lacks a class has a UA over fewer classes",
+            "baseline": "logistic regression on per-utterance feature means and stds, C chosen "
+            "by speaker-grouped inner CV on the training speakers (dkd_jax.baseline)",
         },
     }
     return summary
+
+
+def baseline_verdict(stats: dict[str, Any], *, key: str = "ua") -> str | None:
+    """A plain sentence: does the best deep model beat the feature-statistics baseline on mean
+    ``key`` ("ua" or "val_ua")? None without a baseline or a deep model."""
+    base = stats.get("baseline", {}).get(key, {}).get("mean")
+    deep = [
+        (s[key]["mean"], s["label"])
+        for m, s in stats.items()
+        if m not in checks.BASELINE_MODELS and s[key]["mean"] is not None
+    ]
+    if base is None or not deep:
+        return None
+    best, label = max(deep)
+    what = "validation UA" if key == "val_ua" else "UA"
+    if best <= base:
+        return (
+            f"No deep model beats the feature-statistics baseline: the best, {label}, has "
+            f"{what} {100 * best:.1f} % against the baseline's {100 * base:.1f} % on the same "
+            "folds."
+        )
+    return (
+        f"The best deep model, {label}, beats the feature-statistics baseline by "
+        f"{100 * (best - base):.1f} {what} points ({100 * best:.1f} % vs {100 * base:.1f} %)."
+    )
+
+
+def _confounds(metadata: dict[str, Any], plans: Sequence[RunPlan]) -> dict[str, Any]:
+    """The speaker–label confound of each group's training split."""
+    if not metadata.get("utterances"):
+        return {}
+    return {
+        p.group: checks.group_confound(p, metadata) for p in {g.group: g for g in plans}.values()
+    }
 
 
 def _fmt(stat: dict[str, Any]) -> str:
@@ -276,45 +366,79 @@ def has_validation(summary: dict[str, Any]) -> bool:
     return any(r.get("val_ua") is not None for r in summary["runs"])
 
 
+def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
+    """The lines under a table: the baseline verdict, folds lacking a class, the confound."""
+    out = []
+    verdict = summary.get("baseline_verdict_validation" if validation_only else "baseline_verdict")
+    if verdict:
+        out.append(verdict)
+    lacking = [r for r in summary["runs"] if r.get("absent_classes")]
+    if lacking and not validation_only:
+        groups = sorted({f"{r['group']} (no {', '.join(r['absent_classes'])})" for r in lacking})
+        out.append(
+            f"{len(lacking)} run(s) have a test set that lacks a class, so their UA averages "
+            f"fewer classes: {'; '.join(groups)}. The pooled columns count every test "
+            "utterance once."
+        )
+    strong = [
+        g for g, c in (summary.get("confound") or {}).items() if c.get("strength") == "strong"
+    ]
+    if strong:
+        out.append(
+            f"Speaker predicts label strongly in the training data of {len(strong)} group(s) "
+            f"({', '.join(strong)}): per-speaker normalisation would remove the emotion there."
+        )
+    return out
+
+
 def format_summary_text(summary: dict[str, Any], *, validation_only: bool = False) -> str:
     """The per-model table for the terminal (``validation_only``: validation scores only, for
     choosing settings without seeing the held-out speakers)."""
+    width = max([14, *(len(s["label"]) for s in summary["models"].values())])
     if validation_only:
         lines = [
             _title(summary),
             "VALIDATION WA / UA in %, mean ± std over runs (last epoch, validation hold-out "
             "inside the training data; test scores not shown)",
         ]
-        head = f"{'model':<14} {'runs':>4}  {'val WA':>12}  {'val UA':>12}"
+        head = f"{'model':<{width}} {'runs':>4}  {'val WA':>12}  {'val UA':>12}"
         lines += [head, "-" * len(head)]
         for stats in summary["models"].values():
             lines.append(
-                f"{stats['label']:<14} {stats['runs']:>4}  {_fmt(stats['val_wa']):>12}  "
+                f"{stats['label']:<{width}} {stats['runs']:>4}  {_fmt(stats['val_wa']):>12}  "
                 f"{_fmt(stats['val_ua']):>12}"
             )
         lines.append(
             "per run (val UA): "
             + ", ".join(f"{r['workdir']} {_pct(r.get('val_ua'))}" for r in summary["runs"])
         )
-        return "\n".join(lines)
+        return "\n".join(lines + _notes(summary, validation_only=True))
     lines = [
         _title(summary),
-        "WA / UA in %, mean ± std over runs (last epoch, held-out utterances)",
+        "WA / UA in %, mean ± std over runs (last epoch, held-out utterances); pooled: all "
+        "test utterances of all runs",
     ]
     val = has_validation(summary)
-    head = f"{'model':<14} {'runs':>4}  {'WA':>12}  {'UA':>12}   {'best-epoch-on-test WA/UA *':>26}"
+    head = (
+        f"{'model':<{width}} {'runs':>4}  {'WA':>12}  {'UA':>12}  {'pooled WA/UA':>13}   "
+        f"{'best-epoch-on-test WA/UA *':>26}"
+    )
     head += f"  {'val UA':>12}" if val else ""
     lines += [head, "-" * len(head)]
     for stats in summary["models"].values():
         best = f"{_fmt(stats['best_epoch_wa'])} / {_fmt(stats['best_epoch_ua'])}"
+        if stats["best_epoch_wa"]["mean"] is None:
+            best = ""
+        pooled = f"{_pct(stats.get('pooled_wa'))} / {_pct(stats.get('pooled_ua'))}"
         lines.append(
-            f"{stats['label']:<14} {stats['runs']:>4}  {_fmt(stats['wa']):>12}  "
-            f"{_fmt(stats['ua']):>12}   {best:>26}"
+            f"{stats['label']:<{width}} {stats['runs']:>4}  {_fmt(stats['wa']):>12}  "
+            f"{_fmt(stats['ua']):>12}  {pooled:>13}   {best:>26}"
             + (f"  {_fmt(stats['val_ua']):>12}" if val else "")
         )
     lines.append(
         "* optimistic: epoch picked on the test set (lineage protocol); not a fair estimate"
     )
+    lines += _notes(summary, validation_only=False)
     if summary["num_finished_runs"] < summary["num_planned_runs"]:
         lines.append(
             f"({summary['num_planned_runs'] - summary['num_finished_runs']} planned runs are not "
@@ -324,7 +448,7 @@ def format_summary_text(summary: dict[str, Any], *, validation_only: bool = Fals
 
 
 def format_summary_markdown(summary: dict[str, Any]) -> str:
-    """``summary.md``: settings, the per-model table and the per-run table."""
+    """``summary.md``: settings, the per-model table, notes, the confound, the per-run table."""
     exp = summary["experiment"]
     val = has_validation(summary)
     lines = [
@@ -338,35 +462,67 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "WA (overall accuracy) and UA (mean per-class recall) on the held-out utterances, in %, "
         "from the last-epoch checkpoint (segment logits averaged per utterance); mean ± sample "
-        "std over runs.",
+        "std over runs, and pooled: the confusion matrix summed over runs (every held-out "
+        "utterance counted once). The baseline is a logistic regression on each utterance's "
+        "per-band feature mean and std, fitted on the same training utterances.",
         "",
-        "| model | runs | WA | UA | best epoch on test: WA ⚠ | best epoch on test: UA ⚠ |"
-        + (" validation WA | validation UA |" if val else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if val else ""),
+        "| model | runs | WA | UA | pooled WA | pooled UA | best epoch on test: WA ⚠ "
+        "| best epoch on test: UA ⚠ |" + (" validation WA | validation UA |" if val else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if val else ""),
     ]
     for stats in summary["models"].values():
         lines.append(
             f"| {stats['label']} | {stats['runs']} | {_fmt(stats['wa'])} | {_fmt(stats['ua'])} "
+            f"| {_pct(stats.get('pooled_wa'))} | {_pct(stats.get('pooled_ua'))} "
             f"| {_fmt(stats['best_epoch_wa'])} | {_fmt(stats['best_epoch_ua'])} |"
             + (f" {_fmt(stats['val_wa'])} | {_fmt(stats['val_ua'])} |" if val else "")
         )
+    lines += ["", *(f"- {n}" for n in _notes(summary, validation_only=False))]
     lines += [
         "",
         "⚠ **Optimistic, not a fair estimate**: the maximum over epochs of the *test-set* WA and,"
         " separately, UA (the epoch is chosen on the test set, and the two maxima may come from "
         "different epochs), as reported by the head-fusion lineage code. Shown only for "
         "comparison with numbers obtained that way.",
+    ]
+    lines += _confound_table(summary.get("confound") or {})
+    lines += [
         "",
         "## Per run",
         "",
         "| group | held out | model | test utterances | WA | UA | best-epoch WA ⚠ | "
-        "best-epoch UA ⚠ | workdir |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "best-epoch UA ⚠ | note | workdir |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in summary["runs"]:
+        note = f"test set lacks {', '.join(r['absent_classes'])}" if r.get("absent_classes") else ""
         lines.append(
             f"| {r['group']} | {r['split']} | {MODEL_LABELS.get(r['model'], r['model'])} "
             f"| {r['num_test_utterances']} | {_pct(r['wa'])} | {_pct(r['ua'])} "
-            f"| {_pct(r['best_epoch_wa'])} | {_pct(r['best_epoch_ua'])} | `{r['workdir']}` |"
+            f"| {_pct(r['best_epoch_wa'])} | {_pct(r['best_epoch_ua'])} | {note} "
+            f"| `{r['workdir']}` |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _confound_table(confounds: dict[str, Any]) -> list[str]:
+    if not confounds:
+        return []
+    lines = [
+        "",
+        "## Speaker–label confound (training speakers of each group)",
+        "",
+        "Share of training speakers who show one emotion only, and the share of the label's "
+        "entropy that the speaker explains. Where both are high, per-speaker normalisation "
+        "removes the emotion (see `dkd_jax.confound`).",
+        "",
+        "| group | speakers | single-emotion speakers | label entropy explained | NMI | strength |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for group, c in confounds.items():
+        lines.append(
+            f"| {group} | {c.get('num_speakers')} | {_pct(c.get('single_class_share'))} % "
+            f"| {_pct(c.get('label_entropy_explained'))} % | {c.get('nmi', 0):.2f} "
+            f"| {c.get('strength')} |"
+        )
+    return lines

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import jsonio, provenance, run_dir
+from dkd_jax import jsonio, provenance, records, run_dir
+from dkd_jax.experiment import checks
 from dkd_jax.experiment.report import (
     build_summary,
     format_summary_text,
@@ -90,6 +92,7 @@ def execute_run(
     teacher_workdir: Path | None,
     quiet: bool = False,
     validation_only: bool = False,
+    heartbeat_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Trains (or resumes) one run and returns its ``results.json`` (written by training).
 
@@ -98,32 +101,92 @@ def execute_run(
     """
     from dkd_jax import train_lib
 
-    t0 = time.perf_counter()
     kwargs = {} if teacher_workdir is None else {"teacher_workdir": str(teacher_workdir)}
     with run_dir.locked(workdir, "the experiment runner"):
-        train_lib.train_and_evaluate(plan.config, str(workdir), **kwargs)
-    seconds = time.perf_counter() - t0
+        train_lib.train_and_evaluate(
+            plan.config,
+            str(workdir),
+            heartbeat_seconds=heartbeat_seconds,
+            label=plan.key,
+            **kwargs,
+        )
     results = run_dir.read_results(workdir)
     if results is None:
         raise ExperimentError(f"{workdir}: training finished without results.json")
-    if validation_only:
-        val = validation_scores(workdir)
-        _say(
-            f"    {plan.key}: validation WA {_pct(val['val_wa'])} %  UA {_pct(val['val_ua'])} %  "
-            f"(train {seconds:.0f} s)",
-            quiet=quiet,
-        )
-    else:
-        _say(
-            f"    {plan.key}: WA {100 * results['wa']:.1f} %  UA {100 * results['ua']:.1f} %  "
-            f"({results['num_utterances']} test utterances; train {seconds:.0f} s)",
-            quiet=quiet,
-        )
     return results
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class _Progress:
+    """Per-run lines with the elapsed time and an ETA from the runs of the same kind (teacher,
+    each student objective) trained so far in this invocation."""
+
+    def __init__(self, plans: Sequence[RunPlan], quiet: bool):
+        self.left = {p.key: p.model for p in plans}
+        self.seconds: dict[str, list[float]] = {}
+        self.t0 = time.perf_counter()
+        self.quiet = quiet
+
+    def done(self, plan: RunPlan, text: str, seconds: float | None) -> None:
+        self.left.pop(plan.key, None)
+        if seconds is not None:
+            self.seconds.setdefault(plan.model, []).append(seconds)
+        elapsed = time.perf_counter() - self.t0
+        eta = self.eta()
+        tail = f"elapsed {_clock(elapsed)}"
+        if self.left:
+            tail += f", {len(self.left)} run(s) left" + (f", ETA {_clock(eta)}" if eta else "")
+        _say(f"    {plan.key}: {text} [{tail}]", quiet=self.quiet)
+
+    def eta(self) -> float | None:
+        every = [s for v in self.seconds.values() for s in v]
+        if not every:
+            return None
+        fallback = sum(every) / len(every)
+        per_kind = {k: sum(v) / len(v) for k, v in self.seconds.items()}
+        return sum(per_kind.get(model, fallback) for model in self.left.values())
+
+
+def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool, workdir) -> str:
+    if validation_only:
+        val = validation_scores(workdir)
+        return (
+            f"validation WA {_pct(val['val_wa'])} %  UA {_pct(val['val_ua'])} %  "
+            f"(train {seconds:.0f} s)"
+        )
+    missing = results.get("absent_classes") or []
+    flag = f"; test set lacks {', '.join(missing)}" if missing else ""
+    return (
+        f"WA {100 * results['wa']:.1f} %  UA {100 * results['ua']:.1f} %  "
+        f"({results['num_utterances']} test utterances{flag}; train {seconds:.0f} s)"
+    )
+
+
+def _group_checks(exp_dir, plan, spec, metadata, cache, *, baselines, validation_only, quiet):
+    """The group's confound warning and baselines (before its deep models train)."""
+    checks.warn_confound(plan, checks.group_confound(plan, metadata))
+    if not baselines:
+        return
+    t0 = time.perf_counter()
+    for model, res in checks.run_baselines(
+        exp_dir, plan, spec.data, metadata, cache, validation_only=validation_only
+    ).items():
+        what = "validation" if validation_only else "test"
+        _say(
+            f"    {plan.group}/{model}: {what} WA {_pct(res['wa'])} %  UA {_pct(res['ua'])} %  "
+            f"(logistic regression on feature statistics, C {res['C']:g}; "
+            f"{time.perf_counter() - t0:.0f} s)",
+            quiet=quiet,
+        )
 
 
 def run_experiment(
@@ -135,20 +198,29 @@ def run_experiment(
     quiet: bool = False,
     on_run: Callable[[RunPlan, str], None] | None = None,
     validation_only: bool = False,
+    baselines: bool = True,
+    heartbeat_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """Runs (or resumes) every run of an experiment, then writes and returns the summary.
+
+    Per fold/seed group: the speaker–label confound check and the feature-statistics baselines
+    (``checks``), then the teacher and each student. A line per finished run gives the elapsed
+    time and an ETA; with ``progress``, a heartbeat line every ``heartbeat_seconds`` during a
+    run when no progress bar can show (a log file).
 
     Args:
         exp_dir: experiment directory (created if missing).
         spec: the experiment (``make_spec``).
         overwrite: when ``exp_dir`` holds an experiment with other settings, delete its runs
             and start over (without it, that is an error).
-        progress: show per-epoch progress bars (also needs a terminal).
-        quiet: print nothing.
+        progress: progress bars on a terminal, heartbeat lines elsewhere.
+        quiet: print nothing (warnings still go to stderr).
         on_run: called with (plan, "skipped" | "trained") after each run (tests use it).
         validation_only: for choosing settings without looking at the held-out speakers: print
             only validation scores (the runs need ``data.validation`` != "none") and write no
             ``summary.json``/``summary.md`` (``summarize`` writes them once the choice is made).
+        baselines: fit the feature-statistics baselines (``--no-baseline`` turns them off).
+        heartbeat_seconds: interval of the heartbeat lines.
 
     Returns:
         The summary dict (also in ``summary.json`` unless ``validation_only``).
@@ -160,31 +232,50 @@ def run_experiment(
     _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
     enable_compilation_cache(exp_dir / CACHE_DIR)
     plans = plan_runs(spec, exp_dir)
+    metadata = records.load_metadata(spec.data)
     groups = list(dict.fromkeys(p.group for p in plans))
-    t_start = time.perf_counter()
+    tracker = _Progress(plans, quiet)
+    beat = heartbeat_seconds if progress and not quiet and not sys.stderr.isatty() else 0.0
+    cache: dict[str, Any] = {}
     for gi, group in enumerate(groups, 1):
         _say(f"  {group} (group {gi} of {len(groups)})", quiet=quiet)
-        for plan in (p for p in plans if p.group == group):
+        mine = [p for p in plans if p.group == group]
+        _group_checks(
+            exp_dir,
+            mine[0],
+            spec,
+            metadata,
+            cache,
+            baselines=baselines,
+            validation_only=validation_only,
+            quiet=quiet,
+        )
+        for plan in mine:
             workdir = exp_dir / plan.key
             teacher = exp_dir / plan.teacher_key if plan.teacher_key else None
             plan.config.train.progress = progress
             if is_finished(workdir, plan.config):
-                _say(f"    {plan.key}: finished earlier, skipped", quiet=quiet)
+                tracker.done(plan, "finished earlier, skipped", None)
                 status = "skipped"
             else:
-                execute_run(
+                t0 = time.perf_counter()
+                results = execute_run(
                     plan,
                     workdir,
                     teacher_workdir=teacher,
                     quiet=quiet,
                     validation_only=validation_only,
+                    heartbeat_seconds=beat,
                 )
+                seconds = time.perf_counter() - t0
+                line = _run_line(results, seconds, validation_only=validation_only, workdir=workdir)
+                tracker.done(plan, line, seconds)
                 status = "trained"
             if on_run is not None:
                 on_run(plan, status)
     make = build_summary if validation_only else write_summary
     summary = make(exp_dir, spec=spec, plans=plans)
-    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    summary["wall_seconds"] = round(time.perf_counter() - tracker.t0, 1)
     _say("", quiet=quiet)
     _say(format_summary_text(summary, validation_only=validation_only), quiet=quiet)
     if not validation_only:

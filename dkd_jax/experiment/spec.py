@@ -31,6 +31,8 @@ MODEL_LABELS = {
     "kd": "student KD",
     "tckd": "student TCKD",
     "nckd": "student NCKD",
+    "baseline": "baseline (feature statistics)",
+    "baseline_speaker": "baseline, per-speaker normalised",
 }
 # Fields the runner sets itself for every run; overriding them would break the layout.
 _RUNNER_FIELDS = (
