@@ -131,7 +131,7 @@ def _config_diff(old: dict, new: dict) -> str:
         elif a != b:
             diffs.append(f"{group}: {a!r} -> {b!r}")
     if not diffs and old.get("inputs_hash") != new.get("inputs_hash"):
-        diffs.append("the input files changed")
+        diffs.append("the input files (or their utterance ids) changed")
     return "; ".join(diffs[:6]) or "different fingerprint"
 
 
