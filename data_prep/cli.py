@@ -4,13 +4,16 @@
       scripted] [--happy exc|hap+exc|hap] [--classes neutral,happy,sad,angry]
   python -m data_prep emodb --root path/to/emodb/wav --out DIR [--classes ...]
   python -m data_prep csv --manifest corpus.csv --out DIR [--corpus NAME] [--classes ...]
+      [--label-map anger=angry,joy=happy|map.json] [--exclude-labels fear,disgust]
+      [--ignore-unknown-labels] [--duplicates error|keep-first]
   python -m data_prep synth --out CORPUS_DIR [--size demo|tiny|iemocap] [--seed N]
       [--speaker-confound F]
 
 Feature/run options of the three corpus sources: ``--features logmel40|logmel64|logmel128|
 mfcc26``, ``--short pad|drop``, ``--workers N``, ``--shards N``, ``--overwrite``,
-``--no-progress``. Errors are reported in one message naming the file and the fix (exit 2);
-an interrupted run exits 130 and resumes when the same command is run again.
+``--no-progress``, ``--max-segments-per-utterance N``, ``--max-utterance-share F``. Errors are
+reported in one line, ``data_prep: error: PATH: reason`` (exit 2); an interrupted run (Ctrl-C:
+exit 130, SIGTERM: exit 143) resumes when the same command is run again.
 """
 
 from __future__ import annotations
@@ -22,7 +25,26 @@ import logging
 import os
 import sys
 
+from data_prep import manifest, pipeline
 from dkd_jax import audio
+
+PROG = "data_prep"
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_error(e: OSError) -> str:
+    """``PATH: reason`` of an OSError (``PATH -> PATH2: reason`` for a rename)."""
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return reason
+    where = os.fspath(e.filename)
+    if getattr(e, "filename2", None):
+        where += f" -> {os.fspath(e.filename2)}"
+    return f"{where}: {reason}"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -52,6 +74,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="replace a prep run with a different configuration found in --out",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-segments-per-utterance",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep at most N train-layout windows of an utterance, spread over it (default all; "
+        "the eval layout keeps every window)",
+    )
+    p.add_argument(
+        "--max-utterance-share",
+        type=float,
+        default=pipeline.DEFAULT_MAX_UTTERANCE_SHARE,
+        metavar="F",
+        help="warn when one utterance supplies more than this share of the train segments "
+        "(default 0.1)",
+    )
     p.add_argument(
         "--classes",
         default=None,
@@ -92,9 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--manifest",
         required=True,
-        help="CSV with header path,label,speaker[,session,gender,utterance_id]",
+        help="CSV with header path,label,speaker[,session,gender,utterance_id] (README: "
+        "'Preparing data')",
     )
     p.add_argument("--corpus", default="csv", help="corpus / TFDS dataset name (default csv)")
+    p.add_argument(
+        "--label-map",
+        default=None,
+        metavar="MAP",
+        help='rename labels to classes: anger=angry,joy=happy, or a JSON file {"anger": "angry"}',
+    )
+    p.add_argument(
+        "--exclude-labels",
+        default=None,
+        metavar="LABELS",
+        help="labels to leave out (counted), e.g. fear,disgust",
+    )
+    p.add_argument(
+        "--ignore-unknown-labels",
+        action="store_true",
+        help="leave out (and count) every label that is not a class, instead of failing",
+    )
+    p.add_argument(
+        "--duplicates",
+        default="error",
+        choices=manifest.DUPLICATE_POLICIES,
+        help="rows repeating a file or its audio (SHA-256): error (default) or keep-first",
+    )
     _add_common(p)
 
     p = sub.add_parser("synth", help="generate a synthetic corpus in the IEMOCAP layout")
@@ -117,14 +179,9 @@ def _run_synth(args) -> int:
     try:
         from data_prep import synth
     except ImportError as e:
-        print(f"error: the synthetic corpus generator is not available ({e})", file=sys.stderr)
-        return 2
+        return _error(f"the synthetic corpus generator is not available ({e})")
     if args.size not in getattr(synth, "SIZE_PRESETS", {args.size: None}):
-        print(
-            f"error: unknown --size {args.size!r}; choose from {sorted(synth.SIZE_PRESETS)}",
-            file=sys.stderr,
-        )
-        return 2
+        return _error(f"unknown --size {args.size!r}; choose from {sorted(synth.SIZE_PRESETS)}")
     summary = synth.generate_corpus(
         args.out,
         size=args.size,
@@ -141,27 +198,37 @@ def _run_synth(args) -> int:
     return 0
 
 
+def _source_options(args) -> dict:
+    if args.source == "iemocap":
+        options = {"root": args.root, "dialogs": args.dialogs, "happy": args.happy}
+    elif args.source == "emodb":
+        options = {"root": args.root}
+    else:
+        options = {
+            "manifest": args.manifest,
+            "corpus": args.corpus,
+            "label_map": args.label_map,
+            "exclude_labels": args.exclude_labels,
+            "ignore_unknown_labels": args.ignore_unknown_labels,
+            "duplicates": args.duplicates,
+        }
+    if args.classes:
+        options["classes"] = args.classes
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    """CLI entry point; returns the exit status (0 ok, 2 error, 130 Ctrl-C, 143 SIGTERM)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from data_prep import pipeline
     from data_prep.sources import PrepError
+    from data_prep.workers import Terminated
     from dkd_jax.records import DataError
 
     try:
         if args.source == "synth":
             return _run_synth(args)
         cfg = dataclasses.replace(audio.FEATURE_PRESETS[args.features], short_utterances=args.short)
-        options = {}
-        if args.source == "iemocap":
-            options = {"root": args.root, "dialogs": args.dialogs, "happy": args.happy}
-        elif args.source == "emodb":
-            options = {"root": args.root}
-        else:
-            options = {"manifest": args.manifest, "corpus": args.corpus}
-        if args.classes:
-            options["classes"] = args.classes
         meta = pipeline.prepare(
             args.source,
             out_dir=args.out,
@@ -170,17 +237,18 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
             num_shards=args.shards,
-            **options,
+            max_segments_per_utterance=args.max_segments_per_utterance,
+            max_utterance_share=args.max_utterance_share,
+            **_source_options(args),
         )
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted; run the same command again to resume where it stopped",
-            file=sys.stderr,
-        )
-        return 130
-    except (PrepError, DataError, audio.AudioError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{what}; run the same command again to resume where it stopped", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Terminated) else 130
+    except OSError as e:
+        return _error(_os_error(e))
+    except (PrepError, DataError, audio.AudioError, ValueError) as e:
+        return _error(str(e))
     print(pipeline.prep_summary(meta))
     print(f"wrote {os.path.abspath(args.out)}")
     return 0

@@ -2,40 +2,41 @@
 
 :func:`prepare` is the Python API behind ``python -m data_prep``. One run:
 
-1. scans the corpus (:mod:`data_prep.sources`) into utterances sorted by id;
+1. scans the corpus (:mod:`data_prep.sources`, :mod:`data_prep.manifest`) into utterances
+   sorted by id;
 2. assigns utterance ``i`` to shard ``i % num_shards`` (deterministic, independent of workers);
 3. checks the output folder: a finished run with the same fingerprint is returned as is, an
    interrupted one is resumed, one with a different configuration is refused (``overwrite``
    replaces it);
-4. streams utterances through a process pool (ordered results, bounded look-ahead, so memory
-   does not grow with the corpus), each worker loading the audio, computing whole-utterance
+4. streams utterances through the feature workers (:mod:`data_prep.workers`: ordered results,
+   bounded look-ahead, workers that die with their parent), each computing whole-utterance
    features once and serialising both segment layouts ("train" hop 1.0 s, "eval" hop 0.4 s);
 5. writes each shard to ``.prep/`` and moves it into place when complete, with a completion
    marker (utterance rows, skipped files, SHA-256) that makes the run resumable shard by shard;
-6. writes the TFDS metadata (dataset_info.json, features.json) and, last, metadata.json.
+   Ctrl-C and SIGTERM stop the workers and keep the finished shards;
+6. writes the TFDS metadata (dataset_info.json, features.json) and, last, metadata.json, with
+   the segment balance (utterances supplying more than ``max_utterance_share`` of the "train"
+   segments are named and warned about; ``max_segments_per_utterance`` caps them).
 
 Output bytes depend only on the input files and the options: two runs, or an interrupted run
-and its resumption, give byte-identical folders, whatever ``workers`` is.
+and its resumption, give byte-identical folders, whatever ``workers`` is. OS errors (read-only
+or full output folder) surface as :class:`OSError` naming the file.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
-import numpy as np
-
-from data_prep import sources
+from data_prep import manifest, sources
+from data_prep import workers as feature_workers
 from data_prep.sources import PrepError, Scan, Utterance
 from dkd_jax import audio, records
 
@@ -44,141 +45,14 @@ log = logging.getLogger("data_prep")
 STATE_DIR = ".prep"
 UTTERANCES_PER_SHARD = 256
 MAX_SHARDS = 1024
-_CHUNK = 4  # utterances per pool task
+DEFAULT_MAX_UTTERANCE_SHARE = 0.1
+"""Warn when one utterance supplies more than this share of the "train" segments."""
 
-
-# --------------------------------------------------------------------------------------------
-# Feature worker
-# --------------------------------------------------------------------------------------------
-
-_worker_state: dict = {}
-
-
-def _init_worker(cfg_dict: dict, corpus: str, pool_worker: bool = False) -> None:
-    if pool_worker:
-        # Ctrl-C reaches the whole process group: the main process handles it (stops the pool,
-        # keeps finished shards); workers just finish their current chunk, quietly.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_state["cfg"] = audio.FeatureConfig.from_dict(cfg_dict)
-    _worker_state["corpus"] = corpus
-    import librosa  # noqa: F401  (pay the import once per worker)
-
-
-def _layout_blob(
-    feats: np.ndarray, utt: Utterance, cfg, corpus: str, *, hop_seconds: float, valid: int
-) -> tuple[bytes, int]:
-    segments, valid_frames = audio.segment_features(
-        feats, cfg, hop_seconds=hop_seconds, num_valid_frames=valid
-    )
-    parts = []
-    for k in range(segments.shape[0]):
-        payload = records.encode_segment(
-            segments[k],
-            label=utt.label,
-            utterance_id=utt.utterance_id,
-            segment_index=k,
-            valid_frames=int(valid_frames[k]),
-            speaker=utt.speaker,
-            session=utt.session,
-            gender=utt.gender,
-            corpus=corpus,
-        )
-        parts.append(records.frame_record(payload))
-    return b"".join(parts), len(parts)
-
-
-def _process_utterance(utt: Utterance) -> tuple:
-    """Features + framed records of one utterance (runs in a worker).
-
-    Returns:
-      ("ok", row dict, train bytes, n_train, eval bytes, n_eval) or ("skip", kind, reason).
-    """
-    cfg: audio.FeatureConfig = _worker_state["cfg"]
-    corpus: str = _worker_state["corpus"]
-    try:
-        wave = audio.load_audio(utt.path, sample_rate=cfg.sample_rate)
-    except audio.AudioError as e:
-        return ("skip", e.kind, e.reason)
-    duration = wave.shape[0] / cfg.sample_rate
-    short = wave.shape[0] < cfg.window_samples
-    if short and cfg.short_utterances == "drop":
-        return (
-            "skip",
-            "short_dropped",
-            f"shorter than one window ({duration:.3f} s < {cfg.window_seconds} s), "
-            "dropped (short_utterances='drop')",
-        )
-    padded, valid = audio.pad_to_window(wave, cfg)
-    feats = audio.compute_features(padded, cfg)
-    train, n_train = _layout_blob(
-        feats, utt, cfg, corpus, hop_seconds=cfg.train_hop_seconds, valid=valid
-    )
-    evals, n_eval = _layout_blob(
-        feats, utt, cfg, corpus, hop_seconds=cfg.eval_hop_seconds, valid=valid
-    )
-    row = {
-        "utterance_id": utt.utterance_id,
-        "label": utt.label,
-        "label_name": utt.label_name,
-        "source_label": utt.source_label,
-        "speaker": utt.speaker,
-        "session": utt.session,
-        "gender": utt.gender,
-        "dialog": utt.dialog,
-        "duration_s": round(duration, 6),
-        "num_train_segments": n_train,
-        "num_eval_segments": n_eval,
-        "padded": bool(short),
-        "path": utt.rel_path,
-    }
-    return ("ok", row, train, n_train, evals, n_eval)
-
-
-def _process_chunk(chunk: list[Utterance]) -> list[tuple]:
-    return [_process_utterance(u) for u in chunk]
-
-
-def _mp_context():
-    # fork is cheapest (workers inherit imported librosa) but unsafe once JAX or TensorFlow
-    # started their thread pools in this process; spawn is always safe.
-    methods = multiprocessing.get_all_start_methods()
-    threaded = any(m in sys.modules for m in ("jax", "tensorflow", "torch"))
-    if "fork" in methods and not threaded:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
-def _ordered_results(
-    utterances: list[Utterance], cfg: audio.FeatureConfig, corpus: str, workers: int
-) -> Iterator[tuple]:
-    """Processes utterances in order; at most ~4 chunks per worker in flight (bounded memory)."""
-    if workers <= 1:
-        _init_worker(cfg.to_dict(), corpus)
-        for u in utterances:
-            yield _process_utterance(u)
-        return
-    chunks = [utterances[i : i + _CHUNK] for i in range(0, len(utterances), _CHUNK)]
-    ex = cf.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=_mp_context(),
-        initializer=_init_worker,
-        initargs=(cfg.to_dict(), corpus, True),
-    )
-    try:
-        pending: collections.deque = collections.deque()
-        it = iter(chunks)
-        for chunk in it:
-            pending.append(ex.submit(_process_chunk, chunk))
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            results = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(ex.submit(_process_chunk, nxt))
-            yield from results
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+SCANNERS = {
+    "iemocap": sources.scan_iemocap,
+    "emodb": sources.scan_emodb,
+    "csv": manifest.scan_csv,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +131,7 @@ def _config_diff(old: dict, new: dict) -> str:
         elif a != b:
             diffs.append(f"{group}: {a!r} -> {b!r}")
     if not diffs and old.get("inputs_hash") != new.get("inputs_hash"):
-        diffs.append("the input files changed")
+        diffs.append("the input files (or their utterance ids) changed")
     return "; ".join(diffs[:6]) or "different fingerprint"
 
 
@@ -285,16 +159,42 @@ _on_shard_done: Callable[[int], None] | None = None
 
 def scan(source: str, **source_options) -> Scan:
     """Runs the reader of ``source`` ("iemocap", "emodb", "csv") with its options."""
-    if source not in sources.SCANNERS:
-        raise PrepError(f"unknown source {source!r}; choose from {sorted(sources.SCANNERS)}")
+    if source not in SCANNERS:
+        raise PrepError(f"unknown source {source!r}; choose from {sorted(SCANNERS)}")
     opts = dict(source_options)
     key = "manifest" if source == "csv" else "root"
     if key not in opts or opts[key] is None:
         raise PrepError(f"source {source!r} needs {key}=...")
     try:
-        return sources.SCANNERS[source](opts.pop(key), **opts)
+        return SCANNERS[source](opts.pop(key), **opts)
     except TypeError as e:
         raise PrepError(f"bad options for source {source!r}: {e}") from None
+
+
+def _check_balance_options(cap, share) -> tuple[int | None, float]:
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise PrepError(f"max_segments_per_utterance must be a positive integer, got {cap!r}")
+    if not isinstance(share, int | float) or not 0 < float(share) <= 1:
+        raise PrepError(f"max_utterance_share must be in (0, 1], got {share!r}")
+    return cap, float(share)
+
+
+def _identity(source: str, found: Scan, cfg, num_shards: int, cap: int | None) -> dict:
+    inputs = [
+        (u.utterance_id, u.rel_path, os.path.getsize(u.path), u.label, u.speaker, u.session)
+        for u in found.utterances
+    ]
+    identity = {
+        "format_version": records.FORMAT_VERSION,
+        "corpus": found.corpus,
+        "source": {"kind": source, **found.options},
+        "feature_config": cfg.to_dict(),
+        "num_shards": num_shards,
+        "inputs_hash": hashlib.sha256(_canonical(inputs)).hexdigest(),
+    }
+    if cap is not None:  # only then: runs without a cap keep their earlier fingerprint
+        identity["max_segments_per_utterance"] = cap
+    return identity
 
 
 def prepare(
@@ -306,21 +206,30 @@ def prepare(
     progress: bool = True,
     overwrite: bool = False,
     num_shards: int | None = None,
+    max_segments_per_utterance: int | None = None,
+    max_utterance_share: float = DEFAULT_MAX_UTTERANCE_SHARE,
     **source_options,
 ) -> dict:
     """Prepares a corpus into a prep dir of TFRecord shards (see :mod:`dkd_jax.records`).
 
     Args:
       source: "iemocap" (root=, dialogs="all"|"improvised"|"scripted", happy="exc"|"hap+exc"|
-        "hap", classes=), "emodb" (root=, classes=) or "csv" (manifest=, classes=, corpus=).
+        "hap", classes=), "emodb" (root=, classes=) or "csv" (manifest=, classes=, corpus=,
+        label_map=, exclude_labels=, ignore_unknown_labels=, duplicates=; see
+        :func:`data_prep.manifest.scan_csv`).
       out_dir: the prep dir (created; resumed if it holds an interrupted run of the same
         configuration; refused if it holds a different one, unless ``overwrite``).
       feature_config: FeatureConfig, preset name ("logmel40" default, "logmel64", "logmel128",
         "mfcc26") or dict.
-      workers: feature processes (default: CPU count; 1 = in this process).
+      workers: feature processes (default: the usable CPUs, at most one per 4 utterances;
+        1 = in this process).
       progress: show a tqdm bar (only on a terminal).
       overwrite: replace a prep run with a different configuration in ``out_dir``.
       num_shards: shards per split (default ceil(utterances / 256), at most 1024).
+      max_segments_per_utterance: keep at most this many "train" windows of an utterance,
+        spread evenly over it (default: all). The "eval" layout keeps every window.
+      max_utterance_share: warn about (and list in metadata.json) utterances supplying more
+        than this share of the "train" segments (default 0.1).
       **source_options: passed to the reader.
 
     Returns:
@@ -329,48 +238,45 @@ def prepare(
     Raises:
       PrepError: bad options, an unusable corpus (nothing left, with the reasons), or an output
         folder that holds something else.
+      OSError: the output folder cannot be written (read-only, no space left); names the file.
+      workers.Terminated: SIGTERM (a KeyboardInterrupt: the finished shards are kept).
     """
     cfg = resolve_feature_config(feature_config)
+    cap, share = _check_balance_options(max_segments_per_utterance, max_utterance_share)
     found = scan(source, **source_options)
-    root_key = "manifest" if source == "csv" else "root"
-    root_value = os.path.abspath(os.fspath(source_options[root_key]))
+    root_value = os.path.abspath(
+        os.fspath(source_options["manifest" if source == "csv" else "root"])
+    )
     utts = found.utterances
     if not utts:
         raise PrepError(_nothing_left_message(root_value, found, 0, []))
     if num_shards is None:
         num_shards = min(MAX_SHARDS, max(1, math.ceil(len(utts) / UTTERANCES_PER_SHARD)))
-    num_shards = int(num_shards)
-    if num_shards < 1:
+    if int(num_shards) < 1:
         raise PrepError(f"num_shards must be >= 1, got {num_shards}")
-    num_shards = min(num_shards, len(utts))
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
-
-    inputs = [
-        (u.utterance_id, u.rel_path, os.path.getsize(u.path), u.label, u.speaker, u.session)
-        for u in utts
-    ]
-    inputs_hash = hashlib.sha256(_canonical(inputs)).hexdigest()
-    identity = {
-        "format_version": records.FORMAT_VERSION,
-        "corpus": found.corpus,
-        "source": {"kind": source, **found.options},
-        "feature_config": cfg.to_dict(),
-        "num_shards": num_shards,
-        "inputs_hash": inputs_hash,
-    }
+    num_shards = min(int(num_shards), len(utts))
+    identity = _identity(source, found, cfg, num_shards, cap)
     fingerprint = hashlib.sha256(_canonical(identity)).hexdigest()
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     state_dir = os.path.join(out_dir, STATE_DIR)
-    resumed = _claim_out_dir(out_dir, identity, fingerprint, overwrite)
-    if resumed == "done":
-        log.info("%s already holds this prep run; nothing to do", out_dir)
-        return records.load_metadata(out_dir)
-    os.makedirs(state_dir, exist_ok=True)
-    _write_json(os.path.join(state_dir, "state.json"), {**identity, "fingerprint": fingerprint})
+    with feature_workers.stop_on_signals():
+        if _claim_out_dir(out_dir, identity, fingerprint, overwrite) == "done":
+            log.info("%s already holds this prep run; nothing to do", out_dir)
+            return records.load_metadata(out_dir)
+        os.makedirs(state_dir, exist_ok=True)
+        _write_json(os.path.join(state_dir, "state.json"), {**identity, "fingerprint": fingerprint})
+        done = _completed_shards(out_dir, state_dir, num_shards)
+        run = _ShardRun(out_dir, state_dir, found.corpus, num_shards, utts)
+        run.write_pending(done, cfg, workers, cap, progress)
+    balance = segment_balance(done, num_shards, max_share=share, cap=cap)
+    meta = _finalize(out_dir, found, cfg, identity, fingerprint, root_value, done, balance)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return meta
 
-    # ---- shards ------------------------------------------------------------------------
-    shards = [utts[j::num_shards] for j in range(num_shards)]
+
+def _completed_shards(out_dir: str, state_dir: str, num_shards: int) -> dict:
+    """Markers of the shards an earlier (interrupted) run finished, whose files are intact."""
     done = {}
     for j in range(num_shards):
         marker = os.path.join(state_dir, f"shard-{j:05d}.json")
@@ -383,27 +289,9 @@ def prepare(
             )
             if ok:
                 done[j] = info
-    pending = [j for j in range(num_shards) if j not in done]
     if done:
         log.info("resuming %s: %d of %d shards already complete", out_dir, len(done), num_shards)
-    stream = [u for j in pending for u in shards[j]]
-    bar = _progress(len(stream), progress, f"prep {found.corpus}")
-    results = _ordered_results(stream, cfg, found.corpus, workers)
-    try:
-        for j in pending:
-            done[j] = _write_shard(
-                j, shards[j], results, out_dir, state_dir, found.corpus, num_shards, bar
-            )
-            if _on_shard_done is not None:
-                _on_shard_done(j)
-    finally:
-        results.close()
-        bar.close()
-
-    # ---- metadata ----------------------------------------------------------------------
-    meta = _finalize(out_dir, found, cfg, identity, fingerprint, root_value, done, num_shards)
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return meta
+    return done
 
 
 def _claim_out_dir(out_dir: str, identity: dict, fingerprint: str, overwrite: bool) -> str:
@@ -453,59 +341,143 @@ def _claim_out_dir(out_dir: str, identity: dict, fingerprint: str, overwrite: bo
     return "new"
 
 
-def _write_shard(
-    j: int,
-    shard: list[Utterance],
-    results: Iterator[tuple],
-    out_dir: str,
-    state_dir: str,
-    corpus: str,
-    num_shards: int,
-    bar,
-) -> dict:
-    """Consumes the results of one shard's utterances; writes both layouts; returns its marker."""
-    names = {s: shard_file(corpus, s, j, num_shards) for s in records.SPLITS}
-    tmp = {s: os.path.join(state_dir, names[s] + ".tmp") for s in records.SPLITS}
-    files = {s: open(tmp[s], "wb") for s in records.SPLITS}
-    digests = {s: hashlib.sha256() for s in records.SPLITS}
-    lengths = dict.fromkeys(records.SPLITS, 0)
-    rows, skipped = [], []
-    try:
-        for utt in shard:
-            res = next(results)
-            if res[0] == "skip":
-                _, kind, reason = res
-                skipped.append(
-                    {
-                        "path": utt.rel_path,
-                        "utterance_id": utt.utterance_id,
-                        "kind": kind,
-                        "reason": reason,
-                    }
-                )
-            else:
-                _, row, train, n_train, evals, n_eval = res
-                for split, blob, n in (("train", train, n_train), ("eval", evals, n_eval)):
-                    files[split].write(blob)
-                    digests[split].update(blob)
-                    lengths[split] += n
-                rows.append(row)
-            bar.update(1)
-    finally:
-        for f in files.values():
-            f.close()
-    info = {"shard": j, "files": {}, "rows": rows, "skipped": skipped}
-    for s in records.SPLITS:
-        final = os.path.join(out_dir, names[s])
-        os.replace(tmp[s], final)
-        info["files"][s] = {
-            "name": names[s],
-            "num_records": lengths[s],
-            "num_bytes": os.path.getsize(final),
-            "sha256": digests[s].hexdigest(),
-        }
-    _write_json(os.path.join(state_dir, f"shard-{j:05d}.json"), info)
-    return info
+def _with_path(e: OSError, path: str) -> OSError:
+    """``e`` itself when it names a file, else the same error naming ``path``."""
+    if e.filename:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), path)
+
+
+class _ShardRun:
+    """Writes the shards of one prep run that are not complete yet."""
+
+    def __init__(self, out_dir: str, state_dir: str, corpus: str, num_shards: int, utts: list):
+        self.out_dir, self.state_dir, self.corpus = out_dir, state_dir, corpus
+        self.num_shards = num_shards
+        self.shards = [utts[j::num_shards] for j in range(num_shards)]
+
+    def write_pending(self, done: dict, cfg, workers: int | None, cap, progress: bool) -> None:
+        """Featurises the utterances of the missing shards and writes them (fills ``done``)."""
+        pending = [j for j in range(self.num_shards) if j not in done]
+        stream = [u for j in pending for u in self.shards[j]]
+        if not stream:
+            return
+        count = feature_workers.default_workers(len(stream), workers)
+        bar = _progress(len(stream), progress, f"prep {self.corpus}")
+        try:
+            with feature_workers.FeaturePool(cfg, self.corpus, count, cap) as pool:
+                results = pool.results(stream)
+                for j in pending:
+                    done[j] = self._write_shard(j, results, bar)
+                    if _on_shard_done is not None:
+                        _on_shard_done(j)
+        finally:
+            bar.close()
+
+    def _write_shard(self, j: int, results: Iterator[tuple], bar) -> dict:
+        """Consumes the results of shard ``j``'s utterances; writes both layouts; its marker."""
+        names = {s: shard_file(self.corpus, s, j, self.num_shards) for s in records.SPLITS}
+        tmp = {s: os.path.join(self.state_dir, names[s] + ".tmp") for s in records.SPLITS}
+        digests = {s: hashlib.sha256() for s in records.SPLITS}
+        lengths = dict.fromkeys(records.SPLITS, 0)
+        rows, skipped = [], []
+        files = {}
+        try:
+            for s in records.SPLITS:
+                files[s] = open(tmp[s], "wb")
+            for utt in self.shards[j]:
+                feature_workers.raise_if_terminated()
+                res = next(results)
+                if res[0] == "skip":
+                    skipped.append(_skip_row(utt, res[1], res[2]))
+                else:
+                    _, row, train, n_train, evals, n_eval = res
+                    for split, blob, n in (("train", train, n_train), ("eval", evals, n_eval)):
+                        try:
+                            files[split].write(blob)
+                        except OSError as e:
+                            raise _with_path(e, tmp[split]) from None
+                        digests[split].update(blob)
+                        lengths[split] += n
+                    rows.append(row)
+                bar.update(1)
+        finally:
+            for s, f in files.items():
+                try:
+                    f.close()
+                except OSError as e:  # a full disk can fail at the final flush
+                    raise _with_path(e, tmp[s]) from None
+        info = {"shard": j, "files": {}, "rows": rows, "skipped": skipped}
+        for s in records.SPLITS:
+            final = os.path.join(self.out_dir, names[s])
+            os.replace(tmp[s], final)
+            info["files"][s] = {
+                "name": names[s],
+                "num_records": lengths[s],
+                "num_bytes": os.path.getsize(final),
+                "sha256": digests[s].hexdigest(),
+            }
+        _write_json(os.path.join(self.state_dir, f"shard-{j:05d}.json"), info)
+        return info
+
+
+def _skip_row(utt: Utterance, kind: str, reason: str) -> dict:
+    return {"path": utt.rel_path, "utterance_id": utt.utterance_id, "kind": kind, "reason": reason}
+
+
+def segment_balance(done: dict, num_shards: int, *, max_share: float, cap: int | None) -> dict:
+    """How evenly the utterances supply the "train" segments; warns about dominant ones.
+
+    Args:
+      done: shard markers (``rows`` with ``num_train_segments``).
+      num_shards: shards per split.
+      max_share: an utterance with more than this share of the segments is "dominant".
+      cap: the ``max_segments_per_utterance`` the run used (None: no cap).
+
+    Returns:
+      {"layout": "train", "max_utterance_share", "max_segments_per_utterance",
+      "total_segments", "capped_utterances", "segments_removed_by_cap", "dominant":
+      [{"utterance_id", "segments", "share"}] largest first} (stored in metadata.json).
+    """
+    rows = [r for j in range(num_shards) for r in done[j]["rows"]]
+    total = sum(r["num_train_segments"] for r in rows)
+    dominant = sorted(
+        (
+            {
+                "utterance_id": r["utterance_id"],
+                "segments": r["num_train_segments"],
+                "share": round(r["num_train_segments"] / total, 4),
+            }
+            for r in rows
+            if total and r["num_train_segments"] > max_share * total
+        ),
+        key=lambda d: (-d["segments"], d["utterance_id"]),
+    )
+    capped = [r for r in rows if "train_segments_before_cap" in r]
+    for d in dominant[:5]:
+        log.warning(
+            "warning: utterance %s supplies %d of the %d train segments (%.0f %%, more than "
+            "%.0f %%); one recording then dominates training: cap it with "
+            "--max-segments-per-utterance N",
+            d["utterance_id"],
+            d["segments"],
+            total,
+            100 * d["share"],
+            100 * max_share,
+        )
+    if len(dominant) > 5:
+        log.warning("warning: %d more such utterances (listed in metadata.json)", len(dominant) - 5)
+    return {
+        "layout": "train",
+        "max_utterance_share": max_share,
+        "max_segments_per_utterance": cap,
+        "total_segments": total,
+        "capped_utterances": len(capped),
+        "segments_removed_by_cap": sum(
+            r["train_segments_before_cap"] - r["num_train_segments"] for r in capped
+        ),
+        "dominant": dominant,
+    }
 
 
 def _nothing_left_message(root: str, found: Scan, candidates: int, skipped: list[dict]) -> str:
@@ -526,26 +498,7 @@ def _counter(rows: Iterable[dict], key: str) -> dict:
     return dict(sorted(collections.Counter(r[key] for r in rows).items()))
 
 
-def _finalize(
-    out_dir: str,
-    found: Scan,
-    cfg: audio.FeatureConfig,
-    identity: dict,
-    fingerprint: str,
-    root_value: str,
-    done: dict,
-    num_shards: int,
-) -> dict:
-    rows = sorted(
-        (r for j in range(num_shards) for r in done[j]["rows"]), key=lambda r: r["utterance_id"]
-    )
-    late_skips = [s for j in range(num_shards) for s in done[j]["skipped"]]
-    if not rows:
-        msg = _nothing_left_message(root_value, found, len(found.utterances), late_skips)
-        _clear_artifacts(out_dir)
-        raise PrepError(msg)
-    skipped = sorted(found.skipped + late_skips, key=lambda s: (s["path"], s["utterance_id"]))
-    label_names = found.label_names
+def _split_info(done: dict, cfg: audio.FeatureConfig, num_shards: int) -> dict:
     splits = {}
     for s in records.SPLITS:
         files = [done[j]["files"][s] for j in range(num_shards)]
@@ -557,6 +510,11 @@ def _finalize(
             "num_bytes": sum(f["num_bytes"] for f in files),
             "sha256": [f["sha256"] for f in files],
         }
+    return splits
+
+
+def _counts(found: Scan, rows: list, splits: dict, skipped: list, late_skips: list) -> dict:
+    label_names = found.label_names
     seg_by_class = {}
     for s in records.SPLITS:
         key = "num_train_segments" if s == "train" else "num_eval_segments"
@@ -565,7 +523,7 @@ def _finalize(
             c[r["label_name"]] += r[key]
         seg_by_class[s] = {n: c.get(n, 0) for n in label_names}
     by_class = collections.Counter(r["label_name"] for r in rows)
-    counts = {
+    return {
         "candidates": len(found.utterances),
         "utterances": len(rows),
         "segments": {s: splits[s]["num_segments"] for s in records.SPLITS},
@@ -581,35 +539,62 @@ def _finalize(
         "excluded": dict(found.excluded),
         "skipped": dict(sorted(collections.Counter(s["kind"] for s in skipped).items())),
     }
+
+
+def _content_hash(splits: dict, cfg: audio.FeatureConfig, label_names: list, rows: list) -> str:
+    """SHA-256 over the shard digests, the feature config, the label names and the rows."""
     content = hashlib.sha256()
     for s in records.SPLITS:
         for name, digest in zip(splits[s]["files"], splits[s]["sha256"], strict=True):
             content.update(f"{name} {digest}\n".encode())
     content.update(_canonical({"feature_config": cfg.to_dict(), "label_names": label_names}))
     content.update(_canonical(rows))
+    return "sha256:" + content.hexdigest()
+
+
+def _finalize(
+    out_dir: str,
+    found: Scan,
+    cfg: audio.FeatureConfig,
+    identity: dict,
+    fingerprint: str,
+    root_value: str,
+    done: dict,
+    balance: dict,
+) -> dict:
+    num_shards = identity["num_shards"]
+    rows = sorted(
+        (r for j in range(num_shards) for r in done[j]["rows"]), key=lambda r: r["utterance_id"]
+    )
+    late_skips = [s for j in range(num_shards) for s in done[j]["skipped"]]
+    if not rows:
+        msg = _nothing_left_message(root_value, found, len(found.utterances), late_skips)
+        _clear_artifacts(out_dir)
+        raise PrepError(msg)
+    skipped = sorted(found.skipped + late_skips, key=lambda s: (s["path"], s["utterance_id"]))
+    splits = _split_info(done, cfg, num_shards)
+    kind = identity["source"]["kind"]
     meta = {
         "format_version": records.FORMAT_VERSION,
         "corpus": found.corpus,
         "dataset_name": found.corpus,
-        "source": {
-            "kind": identity["source"]["kind"],
-            ("manifest" if identity["source"]["kind"] == "csv" else "root"): root_value,
-            **found.options,
-        },
+        "source": {"kind": kind, ("manifest" if kind == "csv" else "root"): root_value},
         "feature_config": cfg.to_dict(),
         "segment_shape": list(cfg.segment_shape),
         "frames_per_window": cfg.frames_per_window,
-        "label_names": label_names,
-        "num_classes": len(label_names),
+        "label_names": found.label_names,
+        "num_classes": len(found.label_names),
         "num_shards": num_shards,
         "splits": splits,
-        "counts": counts,
-        "content_hash": "sha256:" + content.hexdigest(),
+        "counts": _counts(found, rows, splits, skipped, late_skips),
+        "segment_balance": balance,
+        "content_hash": _content_hash(splits, cfg, found.label_names, rows),
         "fingerprint": fingerprint,
         "inputs_hash": identity["inputs_hash"],
         "skipped": skipped,
         "utterances": rows,
     }
+    meta["source"].update(found.options)
     _write_tfds_metadata(out_dir, found, cfg, splits)
     _write_json(os.path.join(out_dir, records.METADATA_FILE), meta)
     return meta
@@ -662,15 +647,32 @@ def prep_summary(meta: dict) -> str:
             + ", ".join(f"{k} {v}" for k, v in c["skipped"].items())
             + " (each listed with its reason in metadata.json)"
         )
+    balance = meta.get("segment_balance") or {}
+    if balance.get("capped_utterances"):
+        lines.append(
+            f"  capped: {balance['capped_utterances']} utterance(s) at "
+            f"{balance['max_segments_per_utterance']} train segments "
+            f"({balance['segments_removed_by_cap']} segments left out)"
+        )
+    if balance.get("dominant"):
+        top = balance["dominant"][0]
+        lines.append(
+            f"  warning: {len(balance['dominant'])} utterance(s) supply more than "
+            f"{100 * balance['max_utterance_share']:.0f} % of the train segments each (largest: "
+            f"{top['utterance_id']}, {100 * top['share']:.0f} %); see --max-segments-per-utterance"
+        )
     lines.append(f"  content hash {meta['content_hash']}")
     return "\n".join(lines)
 
 
 __all__ = [
+    "DEFAULT_MAX_UTTERANCE_SHARE",
+    "SCANNERS",
     "PrepError",
     "prep_summary",
     "prepare",
     "resolve_feature_config",
     "scan",
+    "segment_balance",
     "shard_file",
 ]

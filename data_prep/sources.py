@@ -9,13 +9,13 @@ Readers:
   * :func:`scan_iemocap`: the IEMOCAP release layout (``Session1..5/dialog/EmoEvaluation/*.txt``
     label blocks, ``Session*/sentences/wav/<dialog>/<utterance>.wav``).
   * :func:`scan_emodb`: EmoDB file-name convention, five IEMOCAP-like sessions of speaker pairs.
-  * :func:`scan_csv`: any corpus listed in a CSV manifest.
+  * :func:`data_prep.manifest.scan_csv`: any corpus listed in a CSV manifest (its own module:
+    schema, label map, duplicate checks).
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import os
 import re
@@ -147,7 +147,7 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _classes(classes: Sequence[str] | str | None) -> list[str]:
+def classes_list(classes: Sequence[str] | str | None) -> list[str]:
     if classes is None:
         return list(DEFAULT_CLASSES)
     if isinstance(classes, str):
@@ -160,7 +160,7 @@ def _classes(classes: Sequence[str] | str | None) -> list[str]:
     return out
 
 
-def _skip(path, kind: str, reason: str, utterance_id: str = "") -> dict:
+def skip_entry(path, kind: str, reason: str, utterance_id: str = "") -> dict:
     return {"path": str(path), "utterance_id": utterance_id, "kind": kind, "reason": reason}
 
 
@@ -248,7 +248,7 @@ def scan_iemocap(
         raise PrepError(f"IEMOCAP root {root} is not a folder; pass --root IEMOCAP_full_release")
     if dialogs not in DIALOGS:
         raise PrepError(f"dialogs must be one of {DIALOGS}, got {dialogs!r}")
-    classes = _classes(classes)
+    classes = classes_list(classes)
     label_map = iemocap_label_map(happy, classes)
     skipped: list[dict] = []
     excluded: collections.Counter = collections.Counter()
@@ -266,7 +266,7 @@ def scan_iemocap(
         )
     for s in sessions:
         if s not in present:
-            skipped.append(_skip(s, "missing_session", "session folder missing"))
+            skipped.append(skip_entry(s, "missing_session", "session folder missing"))
 
     utterances: dict[str, Utterance] = {}
     labelled: set[str] = set()
@@ -275,7 +275,7 @@ def scan_iemocap(
         emo_dir = os.path.join(sdir, "dialog", "EmoEvaluation")
         if not os.path.isdir(emo_dir):
             skipped.append(
-                _skip(
+                skip_entry(
                     os.path.relpath(emo_dir, root),
                     "missing_labels",
                     "no dialog/EmoEvaluation folder in this session",
@@ -291,17 +291,21 @@ def scan_iemocap(
             entries, bad = parse_emo_evaluation(os.path.join(emo_dir, name))
             lpath = os.path.relpath(os.path.join(emo_dir, name), root)
             for line in bad:
-                skipped.append(_skip(lpath, "malformed_label_line", f"cannot parse line {line!r}"))
+                skipped.append(
+                    skip_entry(lpath, "malformed_label_line", f"cannot parse line {line!r}")
+                )
             for utt, code, _, _ in entries:
                 if utt in labelled:
-                    skipped.append(_skip(lpath, "duplicate", "second label line for this id", utt))
+                    skipped.append(
+                        skip_entry(lpath, "duplicate", "second label line for this id", utt)
+                    )
                     continue
                 labelled.add(utt)
                 dialog = utt.rsplit("_", 1)[0]
                 wav = os.path.join(sdir, "sentences", "wav", dialog, utt + ".wav")
                 rel = os.path.relpath(wav, root)
                 if code not in IEMOCAP_LABELS:
-                    skipped.append(_skip(rel, "unknown_label", f"unknown label {code!r}", utt))
+                    skipped.append(skip_entry(rel, "unknown_label", f"unknown label {code!r}", utt))
                     continue
                 kind = dialog_kind(dialog)
                 if dialogs != "all" and kind != dialogs:
@@ -314,11 +318,15 @@ def scan_iemocap(
                 prefix = utt[:5]
                 if "_" not in utt or not re.fullmatch(r"Ses\d\d", prefix) or last[:1] not in "FM":
                     skipped.append(
-                        _skip(rel, "bad_id", "cannot tell the speaker from this utterance id", utt)
+                        skip_entry(
+                            rel, "bad_id", "cannot tell the speaker from this utterance id", utt
+                        )
                     )
                     continue
                 if not os.path.isfile(wav):
-                    skipped.append(_skip(rel, "missing_wav", "label line names a missing WAV", utt))
+                    skipped.append(
+                        skip_entry(rel, "missing_wav", "label line names a missing WAV", utt)
+                    )
                     continue
                 label = label_map[code]
                 utterances[utt] = Utterance(
@@ -337,7 +345,9 @@ def scan_iemocap(
         wav_root = os.path.join(sdir, "sentences", "wav")
         if not os.path.isdir(wav_root):
             skipped.append(
-                _skip(os.path.relpath(wav_root, root), "missing_audio", "no sentences/wav folder")
+                skip_entry(
+                    os.path.relpath(wav_root, root), "missing_audio", "no sentences/wav folder"
+                )
             )
             continue
         for dialog in sorted(os.listdir(wav_root)):
@@ -350,7 +360,7 @@ def scan_iemocap(
                 utt = name[:-4]
                 if utt not in labelled:
                     skipped.append(
-                        _skip(
+                        skip_entry(
                             os.path.relpath(os.path.join(ddir, name), root),
                             "no_label",
                             "WAV has no label line in dialog/EmoEvaluation",
@@ -388,7 +398,7 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise PrepError(f"EmoDB root {root} is not a folder; pass --root path/to/emodb/wav")
-    classes = _classes(classes)
+    classes = classes_list(classes)
     known = set(EMODB_LABELS.values())
     unknown = [c for c in classes if c not in known]
     if unknown:
@@ -412,15 +422,17 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
         m = _EMODB_NAME.match(stem)
         if m is None:
             skipped.append(
-                _skip(rel, "bad_name", "name does not follow the EmoDB convention SStttEv.wav")
+                skip_entry(rel, "bad_name", "name does not follow the EmoDB convention SStttEv.wav")
             )
             continue
         speaker, _, code, _ = m.groups()
         if speaker not in EMODB_SPEAKERS:
-            skipped.append(_skip(rel, "unknown_speaker", f"unknown EmoDB speaker {speaker}", stem))
+            skipped.append(
+                skip_entry(rel, "unknown_speaker", f"unknown EmoDB speaker {speaker}", stem)
+            )
             continue
         if code not in EMODB_LABELS:
-            skipped.append(_skip(rel, "unknown_label", f"unknown emotion code {code!r}", stem))
+            skipped.append(skip_entry(rel, "unknown_label", f"unknown emotion code {code!r}", stem))
             continue
         name_ = EMODB_LABELS[code]
         if name_ not in classes:
@@ -448,97 +460,3 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
         skipped=skipped,
         excluded=dict(sorted(excluded.items())),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# CSV manifest
-# --------------------------------------------------------------------------------------------
-
-_GENDERS = {"f": "female", "female": "female", "w": "female", "m": "male", "male": "male"}
-
-
-def scan_csv(
-    manifest: str | os.PathLike,
-    *,
-    classes: Sequence[str] | str | None = None,
-    corpus: str = "csv",
-) -> Scan:
-    """Reads a CSV manifest with a header row.
-
-    Columns: ``path``, ``label`` (a class name, case-insensitive), ``speaker`` (required);
-    ``session`` (default: the speaker, so leave-one-session-out becomes leave-one-speaker-out),
-    ``gender`` (f/female/m/male, else ""), ``utterance_id`` (default: the path relative to the
-    manifest folder without extension). Relative paths resolve against the manifest's folder.
-
-    Args:
-      manifest: the CSV file.
-      classes: class names (default neutral, happy, sad, angry); rows with other labels are
-        excluded and counted.
-      corpus: corpus name stored in the records (also the TFDS dataset name).
-    """
-    manifest = os.path.abspath(os.fspath(manifest))
-    if not os.path.isfile(manifest):
-        raise PrepError(f"manifest {manifest} does not exist")
-    classes = _classes(classes)
-    base = os.path.dirname(manifest)
-    skipped, excluded = [], collections.Counter()
-    utts: dict[str, Utterance] = {}
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        missing = [c for c in ("path", "label", "speaker") if c not in header]
-        if missing:
-            raise PrepError(
-                f"{manifest}: missing column(s) {missing}; the header must name path, label, "
-                f"speaker (optional: session, gender, utterance_id), got {header}"
-            )
-        reader.fieldnames = header
-        for lineno, row in enumerate(reader, start=2):
-            row = {k: (v or "").strip() for k, v in row.items() if k}
-            where = f"{manifest}:{lineno}"
-            if not row["path"]:
-                skipped.append(_skip(where, "bad_row", "empty path"))
-                continue
-            path = row["path"]
-            full = os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
-            rel = os.path.relpath(full, base) if not os.path.isabs(path) else path
-            utt = row.get("utterance_id") or os.path.splitext(rel)[0].replace(os.sep, "/")
-            label = row["label"].lower()
-            if not row["speaker"]:
-                skipped.append(_skip(where, "bad_row", "empty speaker", utt))
-                continue
-            if label not in classes:
-                excluded[f"label:{label or '<empty>'}"] += 1
-                continue
-            if utt in utts:
-                skipped.append(_skip(where, "duplicate", f"utterance id {utt!r} listed twice", utt))
-                continue
-            if not os.path.isfile(full):
-                skipped.append(_skip(rel, "missing_wav", f"audio file missing ({where})", utt))
-                continue
-            utts[utt] = Utterance(
-                utterance_id=utt,
-                path=full,
-                rel_path=rel,
-                label=classes.index(label),
-                label_name=label,
-                source_label=row["label"],
-                speaker=row["speaker"],
-                session=row.get("session") or row["speaker"],
-                gender=_GENDERS.get(row.get("gender", "").lower(), ""),
-                dialog="",
-            )
-    name = re.sub(r"[^a-z0-9_]", "_", corpus.lower()).strip("_") or "csv"
-    if not name[0].isalpha():
-        name = "c_" + name
-    return Scan(
-        corpus=name,
-        label_names=classes,
-        options={"classes": classes, "corpus": name},
-        utterances=sorted(utts.values(), key=lambda u: u.utterance_id),
-        skipped=skipped,
-        excluded=dict(sorted(excluded.items())),
-    )
-
-
-SCANNERS = {"iemocap": scan_iemocap, "emodb": scan_emodb, "csv": scan_csv}

@@ -6,7 +6,13 @@ in [-1, 1] at ``FeatureConfig.sample_rate``; features are computed once per *who
 (hop 1.0 s) and the evaluation layout (hop 0.4 s) share one feature matrix.
 
 Numerics are pure (arrays in, arrays out, keyword hyper-parameters, no I/O) except
-:func:`load_audio`, which is the one place that touches files.
+:func:`load_audio`, which is the one place that touches files, and :func:`segment_audio`, the
+one path from an audio file (or waveform) to the windows data_prep stores and predict scores.
+
+The STFT, the mel filterbank and the resampler are plain NumPy + soxr calls that equal
+``librosa.stft``, ``librosa.filters.mel`` and ``librosa.resample(res_type="soxr_hq")`` bit for
+bit (the tests check it): librosa's import (scipy.signal, numba) costs seconds in every
+data_prep worker, which dominated the prep time of small corpora.
 
 Feature kinds:
   * ``"logmel"``: ``log(max(mel_power, LOG_FLOOR))`` of a Hann-windowed power spectrogram
@@ -30,7 +36,6 @@ import dataclasses
 import functools
 import math
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -223,20 +228,56 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
 
 
 def resample(wave: np.ndarray, *, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited resampling (soxr_hq) of a mono waveform [n] → [round(n·target/orig)]."""
-    import librosa
+    """Band-limited resampling (soxr, "HQ") of a mono waveform [n] → [ceil(n·target/orig)].
 
+    The output is trimmed or zero-padded to ``ceil(n * target_sr / orig_sr)`` samples and
+    clipped to [-1, 1]; it equals ``librosa.resample(..., res_type="soxr_hq")`` bit for bit
+    (the tests check it), without librosa's import cost in every feature worker.
+    """
+    import soxr
+
+    wave = np.asarray(wave, dtype=np.float32)
     if orig_sr == target_sr:
-        return np.asarray(wave, dtype=np.float32)
-    out = librosa.resample(
-        np.asarray(wave, dtype=np.float32), orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq"
-    )
+        return wave
+    n_out = int(np.ceil(wave.shape[0] * (float(target_sr) / orig_sr)))
+    out = soxr.resample(wave, orig_sr, target_sr, quality="soxr_hq")
+    if out.shape[0] > n_out:
+        out = out[:n_out]
+    elif out.shape[0] < n_out:
+        out = np.pad(out, (0, n_out - out.shape[0]))
     return np.clip(out, -1.0, 1.0).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------
+
+# Slaney's mel scale (Auditory Toolbox): linear below 1 kHz at 200/3 Hz per mel, logarithmic
+# above it, with 27 mels per factor 6.4 in frequency.
+_MEL_LINEAR_HZ = 200.0 / 3
+_MEL_BREAK_HZ = 1000.0
+_MEL_BREAK = _MEL_BREAK_HZ / _MEL_LINEAR_HZ  # 15 mels
+_MEL_LOG_STEP = np.log(6.4) / 27.0
+_STFT_BLOCK = 2048  # frames transformed at a time (bounds the float64 temporaries)
+
+
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel of frequencies in Hz (float64, same shape)."""
+    hz = np.asarray(hz, dtype=np.float64)
+    high = hz >= _MEL_BREAK_HZ
+    log_part = (
+        _MEL_BREAK + np.log(np.where(high, hz, _MEL_BREAK_HZ) / _MEL_BREAK_HZ) / _MEL_LOG_STEP
+    )
+    return np.where(high, log_part, hz / _MEL_LINEAR_HZ)
+
+
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`hz_to_mel` (float64, same shape)."""
+    mel = np.asarray(mel, dtype=np.float64)
+    high = mel >= _MEL_BREAK
+    return np.where(
+        high, _MEL_BREAK_HZ * np.exp(_MEL_LOG_STEP * (mel - _MEL_BREAK)), _MEL_LINEAR_HZ * mel
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -251,13 +292,59 @@ def _sparse_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, f
 def mel_filterbank(
     *, sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None
 ) -> np.ndarray:
-    """Slaney-normalised mel filterbank [n_mels, n_fft // 2 + 1] float32 (librosa)."""
-    import librosa
+    """Slaney-normalised mel filterbank [n_mels, n_fft // 2 + 1] float32.
 
-    fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
-    fb = fb.astype(np.float32)
+    Triangle ``m`` rises from mel edge ``m`` to edge ``m + 1`` and falls to edge ``m + 2``
+    (``n_mels + 2`` edges equally spaced on the Slaney mel scale from ``fmin`` to ``fmax``),
+    scaled by ``2 / (edge[m + 2] - edge[m])`` in Hz so each filter has unit area. Computed in
+    float64 and rounded once to float32; equal bit for bit to ``librosa.filters.mel`` with its
+    defaults (checked by the tests).
+    """
+    top = sample_rate / 2 if fmax is None else float(fmax)
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(top), n_mels + 2))
+    freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
+    width = np.diff(edges)
+    rising = (freqs[None, :] - edges[:-2, None]) / width[:-1, None]
+    falling = (edges[2:, None] - freqs[None, :]) / width[1:, None]
+    triangles = np.maximum(0, np.minimum(rising, falling)).astype(np.float32)
+    fb = (triangles * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
     fb.setflags(write=False)
     return fb
+
+
+@functools.lru_cache(maxsize=16)
+def _analysis_window(n_fft: int, win_length: int) -> np.ndarray:
+    """Periodic Hann of ``win_length`` centred in ``n_fft`` zeros, float64 [n_fft]."""
+    phase = np.linspace(-np.pi, np.pi, win_length + 1)
+    hann = np.zeros(win_length + 1)
+    hann += 0.5
+    hann += 0.5 * np.cos(phase)
+    window = np.zeros(n_fft)
+    left = (n_fft - win_length) // 2
+    window[left : left + win_length] = hann[:win_length]
+    window.setflags(write=False)
+    return window
+
+
+def power_spectrogram(wave: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Power spectrogram [n_fft // 2 + 1, 1 + n // hop_length] float32 of a waveform [n].
+
+    ``center=True`` framing with zero padding of ``n_fft // 2`` on both sides, periodic Hann of
+    ``win_length`` centred in ``n_fft``; each frame is windowed and transformed in float64 and
+    the spectrum rounded to complex64 before squaring (as ``librosa.stft`` does, whose output
+    this equals bit for bit).
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    frames = num_frames(wave.shape[0], cfg)
+    half = cfg.n_fft // 2
+    padded = np.pad(wave, (half, half + max(0, cfg.n_fft - wave.shape[0])))
+    view = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length][:frames]
+    window = _analysis_window(cfg.n_fft, cfg.win_length)
+    power = np.empty((cfg.n_fft // 2 + 1, frames), np.float32)
+    for s in range(0, frames, _STFT_BLOCK):
+        spec = np.fft.rfft(window * view[s : s + _STFT_BLOCK], axis=-1).astype(np.complex64)
+        power[:, s : s + _STFT_BLOCK] = (np.square(spec.real) + np.square(spec.imag)).T
+    return power
 
 
 def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
@@ -268,32 +355,13 @@ def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
 def mel_power(wave: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """Mel power spectrogram [n_mels, frames] float32 of a mono waveform [n].
 
-    Hann window of ``win_length`` zero-padded to ``n_fft``, ``center=True`` with zero padding
-    (librosa ≥ 0.10 default), power 2, Slaney mel filterbank.
+    :func:`power_spectrogram` (Hann window of ``win_length`` zero-padded to ``n_fft``,
+    ``center=True`` with zero padding, power 2) times the Slaney mel filterbank.
     """
-    import librosa
-
     wave = np.asarray(wave, dtype=np.float32)
     if wave.ndim != 1:
         raise ValueError(f"wave must be 1-D [num_samples], got shape {wave.shape}")
-    frames = num_frames(wave.shape[0], cfg)
-    if wave.shape[0] < cfg.n_fft:
-        # librosa warns on inputs shorter than n_fft; zero-pad (frames beyond the real ones are
-        # cut below, so the result equals the centred analysis of the original samples).
-        wave = np.pad(wave, (0, cfg.n_fft - wave.shape[0]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        spec = librosa.stft(
-            wave,
-            n_fft=cfg.n_fft,
-            hop_length=cfg.hop_length,
-            win_length=cfg.win_length,
-            window="hann",
-            center=True,
-            pad_mode="constant",
-        )
-    spec = spec[:, :frames]
-    power = np.square(spec.real) + np.square(spec.imag)
+    power = power_spectrogram(wave, cfg)
     # The filterbank is ~95 % zeros: a CSR product is exact up to float32 rounding, avoids
     # BLAS (whose thread pool costs 100x on small products on a busy 2-core host) and sums in
     # a fixed order, so results do not depend on the thread count.
@@ -403,3 +471,129 @@ def segment_features(
     segments = np.ascontiguousarray(np.moveaxis(features[:, index], 1, 0))
     valid = np.clip(valid_total - starts, 0, fpw).astype(np.int32)
     return segments, valid
+
+
+# --------------------------------------------------------------------------------------------
+# File → segments (the one path shared by data_prep and predict)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """The windows of one segment layout of an utterance.
+
+    Attributes:
+      hop_seconds: hop between window starts (s).
+      features: [K, num_bins, frames_per_window] float32 windows.
+      valid_frames: [K] int32 frames of each window that come from real audio (not padding).
+      start_frames: [K] int64 first feature frame of each window.
+      starts_s: [K] float64 start of each window in seconds.
+    """
+
+    hop_seconds: float
+    features: np.ndarray
+    valid_frames: np.ndarray
+    start_frames: np.ndarray
+    starts_s: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class UtteranceSegments:
+    """An utterance turned into windows, as data_prep stores it.
+
+    Attributes:
+      duration_s: length of the audio (s), before any padding.
+      num_samples: samples of the audio at ``cfg.sample_rate``, before any padding.
+      padded: the audio is shorter than one window (it was zero-padded to one, or dropped).
+      dropped: the audio is shorter than one window and the policy is "drop": no windows.
+      layouts: one :class:`Segments` per requested hop, in the order requested (empty windows
+        when ``dropped``).
+    """
+
+    duration_s: float
+    num_samples: int
+    padded: bool
+    dropped: bool
+    layouts: tuple[Segments, ...]
+
+
+def segment_audio(
+    source: str | os.PathLike | np.ndarray,
+    cfg: FeatureConfig,
+    *,
+    hop_seconds: float | tuple[float, ...] | list[float],
+    short_utterances: str | None = None,
+    sample_rate: int | None = None,
+) -> UtteranceSegments:
+    """Audio → whole-utterance features → fixed windows, exactly as data_prep stores them.
+
+    The waveform (a file read by :func:`load_audio`, or an array at ``sample_rate``, resampled
+    when it differs from ``cfg.sample_rate``) is zero-padded to one window when shorter
+    (:func:`pad_to_window`, so the padding is exact silence), turned into features once
+    (:func:`compute_features`) and cut with each requested hop (:func:`segment_features`);
+    ``valid_frames`` counts the frames of each window inside the real audio.
+
+    Args:
+      source: an audio file path, or a mono waveform [n] (float, in [-1, 1]).
+      cfg: feature configuration.
+      hop_seconds: one hop or a sequence of hops (s), e.g. ``(cfg.train_hop_seconds,
+        cfg.eval_hop_seconds)`` for data_prep's two layouts.
+      short_utterances: "pad" or "drop" for audio shorter than one window (default
+        ``cfg.short_utterances``); predict uses "pad" so every file gets a score.
+      sample_rate: rate of a waveform ``source`` (default ``cfg.sample_rate``); ignored for
+        files.
+
+    Returns:
+      :class:`UtteranceSegments` with one :class:`Segments` per hop.
+
+    Raises:
+      AudioError: the file cannot be used (unreadable, empty, no samples, NaN/inf).
+      ValueError: a waveform that is not 1-D, or a bad policy / hop.
+    """
+    hops = (hop_seconds,) if isinstance(hop_seconds, int | float) else tuple(hop_seconds)
+    policy = cfg.short_utterances if short_utterances is None else short_utterances
+    if policy not in _SHORT:
+        raise ValueError(f"short_utterances must be one of {_SHORT}, got {policy!r}")
+    if isinstance(source, np.ndarray):
+        wave = np.asarray(source, dtype=np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"waveform must be 1-D [num_samples], got shape {wave.shape}")
+        rate = cfg.sample_rate if sample_rate is None else int(sample_rate)
+        if rate != cfg.sample_rate:
+            wave = resample(wave, orig_sr=rate, target_sr=cfg.sample_rate)
+    else:
+        wave = load_audio(source, sample_rate=cfg.sample_rate)
+    n = int(wave.shape[0])
+    short = n < cfg.window_samples
+    if short and policy == "drop":
+        empty = tuple(_empty_segments(cfg, h) for h in hops)
+        return UtteranceSegments(n / cfg.sample_rate, n, True, True, empty)
+    padded, valid = pad_to_window(wave, cfg)
+    feats = compute_features(padded, cfg)
+    layouts = []
+    for hop in hops:
+        segs, valid_frames = segment_features(feats, cfg, hop_seconds=hop, num_valid_frames=valid)
+        starts = segment_starts(feats.shape[1], cfg, hop_seconds=hop)
+        layouts.append(
+            Segments(
+                hop_seconds=float(hop),
+                features=segs,
+                valid_frames=valid_frames,
+                start_frames=starts,
+                starts_s=starts * cfg.hop_length / cfg.sample_rate,
+            )
+        )
+    return UtteranceSegments(n / cfg.sample_rate, n, short, False, tuple(layouts))
+
+
+def _empty_segments(cfg: FeatureConfig, hop: float) -> Segments:
+    return Segments(
+        hop_seconds=float(hop),
+        features=np.zeros((0, *cfg.segment_shape), np.float32),
+        valid_frames=np.zeros((0,), np.int32),
+        start_frames=np.zeros((0,), np.int64),
+        starts_s=np.zeros((0,), np.float64),
+    )

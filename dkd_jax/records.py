@@ -17,13 +17,15 @@ num_shards, splits ({"train"|"eval": hop_seconds, num_segments, files, shard_len
 sha256 per file}), counts (candidates, utterances, segments per split, duration_s, by_class /
 by_session / by_speaker / by_gender / by_dialog, segments_by_class, short_padded,
 short_dropped, excluded {"label:<code>"|"dialog:<kind>": n}, skipped {kind: n}), skipped (every
-skipped file: path, utterance_id, kind, reason), utterances (one row per kept utterance, sorted
-by id: utterance_id, label, label_name, source_label, speaker, session, gender, dialog,
+skipped file: path, utterance_id, kind, reason), segment_balance (layout, max_utterance_share,
+max_segments_per_utterance, total_segments, capped_utterances, segments_removed_by_cap, dominant
+utterances; absent in preps made before it existed), utterances (one row per kept utterance,
+sorted by id: utterance_id, label, label_name, source_label, speaker, session, gender, dialog,
 duration_s, num_train_segments, num_eval_segments, padded, path relative to the source root,
-see :func:`audio_path`), content_hash ("sha256:" over the shard digests, feature config, label
-names and utterance table) and fingerprint (identity of the run's inputs and options, used to
-resume or refuse). Both layouts hold every kept utterance; protocols choose which utterances
-train and which test.
+see :func:`audio_path`; train_segments_before_cap when a cap removed windows), content_hash
+("sha256:" over the shard digests, feature config, label names and utterance table) and
+fingerprint (identity of the run's inputs and options, used to resume or refuse). Both layouts
+hold every kept utterance; protocols choose which utterances train and which test.
 
 Every record is a ``tf.train.Example`` for one segment with the features of :data:`FIELDS`:
 the segment as raw little-endian float32 bytes (C order ``[num_bins, frames]``) plus its shape,

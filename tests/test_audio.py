@@ -277,3 +277,115 @@ def test_audio_error_pickles():
     e = pickle.loads(pickle.dumps(audio.AudioError("/x.wav", "bad", "empty")))
     assert (e.path, e.reason, e.kind) == ("/x.wav", "bad", "empty")
     assert math.isclose(audio.FeatureConfig().hop_frames(0.4), 40.0)
+
+
+# ---------------------------------------------------------------- librosa parity (bit for bit)
+
+
+@pytest.mark.parametrize("name", sorted(audio.FEATURE_PRESETS))
+def test_filterbank_and_stft_equal_librosa_bit_for_bit(name):
+    """The NumPy front end must give exactly the features the librosa one gave (prep parity)."""
+    import librosa
+
+    cfg = audio.FEATURE_PRESETS[name]
+    fb = audio.mel_filterbank(
+        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=0.0, fmax=None
+    )
+    ref_fb = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
+    np.testing.assert_array_equal(fb, ref_fb)
+    rng = np.random.default_rng(3)
+    for n in (100, cfg.n_fft - 1, cfg.n_fft, 16001, 50_123):
+        wave = (0.3 * rng.standard_normal(n)).astype(np.float32)
+        got = audio.power_spectrogram(wave, cfg)
+        padded = np.pad(wave, (0, max(0, cfg.n_fft - n)))
+        spec = librosa.stft(
+            padded,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
+            win_length=cfg.win_length,
+            window="hann",
+            center=True,
+            pad_mode="constant",
+        )[:, : got.shape[1]]
+        assert got.shape == (cfg.n_fft // 2 + 1, 1 + n // cfg.hop_length)
+        np.testing.assert_array_equal(got, np.square(spec.real) + np.square(spec.imag))
+
+
+def test_filterbank_with_band_limits_equals_librosa():
+    import librosa
+
+    for sr, n_fft, n_mels, fmin, fmax in (
+        (16000, 512, 40, 50.0, 7600.0),
+        (22050, 1024, 80, 20.0, None),
+    ):
+        got = audio.mel_filterbank(sample_rate=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+        ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+        np.testing.assert_array_equal(got, ref)
+    # Slaney scale: linear to 1 kHz (200/3 Hz per mel), then 27 mels per factor 6.4.
+    np.testing.assert_allclose(
+        audio.hz_to_mel(np.array([0.0, 500.0, 1000.0, 6400.0])), [0.0, 7.5, 15.0, 42.0]
+    )
+    f = np.array([0.0, 123.0, 999.0, 1000.0, 5000.0, 8000.0])
+    np.testing.assert_allclose(audio.mel_to_hz(audio.hz_to_mel(f)), f, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
+def test_resample_equals_librosa_soxr_hq(sr):
+    import librosa
+
+    wave = (0.3 * np.random.default_rng(sr).standard_normal(12_345)).astype(np.float32)
+    got = audio.resample(wave, orig_sr=sr, target_sr=16000)
+    ref = librosa.resample(wave, orig_sr=sr, target_sr=16000, res_type="soxr_hq")
+    assert got.shape == (math.ceil(12_345 * 16000 / sr),)
+    np.testing.assert_array_equal(got, np.clip(ref, -1.0, 1.0))
+
+
+# ---------------------------------------------------------------- segment_audio
+
+
+def test_segment_audio_is_the_composition_of_the_steps(tmp_path):
+    wave = _wave(3.37)
+    sf.write(tmp_path / "a.wav", wave, 16000, subtype="FLOAT")
+    hops = (LOGMEL.train_hop_seconds, LOGMEL.eval_hop_seconds)
+    from_file = audio.segment_audio(tmp_path / "a.wav", LOGMEL, hop_seconds=hops)
+    from_wave = audio.segment_audio(wave, LOGMEL, hop_seconds=list(hops))
+    feats = audio.compute_features(wave, LOGMEL)
+    assert (from_file.num_samples, from_file.padded, from_file.dropped) == (len(wave), False, False)
+    assert from_file.duration_s == len(wave) / 16000
+    for got, again, hop in zip(from_file.layouts, from_wave.layouts, hops, strict=True):
+        segs, valid = audio.segment_features(feats, LOGMEL, hop_seconds=hop)
+        np.testing.assert_array_equal(got.features, segs)
+        np.testing.assert_array_equal(got.valid_frames, valid)
+        np.testing.assert_array_equal(again.features, segs)
+        starts = np.round(np.arange(len(segs)) * hop * 100).astype(int)
+        np.testing.assert_array_equal(got.start_frames, starts)
+        np.testing.assert_allclose(got.starts_s, starts / 100)
+        assert got.hop_seconds == hop and len(got) == len(segs)
+    assert [len(x) for x in from_file.layouts] == [2, 4]  # 338 frames: 0,100 / 0,40,80,120
+
+
+def test_segment_audio_short_pad_drop_and_rates(tmp_path):
+    short = _wave(0.7)
+    pad = audio.segment_audio(short, LOGMEL, hop_seconds=0.4)
+    (layout,) = pad.layouts
+    assert pad.padded and not pad.dropped and len(layout) == 1
+    assert layout.valid_frames.tolist() == [1 + len(short) // 160]
+    padded_wave = np.pad(short, (0, 32000 - len(short)))
+    np.testing.assert_array_equal(
+        layout.features[0], audio.compute_features(padded_wave, LOGMEL)[:, :200]
+    )
+    drop = audio.segment_audio(short, LOGMEL, hop_seconds=(1.0, 0.4), short_utterances="drop")
+    assert drop.dropped and [x.features.shape for x in drop.layouts] == [(0, 40, 200)] * 2
+    # A waveform at another rate is resampled exactly as a file at that rate is.
+    x44 = _wave(2.2, sr=44100)
+    sf.write(tmp_path / "b.wav", x44, 44100, subtype="FLOAT")
+    a = audio.segment_audio(x44, MFCC, hop_seconds=0.4, sample_rate=44100)
+    b = audio.segment_audio(tmp_path / "b.wav", MFCC, hop_seconds=0.4)
+    np.testing.assert_array_equal(a.layouts[0].features, b.layouts[0].features)
+    assert a.num_samples == b.num_samples == math.ceil(len(x44) * 16000 / 44100)
+    with pytest.raises(ValueError, match="1-D"):
+        audio.segment_audio(np.zeros((2, 100)), LOGMEL, hop_seconds=1.0)
+    with pytest.raises(ValueError, match="short_utterances"):
+        audio.segment_audio(short, LOGMEL, hop_seconds=1.0, short_utterances="trim")
+    with pytest.raises(audio.AudioError, match=r"missing\.wav"):
+        audio.segment_audio(tmp_path / "missing.wav", LOGMEL, hop_seconds=1.0)

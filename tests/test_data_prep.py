@@ -14,6 +14,7 @@ import soundfile as sf
 
 import data_prep
 from data_prep import cli, pipeline, sources
+from data_prep import manifest as manifest_mod
 from dkd_jax import audio, records
 
 EMODB = "/work/shared/data/emodb"
@@ -252,40 +253,50 @@ def _bad_corpus(folder):
 def test_csv_bad_inputs_are_handled(tmp_path):
     manifest = _bad_corpus(tmp_path / "corpus")
     meta = data_prep.prepare(
-        "csv", manifest=manifest, out_dir=tmp_path / "out", workers=1, progress=False
+        "csv",
+        manifest=manifest,
+        out_dir=tmp_path / "out",
+        workers=1,
+        progress=False,
+        exclude_labels="frustrated",
+        duplicates="keep-first",
     )
     kept = {r["utterance_id"]: r for r in meta["utterances"]}
-    absolute = os.path.splitext(str(tmp_path / "corpus" / "good.wav"))[0]
+    absolute = str(tmp_path / "corpus" / "good.wav")
     expected = ["good", "stereo", "eight_bit", "hi_rate", "lo_rate", "short", "sub/nested"]
-    assert sorted(kept) == sorted([*expected, absolute])
+    assert sorted(kept) == sorted(f"{e}.wav" for e in expected)  # ids keep the extension
     skipped = {s["utterance_id"]: s for s in meta["skipped"]}
     assert {u: s["kind"] for u, s in skipped.items()} == {
-        "nan": "non_finite",
-        "zero_length": "no_samples",
-        "empty": "empty",
-        "corrupt": "unreadable",
-        "missing": "missing_wav",
+        "nan.wav": "non_finite",
+        "zero_length.wav": "no_samples",
+        "empty.wav": "empty",
+        "corrupt.wav": "unreadable",
+        "missing.wav": "missing_wav",
+        absolute: "duplicate_path",  # the absolute spelling of good.wav, row 15
     }
+    assert "row 2 (good.wav, id 'good.wav')" in skipped[absolute]["reason"]
     for s in meta["skipped"]:
         assert s["reason"] and s["path"]
     assert meta["counts"]["excluded"] == {"label:frustrated": 1}
-    assert meta["counts"]["short_padded"] == 1 and kept["short"]["padded"]
-    assert abs(kept["hi_rate"]["duration_s"] - 2.3) < 1e-3  # resampled 44.1 kHz -> 16 kHz
-    assert abs(kept["lo_rate"]["duration_s"] - 2.4) < 1e-3
-    assert kept["lo_rate"]["session"] == "spk3"  # session defaults to the speaker
-    assert (kept["eight_bit"]["gender"], kept["stereo"]["gender"]) == ("male", "female")
-    assert kept["stereo"]["label_name"] == "happy"
-    assert records.audio_path(meta, kept["sub/nested"]) == str(tmp_path / "corpus/sub/nested.wav")
-    assert records.audio_path(meta, kept[absolute]) == absolute + ".wav"
+    assert meta["source"]["exclude_labels"] == ["frustrated"]
+    assert meta["source"]["duplicates"] == "keep-first"
+    assert meta["counts"]["short_padded"] == 1 and kept["short.wav"]["padded"]
+    assert abs(kept["hi_rate.wav"]["duration_s"] - 2.3) < 1e-3  # resampled 44.1 kHz -> 16 kHz
+    assert abs(kept["lo_rate.wav"]["duration_s"] - 2.4) < 1e-3
+    assert kept["lo_rate.wav"]["session"] == "spk3"  # session defaults to the speaker
+    assert (kept["eight_bit.wav"]["gender"], kept["stereo.wav"]["gender"]) == ("male", "female")
+    assert kept["stereo.wav"]["label_name"] == "happy"
+    nested = records.audio_path(meta, kept["sub/nested.wav"])
+    assert nested == str(tmp_path / "corpus/sub/nested.wav")
     arrays = records.load_split(tmp_path / "out", "train")
-    short = arrays.select(arrays.utterance_ids == "short")
+    short = arrays.select(arrays.utterance_ids == "short.wav")
     assert len(short) == 1 and short.valid_frames.tolist() == [1 + 8000 // 160]
     # The padding is silence: log(LOG_FLOOR) after the real frames (and their window overlap).
     np.testing.assert_allclose(short.features[0, :, 60:], np.log(np.float32(audio.LOG_FLOOR)))
     # Stereo is the channel mean.
     wave = sf.read(tmp_path / "corpus" / "stereo.wav", dtype="float32")[0].mean(axis=1)
     ref = audio.compute_features(wave, audio.FEATURE_PRESETS["logmel40"])
-    got = arrays.select(arrays.utterance_ids == "stereo").features[0]
+    got = arrays.select(arrays.utterance_ids == "stereo.wav").features[0]
     np.testing.assert_allclose(got, ref[:, :200], atol=1e-5)
 
 
@@ -299,20 +310,24 @@ def test_csv_short_drop_and_manifest_errors(tmp_path):
         feature_config=drop,
         workers=1,
         progress=False,
+        exclude_labels="frustrated",
+        duplicates="keep-first",
     )
     assert meta["counts"]["short_dropped"] == 1 and meta["counts"]["short_padded"] == 0
-    assert "short" not in {r["utterance_id"] for r in meta["utterances"]}
+    assert "short.wav" not in {r["utterance_id"] for r in meta["utterances"]}
     dropped = [s for s in meta["skipped"] if s["kind"] == "short_dropped"]
-    assert dropped[0]["utterance_id"] == "short" and "0.500 s" in dropped[0]["reason"]
+    assert dropped[0]["utterance_id"] == "short.wav" and "0.500 s" in dropped[0]["reason"]
     bad = tmp_path / "bad.csv"
     bad.write_text("file,label\nx.wav,sad\n")
     with pytest.raises(sources.PrepError, match=r"missing column\(s\) \['path', 'speaker'\]"):
-        sources.scan_csv(bad)
+        manifest_mod.scan_csv(bad)
     dup = tmp_path / "corpus" / "dup.csv"
-    dup.write_text("path,label,speaker\ngood.wav,sad,a\ngood.wav,angry,b\n,sad,c\n")
-    scan = sources.scan_csv(dup)
+    dup.write_text("path,label,speaker\ngood.wav,sad,a\n./good.wav,angry,b\n,sad,c\n")
+    with pytest.raises(sources.PrepError, match=r"row 2 \(good.wav.*row 3 \(./good.wav"):
+        manifest_mod.scan_csv(dup)
+    scan = manifest_mod.scan_csv(dup, duplicates="keep-first")
     assert len(scan.utterances) == 1
-    assert sorted(s["kind"] for s in scan.skipped) == ["bad_row", "duplicate"]
+    assert sorted(s["kind"] for s in scan.skipped) == ["bad_row", "duplicate_path"]
 
 
 def test_nothing_usable_left_fails_with_reasons(tmp_path, capsys):

@@ -1,0 +1,224 @@
+"""Tests of data_prep.manifest: labels that cannot vanish (unknown labels are errors, --label-map,
+--exclude-labels, --ignore-unknown-labels), repeated recordings (same path, same bytes), default
+utterance ids that keep the file identity, and id collisions naming the rows."""
+
+import csv
+import json
+import os
+import shutil
+
+import helpers_prep
+import pytest
+import soundfile as sf
+
+import data_prep
+from data_prep import cli, manifest, sources
+
+SR = 16000
+
+
+def _write(folder, rows, files=None, header=("path", "label", "speaker")):
+    """Writes tone WAVs (name → seconds) and a manifest of ``rows``; returns the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, seconds) in enumerate((files or {}).items()):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        fmt = {".ogg": "OGG", ".flac": "FLAC"}.get(os.path.splitext(name)[1], "WAV")
+        wave = helpers_prep.tone(seconds, freq=150 + 35 * i, seed=i)
+        sf.write(folder / name, wave, SR, format=fmt)
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _labelled(tmp_path):
+    files = {f"c{i}.wav": 2.1 + 0.1 * i for i in range(10)}
+    labels = ["angry", "anger", "anger", "anger", "joy", "fear", "fear", "sad", "Neutral", "happy"]
+    rows = [(f"c{i}.wav", lab, f"s{i % 3}") for i, lab in enumerate(labels)]
+    return _write(tmp_path / "c", rows, files)
+
+
+# ---------------------------------------------------------------- labels
+
+
+def test_unknown_labels_are_an_error_listing_each_with_its_count(tmp_path, capsys):
+    path = _labelled(tmp_path)
+    with pytest.raises(sources.PrepError) as info:
+        manifest.scan_csv(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: unknown label(s) ")
+    assert "anger (3 rows, did you mean angry?)" in msg
+    assert "fear (2 rows)" in msg and "joy (1 row)" in msg
+    assert "--label-map anger=angry" in msg and "--exclude-labels fear,joy" in msg
+    assert "--ignore-unknown-labels" in msg and "sad" not in msg.split("the classes")[0]
+    rc = cli.main(["csv", "--manifest", str(path), "--out", str(tmp_path / "o"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("data_prep: error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_label_map_exclusions_and_ignore(tmp_path):
+    path = _labelled(tmp_path)
+    scan = manifest.scan_csv(path, label_map="anger=angry, JOY=happy", exclude_labels="fear")
+    names = [u.label_name for u in scan.utterances]
+    assert {n: names.count(n) for n in scan.label_names} == {
+        "neutral": 1,
+        "happy": 2,
+        "sad": 1,
+        "angry": 4,
+    }
+    assert scan.excluded == {"label:fear": 2}
+    by_id = {u.utterance_id: u for u in scan.utterances}
+    assert (by_id["c1.wav"].source_label, by_id["c1.wav"].label) == ("anger", 3)
+    assert scan.options["label_map"] == {"anger": "angry", "joy": "happy"}
+    assert scan.options["exclude_labels"] == ["fear"]
+    # The same map from a JSON file.
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"anger": "angry", "joy": "happy"}))
+    again = manifest.scan_csv(path, label_map=mapping, exclude_labels=["fear"])
+    assert again.utterances == scan.utterances and again.options == scan.options
+    # Everything unknown left out (and counted) on request.
+    loose = manifest.scan_csv(path, ignore_unknown_labels=True)
+    assert len(loose.utterances) == 4
+    assert loose.excluded == {"label:anger": 3, "label:fear": 2, "label:joy": 1}
+    assert loose.options["ignore_unknown_labels"] is True
+
+
+def test_label_map_reaches_metadata_through_the_cli(tmp_path, capsys):
+    path = _labelled(tmp_path)
+    out = tmp_path / "out"
+    argv = ["csv", "--manifest", str(path), "--out", str(out), "--workers", "1", "--no-progress"]
+    rc = cli.main([*argv, "--label-map", "anger=angry,joy=happy", "--exclude-labels", "fear"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["counts"]["by_class"] == {"neutral": 1, "happy": 2, "sad": 1, "angry": 4}
+    assert meta["counts"]["excluded"] == {"label:fear": 2}
+    assert meta["source"]["label_map"] == {"anger": "angry", "joy": "happy"}
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"label_map": "anger=furious"}, r"anger=furious map to no class"),
+        ({"label_map": "anger"}, r"'anger' is not LABEL=CLASS"),
+        ({"label_map": "anger=angry", "exclude_labels": "anger"}, r"both mapped"),
+        ({"duplicates": "keep-last"}, r"duplicates must be one of"),
+    ],
+)
+def test_bad_label_options(tmp_path, options, match):
+    path = _labelled(tmp_path)
+    with pytest.raises(sources.PrepError, match=match):
+        manifest.scan_csv(path, **options)
+
+
+def test_bad_label_map_file(tmp_path):
+    bad = tmp_path / "map.json"
+    bad.write_text('["anger", "angry"]')
+    with pytest.raises(sources.PrepError, match="must be a JSON object"):
+        manifest.parse_label_map(bad)
+    with pytest.raises(sources.PrepError, match="cannot read the label map"):
+        manifest.parse_label_map(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------- repeated recordings
+
+
+def test_same_audio_under_two_paths_is_refused_naming_both_rows(tmp_path):
+    files = {"a.wav": 2.2, "b.wav": 2.4, "sub/c.wav": 2.6}
+    folder = tmp_path / "c"
+    rows = [
+        ("a.wav", "sad", "s1"),
+        ("b.wav", "angry", "s2"),
+        ("copy_of_a.wav", "sad", "s3"),  # the same recording under another name and speaker
+        ("sub/c.wav", "happy", "s1"),
+    ]
+    path = _write(folder, rows, files)
+    shutil.copyfile(folder / "a.wav", folder / "copy_of_a.wav")
+    with pytest.raises(sources.PrepError) as info:
+        data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
+    msg = str(info.value)
+    assert "row 2 (a.wav, id 'a.wav') and row 4 (copy_of_a.wav, id 'copy_of_a.wav')" in msg
+    assert "hold identical audio" in msg and "--duplicates keep-first" in msg
+    assert "b.wav" not in msg and "sub/c.wav" not in msg
+    assert not (tmp_path / "o").exists()
+    meta = data_prep.prepare(
+        "csv",
+        manifest=path,
+        out_dir=tmp_path / "o",
+        workers=1,
+        progress=False,
+        duplicates="keep-first",
+    )
+    assert [r["utterance_id"] for r in meta["utterances"]] == ["a.wav", "b.wav", "sub/c.wav"]
+    (dup,) = meta["skipped"]
+    assert (dup["kind"], dup["utterance_id"]) == ("duplicate_audio", "copy_of_a.wav")
+    assert "the same audio as row 2 (a.wav, id 'a.wav')" in dup["reason"]
+
+
+def test_same_path_spelt_differently_is_refused(tmp_path):
+    folder = tmp_path / "c"
+    rows = [
+        ("sub/a.wav", "sad", "s1"),
+        ("b.wav", "sad", "s1"),
+        ("./sub/../sub/a.wav", "angry", "s2"),
+        (str(folder / "sub" / "a.wav"), "happy", "s3"),
+    ]
+    path = _write(folder, rows, {"sub/a.wav": 2.2, "b.wav": 2.3})
+    with pytest.raises(sources.PrepError) as info:
+        manifest.scan_csv(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: 2 repeated recording(s)")
+    assert "row 2 (sub/a.wav, id 'sub/a.wav') and row 4 (./sub/../sub/a.wav" in msg
+    assert f"row 5 ({folder / 'sub' / 'a.wav'}" in msg and "name the same file" in msg
+
+
+def test_excluded_rows_are_not_duplicates(tmp_path):
+    rows = [("a.wav", "sad", "s1"), ("a.wav", "fear", "s1")]
+    path = _write(tmp_path / "c", rows, {"a.wav": 2.2})
+    scan = manifest.scan_csv(path, exclude_labels="fear")
+    assert [u.utterance_id for u in scan.utterances] == ["a.wav"]
+    assert scan.excluded == {"label:fear": 1}
+
+
+# ---------------------------------------------------------------- utterance ids
+
+
+def test_default_ids_keep_the_extension(tmp_path):
+    files = {"clip.wav": 2.2, "clip.flac": 2.3, "clip.ogg": 2.4, "d/clip.wav": 2.5}
+    rows = [(name, "neutral", "s1") for name in files]
+    path = _write(tmp_path / "c", rows, files)
+    scan = manifest.scan_csv(path)
+    assert [u.utterance_id for u in scan.utterances] == [
+        "clip.flac",
+        "clip.ogg",
+        "clip.wav",
+        "d/clip.wav",
+    ]
+    assert not scan.skipped
+    meta = data_prep.prepare(
+        "csv", manifest=path, out_dir=tmp_path / "o", workers=1, progress=False
+    )
+    assert meta["counts"]["utterances"] == 4
+
+
+def test_id_collision_names_the_rows(tmp_path):
+    files = {"a.wav": 2.2, "b.wav": 2.3, "c.wav": 2.4}
+    rows = [
+        ("a.wav", "sad", "s1", "utt1"),
+        ("b.wav", "sad", "s1", "utt2"),
+        ("c.wav", "sad", "s1", "utt1"),
+    ]
+    header = ("path", "label", "speaker", "utterance_id")
+    path = _write(tmp_path / "c", rows, files, header=header)
+    with pytest.raises(sources.PrepError) as info:
+        manifest.scan_csv(path)
+    msg = str(info.value)
+    assert "id 'utt1' on row 2 (a.wav), row 4 (c.wav)" in msg and "utt2" not in msg
+
+
+def test_corpus_name_is_tfds_safe():
+    assert manifest.corpus_name("My Corpus-2") == "my_corpus_2"
+    assert manifest.corpus_name("2024") == "c_2024"
+    assert manifest.corpus_name("!!!") == "csv"
