@@ -9,7 +9,6 @@ scores).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +30,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
     """Features of one audio file cut into eval-layout windows, exactly as data_prep does.
 
-    The waveform is loaded (any rate, channels, sample format; resampled and mixed down),
-    zero-padded to one window when shorter, turned into whole-file features and cut into windows
-    with the eval hop. A file shorter than one window gives one (padded) window even when the
-    run's prep dropped short utterances.
+    ``audio.segment_audio``, the sequence data_prep runs too: the waveform is loaded (any rate,
+    channels, sample format; resampled and mixed down), zero-padded to one window when shorter,
+    turned into whole-file features and cut into windows with the eval hop. A file shorter than
+    one window gives one (padded) window even when the run's prep dropped short utterances.
 
     Args:
         path: an audio file.
@@ -47,21 +46,15 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
     Raises:
         audio.AudioError: unreadable or empty file.
     """
-    fc = dataclasses.replace(feature_config, short_utterances="pad")
-    wave = audio.load_audio(path, sample_rate=fc.sample_rate)
-    duration = wave.shape[0] / fc.sample_rate
-    padded, valid = audio.pad_to_window(wave, fc)
-    feats = audio.compute_features(padded, fc)
-    segments, valid_frames = audio.segment_features(
-        feats, fc, hop_seconds=fc.eval_hop_seconds, num_valid_frames=valid
-    )
-    starts = audio.segment_starts(feats.shape[1], fc, hop_seconds=fc.eval_hop_seconds)
+    fc = feature_config
+    seg = audio.segment_audio(path, fc, hop_seconds=fc.eval_hop_seconds, short_utterances="pad")
+    (windows,) = seg.layouts
     return {
-        "segments": segments,
-        "valid_frames": valid_frames,
-        "starts_s": (starts * fc.hop_length / fc.sample_rate).tolist(),
-        "duration_s": duration,
-        "padded": bool(wave.shape[0] < fc.window_samples),
+        "segments": windows.features,
+        "valid_frames": windows.valid_frames,
+        "starts_s": windows.starts_s.tolist(),
+        "duration_s": seg.duration_s,
+        "padded": seg.padded,
     }
 
 
