@@ -4,11 +4,14 @@ Thin command line over ``dkd_jax.eval_lib``::
 
     python eval.py --workdir RUN_DIR [--data PREP_DIR] [--step N] [--best]
     python eval.py predict --workdir RUN_DIR FILE.wav [FILE.wav ...] [--segments] [--json OUT]
+    python eval.py predict --model EXPORT_DIR FILE.wav [...] | --stream FILE.wav|- [--rate HZ]
 
 The first form writes ``RUN_DIR/results.json`` (WA, UA, per-class scores, confusion matrix,
 counts, package versions, device, git commit, data hash, config) and ``RUN_DIR/confusion.png``,
 and prints the table. The second prints per-file (and with ``--segments`` per-window)
-probabilities; unreadable files are reported one line each on stderr (exit status 2).
+probabilities; unreadable files are reported one line each on stderr (exit status 2). With
+``--model`` (a folder written by ``python -m dkd_jax.export``) the same runs on onnxruntime
+without importing JAX (``dkd_jax.deploy``); ``--stream`` prints one line per 0.4-s hop.
 """
 
 from __future__ import annotations
@@ -46,12 +49,30 @@ def _predict_parser() -> argparse.ArgumentParser:
         description="Emotion probabilities of audio files (any sample rate, channels, length) "
         "with a trained run's features and normalisation.",
     )
-    p.add_argument("--workdir", required=True, help="training workdir of the run")
-    p.add_argument("files", nargs="+", help="audio files")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="training workdir of the run")
+    source.add_argument("--model", help="exported folder (python -m dkd_jax.export); no JAX")
+    p.add_argument("files", nargs="*", help="audio files")
     p.add_argument("--segments", action="store_true", help="also show each 2-s window")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--best", action="store_true", help="best-by-validation checkpoint")
     p.add_argument("--json", dest="json_out", help="also write the predictions to this JSON file")
+    stream = p.add_argument_group("streaming (with --model)")
+    stream.add_argument(
+        "--stream",
+        metavar="FILE|-",
+        help="one line per 0.4-s hop of a long file, or of raw 16-bit PCM on stdin (-)",
+    )
+    stream.add_argument("--rate", type=int, help="stdin sample rate (default: the model's)")
+    stream.add_argument("--channels", type=int, default=1, help="stdin channels (default 1)")
+    stream.add_argument(
+        "--smooth",
+        type=float,
+        default=1.0,
+        help="time constant (s) of the moving average of probabilities; 0 = off",
+    )
+    stream.add_argument("--jsonl", action="store_true", help="JSON lines instead of the table")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (--model; default: all)")
     return p
 
 
@@ -62,7 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if argv and argv[0] == "predict":
-            args = _predict_parser().parse_args(argv[1:])
+            parser = _predict_parser()
+            args = parser.parse_args(argv[1:])
+            if args.model:
+                from dkd_jax import deploy
+
+                return deploy.predict_cli(args)
+            if args.stream is not None or not args.files:
+                parser.error("--workdir needs audio files; --stream needs --model")
             pred = eval_lib.predict_files(
                 args.workdir, args.files, step=args.step, best=args.best, segments=args.segments
             )
