@@ -6,6 +6,7 @@ References: ``eval.py predict --workdir`` (the Flax model through JAX), and
 in subprocesses in which ``import jax`` (and flax, optax, orbax) fails.
 """
 
+import ast
 import importlib.util
 import io
 import json
@@ -261,3 +262,36 @@ def test_cli_model_errors_are_one_line(model_dir, tmp_path, capsys):
         eval_cli.main(["predict", "--model", str(model_dir), "--workdir", "w", "a.wav"])
     with pytest.raises(SystemExit):
         eval_cli.main(["predict", "--workdir", "w", "--stream", "-"])
+
+
+def _readme_snippet():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Deploying a student", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("mode", ["global", "utterance"])
+def test_readme_snippet_runs_with_onnxruntime_and_numpy_alone(
+    mode, model_dir, audio_files, tmp_path
+):
+    folder = model_dir
+    if mode == "utterance":  # what an export of a per-utterance/per-speaker run writes
+        norm = export._normalization_card({"mode": "speaker"}, 26)
+        folder = _with_normalization(model_dir, tmp_path, norm)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(folder, work / "student_onnx")
+    path = audio_files[0]  # longer than one window: every frame is real
+    fc = deploy.feature_config(deploy.load_card(folder))
+    np.save(work / "windows.npy", eval_lib.file_segments(path, fc)["segments"])
+    banned = "import sys\nfor m in ('jax', 'flax', 'optax', 'dkd_jax', 'librosa'):\n"
+    script = banned + "    sys.modules[m] = None\n" + _readme_snippet()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = ast.literal_eval(proc.stdout.strip())  # {label: probability}
+    ref = deploy.predict_files(folder, [path])["files"][0]["probabilities"]
+    assert list(printed) == list(ref)
+    np.testing.assert_allclose(list(printed.values()), list(ref.values()), atol=1e-3)
+    assert len(_readme_snippet().strip().splitlines()) <= 16
