@@ -11,6 +11,8 @@ Modules (one responsibility each):
   train_lib     train state, pmap'ed steps, teacher and student loops
   eval_lib      utterance aggregation, reports, prediction
   experiment    whole experiments (folds x seeds x models) and summaries; demo: the README demo
+  export        a run -> ONNX / StableHLO folder with model.json (optional extra .[export])
+  deploy, streaming  prediction from an exported folder with onnxruntime, without JAX
 """
 
 __version__ = "0.1.0"

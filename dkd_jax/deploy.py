@@ -302,7 +302,13 @@ def _stream_cli(model: OnnxClassifier, args) -> int:
     names = model.label_names
     if not args.jsonl:
         print(streaming.format_stream_header(names), flush=True)
-    for row in streaming.stream_rows(model, blocks, smoothing_seconds=args.smooth):
-        line = json.dumps(row) if args.jsonl else streaming.format_stream_row(row, names)
-        print(line, flush=True)
+    try:
+        for row in streaming.stream_rows(model, blocks, smoothing_seconds=args.smooth):
+            line = json.dumps(row) if args.jsonl else streaming.format_stream_row(row, names)
+            print(line, flush=True)
+    except KeyboardInterrupt:  # the usual way to end a live stream
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 0
     return 0

@@ -62,9 +62,10 @@ def test_onnx_and_stablehlo_match_flax(preset, real_windows, tmp_path):
     shape = real_windows.shape[1:]
     onnx_path = export.to_onnx(fn, shape, tmp_path / "m.onnx")
     hlo = export.load_stablehlo(export.to_stablehlo(fn, shape, tmp_path / "m.stablehlo"))
+    flax_model = jax.jit(lambda x: model.apply(variables, x, train=False))  # the Flax model
     for batch in (1, 256):
         x = real_windows[:batch, ..., None]
-        ref = np.asarray(model.apply(variables, x, train=False))  # the Flax model itself
+        ref = np.asarray(flax_model(x))
         assert np.abs(ref).max() > 1.0  # logits large enough for 1e-5 to mean something
         np.testing.assert_allclose(export.onnx_logits(onnx_path, x), ref, rtol=0, atol=TOL)
         np.testing.assert_allclose(np.asarray(hlo.call(x)), ref, rtol=0, atol=TOL)

@@ -1,5 +1,7 @@
 """Tests for dkd_jax.streaming: incremental features, constant memory, label timing.
 
+The front-end tests need no optional extra; the label-timing tests need onnx + onnxruntime.
+
 References: the whole-file front end (``audio.compute_features`` + ``audio.segment_features``,
 what ``eval_lib.file_segments`` and data_prep use), and a hand-made ONNX model
 (tests/helpers_export.py) whose label on a window is known from the audio: the tone that fills
@@ -12,12 +14,7 @@ import helpers_export
 import numpy as np
 import pytest
 
-from dkd_jax import audio
-
-ort = pytest.importorskip("onnxruntime", reason="needs the export extra")
-pytest.importorskip("onnx", reason="needs the export extra")
-
-from dkd_jax import deploy, streaming  # noqa: E402
+from dkd_jax import audio, deploy, streaming
 
 
 def _whole_file(wave, fc):
@@ -122,6 +119,8 @@ SECONDS = (3.3, 3.1, 3.5, 3.2)  # no window centre (1.0 + 0.4 k s) within 0.1 s 
 
 @pytest.fixture(scope="module")
 def band_model(tmp_path_factory):
+    pytest.importorskip("onnx", reason="needs the export extra: pip install -e '.[export]'")
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
     return helpers_export.band_model_folder(tmp_path_factory.mktemp("band") / "model")
 
 
