@@ -5,11 +5,14 @@ Thin command line over ``dkd_jax.eval_lib``::
     python eval.py --workdir RUN_DIR [--data PREP_DIR] [--step N] [--best]
     python eval.py predict --workdir RUN_DIR FILE.wav [FILE.wav ...] [--segments] [--json OUT]
         [--group SPEAKER FILE [FILE ...]] [--groups path_speaker.csv]
+    python eval.py predict --model EXPORT_DIR FILE.wav [...] | --stream FILE.wav|- [--rate HZ]
 
 The first form writes ``RUN_DIR/results.json`` (WA, UA, per-class scores, confusion matrix,
 counts, package versions, device, git commit, data hash, config) and ``RUN_DIR/confusion.png``,
 and prints the table. The second prints per-file (and with ``--segments`` per-window)
-probabilities; unreadable files are reported one line each on stderr (exit status 2).
+probabilities; unreadable files are reported one line each on stderr (exit status 2). With
+``--model`` (a folder written by ``python -m dkd_jax.export``) the same runs on onnxruntime
+without importing JAX (``dkd_jax.deploy``); ``--stream`` prints one line per 0.4-s hop.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def _predict_parser() -> argparse.ArgumentParser:
         description="Emotion probabilities of audio files (any sample rate, channels, length) "
         "with a trained run's features and normalisation.",
     )
-    p.add_argument("--workdir", required=True, help="training workdir of the run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="training workdir of the run")
+    source.add_argument("--model", help="exported folder (python -m dkd_jax.export); no JAX")
     p.add_argument("files", nargs="*", help="audio files (each its own speaker)")
     p.add_argument(
         "--group",
@@ -62,6 +67,22 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--best", action="store_true", help="best-by-validation checkpoint")
     p.add_argument("--json", dest="json_out", help="also write the predictions to this JSON file")
+    stream = p.add_argument_group("streaming (with --model)")
+    stream.add_argument(
+        "--stream",
+        metavar="FILE|-",
+        help="one line per 0.4-s hop of a long file, or of raw 16-bit PCM on stdin (-)",
+    )
+    stream.add_argument("--rate", type=int, help="stdin sample rate (default: the model's)")
+    stream.add_argument("--channels", type=int, default=1, help="stdin channels (default 1)")
+    stream.add_argument(
+        "--smooth",
+        type=float,
+        default=1.0,
+        help="time constant (s) of the moving average of probabilities; 0 = off",
+    )
+    stream.add_argument("--jsonl", action="store_true", help="JSON lines instead of the table")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (--model; default: all)")
     return p
 
 
@@ -86,39 +107,67 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
             parser.error(f"--groups {args.groups}: needs a header with columns path,speaker")
         files += [r["path"] for r in rows]
         groups += [r["speaker"] or None for r in rows]
-    if not files:
-        parser.error("no audio files given")
     return files, groups
+
+
+def _os_error(e: OSError) -> str:
+    return f"{e.filename}: {e.strerror}" if e.filename is not None else str(e)
+
+
+def _predict_main(argv: list[str]) -> int:
+    parser = _predict_parser()
+    args = parser.parse_args(argv)
+    if args.stream is not None:
+        if not args.model:
+            parser.error("--stream needs --model (an exported folder)")
+        from dkd_jax import streaming  # onnxruntime only: nothing on this path imports JAX
+
+        return streaming.stream_cli(args)
+    files, groups = _files_and_groups(args, parser)
+    if args.model:  # onnxruntime only: nothing on this path imports JAX
+        from dkd_jax import deploy
+
+        return deploy.predict_cli(args, files, groups)
+    if not files:
+        print("eval.py: error: no audio files given", file=sys.stderr)
+        return 2
+    from dkd_jax import eval_lib, jsonio, predict
+
+    try:
+        pred = predict.predict_files(
+            args.workdir,
+            files,
+            step=args.step,
+            best=args.best,
+            segments=args.segments,
+            groups=groups,
+        )
+    except OSError as e:
+        print(f"eval.py: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except eval_lib.EvalError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    for warning in pred["warnings"]:
+        print(f"eval.py: warning: {warning}", file=sys.stderr)
+    if pred["files"]:
+        print(predict.format_predictions(pred))
+    if args.json_out:
+        jsonio.write_json(args.json_out, pred)
+    for err in pred["errors"]:
+        print(f"eval.py: error: {err['error']}", file=sys.stderr)
+    return 2 if pred["errors"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from dkd_jax import eval_lib, jsonio, predict, records, run_dir
+    if argv and argv[0] == "predict":
+        return _predict_main(argv[1:])
+    args = _eval_parser().parse_args(argv)
+    from dkd_jax import eval_lib, records, run_dir
 
     try:
-        if argv and argv[0] == "predict":
-            parser = _predict_parser()
-            args = parser.parse_args(argv[1:])
-            files, groups = _files_and_groups(args, parser)
-            pred = predict.predict_files(
-                args.workdir,
-                files,
-                step=args.step,
-                best=args.best,
-                segments=args.segments,
-                groups=groups,
-            )
-            for warning in pred["warnings"]:
-                print(f"eval.py: warning: {warning}", file=sys.stderr)
-            if pred["files"]:
-                print(predict.format_predictions(pred))
-            if args.json_out:
-                jsonio.write_json(args.json_out, pred)
-            for err in pred["errors"]:
-                print(f"eval.py: error: {err['error']}", file=sys.stderr)
-            return 2 if pred["errors"] else 0
-        args = _eval_parser().parse_args(argv)
         eval_lib.evaluate_run(
             args.workdir,
             data_dir=args.data,
@@ -128,15 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             mode=args.aggregate,
             write=not args.no_write,
         )
-        if not args.no_write:
-            print(f"wrote {args.workdir}/{run_dir.RESULTS_FILE} and {run_dir.CONFUSION_FILE}")
-        return 0
     except OSError as e:
-        print(f"eval.py: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        print(f"eval.py: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except (eval_lib.EvalError, records.DataError, run_dir.RunDirError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
+    if not args.no_write:
+        print(f"wrote {args.workdir}/{run_dir.RESULTS_FILE} and {run_dir.CONFUSION_FILE}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Modules (one responsibility each):
   eval_lib             the one scoring path, reports; predict: audio files; provenance
   experiment           whole experiments (folds x seeds x models), summaries, reproduce
   demo                 the README demo
+  export               a run -> ONNX / StableHLO folder with model.json (extra .[export])
+  deploy, streaming    prediction from an exported folder with onnxruntime, without JAX
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,333 @@
+"""Run an exported model folder without JAX: audio files → emotion probabilities.
+
+This module owns the deployed side of ``dkd_jax.export``: it reads ``model.json``, runs
+``model.onnx`` with onnxruntime (:class:`OnnxClassifier`) and computes features with
+:mod:`dkd_jax.audio` (numpy and librosa). It must never import jax, flax or optax
+(tests/test_deploy.py runs it with ``jax`` poisoned in ``sys.modules``); ``dkd_jax.predict``
+(its file segmentation and table, JAX-free at import) and ``dkd_jax.jsonio`` are used as they
+are.
+
+:func:`predict_files` returns the dict of ``predict.predict_files`` (so
+``predict.format_predictions`` prints the same table): every file's eval-layout windows,
+normalised as the run was (the stored global statistics, or the statistics of the file, or of
+the file's speaker group when the run normalised per speaker: :func:`normalize_segments`), and
+the softmax of the mean window logits. Streams are in :mod:`dkd_jax.streaming`;
+:func:`predict_cli` is ``eval.py predict --model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkd_jax import audio, jsonio, predict
+
+__all__ = [
+    "CARD_FILE",
+    "DeployError",
+    "OnnxClassifier",
+    "load_card",
+    "normalize_segments",
+    "predict_cli",
+    "predict_files",
+    "softmax",
+]
+
+CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+INSTALL_HINT = "pip install -e '.[export]'"
+VAR_EPS = 1e-6  # input_pipeline's variance epsilon (model.json records it)
+
+
+class DeployError(ValueError):
+    """An exported folder or an input that cannot be used (the message names which and why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The exported folder
+# --------------------------------------------------------------------------------------------
+
+
+def load_card(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks ``model.json`` of an exported folder."""
+    path = Path(model_dir) / CARD_FILE
+    if not path.exists():
+        raise DeployError(f"{path}: missing (not a folder written by python -m dkd_jax.export)")
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DeployError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in ("label_names", "features", "normalization", "files") if k not in card]
+    if missing:
+        raise DeployError(f"{path}: missing keys {missing}")
+    return card
+
+
+def feature_config(card: dict[str, Any]) -> audio.FeatureConfig:
+    """The ``audio.FeatureConfig`` of a model card (short inputs are padded to one window)."""
+    names = {f.name for f in dataclasses.fields(audio.FeatureConfig)}
+    fc = audio.FeatureConfig.from_dict({k: v for k, v in card["features"].items() if k in names})
+    return dataclasses.replace(fc, short_utterances="pad")
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DeployError(f"onnxruntime is not installed: {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+class OnnxClassifier:
+    """An exported folder, loaded: model card, feature config and an onnxruntime session.
+
+    Args:
+        model_dir: a folder written by ``python -m dkd_jax.export`` (with ``model.onnx``).
+        threads: onnxruntime intra-op threads (default: onnxruntime's, all cores).
+        batch_size: windows per onnxruntime call.
+    """
+
+    def __init__(
+        self, model_dir: str | os.PathLike, *, threads: int | None = None, batch_size: int = 256
+    ):
+        self.model_dir = Path(model_dir)
+        self.card = load_card(model_dir)
+        if "onnx" not in self.card["files"]:
+            raise DeployError(f"{self.model_dir}: the export has no ONNX model (--format onnx)")
+        path = self.model_dir / self.card["files"]["onnx"]["path"]
+        if not path.exists():
+            raise DeployError(f"{path}: missing")
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                os.fspath(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise DeployError(f"{path}: onnxruntime cannot load it ({e})") from None
+        self.label_names = list(self.card["label_names"])
+        self.features = feature_config(self.card)
+        self.normalization = self.card["normalization"]
+        self.batch_size = int(batch_size)
+        self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
+
+    def logits(self, segments: np.ndarray) -> np.ndarray:
+        """Logits [N, C] float32 of normalised windows [N, F, T]."""
+        x = np.asarray(segments, np.float32)
+        if x.ndim != 3 or x.shape[1:] != self.features.segment_shape:
+            raise DeployError(
+                f"windows must be [N, {self.features.segment_shape[0]}, "
+                f"{self.features.segment_shape[1]}], got {x.shape}"
+            )
+        out = [
+            self.session.run([self._output], {self._input: x[i : i + self.batch_size, ..., None]})[
+                0
+            ]
+            for i in range(0, x.shape[0], self.batch_size)
+        ]
+        if not out:
+            return np.zeros((0, len(self.label_names)), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation (numpy twin of input_pipeline's, for one input at a time)
+# --------------------------------------------------------------------------------------------
+
+
+def window_moments(
+    segments: np.ndarray, valid_frames: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Frame count and per-band sum / sum of squares (float64) over the real frames of windows.
+
+    A frame in several overlapping windows counts once per window (as in training).
+    """
+    x = np.asarray(segments, np.float64)
+    mask = np.arange(x.shape[2])[None, None, :] < np.asarray(valid_frames)[:, None, None]
+    xm = np.where(mask, x, 0.0)
+    return float(mask.sum()), xm.sum(axis=(0, 2)), (xm * xm).sum(axis=(0, 2))
+
+
+def moments_to_stats(
+    count: float, total: np.ndarray, total_sq: np.ndarray, *, epsilon: float = VAR_EPS
+):
+    """(mean [F], std [F]) float32 from :func:`window_moments` (``std = sqrt(var + eps)``)."""
+    c = max(count, 1.0)
+    mean = total / c
+    var = np.maximum(total_sq / c - mean * mean, 0.0)
+    return mean.astype(np.float32), np.sqrt(var + epsilon).astype(np.float32)
+
+
+def normalize_segments(
+    segments: np.ndarray,
+    valid_frames: np.ndarray,
+    normalization: dict[str, Any],
+    *,
+    moments: tuple | None = None,
+) -> np.ndarray:
+    """Normalises one input's windows [N, F, T] as ``model.json``'s ``normalization`` says.
+
+    "global": the stored training mean/std per band; "utterance": the statistics over the real
+    frames of the input's windows, or of all the windows of its speaker group (``moments``, the
+    summed :func:`window_moments` of the group's files); "none": unchanged.
+    """
+    mode = normalization.get("mode", "none")
+    x = np.asarray(segments, np.float32)
+    if mode == "none":
+        return x
+    if mode == "global":
+        mean = np.asarray(normalization["mean"], np.float32)
+        std = np.asarray(normalization["std"], np.float32)
+    elif mode == "utterance":
+        eps = float(normalization.get("variance_epsilon", VAR_EPS))
+        moments = moments if moments is not None else window_moments(x, valid_frames)
+        mean, std = moments_to_stats(*moments, epsilon=eps)
+    else:
+        raise DeployError(f"model.json: unknown normalization mode {mode!r}")
+    return ((x - mean[:, None]) / std[:, None]).astype(np.float32)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in float64."""
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _file_entry(
+    path: str, seg: dict, logits: np.ndarray, names: list[str], window: float, segments: bool
+):
+    probs = softmax(logits.mean(axis=0))
+    entry: dict[str, Any] = {
+        "path": path,
+        "duration_s": round(seg["duration_s"], 3),
+        "num_segments": int(logits.shape[0]),
+        "padded": seg["padded"],
+        "probabilities": {n: float(p) for n, p in zip(names, probs, strict=True)},
+        "prediction": names[int(np.argmax(probs))],
+    }
+    if segments:
+        entry["segments"] = [
+            {
+                "start_s": round(start, 3),
+                "end_s": round(min(start + window, max(seg["duration_s"], window)), 3),
+                "probabilities": {n: float(p) for n, p in zip(names, row, strict=True)},
+                "prediction": names[int(np.argmax(row))],
+            }
+            for start, row in zip(seg["starts_s"], softmax(logits), strict=True)
+        ]
+    return entry
+
+
+def predict_files(
+    model: OnnxClassifier | str | os.PathLike,
+    paths: Sequence[str | os.PathLike],
+    *,
+    segments: bool = False,
+    threads: int | None = None,
+    groups: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
+    """Emotion probabilities of audio files with an exported model (no JAX).
+
+    Returns the dict of ``predict.predict_files`` (``label_names``, ``normalization``,
+    ``files``, ``errors``, ``warnings``): same windows, same normalisation rule (the files of
+    one speaker ``groups`` entry normalised together when the run normalised per speaker),
+    softmax of the mean window logits.
+    """
+    clf = model if isinstance(model, OnnxClassifier) else OnnxClassifier(model, threads=threads)
+    names, fc, norm = clf.label_names, clf.features, clf.normalization
+    groups = list(groups) if groups is not None else [None] * len(paths)
+    if len(groups) != len(paths):
+        raise DeployError(f"{len(groups)} group names for {len(paths)} files")
+    per_speaker = norm.get("trained_with") == "speaker"
+    out: dict[str, Any] = {
+        "label_names": names,
+        "normalization": norm.get("trained_with", norm.get("mode", "none")),
+        "files": [],
+        "errors": [],
+        "warnings": [],
+    }
+    if per_speaker and not any(groups):
+        out["warnings"].append(
+            "the model was trained with per-speaker normalisation, but no file has a speaker "
+            "group: each file is normalised on its own. Name the files of one speaker with "
+            "--group NAME FILE ... (or --groups CSV with path,speaker) to normalise them together"
+        )
+    done = []
+    for path, group in zip(paths, groups, strict=True):
+        try:
+            done.append((os.fspath(path), group, predict.file_segments(path, fc)))
+        except audio.AudioError as e:
+            out["errors"].append({"path": os.fspath(path), "error": str(e)})
+    moments: dict[str, tuple] = {}
+    if per_speaker:
+        for _, group, seg in done:
+            if group:
+                m = window_moments(seg["segments"], seg["valid_frames"])
+                old = moments.get(group)
+                moments[group] = (
+                    m if old is None else tuple(a + b for a, b in zip(old, m, strict=True))
+                )
+    for path, group, seg in done:
+        x = normalize_segments(
+            seg["segments"], seg["valid_frames"], norm, moments=moments.get(group or "")
+        )
+        entry = _file_entry(path, seg, clf.logits(x), names, fc.window_seconds, segments)
+        entry["group"] = group
+        out["files"].append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# eval.py predict --model
+# --------------------------------------------------------------------------------------------
+
+
+def predict_cli(args, files: Sequence[str], groups: Sequence[str | None]) -> int:
+    """``eval.py predict --model DIR FILE ...``; returns the exit status (streams:
+    ``streaming.stream_cli``).
+
+    ``args`` is eval.py's parsed predict namespace (model, threads, segments, json_out);
+    ``files`` and ``groups`` its files and their speaker groups.
+    """
+    try:
+        model = OnnxClassifier(args.model, threads=args.threads)
+        if not files:
+            raise DeployError("no audio files given (or use --stream PATH|-)")
+        pred = predict_files(model, files, segments=args.segments, groups=groups)
+    except (DeployError, audio.AudioError, OSError) as e:
+        print(f"eval.py: error: {cli_error(e)}", file=sys.stderr)
+        return 2
+    for warning in pred["warnings"]:
+        print(f"eval.py: warning: {warning}", file=sys.stderr)
+    if pred["files"]:
+        print(predict.format_predictions(pred))
+    if args.json_out:
+        jsonio.write_json(args.json_out, pred)
+    for err in pred["errors"]:
+        print(f"eval.py: error: {err['error']}", file=sys.stderr)
+    return 2 if pred["errors"] else 0
+
+
+def cli_error(e: Exception) -> str:
+    """One line for a command-line error (an OSError as ``PATH: reason``)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)

@@ -1,0 +1,465 @@
+"""Streaming prediction with an exported model, in constant memory and without JAX.
+
+* :class:`StreamingFrontEnd`: the feature front end (:mod:`dkd_jax.audio`) fed block by block.
+  Its windows equal the whole-file windows of ``predict.file_segments``: a frame is computed
+  once its ``n_fft`` samples have arrived, from a bounded ring buffer of samples, with the same
+  ``center=True`` zero padding at the start and, when the stream ends, at the end; a stream
+  shorter than one window is padded to one, as a file is. One exception: the MFCC front end's
+  ``top_db`` floor (80 dB below the loudest frame of the whole utterance) can only use the
+  loudest frame *so far*, so MFCC windows equal the file's once the loudest frame has arrived.
+* :class:`StreamPredictor`: one row per evaluation hop (0.4 s): the window's probabilities and
+  an exponential moving average of them (time constant ``smoothing_seconds``). Per-utterance
+  normalisation uses the statistics of all windows so far (the file rule applied to the stream
+  up to now), so the last window of a stream is normalised exactly as a file of the same audio.
+* :func:`file_blocks` / :func:`pcm_blocks`: sample blocks from an audio file or from raw 16-bit
+  PCM (stdin), resampled to the model's rate by soxr's streaming resampler when needed.
+
+Like :mod:`dkd_jax.deploy`, this module must never import jax, flax or optax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from dkd_jax import audio
+from dkd_jax.deploy import (
+    VAR_EPS,
+    DeployError,
+    OnnxClassifier,
+    cli_error,
+    moments_to_stats,
+    normalize_segments,
+    softmax,
+    window_moments,
+)
+
+__all__ = [
+    "StreamPredictor",
+    "StreamWindow",
+    "StreamingFrontEnd",
+    "file_blocks",
+    "format_stream_header",
+    "format_stream_row",
+    "pcm_blocks",
+    "stream_cli",
+    "stream_rows",
+]
+
+_MFCC_AMIN = 1e-10
+_MFCC_TOP_DB = 80.0
+
+# --------------------------------------------------------------------------------------------
+# Streaming front end
+# --------------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """A bounded FIFO of rows (axis 0) in one preallocated array: constant memory."""
+
+    def __init__(self, capacity: int, row_shape: tuple[int, ...] = ()):
+        self._data = np.zeros((capacity, *row_shape), np.float32)
+        self._lo = 0
+        self._hi = 0
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def append(self, rows: np.ndarray) -> None:
+        n = rows.shape[0]
+        if self._hi + n > self._data.shape[0]:
+            size = len(self)
+            if size + n > self._data.shape[0]:
+                raise OverflowError(f"ring buffer of {self._data.shape[0]} rows overflows")
+            self._data[:size] = self._data[self._lo : self._hi]
+            self._lo, self._hi = 0, size
+        self._data[self._hi : self._hi + n] = rows
+        self._hi += n
+
+    def drop(self, n: int) -> None:
+        self._lo += min(int(n), len(self))
+
+    def view(self) -> np.ndarray:
+        return self._data[self._lo : self._hi]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamWindow:
+    """One evaluation window of a stream: its index, first frame, times and features."""
+
+    index: int
+    start_frame: int
+    start_s: float
+    end_s: float
+    features: np.ndarray  # [F, frames_per_window] float32 (not normalised)
+    valid_frames: int
+
+
+class StreamingFrontEnd:
+    """Whole-file-equivalent features of a stream, one evaluation window at a time.
+
+    Feed mono float32 samples at ``cfg.sample_rate`` with :meth:`push` (any block sizes), then
+    call :meth:`finish` once; each returns the windows completed so far. Memory is bounded by a
+    few windows whatever the stream's length.
+
+    Args:
+        cfg: the model's feature config.
+        hop_seconds: hop between windows (default ``cfg.eval_hop_seconds``).
+    """
+
+    def __init__(self, cfg: audio.FeatureConfig, *, hop_seconds: float | None = None):
+        self.cfg = cfg
+        self.hop_seconds = float(hop_seconds or cfg.eval_hop_seconds)
+        self._half = cfg.n_fft // 2
+        self._context = math.ceil(self._half / cfg.hop_length)  # frames of left context
+        self._block = max(cfg.hop_length, round(self.hop_seconds * cfg.sample_rate))
+        fpw = cfg.frames_per_window
+        cap = (
+            cfg.window_samples + 2 * self._block + cfg.n_fft + (self._context + 2) * cfg.hop_length
+        )
+        self._samples = _Ring(cap)
+        rows = 2 * fpw + self._block // cfg.hop_length + self._context + 8
+        self._frames = _Ring(rows, (cfg.n_mels,))  # log-mel, or MFCC's dB before the DCT
+        self._sample0 = 0  # global index of the first buffered sample
+        self._frame0 = 0  # global index of the first buffered frame
+        self._received = 0
+        self._next_frame = 0
+        self._next_window = 0
+        self._max_db = -np.inf
+        self._finished = False
+
+    @property
+    def samples_received(self) -> int:
+        """Samples pushed so far."""
+        return self._received
+
+    def window_start(self, k: int) -> int:
+        """First frame of window ``k`` (the formula of ``audio.segment_starts``)."""
+        return int(np.round(np.float64(k) * self.cfg.hop_frames(self.hop_seconds)))
+
+    def push(self, samples: np.ndarray) -> list[StreamWindow]:
+        """Adds samples; returns the windows that are now complete."""
+        if self._finished:
+            raise DeployError("stream already finished")
+        x = np.asarray(samples, np.float32).reshape(-1)
+        out = []
+        for i in range(0, x.shape[0], self._block):
+            chunk = x[i : i + self._block]
+            self._samples.append(chunk)
+            self._received += chunk.shape[0]
+            last = (self._received - self._half) // self.cfg.hop_length  # last complete frame
+            if last >= self._next_frame:
+                self._compute(last + 1, at_end=False)
+            out += self._emit()
+            self._trim_samples()
+        return out
+
+    def finish(self) -> list[StreamWindow]:
+        """Ends the stream: the last frames see zero padding, as at the end of a file."""
+        if self._finished:
+            return []
+        self._finished = True
+        if self._received == 0:
+            raise DeployError("the stream has no samples")
+        if self._received < self.cfg.window_samples:
+            return [self._short_window()]
+        self._compute(audio.num_frames(self._received, self.cfg), at_end=True)
+        return self._emit()
+
+    # -- internals --
+
+    def _compute(self, stop: int, *, at_end: bool) -> None:
+        """Appends frames [next_frame, stop) to the frame buffer."""
+        cfg, start = self.cfg, self._next_frame
+        g0 = max(0, (start - self._context) * cfg.hop_length)
+        g1 = self._received if at_end else (stop - 1) * cfg.hop_length + self._half
+        lo = g0 - self._sample0
+        wave = self._samples.view()[lo : lo + (g1 - g0)]
+        mel = audio.mel_power(wave, cfg)  # [n_mels, frames] of the chunk, chunk frame 0 = g0
+        first = start - g0 // cfg.hop_length
+        rows = self._transform(mel[:, first : first + (stop - start)])
+        self._frames.append(rows.T)
+        self._next_frame = stop
+
+    def _transform(self, mel: np.ndarray) -> np.ndarray:
+        if self.cfg.kind == "logmel":
+            return np.log(np.maximum(mel, np.float32(audio.LOG_FLOOR))).astype(np.float32)
+        db = 10.0 * np.log10(np.maximum(mel, np.float32(_MFCC_AMIN)))
+        if db.size:
+            self._max_db = max(self._max_db, float(db.max()))
+        return db.astype(np.float32)
+
+    def _window_features(self, frames: np.ndarray) -> np.ndarray:
+        """[fpw, bands] buffered rows → [F, fpw] features (MFCC: floor + DCT)."""
+        x = np.ascontiguousarray(frames.T)
+        if self.cfg.kind == "logmel":
+            return x
+        import scipy.fft
+
+        floor = np.float32(self._max_db) - np.float32(_MFCC_TOP_DB)
+        db = np.maximum(x, floor)
+        mfcc = scipy.fft.dct(db, axis=0, type=2, norm="ortho")[: self.cfg.n_mfcc]
+        return np.ascontiguousarray(mfcc, dtype=np.float32)
+
+    def _emit(self) -> list[StreamWindow]:
+        cfg, fpw, out = self.cfg, self.cfg.frames_per_window, []
+        while True:
+            s = self.window_start(self._next_window)
+            if s + fpw > self._next_frame:
+                break
+            rows = self._frames.view()[s - self._frame0 : s - self._frame0 + fpw]
+            start_s = s * cfg.hop_length / cfg.sample_rate
+            out.append(
+                StreamWindow(
+                    self._next_window,
+                    s,
+                    start_s,
+                    start_s + cfg.window_seconds,
+                    self._window_features(rows),
+                    fpw,
+                )
+            )
+            self._next_window += 1
+        keep_from = self.window_start(self._next_window)
+        self._frames.drop(keep_from - self._frame0)
+        self._frame0 = max(self._frame0, keep_from)
+        return out
+
+    def _trim_samples(self) -> None:
+        if self._received < self.cfg.window_samples:
+            return  # a stream shorter than a window is padded as a whole at the end
+        keep_from = max(0, (self._next_frame - self._context) * self.cfg.hop_length)
+        self._samples.drop(keep_from - self._sample0)
+        self._sample0 = max(self._sample0, keep_from)
+
+    def _short_window(self) -> StreamWindow:
+        wave = self._samples.view()[: self._received]
+        padded, valid = audio.pad_to_window(wave, self.cfg)
+        mel = audio.mel_power(padded, self.cfg)
+        self._max_db = -np.inf
+        rows = self._transform(mel)
+        feats = self._window_features(rows.T[: self.cfg.frames_per_window])
+        duration = self._received / self.cfg.sample_rate
+        return StreamWindow(
+            0,
+            0,
+            0.0,
+            max(duration, self.cfg.window_seconds),
+            feats,
+            int(min(valid, self.cfg.frames_per_window)),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming prediction
+# --------------------------------------------------------------------------------------------
+
+
+class StreamPredictor:
+    """Per-window probabilities of a stream and their exponential moving average.
+
+    Args:
+        model: an :class:`OnnxClassifier`.
+        smoothing_seconds: time constant τ of the moving average: each hop of ``h`` seconds
+            keeps ``exp(-h / τ)`` of the previous average; 0 disables smoothing.
+    """
+
+    def __init__(self, model: OnnxClassifier, *, smoothing_seconds: float = 1.0):
+        if smoothing_seconds < 0:
+            raise DeployError(f"--smooth must be ≥ 0 seconds, got {smoothing_seconds}")
+        self.model = model
+        self.front_end = StreamingFrontEnd(model.features)
+        hop = self.front_end.hop_seconds
+        self.decay = math.exp(-hop / smoothing_seconds) if smoothing_seconds > 0 else 0.0
+        self._smoothed: np.ndarray | None = None
+        bins = model.features.num_bins
+        self._moments = [0.0, np.zeros(bins), np.zeros(bins)]
+
+    def push(self, samples: np.ndarray) -> list[dict[str, Any]]:
+        """Adds samples (mono float32 at the model's rate); returns the finished hops' rows."""
+        return self._score(self.front_end.push(samples))
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Ends the stream; returns the last rows."""
+        return self._score(self.front_end.finish())
+
+    def _normalise(self, w: StreamWindow) -> np.ndarray:
+        norm = self.model.normalization
+        if norm.get("mode") != "utterance":
+            return normalize_segments(w.features[None], np.array([w.valid_frames]), norm)[0]
+        count, total, total_sq = window_moments(w.features[None], np.array([w.valid_frames]))
+        m = self._moments
+        m[0] += count
+        m[1] = m[1] + total
+        m[2] = m[2] + total_sq
+        eps = float(norm.get("variance_epsilon", VAR_EPS))
+        mean, std = moments_to_stats(*m, epsilon=eps)
+        return ((w.features - mean[:, None]) / std[:, None]).astype(np.float32)
+
+    def _score(self, windows: list[StreamWindow]) -> list[dict[str, Any]]:
+        if not windows:
+            return []
+        names = self.model.label_names
+        probs = softmax(self.model.logits(np.stack([self._normalise(w) for w in windows])))
+        rows = []
+        for w, p in zip(windows, probs, strict=True):
+            if self._smoothed is None:
+                self._smoothed = p
+            else:
+                self._smoothed = self.decay * self._smoothed + (1.0 - self.decay) * p
+            rows.append(
+                {
+                    "start_s": round(w.start_s, 3),
+                    "end_s": round(w.end_s, 3),
+                    "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},
+                    "prediction": names[int(np.argmax(p))],
+                    "smoothed": {n: float(v) for n, v in zip(names, self._smoothed, strict=True)},
+                    "smoothed_prediction": names[int(np.argmax(self._smoothed))],
+                }
+            )
+        return rows
+
+
+def file_blocks(
+    path: str | os.PathLike, *, sample_rate: int, block_seconds: float = 0.4
+) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of an audio file at ``sample_rate``, read incrementally.
+
+    Channels are averaged and samples clipped to [-1, 1] as ``audio.load_audio`` does; another
+    rate is resampled block by block (soxr's streaming resampler, same quality as the whole-file
+    path, so the samples agree with it up to the resampler's edge handling).
+
+    Raises:
+        DeployError: unreadable file.
+    """
+    import soundfile as sf
+
+    path = os.fspath(path)
+    try:
+        f = sf.SoundFile(path)
+    except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError
+        raise DeployError(f"{path}: not a readable audio file ({e})") from None
+    with f:
+        block = max(1, round(block_seconds * f.samplerate))
+        resampler = _resampler(f.samplerate, sample_rate)
+        while True:
+            data = f.read(block, dtype="float32", always_2d=True)
+            last = data.shape[0] < block
+            yield _to_model_rate(data, resampler, last=last)
+            if last:
+                return
+
+
+def pcm_blocks(
+    stream: BinaryIO, *, rate: int, channels: int = 1, sample_rate: int, block_seconds: float = 0.4
+) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at ``sample_rate`` of raw little-endian 16-bit PCM from ``stream``."""
+    if rate <= 0 or channels <= 0:
+        raise DeployError(f"--rate and --channels must be positive, got {rate} and {channels}")
+    frame_bytes = 2 * channels
+    block = max(1, round(block_seconds * rate)) * frame_bytes
+    resampler = _resampler(rate, sample_rate)
+    pending = b""
+    while True:
+        data = stream.read(block)
+        last = not data
+        pending += data or b""
+        usable = len(pending) - len(pending) % frame_bytes
+        if last and len(pending) != usable:
+            print(
+                f"warning: the input ended inside a sample frame; "
+                f"{len(pending) - usable} byte(s) dropped",
+                file=sys.stderr,
+            )
+        raw, pending = pending[:usable], pending[usable:]
+        x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+        yield _to_model_rate(x.reshape(-1, channels), resampler, last=last)
+        if last:
+            return
+
+
+def _resampler(in_rate: int, out_rate: int):
+    if in_rate == out_rate:
+        return None
+    import soxr
+
+    return soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
+
+
+def _to_model_rate(data: np.ndarray, resampler, *, last: bool) -> np.ndarray:
+    wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+    wave = np.clip(wave, -1.0, 1.0).astype(np.float32)
+    if resampler is None:
+        return wave
+    out = resampler.resample_chunk(wave, last=last)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def stream_rows(
+    model: OnnxClassifier, blocks: Iterable[np.ndarray], *, smoothing_seconds: float = 1.0
+) -> Iterator[dict[str, Any]]:
+    """One row per evaluation hop of a stream of sample blocks (see :class:`StreamPredictor`)."""
+    predictor = StreamPredictor(model, smoothing_seconds=smoothing_seconds)
+    for block in blocks:
+        yield from predictor.push(block)
+    yield from predictor.finish()
+
+
+def format_stream_header(names: Sequence[str]) -> str:
+    """Column header of the streaming table."""
+    width = max(8, *(len(n) for n in names))
+    cols = " ".join(f"{n:>8}" for n in names)
+    return f"{'start':>7} {'end':>7}  {cols}  {'window':<{width}}  smoothed"
+
+
+def format_stream_row(row: dict[str, Any], names: Sequence[str]) -> str:
+    """One line of the streaming table: window span (s), probabilities, label, smoothed label."""
+    width = max(8, *(len(n) for n in names))
+    probs = " ".join(f"{row['probabilities'][n]:>8.3f}" for n in names)
+    return (
+        f"{row['start_s']:>7.2f} {row['end_s']:>7.2f}  {probs}  "
+        f"{row['prediction']:<{width}}  {row['smoothed_prediction']}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# eval.py predict --model DIR --stream PATH|-
+# --------------------------------------------------------------------------------------------
+
+
+def stream_cli(args) -> int:
+    """``eval.py predict --model DIR --stream PATH|-``: one line per evaluation hop; returns the
+    exit status. ``args`` is eval.py's parsed predict namespace (model, stream, rate, channels,
+    smooth, jsonl, threads, files, group, groups)."""
+    try:
+        model = OnnxClassifier(args.model, threads=args.threads)
+        if args.files or args.group or args.groups:
+            raise DeployError("--stream takes one input (FILE or -), not extra files")
+        rate = model.features.sample_rate
+        if args.stream == "-":
+            blocks = pcm_blocks(
+                sys.stdin.buffer, rate=args.rate or rate, channels=args.channels, sample_rate=rate
+            )
+        else:
+            blocks = file_blocks(args.stream, sample_rate=rate)
+        names = model.label_names
+        if not args.jsonl:
+            print(format_stream_header(names), flush=True)
+        for row in stream_rows(model, blocks, smoothing_seconds=args.smooth):
+            print(json.dumps(row) if args.jsonl else format_stream_row(row, names), flush=True)
+    except (DeployError, audio.AudioError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # e.g. piped into `head`
+            sys.stderr.close()
+            return 0
+        print(f"eval.py: error: {cli_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the usual way to end a live stream
+        return 130
+    return 0

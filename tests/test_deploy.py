@@ -1,0 +1,319 @@
+"""Tests for prediction without JAX: dkd_jax.deploy, eval.py predict --model / --stream.
+
+The exported model is the tiny trained run of tests/helpers_export.py (global normalisation).
+References: ``eval.py predict --workdir`` (the Flax model through JAX), and
+``input_pipeline.normalize_arrays`` for the per-utterance rule. The JAX-free claims are checked
+in subprocesses in which ``import jax`` (and flax, optax, orbax) fails.
+"""
+
+import ast
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import helpers_export
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '.[export]'")
+pytest.importorskip("onnxruntime", reason="needs the export extra")
+
+from dkd_jax import audio, deploy, export, input_pipeline, predict, records, streaming
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
+eval_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(eval_cli)
+
+PROB_TOL = 1e-4
+NO_JAX = """
+import runpy, sys
+BANNED = ("jax", "jaxlib", "flax", "optax", "orbax", "orbax.checkpoint", "chex")
+for name in BANNED:
+    sys.modules[name] = None  # any `import jax` now raises ImportError
+sys.argv = ["eval.py", *sys.argv[1:]]
+try:
+    runpy.run_path("eval.py", run_name="__main__")
+finally:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BANNED and sys.modules[m])
+    print("LOADED:" + ",".join(loaded), file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_prep_dir, tmp_path_factory):
+    return helpers_export.tiny_run(tiny_prep_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model_dir(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy") / "student"
+    export.export_run(run_dir, out, formats=["onnx"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def audio_files(tiny_corpus_dir, tmp_path_factory):
+    """Corpus WAVs, a short 44.1-kHz stereo file (resampled, mixed down, padded), a broken one."""
+    wavs = sorted(Path(tiny_corpus_dir).rglob("*.wav"))
+    wavs = [w for w in wavs if not w.name.startswith("._")][:4]
+    d = tmp_path_factory.mktemp("audio")
+    t = np.arange(round(1.2 * 44100)) / 44100
+    left = 0.3 * np.sin(2 * np.pi * 220 * t)
+    sf.write(d / "short_stereo.wav", np.stack([left, 0.5 * left], axis=1), 44100)
+    (d / "broken.wav").write_bytes(b"RIFF\x00\x00not audio")
+    return [str(w) for w in wavs] + [str(d / "short_stereo.wav"), str(d / "broken.wav")]
+
+
+def _no_jax_run(args, *, stdin=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_JAX, *args],
+        cwd=REPO,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=300,
+    )
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert err.strip().splitlines()[-1] == "LOADED:", err  # nothing of JAX was imported
+    return proc.returncode, out, err
+
+
+def _cli(argv):
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = eval_cli.main(argv)
+    return rc, buf.getvalue()
+
+
+def _assert_same_predictions(a, b, tol=PROB_TOL):
+    assert a["label_names"] == b["label_names"] and a["errors"] == b["errors"]
+    assert len(a["files"]) == len(b["files"])
+    for fa, fb in zip(a["files"], b["files"], strict=True):
+        for key in ("path", "duration_s", "num_segments", "padded"):
+            assert fa[key] == fb[key], key
+        pa, pb = (np.array(list(f["probabilities"].values())) for f in (fa, fb))
+        np.testing.assert_allclose(pa, pb, rtol=0, atol=tol)
+        for sa, sb in zip(fa.get("segments", []), fb.get("segments", []), strict=True):
+            assert (sa["start_s"], sa["end_s"]) == (sb["start_s"], sb["end_s"])
+            pa, pb = (np.array(list(s["probabilities"].values())) for s in (sa, sb))
+            np.testing.assert_allclose(pa, pb, rtol=0, atol=tol)
+
+
+def test_predict_model_matches_predict_workdir(run_dir, model_dir, audio_files):
+    ref = predict.predict_files(run_dir, audio_files, segments=True)
+    got = deploy.predict_files(model_dir, audio_files, segments=True)
+    _assert_same_predictions(got, ref)
+    probs = np.array([list(f["probabilities"].values()) for f in got["files"]])
+    assert probs.max(axis=1).min() < 0.9 and np.ptp(probs, axis=0).max() > 0.2  # not constant
+    assert len(got["errors"]) == 1 and got["errors"][0]["path"].endswith("broken.wav")
+    assert got["files"][-1]["padded"] and got["files"][-1]["num_segments"] == 1
+
+
+def test_eval_cli_model_prints_the_workdir_table_without_jax(run_dir, model_dir, audio_files):
+    rc_ref, table_ref = _cli(["predict", "--workdir", str(run_dir), *audio_files, "--segments"])
+    rc, out, err = _no_jax_run(["predict", "--model", str(model_dir), *audio_files, "--segments"])
+    assert rc == rc_ref == 2  # the broken file
+    assert "error: " in err and "broken.wav" in err
+    assert out.splitlines()[0] == table_ref.splitlines()[0]  # same header
+    rows, rows_ref = out.splitlines()[1:], table_ref.splitlines()[1:]
+    assert len(rows) == len(rows_ref) > len(audio_files)
+    for row, row_ref in zip(rows, rows_ref, strict=True):  # same text, numbers within rounding
+        words, words_ref = row.split(), row_ref.split()
+        assert len(words) == len(words_ref)
+        for w, w_ref in zip(words, words_ref, strict=True):
+            try:
+                assert abs(float(w) - float(w_ref)) <= 1.5e-3
+            except ValueError:
+                assert w == w_ref
+
+
+def test_per_utterance_normalisation_matches_input_pipeline(tiny_prep_dir, model_dir, tmp_path):
+    arrays = records.load_split(tiny_prep_dir, "eval")
+    short = int(np.argmin(arrays.valid_frames))
+    assert arrays.valid_frames[short] < arrays.features.shape[2]  # a padded window is included
+    utt = arrays.utterance_ids[short]
+    one = arrays.select(arrays.utterance_ids == utt)
+    ref = input_pipeline.normalize_arrays(one, {"mode": "utterance"}).features
+    got = deploy.normalize_segments(one.features, one.valid_frames, {"mode": "utterance"})
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    norm = {"mode": "global", "mean": list(np.arange(26.0)), "std": list(np.arange(1.0, 27.0))}
+    ref = input_pipeline.normalize_arrays(one, norm).features
+    got = deploy.normalize_segments(one.features, one.valid_frames, norm)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(deploy.DeployError, match="unknown normalization"):
+        deploy.normalize_segments(one.features, one.valid_frames, {"mode": "speaker"})
+
+
+def _with_normalization(model_dir, tmp_path, normalization):
+    copy = tmp_path / "model_copy"
+    shutil.copytree(model_dir, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card["normalization"] = normalization
+    (copy / "model.json").write_text(json.dumps(card))
+    return copy
+
+
+def test_speaker_groups_normalise_together_like_predict_workdir(
+    run_dir, model_dir, audio_files, tmp_path
+):
+    """A per-speaker run: --model and --workdir normalise one group's files together alike."""
+    run_copy = tmp_path / "speaker_run"
+    shutil.copytree(run_dir, run_copy)
+    (run_copy / "normalization.json").write_text(json.dumps({"mode": "speaker", "groups": {}}))
+    card = {"mode": "utterance", "trained_with": "speaker", "variance_epsilon": 1e-6}
+    model_copy = _with_normalization(model_dir, tmp_path, card)
+    files = audio_files[:3]
+    groups = ["spk_a", "spk_a", None]
+    ref = predict.predict_files(run_copy, files, groups=groups)
+    got = deploy.predict_files(model_copy, files, groups=groups)
+    _assert_same_predictions(got, ref)
+    assert [f["group"] for f in got["files"]] == groups and not got["warnings"]
+    alone = deploy.predict_files(model_copy, files)
+    assert "per-speaker normalisation" in alone["warnings"][0]
+    first = np.array(list(alone["files"][0]["probabilities"].values()))
+    grouped = np.array(list(got["files"][0]["probabilities"].values()))
+    assert np.abs(first - grouped).max() > 1e-4  # the group's statistics made a difference
+
+
+def test_predict_files_per_utterance_mode(model_dir, audio_files, tmp_path):
+    copy = _with_normalization(model_dir, tmp_path, {"mode": "utterance"})
+    got = deploy.predict_files(copy, audio_files[:3])
+    fc = deploy.feature_config(deploy.load_card(copy))
+    for path, entry in zip(audio_files[:3], got["files"], strict=True):
+        seg = predict.file_segments(path, fc)
+        n = len(seg["valid_frames"])
+        arrays = records.SegmentArrays(
+            features=seg["segments"],
+            labels=np.zeros(n, np.int32),
+            utterance_ids=np.full(n, "f"),
+            segment_index=np.arange(n, dtype=np.int32),
+            valid_frames=seg["valid_frames"],
+            speakers=np.full(n, "f"),
+            sessions=np.full(n, ""),
+            genders=np.full(n, ""),
+        )
+        x = input_pipeline.normalize_arrays(arrays, {"mode": "utterance"}).features
+        logits = export.onnx_logits(copy / "model.onnx", x[..., None])
+        ref = deploy.softmax(logits.mean(axis=0))
+        np.testing.assert_allclose(list(entry["probabilities"].values()), ref, atol=1e-6)
+
+
+def _long_file(audio_files, tmp_path):
+    waves = [audio.load_audio(p, sample_rate=16000) for p in audio_files[:4]]
+    path = tmp_path / "long.wav"
+    sf.write(path, np.concatenate(waves), 16000, subtype="FLOAT")
+    return path
+
+
+def test_stream_matches_file_prediction(model_dir, audio_files, tmp_path):
+    path = _long_file(audio_files, tmp_path)
+    model = deploy.OnnxClassifier(model_dir)
+    file_pred = deploy.predict_files(model, [path], segments=True)["files"][0]["segments"]
+    blocks = streaming.file_blocks(path, sample_rate=16000)
+    rows = list(streaming.stream_rows(model, blocks, smoothing_seconds=0.0))
+    assert len(rows) == len(file_pred) > 10
+    for r, s in zip(rows, file_pred, strict=True):
+        assert r["start_s"] == s["start_s"] and r["end_s"] == s["end_s"]
+        got, ref = (np.array(list(x["probabilities"].values())) for x in (r, s))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    # per-utterance mode: statistics of the stream so far; the last window sees the file's
+    copy = _with_normalization(model_dir, tmp_path, {"mode": "utterance"})
+    umodel = deploy.OnnxClassifier(copy)
+    file_pred = deploy.predict_files(umodel, [path], segments=True)["files"][0]["segments"]
+    rows = list(streaming.stream_rows(umodel, streaming.file_blocks(path, sample_rate=16000)))
+    last, ref = (np.array(list(x["probabilities"].values())) for x in (rows[-1], file_pred[-1]))
+    np.testing.assert_allclose(last, ref, rtol=0, atol=1e-5)
+    first, ref = (np.array(list(x["probabilities"].values())) for x in (rows[0], file_pred[0]))
+    assert np.abs(first - ref).max() > 1e-3  # the first window saw only itself
+
+
+def test_cli_stream_file_and_stdin_without_jax(tmp_path):
+    model = helpers_export.band_model_folder(tmp_path / "band")
+    wave, _ = helpers_export.tone_sequence((1, 3, 0), (2.9, 3.3, 2.6))
+    pcm = np.round(wave * 32767).astype("<i2")
+    path = tmp_path / "tones.wav"
+    sf.write(path, pcm, 16000, subtype="PCM_16")
+    rc, table, _ = _no_jax_run(["predict", "--model", str(model), "--stream", str(path)])
+    assert rc == 0
+    lines = table.splitlines()
+    assert lines[0].split() == ["start", "end", *helpers_export.BAND_LABELS, "window", "smoothed"]
+    rc, jsonl, _ = _no_jax_run(
+        ["predict", "--model", str(model), "--stream", "-", "--rate", "16000", "--jsonl"],
+        stdin=pcm.tobytes(),
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in jsonl.splitlines()]
+    assert len(rows) == len(lines) - 1 == round((8.8 - 2.0) / 0.4) + 1
+    for row, line in zip(rows, lines[1:], strict=True):  # stdin PCM == the same file
+        assert line.split()[-2:] == [row["prediction"], row["smoothed_prediction"]]
+        assert float(line.split()[0]) == row["start_s"]
+    # another rate on stdin is resampled: the labels away from the boundaries are unchanged
+    wave44 = audio.resample(wave, orig_sr=16000, target_sr=22050)
+    rc, out, _ = _no_jax_run(
+        ["predict", "--model", str(model), "--stream", "-", "--rate", "22050", "--jsonl"],
+        stdin=np.round(wave44 * 32767).astype("<i2").tobytes(),
+    )
+    rows22 = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and abs(len(rows22) - len(rows)) <= 1
+    for a, b in zip(rows, rows22, strict=False):
+        centre = (a["start_s"] + a["end_s"]) / 2
+        if min(abs(centre - 2.9), abs(centre - 6.2)) > 0.3:
+            assert a["prediction"] == b["prediction"]
+
+
+def test_cli_model_errors_are_one_line(model_dir, tmp_path, capsys):
+    rc = eval_cli.main(["predict", "--model", str(tmp_path / "nope"), "a.wav"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("eval.py: error: ") and "model.json" in err
+    assert len(err.strip().splitlines()) == 1
+    rc = eval_cli.main(["predict", "--model", str(model_dir), "--stream", str(tmp_path / "x.wav")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "x.wav" in err and len(err.strip().splitlines()) == 1
+    rc = eval_cli.main(["predict", "--model", str(model_dir)])
+    assert rc == 2 and "no audio files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --workdir and --model are exclusive
+        eval_cli.main(["predict", "--model", str(model_dir), "--workdir", "w", "a.wav"])
+    with pytest.raises(SystemExit):
+        eval_cli.main(["predict", "--workdir", "w", "--stream", "-"])
+
+
+def _readme_snippet():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Deploying a student", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("mode", ["global", "utterance"])
+def test_readme_snippet_runs_with_onnxruntime_and_numpy_alone(
+    mode, model_dir, audio_files, tmp_path
+):
+    folder = model_dir
+    if mode == "utterance":  # what an export of a per-utterance/per-speaker run writes
+        norm = export._normalization_card({"mode": "speaker"}, 26)
+        folder = _with_normalization(model_dir, tmp_path, norm)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(folder, work / "student_onnx")
+    path = audio_files[0]  # longer than one window: every frame is real
+    fc = deploy.feature_config(deploy.load_card(folder))
+    np.save(work / "windows.npy", predict.file_segments(path, fc)["segments"])
+    banned = "import sys\nfor m in ('jax', 'flax', 'optax', 'dkd_jax', 'librosa'):\n"
+    script = banned + "    sys.modules[m] = None\n" + _readme_snippet()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = ast.literal_eval(proc.stdout.strip())  # {label: probability}
+    ref = deploy.predict_files(folder, [path])["files"][0]["probabilities"]
+    assert list(printed) == list(ref)
+    np.testing.assert_allclose(list(printed.values()), list(ref.values()), atol=1e-3)
+    assert len(_readme_snippet().strip().splitlines()) <= 16

@@ -1,0 +1,172 @@
+"""Tests for dkd_jax.export: ONNX and StableHLO parity with the Flax model, model.json, CLI.
+
+Parity uses the real architectures (student, teacher, area-attention teacher) with initialised
+weights whose BatchNorm statistics are randomised (so inference-mode BatchNorm matters) and
+whose classifier is scaled so the largest logit is 5 (a 1e-5 check on the ~0.1 logits of
+an initialised model would say little) (a 1e-5 check on near-zero logits would
+say little), on real prep windows (the conftest MFCC-26 prep) at batch 1 and 256. The whole
+export of a run uses the tiny trained run of tests/helpers_export.py.
+"""
+
+import hashlib
+import json
+
+import helpers_export
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '.[export]'")
+onnx = pytest.importorskip("onnx", reason="needs the export extra")
+pytest.importorskip("onnxruntime", reason="needs the export extra")
+
+from dkd_jax import export, models, records  # noqa: E402
+from dkd_jax import run_dir as run_dir_lib  # noqa: E402
+
+PRESETS = ("student", "teacher", "area_teacher")
+TOL = 1e-5
+# The tiny run's classifier standardises an embedding that barely varies with the input
+# (helpers_export.spread_classifier), which amplifies float32 rounding ~100x: its export is
+# checked at 1e-4 (the real architectures above, at 1e-5).
+TINY_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def real_windows(tiny_prep_dir):
+    """256 real eval windows [256, 26, 63] (tiled), standardised per band like training data."""
+    x = records.load_split(tiny_prep_dir, "eval").features
+    x = (x - x.mean(axis=(0, 2), keepdims=True)) / x.std(axis=(0, 2), keepdims=True)
+    return np.resize(x, (256, *x.shape[1:])).astype(np.float32)
+
+
+def _variables(model, x):
+    variables = model.init(jax.random.PRNGKey(0), x[:2, ..., None], train=False)
+    rng = np.random.default_rng(1)
+    stats = jax.tree.map(np.asarray, variables["batch_stats"])
+    for layer in stats.values():
+        layer["mean"] = rng.normal(0.0, 0.3, layer["mean"].shape).astype(np.float32)
+        layer["var"] = rng.uniform(0.5, 2.0, layer["var"].shape).astype(np.float32)
+    params = jax.tree.map(np.asarray, variables["params"])
+    variables = {"params": params, "batch_stats": stats}
+    head = params["classifier"]
+    head["bias"] = np.zeros_like(head["bias"])
+    logits = np.asarray(model.apply(variables, x[..., None], train=False))
+    head["kernel"] = head["kernel"] * np.float32(5.0 / np.abs(logits).max())
+    return variables
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_onnx_and_stablehlo_match_flax(preset, real_windows, tmp_path):
+    model = models.build_model(preset, num_classes=4)
+    variables = _variables(model, real_windows)
+    fn = export.inference_function(model, variables)
+    shape = real_windows.shape[1:]
+    onnx_path = export.to_onnx(fn, shape, tmp_path / "m.onnx")
+    hlo = export.load_stablehlo(export.to_stablehlo(fn, shape, tmp_path / "m.stablehlo"))
+    flax_model = jax.jit(lambda x: model.apply(variables, x, train=False))  # the Flax model
+    for batch in (1, 256):
+        x = real_windows[:batch, ..., None]
+        ref = np.asarray(flax_model(x))
+        assert np.abs(ref).max() > 1.0  # logits large enough for 1e-5 to mean something
+        np.testing.assert_allclose(export.onnx_logits(onnx_path, x), ref, rtol=0, atol=TOL)
+        np.testing.assert_allclose(np.asarray(hlo.call(x)), ref, rtol=0, atol=TOL)
+    # a standard, BatchNorm-folded graph with a symbolic batch; a symbolic StableHLO batch
+    proto = onnx.load(onnx_path)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", export.DEFAULT_OPSET)]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [*shape, 1]
+    assert proto.graph.input[0].name == "features" and proto.graph.output[0].name == "logits"
+    assert str(hlo.in_avals[0].shape[0]) == "batch" and hlo.out_avals[0].shape[1] == 4
+    assert set(hlo.platforms) == set(export.STABLEHLO_PLATFORMS)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_prep_dir, tmp_path_factory):
+    return helpers_export.tiny_run(tiny_prep_dir, tmp_path_factory)
+
+
+def test_export_run_writes_a_self_contained_folder(run_dir, tiny_prep_dir, tmp_path):
+    out = tmp_path / "export"
+    card = export.export_run(run_dir, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.stablehlo"]
+    assert json.loads((out / "model.json").read_text()) == card
+    meta = records.load_metadata(tiny_prep_dir)
+    assert card["label_names"] == meta["label_names"]
+    fc = {**meta["feature_config"], "short_utterances": "pad"}
+    assert {k: card["features"][k] for k in fc} == fc
+    assert card["features"]["frames_per_window"] == 63 and card["features"]["num_bins"] == 26
+    norm = json.loads((run_dir / "normalization.json").read_text())
+    assert card["normalization"] == {"mode": "global", "mean": norm["mean"], "std": norm["std"]}
+    run = run_dir_lib.restore_run(run_dir)
+    src = card["source"]
+    assert src["step"] == run.step and src["checkpoint"] == "latest"
+    digest = hashlib.sha256((run_dir / "config.json").read_bytes()).hexdigest()
+    assert src["config_hash"] == "sha256:" + digest
+    assert src["data_content_hash"] == meta["content_hash"]
+    res = json.loads((run_dir / run_dir_lib.RESULTS_FILE).read_text())
+    assert card["test"]["wa"] == res["wa"] and card["test"]["ua"] == res["ua"]
+    assert card["test"]["same_checkpoint"] is True
+    assert card["model"]["num_parameters"] == models.count_parameters(run.variables["params"])
+    assert card["model"]["input"]["shape"] == ["batch", 26, 63, 1]
+    for fmt in ("onnx", "stablehlo"):
+        path = out / card["files"][fmt]["path"]
+        assert card["files"][fmt]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert card["export_check"]["max_abs_logit_difference"][fmt] <= TINY_TOL
+    props = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
+    assert json.loads(props["label_names"]) == meta["label_names"]
+    # the trained run's ONNX logits equal its Flax logits on real (normalised) windows
+    x = records.load_split(tiny_prep_dir, "eval").features[:40]
+    x = ((x - np.array(norm["mean"])[:, None]) / np.array(norm["std"])[:, None]).astype(np.float32)
+    ref = np.asarray(run.model.apply(run.variables, x[..., None], train=False))
+    got = export.onnx_logits(out / "model.onnx", x[..., None])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TINY_TOL)
+
+
+def test_normalization_card_per_utterance_and_none():
+    card = export._normalization_card({"mode": "speaker", "groups": {"s1": {}}}, 26)
+    assert card["mode"] == "utterance" and card["trained_with"] == "speaker"
+    assert "groups" not in card  # training speakers' statistics are not shipped
+    assert export._normalization_card({"mode": "none"}, 26) == {"mode": "none"}
+    with pytest.raises(export.ExportError, match="2 bands"):
+        export._normalization_card({"mode": "global", "mean": [0, 1], "std": [1, 1]}, 26)
+
+
+def _one_error_line(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("python -m dkd_jax.export: error: ")
+    return err
+
+
+def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["--workdir", str(run_dir), "--out", str(out), "--format", "stablehlo"]
+    assert export.main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.stablehlo"]
+    assert "not empty" in _one_error_line(capsys, export.main(argv))
+    (out / "model.onnx").write_bytes(b"stale")  # --overwrite leaves no stale file behind
+    assert export.main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert not (out / "model.onnx").exists()
+    err = _one_error_line(capsys, export.main(["--workdir", str(tmp_path / "nope"), "--out", "x"]))
+    assert "no such run directory" in err
+    bad = ["--workdir", str(run_dir), "--out", str(tmp_path / "o2")]
+    assert "step 999" in _one_error_line(capsys, export.main([*bad, "--step", "999"]))
+    assert "--format" in _one_error_line(capsys, export.main([*bad, "--format", "tflite"]))
+    assert "opset" in _one_error_line(capsys, export.main([*bad, "--opset", "13"]))
+
+
+def test_missing_extra_is_a_one_line_error_naming_the_install(
+    run_dir, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import jax2onnx now raises ImportError
+    rc = export.main(["--workdir", str(run_dir), "--out", str(tmp_path / "o")])
+    err = _one_error_line(capsys, rc)
+    assert "jax2onnx" in err and "pip install -e '.[export]'" in err
+    assert not (tmp_path / "o").exists()
