@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="share of speakers who show one emotion only (default 0)",
     )
+    p.add_argument(
+        "--manifest",
+        action="store_true",
+        help="also write manifest.csv (path,label,speaker,session,gender; labels as words) to "
+        "prepare the corpus with `data_prep csv` like a corpus of your own",
+    )
     return parser
 
 
@@ -189,11 +195,18 @@ def _run_synth(args) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         speaker_confound=args.speaker_confound,
+        manifest=args.manifest,
     )
     print(json.dumps(summary, indent=1, default=str))
     print(
         f"corpus written to {args.out}; prepare it with: python -m data_prep iemocap "
         f"--root {args.out} --out PREP_DIR"
+        + (
+            f" (or as a CSV corpus: python -m data_prep csv --manifest {args.out}/"
+            f"{synth.MANIFEST_FILE} --out PREP_DIR --label-map ...)"
+            if args.manifest
+            else ""
+        )
     )
     return 0
 

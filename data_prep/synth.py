@@ -1184,6 +1184,7 @@ def generate_corpus(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    manifest: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Writes a synthetic emotional-speech corpus in the IEMOCAP release layout.
@@ -1198,6 +1199,11 @@ def generate_corpus(
         output does not depend on it. Workers fork, or spawn once JAX/TensorFlow is imported
         (then a calling script needs the usual ``if __name__ == "__main__":`` guard).
       progress: show a tqdm progress bar (only on a terminal).
+      manifest: also write ``manifest.csv`` (:data:`MANIFEST_FILE`), the corpus as a user's own
+        corpus would come: one row per utterance with ``path,label,speaker,session,gender``
+        and the labels as words (``anger``, ``happiness``, ``excited``, ``frustration``, ...,
+        ``no agreement`` for IEMOCAP's ``xxx``), for ``python -m data_prep csv``. The audio and
+        every other file are the same with or without it.
       **overrides: replace preset settings (e.g. ``sessions=3``, ``turns_per_dialog=20``,
         ``label_weights={...}``); see ``SIZE_PRESETS`` for the keys. ``speaker_confound`` (in
         [0, 1], default 0) makes that share of the speakers show a single emotion (see the
@@ -1274,6 +1280,41 @@ def generate_corpus(
     finally:
         bar.close()
 
+    if manifest:
+        _write_manifest(root, plan)
     _write_text(root / _SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (root / _MARKER).unlink(missing_ok=True)
     return summary
+
+
+MANIFEST_FILE = "manifest.csv"
+"""The CSV manifest written with ``manifest=True`` (``python -m data_prep synth --manifest``)."""
+
+MANIFEST_LABELS = {code: name.lower() for code, name in _CATEGORY_NAMES.items()} | {
+    "xxx": "no agreement"
+}
+"""IEMOCAP code -> the word label of the manifest."""
+
+
+def _write_manifest(root: Path, plan: list) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "speaker", "session", "gender"])
+    for session in plan:
+        for dialog in session["dialogs"]:
+            for utt in dialog["utterances"]:
+                speaker = utt["speaker"]
+                gender = {"F": "female", "M": "male"}.get(speaker[-1], "")
+                writer.writerow(
+                    [
+                        _wav_relpath(session, dialog, utt),
+                        MANIFEST_LABELS[utt["label"]],
+                        speaker,
+                        session["name"],
+                        gender,
+                    ]
+                )
+    _write_text(root / MANIFEST_FILE, buf.getvalue())

@@ -369,7 +369,7 @@ class MACNN(nn.Module):
         for name, features, pool in STAGES:
             x = conv_bn_relu(x, name, features, (3, 3), ((1, 1), (1, 1)))
             if pool:
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+                x = max_pool_2x2(x)
 
         if self.attention == "head_fusion":
             heads = HeadFusionAttention(
@@ -445,6 +445,45 @@ def build_model(preset: str, *, num_classes: int = 4, **overrides: Any) -> MACNN
         )
     kwargs: dict[str, Any] = {**MODEL_PRESETS[preset], "num_classes": num_classes, **overrides}
     return MACNN(**kwargs)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, VALID, of ``[B, H, W, C]`` (an odd last row/column is dropped).
+
+    The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")``, and the
+    same gradient bit for bit: each window's whole gradient goes to its *first* maximum in
+    row-major order (XLA's select-and-scatter with ``>=``). Written as reshape + max, with the
+    gradient as a one-hot scatter, because XLA:CPU runs ``reduce_window``'s gradient (select-and-
+    scatter) about 3x slower than this (``bench/step_breakdown.py``).
+    """
+    return _pool_fwd(x)[0]
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4, c)  # row-major window
+
+
+def _pool_fwd(x: jax.Array):
+    win = _windows(x)
+    first = jnp.argmax(win, axis=3)  # the first maximum, as select-and-scatter picks it
+    return jnp.max(win, axis=3), (first, x.shape)
+
+
+def _pool_bwd(res, g: jax.Array):
+    first, shape = res
+    b, h, w, c = shape
+    onehot = first[:, :, :, None, :] == jnp.arange(4, dtype=first.dtype)[None, None, None, :, None]
+    win = jnp.where(onehot, g[:, :, :, None, :], jnp.zeros((), g.dtype))
+    win = win.reshape(b, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = win.reshape(b, 2 * (h // 2), 2 * (w // 2), c)
+    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

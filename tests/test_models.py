@@ -606,3 +606,25 @@ def test_area_model_dropout_needs_rng_only_in_training(mfcc_batch):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 8, 5), (2, 7, 9, 3), (1, 2, 2, 1)])
+def test_max_pool_equals_flax_max_pool_and_its_gradient_bit_for_bit(shape):
+    """The reshape + max pool (faster gradient on XLA:CPU) gives nn.max_pool's values and
+    select-and-scatter's gradient exactly, ties included (the first maximum takes it all)."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    x[..., :2] = np.round(x[..., :2])  # many ties
+    x[0, :2, :2, 0] = 0.0  # a window of four equal values
+    g = rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+
+    def flax_pool(v):
+        return nn.max_pool(v, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+    for fn in (lambda f: f, jax.jit):
+        want, want_vjp = jax.vjp(fn(flax_pool), x)
+        got, got_vjp = jax.vjp(fn(models.max_pool_2x2), x)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(want_vjp(g)[0]))

@@ -556,3 +556,40 @@ def test_cli_speaker_confound(tmp_path, capsys):
     assert cli.build_parser().parse_args(["synth", "--out", "x"]).speaker_confound == 0.0
     rc = cli.main(["synth", "--out", str(tmp_path / "c"), "--speaker-confound", "2"])
     assert rc == 2 and "speaker_confound must be a number in [0, 1]" in capsys.readouterr().err
+
+
+def test_manifest_prepares_like_the_iemocap_layout(tmp_path):
+    """``--manifest``: the same corpus as a user's CSV (labels as words); with the IEMOCAP
+    reader's default mapping spelled as --label-map / --exclude-labels, data_prep csv keeps the
+    same utterances with the same labels, and the audio is unchanged by the manifest."""
+    import data_prep
+    from data_prep import cli
+    from dkd_jax import audio, records
+
+    plain, with_csv = tmp_path / "plain", tmp_path / "csv"
+    synth.generate_corpus(plain, size="tiny", seed=3, workers=1, progress=False)
+    synth.generate_corpus(with_csv, size="tiny", seed=3, workers=1, progress=False, manifest=True)
+    wavs = sorted(p.relative_to(plain) for p in plain.rglob("*.wav"))
+    assert wavs == sorted(p.relative_to(with_csv) for p in with_csv.rglob("*.wav"))
+    assert all((plain / w).read_bytes() == (with_csv / w).read_bytes() for w in wavs)
+    rows = (with_csv / synth.MANIFEST_FILE).read_text().splitlines()
+    assert rows[0] == "path,label,speaker,session,gender" and len(rows) - 1 == len(wavs)
+    assert {r.split(",")[1] for r in rows[1:]} <= set(synth.MANIFEST_LABELS.values())
+    fc = audio.FEATURE_PRESETS["mfcc26"]
+    ref = data_prep.prepare(
+        "iemocap", out_dir=tmp_path / "p1", root=plain, feature_config=fc, workers=1, progress=False
+    )
+    exclude = sorted(
+        synth.MANIFEST_LABELS[c] for c in synth.LABELS if c not in ("neu", "exc", "sad", "ang")
+    )
+    argv = ["csv", "--manifest", str(with_csv / synth.MANIFEST_FILE), "--out", str(tmp_path / "p2")]
+    argv += ["--features", "mfcc26", "--workers", "1", "--no-progress"]
+    argv += ["--label-map", "anger=angry,sadness=sad,excited=happy"]
+    argv += ["--exclude-labels", ",".join(exclude)]
+    assert cli.main(argv) == 0
+    got = records.load_metadata(tmp_path / "p2")
+
+    def table(meta):
+        return sorted((Path(u["path"]).name, u["label"], u["speaker"]) for u in meta["utterances"])
+
+    assert table(got) == table(ref) and len(got["utterances"]) > 20

@@ -498,3 +498,16 @@ def test_predict_logits_pads_a_short_last_batch_only_to_a_small_bucket():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert [eval_lib._tail_rows(k, 32) for k in (1, 8, 9, 17, 32, 40)] == [8, 8, 16, 32, 32, 32]
     assert eval_lib._tail_rows(3, 4) == 4
+
+
+@pytest.mark.parametrize("preset", ["student", "teacher", "area_teacher"])
+def test_faster_init_compilation_gives_the_same_parameters_bit_for_bit(preset):
+    model = models.build_model(preset, num_classes=NUM_CLASSES)
+
+    def init(rng):
+        return model.init(rng, jnp.zeros((1, 26, 63, 1), jnp.float32), train=False)
+
+    plain = jax.jit(init)(jax.random.PRNGKey(3))
+    fast = jax.jit(init, compiler_options=train_state.INIT_COMPILER_OPTIONS)(jax.random.PRNGKey(3))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fast), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -165,9 +165,11 @@ def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool,
         )
     missing = results.get("absent_classes") or []
     flag = f"; test set lacks {', '.join(missing)}" if missing else ""
+    compiled = results.get("compile_seconds")
+    compiled = f", of which compiling {compiled:.0f} s" if compiled is not None else ""
     return (
         f"WA {100 * results['wa']:.1f} %  UA {100 * results['ua']:.1f} %  "
-        f"({results['num_utterances']} test utterances{flag}; train {seconds:.0f} s)"
+        f"({results['num_utterances']} test utterances{flag}; train {seconds:.0f} s{compiled})"
     )
 
 
