@@ -328,6 +328,7 @@ def run_case(shape_name, batch, op, *, rounds, steps, warmup, device, progress) 
         "ours": ours,
         "theirs": theirs,
         "speedup": round(theirs["median_ms"] / ours["median_ms"], 3),
+        "first_loss_rel_diff": _rel_diff(ours["loss_first_step"], theirs["loss_first_step"]),
         "speedup_per_round": [
             round(t / o, 3)
             for o, t in zip(ours["round_medians_ms"], theirs["round_medians_ms"], strict=True)
@@ -335,6 +336,13 @@ def run_case(shape_name, batch, op, *, rounds, steps, warmup, device, progress) 
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],
     }
+
+
+def _rel_diff(a: float, b: float) -> float | None:
+    """|a − b| / |a| (None for inference, whose loss is nan)."""
+    if a != a or b != b:
+        return None
+    return float(f"{abs(a - b) / max(abs(a), 1e-12):.2e}")
 
 
 def _torch(device: str) -> str:
@@ -427,13 +435,55 @@ def child(args) -> dict:
                 _progress(f"threads {args.threads_child}: {shape_name} b{batch} {op}: "
                           f"speedup {case['speedup']} ({case['speedup_per_round']})")  # fmt: skip
     out["load_end"] = [round(v, 2) for v in os.getloadavg()]
+    out["threads"]["process_threads_by_name"] = _thread_names()
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
 
+def _thread_names() -> dict[str, int]:
+    """This process's threads by name (XLA:CPU's intra-op pool threads are ``tf_XLAEigen``)."""
+    names: dict[str, int] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        names[name] = names.get(name, 0) + 1
+    return dict(sorted(names.items()))
+
+
 def _progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """A README table of one or more reports: per case and thread budget, both medians (p10–p90),
+    the speedup (with its range over rounds) and the first-call times."""
+    lines = [
+        "| input | batch | op | threads | dkd-jax ms (p10–p90) | PyTorch ms (p10–p90) "
+        "| speedup (rounds) | first call s, jax / torch | timed steps | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for report in reports:
+        for run in report["runs"]:
+            for c in run["cases"]:
+                rows.append(
+                    (c["input"], c["batch"], OPS.index(c["op"]), run["threads"]["threads"], c)
+                )
+    for inp, batch, _, threads, c in sorted(rows, key=lambda r: r[:4]):
+        o, t = c["ours"], c["theirs"]
+        rounds = c["speedup_per_round"]
+        lines.append(
+            f"| {inp[0]}×{inp[1]} | {batch} | {c['op']} | {threads} "
+            f"| {o['median_ms']:.0f} ({o['p10_ms']:.0f}–{o['p90_ms']:.0f}) "
+            f"| {t['median_ms']:.0f} ({t['p10_ms']:.0f}–{t['p90_ms']:.0f}) "
+            f"| **{c['speedup']:.2f}** ({min(rounds):.2f}–{max(rounds):.2f}) "
+            f"| {o['first_call_s']:.1f} / {t['first_call_s']:.1f} | {o['timed_steps']} "
+            f"| {c['load_before'][0]:.1f}→{c['load_after'][0]:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def _csv(kind, allowed=None):
@@ -462,6 +512,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="mfcc26, batch 32, 3 rounds x 3 steps")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for ours (e.g. to try a flag)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print the README table of saved reports, run nothing",
+    )
     p.add_argument("--threads-child", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -490,6 +546,20 @@ def _default_threads() -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.table:
+        reports = []
+        for path in args.table:
+            try:
+                reports.append(json.loads(Path(path).read_text()))
+            except OSError as error:
+                _fail(f"{path}: {error.strerror}")
+            except ValueError as error:
+                _fail(f"{path}: not a JSON report ({error})")
+        try:
+            print(markdown_table(reports))
+        except (KeyError, TypeError, IndexError) as error:
+            _fail(f"{' '.join(args.table)}: not a compare_torch report (missing {error})")
+        return 0
     if importlib.util.find_spec("torch") is None:
         _fail("PyTorch is not installed; pip install -e '.[bench]' (README: Speed against PyTorch)")
     _resolve(args)
@@ -519,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     text = json.dumps(report, indent=1)
     print(text)
+    print(markdown_table([report]), file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
