@@ -459,20 +459,20 @@ def _progress(message: str) -> None:
 
 def markdown_table(reports: list[dict]) -> str:
     """A README table of one or more reports: per case and thread budget, both medians (p10–p90),
-    the speedup (with its range over rounds) and the first-call times."""
+    the speedup (with its range over rounds) and the first-call times. When several reports hold
+    the same case and thread budget, the last one given wins (e.g. a rerun at a quieter time)."""
     lines = [
         "| input | batch | op | threads | dkd-jax ms (p10–p90) | PyTorch ms (p10–p90) "
         "| speedup (rounds) | first call s, jax / torch | timed steps | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
+    rows = {}  # a case measured again in a later report replaces the earlier row
     for report in reports:
         for run in report["runs"]:
             for c in run["cases"]:
-                rows.append(
-                    (c["input"], c["batch"], OPS.index(c["op"]), run["threads"]["threads"], c)
-                )
-    for inp, batch, _, threads, c in sorted(rows, key=lambda r: r[:4]):
+                threads = run["threads"]["threads"]
+                rows[(tuple(c["input"]), c["batch"], OPS.index(c["op"]), threads)] = c
+    for (inp, batch, _, threads), c in sorted(rows.items()):
         o, t = c["ours"], c["theirs"]
         rounds = c["speedup_per_round"]
         lines.append(
@@ -550,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         reports = []
         for path in args.table:
             try:
-                reports.append(json.loads(Path(path).read_text()))
+                report = json.loads(Path(path).read_text())
+                # A results file may bundle several invocations (in the order they ran).
+                reports += report["invocations"] if "invocations" in report else [report]
             except OSError as error:
                 _fail(f"{path}: {error.strerror}")
             except ValueError as error:
