@@ -1,20 +1,23 @@
 """Benchmark of the training step: segments/s, compile time, on-device vs streaming epochs.
 
-Prints one JSON object:
+Prints one JSON object (and writes it to ``--out`` only when given):
 
-* ``step``: the student-DKD train step at each batch size, with the teacher *live* (teacher
-  forward + student forward/backward/update, as with augmentation) and with *precomputed*
-  teacher logits (the default without augmentation): segments/s (steady state), ms/step and
-  compile time (first call minus a steady step);
-* ``epoch``: one epoch of the precomputed-logit student over ``--epoch-segments`` segments at
-  batch 32, on the on-device path (one compiled ``lax.scan``) and the streaming path (host
-  batches), first epoch (with compilation) and second epoch (steady).
+* ``step``: the compiled student train step at each batch size, in three variants: ``ce`` (plain
+  cross-entropy, no teacher: a teacher's or a CE student's step), ``live`` (DKD with the frozen
+  teacher's forward inside the step, as with augmentation) and ``precomputed`` (DKD with teacher
+  logits computed once, the default without augmentation). Every step is timed on its own (blocked
+  until its results are ready): median, p10 and p90 ms/step, segments/s from the median, and the
+  compile time (first call minus the median step);
+* ``epoch`` (only with ``--epochs``): one epoch of the precomputed-logit student over
+  ``--epoch-segments`` segments at batch 32, on the on-device path (one compiled ``lax.scan``) and
+  the streaming path (host batches), first epoch (with compilation) and second epoch (steady).
 
 Inputs are random segments of the chosen feature preset (default: the project default,
 log-mel 40 x 200); the models are the real teacher (8 x 256) and student (4 x 64) presets.
+The side-by-side comparison with PyTorch is ``bench/compare_torch.py``.
 
-  python bench/train_step.py            # GPU numbers (batch 32 and 256, 20 timed steps)
-  python bench/train_step.py --quick    # a few minutes on a 2-core CPU
+  python bench/train_step.py --epochs   # GPU numbers (batch 32 and 256, 20 timed steps)
+  python bench/train_step.py --quick    # batch 32, 5 timed steps: about a minute on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import numpy as np
 
-from dkd_jax import audio, input_pipeline, train_lib
+from dkd_jax import audio, distributed, input_pipeline, models, objective, train_state, train_step
 from dkd_jax import config as config_lib
 
 
@@ -40,40 +43,46 @@ def _block(tree):
     return tree
 
 
-def _setup(teacher_mode: str, shape, devices, spe: int):
+#: Step variants: (StepSpec.teacher, loss).
+MODES = {"ce": ("none", "ce"), "live": ("live", "dkd"), "precomputed": ("precomputed", "dkd")}
+
+
+def _setup(mode: str, shape, devices, spe: int):
+    teacher_mode, loss = MODES[mode]
     cfg = config_lib.get_config("default")
-    student = train_lib.create_model(
-        cfg.model.student, num_classes=4, batch_norm_axis_name=train_lib.AXIS
+    student = models.create_model(
+        cfg.model.student, num_classes=4, batch_norm_axis_name=distributed.AXIS
     )
-    teacher = train_lib.create_model(cfg.model.teacher, num_classes=4)
-    spec = train_lib.StepSpec(
-        steps_per_epoch=spe,
+    teacher = models.create_model(cfg.model.teacher, num_classes=4)
+    spec = train_step.StepSpec(
         teacher=teacher_mode,
         augment=dataclasses.astuple(cfg.augment),
         num_classes=4,
     )
-    fns = train_lib.make_train_functions(
+    fns = train_step.make_train_functions(
         student,
         teacher if teacher_mode == "live" else None,
         cfg.optim,
         spec,
         devices,
-        total_steps=spe * 50,
         segment_shape=shape,
     )
-    state = train_lib.create_train_state(jax.random.PRNGKey(0), student, fns.tx, shape)
-    t_vars = jax.device_get(
-        teacher.init(jax.random.PRNGKey(1), np.zeros((1, *shape, 1), np.float32), train=False)
+    state = train_state.create_train_state(jax.random.PRNGKey(0), student, fns.tx, shape)
+    t_vars = None
+    if teacher_mode == "live":  # the teacher's variables, initialised like a trained run's
+        t_vars = train_state.init_variables(jax.random.PRNGKey(1), teacher, shape)
+    weights = train_step.hyper(
+        objective.loss_weights(loss, cfg.kd), steps_per_epoch=spe, total_steps=spe * 50
     )
-    weights = train_lib.loss_weights("dkd", cfg.kd)
     return cfg, teacher, t_vars, fns, state, weights
 
 
-def bench_step(batch: int, teacher_mode: str, shape, devices, steps: int) -> dict:
+def bench_step(batch: int, mode: str, shape, devices, steps: int) -> dict:
     d = len(devices)
     if batch % d:
-        raise SystemExit(f"batch {batch} is not divisible by {d} devices")
-    _, _, t_vars, fns, state, weights = _setup(teacher_mode, shape, devices, spe=1000)
+        raise SystemExit(f"train_step: error: batch {batch} is not divisible by {d} devices")
+    teacher_mode = MODES[mode][0]
+    _, _, t_vars, fns, state, weights = _setup(mode, shape, devices, spe=1000)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *shape)).astype(np.float32)
     y = (np.arange(batch) % 4).astype(np.int32)
@@ -84,28 +93,26 @@ def bench_step(batch: int, teacher_mode: str, shape, devices, steps: int) -> dic
     b = jax.device_put(
         b, jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ("b",)), jax.P("b"))
     )
-    r_state = train_lib.replicate(state, devices)
-    r_teacher = train_lib.replicate(t_vars, devices) if teacher_mode == "live" else None
+    r_state = distributed.replicate(state, devices)
+    r_teacher = distributed.replicate(t_vars, devices) if teacher_mode == "live" else None
     key = jax.random.PRNGKey(0)
-    t0 = time.perf_counter()
-    r_state, m = fns.p_step(r_state, b, r_teacher, weights, key)
-    _block(m)
-    first = time.perf_counter() - t0
-    r_state, m = fns.p_step(r_state, b, r_teacher, weights, key)  # one more warm-up
-    _block(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
+    times = []
+    for _ in range(steps + 2):  # the first call compiles, the second warms up
+        t0 = time.perf_counter()
         r_state, m = fns.p_step(r_state, b, r_teacher, weights, key)
-        if d > 1 and devices[0].platform == "cpu" and i % 8 == 7:
-            _block(m)  # CPU collectives need a sync every few steps
-    _block(r_state)
-    per_step = (time.perf_counter() - t0) / steps
+        _block((r_state, m))
+        times.append(time.perf_counter() - t0)
+    first, timed = times[0], np.asarray(times[2:])
+    median = float(np.median(timed))
     return {
         "batch": batch,
+        "mode": mode,
         "teacher": teacher_mode,
-        "segments_per_s": batch / per_step,
-        "ms_per_step": 1e3 * per_step,
-        "compile_s": max(first - per_step, 0.0),
+        "segments_per_s": batch / median,
+        "ms_per_step_median": 1e3 * median,
+        "ms_per_step_p10": 1e3 * float(np.percentile(timed, 10)),
+        "ms_per_step_p90": 1e3 * float(np.percentile(timed, 90)),
+        "compile_s": max(first - median, 0.0),
         "timed_steps": steps,
     }
 
@@ -126,8 +133,8 @@ def bench_epochs(num_segments: int, shape, devices, batch: int = 32) -> dict:
     out = {"segments": num_segments, "batch": batch, "steps_per_epoch": spe}
 
     # On-device: the split replicated on the device(s), one compiled scan per epoch.
-    r_state = train_lib.replicate(state, devices)
-    r_data = train_lib.replicate(
+    r_state = distributed.replicate(state, devices)
+    r_data = distributed.replicate(
         {"features": data.features, "labels": data.labels, "teacher_logits": data.teacher_logits},
         devices,
     )
@@ -150,7 +157,7 @@ def bench_epochs(num_segments: int, shape, devices, batch: int = 32) -> dict:
     out["on_device_first_epoch_s"], out["on_device_epoch_s"] = times
 
     # Streaming: host batches gathered in a background thread, one compiled step per batch.
-    r_state = train_lib.replicate(state, devices)
+    r_state = distributed.replicate(state, devices)
     sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ("b",)), jax.P("b"))
     times = []
     for epoch in range(2):
@@ -172,33 +179,42 @@ def bench_epochs(num_segments: int, shape, devices, batch: int = 32) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="few steps, small epoch (CPU)")
+    p.add_argument("--quick", action="store_true", help="batch 32 and 5 timed steps (CPU)")
     p.add_argument("--features", default="logmel40", choices=sorted(audio.FEATURE_PRESETS))
-    p.add_argument("--batches", default="32,256", help="comma-separated global batch sizes")
-    p.add_argument("--steps", type=int, help="timed steps per measurement")
+    p.add_argument("--batches", help="comma-separated global batch sizes (default 32,256)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"step variants from {list(MODES)}")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (default 20, quick 5)")
+    p.add_argument("--epochs", action="store_true", help="also compare on-device/streamed epochs")
     p.add_argument("--epoch-segments", type=int, help="segments in the epoch comparison")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     shape = audio.FEATURE_PRESETS[args.features].segment_shape
-    steps = args.steps or (3 if args.quick else 20)
+    steps = args.steps if args.steps is not None else (5 if args.quick else 20)
+    batches = args.batches or ("32" if args.quick else "32,256")
+    modes = [m for m in args.modes.split(",") if m]
+    if steps < 1 or not modes or set(modes) - set(MODES):
+        p.error(f"--steps must be >= 1 and --modes a subset of {list(MODES)}")
     num_segments = args.epoch_segments or (256 if args.quick else 3200)
     devices = tuple(jax.local_devices())
     result = {
         "device": devices[0].device_kind,
         "platform": devices[0].platform,
         "num_devices": len(devices),
+        "jax": jax.__version__,
         "features": args.features,
         "segment_shape": list(shape),
         "teacher": "teacher preset (8 heads x 256)",
         "student": "student preset (4 heads x 64)",
         "quick": args.quick,
+        "timing": "each step blocked on its own; median, p10, p90 over the timed steps",
         "step": [],
     }
-    for batch in (int(b) for b in args.batches.split(",")):
-        for mode in ("live", "precomputed"):
+    for batch in (int(b) for b in batches.split(",")):
+        for mode in modes:
             result["step"].append(bench_step(batch, mode, shape, devices, steps))
             print(json.dumps(result["step"][-1]), file=sys.stderr)
-    result["epoch"] = bench_epochs(num_segments, shape, devices)
+    if args.epochs:
+        result["epoch"] = bench_epochs(num_segments, shape, devices)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

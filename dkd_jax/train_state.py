@@ -26,6 +26,7 @@ __all__ = [
     "TrainState",
     "create_optimizer",
     "create_train_state",
+    "init_variables",
     "learning_rate_schedule",
 ]
 
@@ -139,6 +140,14 @@ def create_train_state(
         opt_state=opt_state,
         bad_step=np.full((), -1, np.int32),
     )
+
+
+def init_variables(rng: jax.Array, model: models.MACNN, segment_shape) -> dict[str, Any]:
+    """A model's initial variables {"params", "batch_stats"} (host numpy) for inputs
+    [batch, *segment_shape, 1], from the same cached jitted init as :func:`create_train_state`
+    (e.g. a frozen teacher's shape in a benchmark, without an optimiser)."""
+    model = model.clone(batch_norm_axis_name=None)
+    return jax.device_get(_variables_init(model, tuple(segment_shape))(rng))
 
 
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}

@@ -1,0 +1,220 @@
+"""Where a training step's time goes: the pieces of the student's step, dkd-jax against PyTorch.
+
+Complements ``bench/compare_torch.py`` (which times whole steps): every piece is one plain
+``jax.jit`` function (not the project's ``pmap`` step) and its PyTorch counterpart from
+``bench/torch_macnn.py``, from the same weights, timed back to back (median of ``--iters``):
+
+* ``student_forward_eval`` / ``student_forward_train`` / ``student_forward_backward`` (CE loss
+  and gradients, BatchNorm in train mode) / ``student_step`` (+ Adam with coupled L2);
+* ``teacher_forward_eval`` (the frozen teacher of a DKD step);
+* ``maxpool_backward_*``: the two 2×2 max-pools of the trunk (forward + backward of a sum of
+  squares) as ``flax.linen.max_pool`` (XLA ``select_and_scatter`` gradient), as a reshape + max,
+  and in PyTorch.
+
+The thread budget is fixed before JAX/PyTorch are imported, as in ``compare_torch.py``: with
+``--threads`` below the cores available the process is pinned to that many cores, and one thread
+adds ``--xla_cpu_multi_thread_eigen=false``. Prints JSON; writes it only with ``--out``.
+
+  python bench/step_breakdown.py --threads 1 --shape 26x63 --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pin(threads: int) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if threads < len(cores):
+        os.sched_setaffinity(0, cores[:threads])
+    os.environ.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+
+
+def _median_ms(fn, iters: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(1e3 * statistics.median(times), 2)
+
+
+def _student_pieces(shape, batch):
+    """{name: (jax thunk, torch thunk)} for the model-level pieces."""
+    import flax.linen as nn  # noqa: F401  (imported after pinning)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+    import torch.nn.functional as F
+    import torch_macnn as tm
+
+    from dkd_jax import losses, models
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, *shape)).astype(np.float32)
+    y = (np.arange(batch) % 4).astype(np.int32)
+    xs, ys = jnp.asarray(x)[..., None], jnp.asarray(y)
+    student, teacher = models.build_model("student"), models.build_model("teacher")
+
+    def init(model, seed):
+        fn = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape, 1)), train=False))
+        return fn(jax.random.key(seed, impl="rbg"))
+
+    sv, tv = init(student, 0), init(teacher, 1)
+    params, stats = sv["params"], sv["batch_stats"]
+
+    def forward_train(p, x):
+        return student.apply(
+            {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+
+    def loss_fn(p, x, y):
+        logits, updated = forward_train(p, x)
+        return losses.cross_entropy(logits, y).mean(), updated
+
+    tx = optax.chain(
+        optax.add_decayed_weights(1e-6), optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3)
+    )
+    opt_state = tx.init(params)
+
+    def step(p, o, x, y):
+        (loss, updated), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), updated, o, loss
+
+    jitted = {
+        "student_forward_eval": (jax.jit(lambda v, x: student.apply(v, x, train=False)), (sv, xs)),
+        "student_forward_train": (jax.jit(forward_train), (params, xs)),
+        "student_forward_backward": (
+            jax.jit(jax.value_and_grad(loss_fn, has_aux=True)),
+            (params, xs, ys),
+        ),
+        "student_step": (jax.jit(step), (params, opt_state, xs, ys)),
+        "teacher_forward_eval": (jax.jit(lambda v, x: teacher.apply(v, x, train=False)), (tv, xs)),
+    }
+    ts = tm.load_flax_variables(tm.build("student"), sv)
+    tt = tm.load_flax_variables(tm.build("teacher"), tv)
+    opt = tm.make_optimizer(ts)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+
+    def torch_forward_train():
+        ts.train()
+        with torch.no_grad():
+            ts(xt)
+
+    def torch_forward_backward():
+        ts.train()
+        loss = F.cross_entropy(ts(xt), yt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    torch_fns = {
+        "student_forward_eval": lambda: tm.predict(ts, xt),
+        "student_forward_train": torch_forward_train,
+        "student_forward_backward": torch_forward_backward,
+        "student_step": lambda: tm.ce_step(ts, opt, xt, yt),
+        "teacher_forward_eval": lambda: tm.predict(tt, xt),
+    }
+    return {
+        name: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), torch_fns[name])
+        for name, (fn, args) in jitted.items()
+    }
+
+
+def _pool_pieces(shape, batch):
+    """The two max-pools' forward + backward, three ways, on the trunk's pooled map shapes."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    h, w = shape[0] - 1, shape[1] - 1  # after the first convolutions
+    out = {}
+    rng = np.random.default_rng(1)
+    for name, (hh, ww, c) in {"pool1": (h, w, 32), "pool2": (h // 2, w // 2, 48)}.items():
+        x = rng.normal(size=(batch, hh, ww, c)).astype(np.float32)
+        xj = jnp.asarray(x)
+
+        def reshape_max(v):
+            b, hv, wv, cv = v.shape
+            v = v[:, : hv // 2 * 2, : wv // 2 * 2]
+            return v.reshape(b, hv // 2, 2, wv // 2, 2, cv).max(axis=(2, 4))
+
+        flax_grad = jax.jit(jax.grad(lambda v: (nn.max_pool(v, (2, 2), (2, 2)) ** 2).sum()))
+        reshape_grad = jax.jit(jax.grad(lambda v: (reshape_max(v) ** 2).sum()))
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_(True)
+
+        def torch_grad(xt=xt):
+            (F.max_pool2d(xt, 2) ** 2).sum().backward()
+            xt.grad = None
+
+        out[f"maxpool_backward_{name}_{hh}x{ww}x{c}"] = {
+            "jax_select_and_scatter": lambda f=flax_grad, v=xj: f(v).block_until_ready(),
+            "jax_reshape_max": lambda f=reshape_grad, v=xj: f(v).block_until_ready(),
+            "torch": torch_grad,
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shape", default="26x63", help="freq x time (default 26x63)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=5, help="timed calls per piece (median)")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+        if len(shape) != 2 or min(shape) < 16:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shape: expected FREQxTIME with both >= 16, got {args.shape!r}")
+    _pin(args.threads)
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    report = {
+        "benchmark": "bench/step_breakdown.py",
+        "threads": args.threads,
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "shape": list(shape),
+        "batch": args.batch,
+        "iters": args.iters,
+        "load_before": list(os.getloadavg()),
+        "pieces_ms": {},
+    }
+    for name, (jax_fn, torch_fn) in _student_pieces(shape, args.batch).items():
+        j, t = _median_ms(jax_fn, args.iters), _median_ms(torch_fn, args.iters)
+        report["pieces_ms"][name] = {"jax": j, "torch": t, "torch_over_jax": round(t / j, 3)}
+        print(f"{name}: jax {j} ms, torch {t} ms", file=sys.stderr, flush=True)
+    for name, variants in _pool_pieces(shape, args.batch).items():
+        report["pieces_ms"][name] = {k: _median_ms(fn, args.iters) for k, fn in variants.items()}
+        print(f"{name}: {report['pieces_ms'][name]}", file=sys.stderr, flush=True)
+    report["load_after"] = list(os.getloadavg())
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
