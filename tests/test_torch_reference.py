@@ -5,6 +5,7 @@ train-mode BatchNorm), its BatchNorm running statistics, its DKD loss and one tr
 kind (CE; frozen teacher + DKD) agree with dkd-jax's. Skipped when torch is not installed.
 """
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -16,10 +17,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import compare_torch  # noqa: E402
-import torch_macnn  # noqa: E402
+def _bench_module(name):
+    """A bench/ script as a module, without putting bench/ on sys.path (its data_prep.py would
+    shadow the data_prep package, also in every process spawned later)."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+torch_macnn = _bench_module("torch_macnn")  # compare_torch imports it by name
+compare_torch = _bench_module("compare_torch")
 
 from dkd_jax import losses, models  # noqa: E402
 
