@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -672,9 +673,10 @@ class _Clock:
         self.t0 = time.perf_counter()
         self.setup_seconds = 0.0
         self.compile_seconds = 0.0
+        self.thread = threading.get_ident()  # runs on other threads compile for themselves
 
     def _listener(self, name: str, seconds: float, **_) -> None:
-        if name.startswith("/jax/core/compile/"):
+        if name.startswith("/jax/core/compile/") and threading.get_ident() == self.thread:
             self.compile_seconds += seconds
 
     def __enter__(self):

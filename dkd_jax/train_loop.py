@@ -141,7 +141,8 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.seconds):
-            print(self.line(), file=self.stream, flush=True)
+            self.stream.write(self.line() + "\n")  # one write: whole lines between threads
+            self.stream.flush()
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -487,3 +487,23 @@ def test_speaker_normalisation_warns_loudly_on_a_speaker_confounded_corpus(tiny_
         err = capsys.readouterr().err
         loud = "WARNING: normalization=speaker on a corpus where the speaker predicts"
         assert ("fold0-seed0, training speakers" in err and loud in err) == warned
+
+
+def test_concurrent_groups_give_bit_identical_runs(exp, tiny_prep_dir, tmp_path):
+    """--jobs 2: the two folds train on two threads at once, and every run equals the one
+    trained one at a time (results, per-utterance scores, metrics.jsonl, parameters)."""
+    exp_dir, summary, _ = exp
+    spec = experiment.make_spec(
+        data=tiny_prep_dir,
+        protocol="loso",
+        folds=(0, 1),
+        preset="tiny",
+        students=helpers_eval.STUDENTS,
+        overrides=helpers_eval.EXP_OVERRIDES,
+    )
+    out = experiment.run_experiment(tmp_path / "jobs2", spec, progress=False, quiet=True, jobs=2)
+    for key in KEYS:
+        cmp = experiment.compare_runs(exp_dir / key, tmp_path / "jobs2" / key)
+        assert cmp["match"], (key, cmp["differences"])
+    assert out["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
+    assert experiment.main(["run", "--data", str(tiny_prep_dir), "--out", "x", "--jobs", "0"]) == 2

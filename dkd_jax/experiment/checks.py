@@ -19,11 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from dkd_jax import baseline, confound, jsonio, protocols
 from dkd_jax.experiment.spec import RunPlan
+
+_FIT_LOCK = threading.Lock()  # threadpoolctl's BLAS limit is process-wide (jobs > 1)
 
 __all__ = ["BASELINE_MODELS", "baseline_file", "group_confound", "run_baselines", "warn_confound"]
 
@@ -97,9 +100,10 @@ def run_baselines(
             continue
         if "stats" not in stats_cache:
             stats_cache["stats"] = baseline.utterance_statistics(prep_dir)
-        result = baseline.fit_baseline(
-            stats_cache["stats"], split.train_ids, held_out, normalization=norm
-        )
+        with _FIT_LOCK:
+            result = baseline.fit_baseline(
+                stats_cache["stats"], split.train_ids, held_out, normalization=norm
+            )
         result.update(
             fingerprint=key,
             split={"name": split.name, "held_out": "validation" if validation_only else "test"},

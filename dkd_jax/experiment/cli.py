@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         help="no progress bars and no heartbeat lines (a line per finished run remains)",
     )
     r.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="fold/seed groups trained at the same time (threads; bit-identical results)",
+    )
+    r.add_argument(
         "--no-baseline",
         action="store_true",
         help="skip the feature-statistics baseline (logistic regression) on each fold",
@@ -108,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
     try:
         if args.command == "run":
+            if args.jobs < 1:
+                raise ExperimentError(f"--jobs must be >= 1, got {args.jobs}")
             spec = make_spec(
                 data=args.data,
                 protocol=args.protocol,
@@ -125,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
                 validation_only=args.validation_only,
                 baselines=not args.no_baseline,
+                jobs=args.jobs,
             )
         elif args.command == "summarize":
             if overrides:
@@ -153,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if report["match"] else 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # concurrent groups (--jobs) run on threads that would finish their run
     except OSError as e:
         print(f"experiment: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
         return 2
