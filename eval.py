@@ -131,7 +131,7 @@ def _predict_main(argv: list[str]) -> int:
     if not files:
         print("eval.py: error: no audio files given", file=sys.stderr)
         return 2
-    from dkd_jax import eval_lib, jsonio, predict
+    from dkd_jax import eval_lib, predict
 
     try:
         pred = predict.predict_files(
@@ -148,15 +148,7 @@ def _predict_main(argv: list[str]) -> int:
     except eval_lib.EvalError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
-    for warning in pred["warnings"]:
-        print(f"eval.py: warning: {warning}", file=sys.stderr)
-    if pred["files"]:
-        print(predict.format_predictions(pred))
-    if args.json_out:
-        jsonio.write_json(args.json_out, pred)
-    for err in pred["errors"]:
-        print(f"eval.py: error: {err['error']}", file=sys.stderr)
-    return 2 if pred["errors"] else 0
+    return predict.report_predictions(pred, json_out=args.json_out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -590,13 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             _fail(f"the child for --threads {threads} failed (exit {proc.returncode}); see above")
         report["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    text = json.dumps(report, indent=1)
-    print(text)
+    import benchjson  # bench/ is on sys.path (above); tests import this module by path
+
     print(markdown_table([report]), file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return benchjson.emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import benchjson
+
 CANDIDATES = {
     "default": {"flags": ""},
     "jit (no pmap)": {"flags": "", "jit": True},
@@ -220,12 +222,7 @@ def main(argv=None) -> int:
                     entry[case]["speed_vs_default"] = (
                         base[case]["median_ms"] / entry[case]["median_ms"]
                     )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return benchjson.emit(report, args.out)
 
 
 if __name__ == "__main__":

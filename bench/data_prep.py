@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import resource
 import shutil
@@ -40,6 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import benchjson  # noqa: E402  (bench/ is the script directory)
 import numpy as np  # noqa: E402
 
 import data_prep  # noqa: E402
@@ -226,12 +226,7 @@ def main(argv=None) -> int:
     del arrays
     if not args.prep_dir:
         shutil.rmtree(out, ignore_errors=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return benchjson.emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -336,12 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["accuracy"] = _accuracy(prep, tmp)
         report["machine_after"] = _machine()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
+    import benchjson  # bench/ is the script's directory
+
+    return benchjson.emit(report, args.out)
 
 
 if __name__ == "__main__":

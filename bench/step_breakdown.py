@@ -21,12 +21,13 @@ adds ``--xla_cpu_multi_thread_eigen=false``. Prints JSON; writes it only with ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import benchjson
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,11 +210,7 @@ def main(argv=None) -> int:
         report["pieces_ms"][name] = {k: _median_ms(fn, args.iters) for k, fn in variants.items()}
         print(f"{name}: {report['pieces_ms'][name]}", file=sys.stderr, flush=True)
     report["load_after"] = list(os.getloadavg())
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return benchjson.emit(report, args.out)
 
 
 if __name__ == "__main__":

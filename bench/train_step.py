@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import benchjson
 import jax
 import numpy as np
 
@@ -215,11 +216,7 @@ def main(argv=None) -> int:
             print(json.dumps(result["step"][-1]), file=sys.stderr)
     if args.epochs:
         result["epoch"] = bench_epochs(num_segments, shape, devices)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return benchjson.emit(result, args.out)
 
 
 if __name__ == "__main__":

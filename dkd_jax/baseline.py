@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import audio, eval_lib, metrics, records
+from dkd_jax import audio, eval_lib, input_pipeline, metrics, records
 
 __all__ = [
     "BASELINE_NAME",
@@ -68,7 +68,6 @@ __all__ = [
     "fit_baseline",
     "run_baseline",
     "statistics_features",
-    "utterance_moments",
     "utterance_statistics",
 ]
 
@@ -80,7 +79,6 @@ INNER_FOLDS = 5
 MAX_ITER = 2000
 NORMALIZATIONS = ("global", "speaker")
 _VAR_EPS = 1e-6  # the runner's floor: std = sqrt(var + 1e-6)
-_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,35 +151,6 @@ def coverage_frames(
     return np.minimum(np.asarray(valid_frames, np.int64), span)
 
 
-def utterance_moments(
-    features: np.ndarray, frames: np.ndarray, row: np.ndarray, num_rows: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-row frame counts, per-band sums and sums of squares over leading frames of segments.
-
-    Args:
-      features: [N, F, T] segments.
-      frames: [N] leading frames of each segment to count (0..T).
-      row: [N] output row of each segment in [0, num_rows).
-      num_rows: R.
-
-    Returns:
-      count [R] float64, sum [R, F] float64, sum of squares [R, F] float64.
-    """
-    n, f, t = features.shape
-    count = np.zeros((num_rows,), np.float64)
-    total = np.zeros((num_rows, f), np.float64)
-    total_sq = np.zeros((num_rows, f), np.float64)
-    for s in range(0, n, _CHUNK):
-        x = features[s : s + _CHUNK].astype(np.float64)
-        m = np.arange(t)[None, :] < np.asarray(frames[s : s + _CHUNK])[:, None]  # [n, T]
-        x = np.where(m[:, None, :], x, 0.0)
-        r = row[s : s + _CHUNK]
-        np.add.at(count, r, m.sum(axis=1))
-        np.add.at(total, r, x.sum(axis=2))
-        np.add.at(total_sq, r, (x * x).sum(axis=2))
-    return count, total, total_sq
-
-
 def utterance_statistics(
     prep_dir: str | os.PathLike, *, layout: str = "eval", progress: bool = False
 ) -> UtteranceStats:
@@ -231,7 +200,7 @@ def utterance_statistics(
             hop_frames=hop,
             frames_per_window=cfg.frames_per_window,
         )
-        c, s, q = utterance_moments(arrays.features, frames, row, len(ids))
+        c, s, q = input_pipeline.group_moments(arrays.features, frames, row, len(ids))
         count += c
         total += s
         total_sq += q

@@ -21,7 +21,6 @@ Every stage is resumable: re-running reuses the corpus, the prep and the finishe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -161,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--jobs", type=int, default=3, help="folds trained at once (default 3; same numbers)"
     )
     args = p.parse_args(argv)
-    try:
+
+    def command() -> int:
         run_demo(
             args.out,
             folds=cli.parse_ints(args.folds, "--folds"),
@@ -170,25 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             jobs=max(1, args.jobs),
         )
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)  # concurrent groups (--jobs) run on threads that would finish their run
-    except OSError as e:
-        from dkd_jax import run_dir
+        return 0
 
-        print(f"demo: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from dkd_jax import train_lib
-
-        # PrepError, DataError, ExperimentError, ConfigError, EvalError are ValueErrors.
-        if not isinstance(e, ValueError | train_lib.TrainingError):
-            raise
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.guarded("demo", command)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import audio, jsonio, predict
+from dkd_jax import audio, predict
+from dkd_jax.predict import softmax
 
 __all__ = [
     "CARD_FILE",
@@ -199,41 +200,9 @@ def normalize_segments(
     return ((x - mean[:, None]) / std[:, None]).astype(np.float32)
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in float64."""
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-
-def _file_entry(
-    path: str, seg: dict, logits: np.ndarray, names: list[str], window: float, segments: bool
-):
-    probs = softmax(logits.mean(axis=0))
-    entry: dict[str, Any] = {
-        "path": path,
-        "duration_s": round(seg["duration_s"], 3),
-        "num_segments": int(logits.shape[0]),
-        "padded": seg["padded"],
-        "probabilities": {n: float(p) for n, p in zip(names, probs, strict=True)},
-        "prediction": names[int(np.argmax(probs))],
-    }
-    if segments:
-        entry["segments"] = [
-            {
-                "start_s": round(start, 3),
-                "end_s": round(min(start + window, max(seg["duration_s"], window)), 3),
-                "probabilities": {n: float(p) for n, p in zip(names, row, strict=True)},
-                "prediction": names[int(np.argmax(row))],
-            }
-            for start, row in zip(seg["starts_s"], softmax(logits), strict=True)
-        ]
-    return entry
 
 
 def predict_files(
@@ -289,7 +258,9 @@ def predict_files(
         x = normalize_segments(
             seg["segments"], seg["valid_frames"], norm, moments=moments.get(group or "")
         )
-        entry = _file_entry(path, seg, clf.logits(x), names, fc.window_seconds, segments)
+        entry = predict.file_entry(
+            path, seg, clf.logits(x), names, fc.window_seconds, segments=segments
+        )
         entry["group"] = group
         out["files"].append(entry)
     return out
@@ -315,15 +286,7 @@ def predict_cli(args, files: Sequence[str], groups: Sequence[str | None]) -> int
     except (DeployError, audio.AudioError, OSError) as e:
         print(f"eval.py: error: {cli_error(e)}", file=sys.stderr)
         return 2
-    for warning in pred["warnings"]:
-        print(f"eval.py: warning: {warning}", file=sys.stderr)
-    if pred["files"]:
-        print(predict.format_predictions(pred))
-    if args.json_out:
-        jsonio.write_json(args.json_out, pred)
-    for err in pred["errors"]:
-        print(f"eval.py: error: {err['error']}", file=sys.stderr)
-    return 2 if pred["errors"] else 0
+    return predict.report_predictions(pred, json_out=args.json_out)
 
 
 def cli_error(e: Exception) -> str:

@@ -18,10 +18,18 @@ import numpy as np
 
 from dkd_jax import audio
 
-__all__ = ["file_segments", "format_predictions", "predict_files"]
+__all__ = [
+    "file_entry",
+    "file_segments",
+    "format_predictions",
+    "predict_files",
+    "report_predictions",
+    "softmax",
+]
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in float64."""
     x = np.asarray(x, np.float64)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -137,7 +145,9 @@ def predict_files(
         eval_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)
     )
     for k, (path, group, seg) in enumerate(done):
-        entry = _file_entry(path, seg, logits[owner == k], label_names, fc, segments=segments)
+        entry = file_entry(
+            path, seg, logits[owner == k], label_names, fc.window_seconds, segments=segments
+        )
         entry["group"] = group
         out["files"].append(entry)
     return out
@@ -183,19 +193,28 @@ def _segment_arrays(done: list) -> tuple[Any, np.ndarray]:
     return arrays, owner
 
 
-def _file_entry(path, seg, seg_logits, label_names, fc, *, segments: bool) -> dict[str, Any]:
-    probs = _softmax(seg_logits.mean(axis=0))
+def file_entry(
+    path: str,
+    seg: dict[str, Any],
+    logits: np.ndarray,
+    label_names: Sequence[str],
+    window_seconds: float,
+    *,
+    segments: bool,
+) -> dict[str, Any]:
+    """One file's row of a prediction: the softmax of its mean window logits [K, C] (and, with
+    ``segments``, one row per window). Shared by the JAX and the ONNX (``deploy``) paths."""
+    probs = softmax(logits.mean(axis=0))
     entry: dict[str, Any] = {
         "path": path,
         "duration_s": round(seg["duration_s"], 3),
-        "num_segments": int(seg_logits.shape[0]),
+        "num_segments": int(logits.shape[0]),
         "padded": seg["padded"],
         "probabilities": {n: float(p) for n, p in zip(label_names, probs, strict=True)},
         "prediction": label_names[int(np.argmax(probs))],
     }
     if segments:
-        window = fc.window_seconds
-        seg_probs = _softmax(seg_logits)
+        window = window_seconds
         entry["segments"] = [
             {
                 "start_s": round(start, 3),
@@ -203,9 +222,27 @@ def _file_entry(path, seg, seg_logits, label_names, fc, *, segments: bool) -> di
                 "probabilities": {n: float(p) for n, p in zip(label_names, row, strict=True)},
                 "prediction": label_names[int(np.argmax(row))],
             }
-            for start, row in zip(seg["starts_s"], seg_probs, strict=True)
+            for start, row in zip(seg["starts_s"], softmax(logits), strict=True)
         ]
     return entry
+
+
+def report_predictions(pred: dict[str, Any], *, json_out: str | None = None) -> int:
+    """Prints a prediction (warnings and errors as ``eval.py:`` lines on stderr, the table on
+    stdout), writes ``json_out`` if given; returns the exit status (2 when a file failed)."""
+    import sys
+
+    from dkd_jax import jsonio
+
+    for warning in pred["warnings"]:
+        print(f"eval.py: warning: {warning}", file=sys.stderr)
+    if pred["files"]:
+        print(format_predictions(pred))
+    if json_out:
+        jsonio.write_json(json_out, pred)
+    for err in pred["errors"]:
+        print(f"eval.py: error: {err['error']}", file=sys.stderr)
+    return 2 if pred["errors"] else 0
 
 
 def format_predictions(pred: dict[str, Any]) -> str:

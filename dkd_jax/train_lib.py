@@ -69,7 +69,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +150,7 @@ def train_and_evaluate(
         jax.config.update("jax_compilation_cache_dir", cfg.train.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     workdir = Path(workdir)
-    clock = _Clock()
+    clock = train_loop.RunClock()
     primary = jax.process_index() == 0
     beat = None
     if heartbeat_seconds > 0 and primary:
@@ -405,23 +404,7 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
     _write_run_files(run, teacher)
     logger = run_dir.MetricsWriter(run.workdir, enabled=run.primary, resume_step=start_step)
     if run.primary and start_step == 0:
-        logger.log(
-            {
-                "event": "start",
-                "step": 0,
-                "role": run.role,
-                "loss": run.loss,
-                "split": run.split.name,
-                "num_train_utterances": len(run.split.train_ids),
-                "num_train_segments": len(data),  # this process's share
-                "num_train_segments_global": run.data.num_train_global,
-                "steps_per_epoch": run.spe,
-                "total_steps": run.total_steps,
-                "teacher": teacher.mode,
-                "on_device": on_device,
-                "num_devices": len(run.devices) * jax.process_count(),
-            }
-        )
+        logger.log(_start_record(run, teacher, len(data), on_device))
     return _Built(
         data=data,
         on_device=on_device,
@@ -443,6 +426,25 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
         logger=logger,
         ck_meta=ck_meta,
     )
+
+
+def _start_record(run: _Run, teacher: _Teacher, num_segments: int, on_device: bool) -> dict:
+    """The first metrics.jsonl record of a run: what it trains on and how."""
+    return {
+        "event": "start",
+        "step": 0,
+        "role": run.role,
+        "loss": run.loss,
+        "split": run.split.name,
+        "num_train_utterances": len(run.split.train_ids),
+        "num_train_segments": num_segments,  # this process's share
+        "num_train_segments_global": run.data.num_train_global,
+        "steps_per_epoch": run.spe,
+        "total_steps": run.total_steps,
+        "teacher": teacher.mode,
+        "on_device": on_device,
+        "num_devices": len(run.devices) * jax.process_count(),
+    }
 
 
 def _use_on_device(cfg: config_lib.Config, device, data: input_pipeline.TrainArrays) -> bool:
@@ -662,39 +664,6 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
         results["compile_seconds"] = round(clock.compile_seconds, 3)
         eval_lib.write_run_results(run.workdir, results, scores)
     return result
-
-
-class _Clock:
-    """Wall time of a run, of its set-up (phases 1-3), and the time JAX spent tracing, lowering
-    and compiling during it (``jax.monitoring`` compile events; a persistent-cache hit costs
-    only the tracing and the cache read)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.setup_seconds = 0.0
-        self.compile_seconds = 0.0
-        self.thread = threading.get_ident()  # runs on other threads compile for themselves
-
-    def _listener(self, name: str, seconds: float, **_) -> None:
-        if name.startswith("/jax/core/compile/") and threading.get_ident() == self.thread:
-            self.compile_seconds += seconds
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def timing(self) -> dict[str, float]:
-        return {
-            "seconds": round(self.elapsed(), 3),
-            "setup_seconds": round(self.setup_seconds, 3),
-            "compile_seconds": round(self.compile_seconds, 3),
-        }
 
 
 def _oom_hint(e: Exception) -> TrainingError | None:

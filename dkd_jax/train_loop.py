@@ -30,6 +30,7 @@ __all__ = [
     "LoopContext",
     "MetricSums",
     "NonFiniteLossError",
+    "RunClock",
     "SimulatedAbort",
     "TrainingError",
     "progress_bar",
@@ -328,3 +329,36 @@ class LoopContext:
             state = distributed.unreplicate(r_state)
         self.ckpt.save(step, state, self._meta(step))
         self._last_ckpt_step = step
+
+
+class RunClock:
+    """Wall time of a run, of its set-up (phases 1-3), and the time JAX spent tracing, lowering
+    and compiling during it (``jax.monitoring`` compile events; a persistent-cache hit costs
+    only the tracing and the cache read)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.setup_seconds = 0.0
+        self.compile_seconds = 0.0
+        self.thread = threading.get_ident()  # runs on other threads compile for themselves
+
+    def _listener(self, name: str, seconds: float, **_) -> None:
+        if name.startswith("/jax/core/compile/") and threading.get_ident() == self.thread:
+            self.compile_seconds += seconds
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def timing(self) -> dict[str, float]:
+        return {
+            "seconds": round(self.elapsed(), 3),
+            "setup_seconds": round(self.setup_seconds, 3),
+            "compile_seconds": round(self.compile_seconds, 3),
+        }

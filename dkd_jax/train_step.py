@@ -111,18 +111,9 @@ def train_step(
     count = lax.psum(jnp.sum(maskf), AXIS)
     key = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
     aug_key, dropout_key = jax.random.split(key)
-    x = batch["features"][..., None]
-    labels_b, lam = labels, jnp.ones_like(maskf)
-    aug = spec.augment_config
-    if aug.enabled:
-        x, labels_b, lam = objective.augment_batch(x, labels, aug_key, aug)
-    teacher_logits = None
-    if spec.teacher == "precomputed":
-        teacher_logits = batch["teacher_logits"]
-    elif spec.teacher == "live":
-        teacher_logits = teacher_model.apply(teacher_vars, x, train=False)
-    if teacher_logits is not None:
-        teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    x, labels_b, lam, teacher_logits = _step_inputs(
+        batch, maskf, aug_key, teacher_vars, teacher_model=teacher_model, spec=spec
+    )
     ramp = objective.kd_ramp(state.step, weights["warmup_epochs"], weights["steps_per_epoch"])
     tx = train_state.create_optimizer(
         optim, steps_per_epoch=weights["steps_per_epoch"], total_steps=weights["total_steps"]
@@ -157,14 +148,7 @@ def train_step(
 
     out = _zero_metrics(spec.num_classes)
     out.update(count=count, loss=loss_sum, grad_norm=grad_norm, nonfinite=(~ok).astype(jnp.float32))
-    for name in ("ce", "kd", "tckd", "nckd"):
-        if name in terms:
-            out[name] = lax.psum(jnp.sum(jnp.where(mask, terms[name], 0.0)), AXIS)
-    pred = jnp.argmax(logits, axis=-1)
-    onehot_true = jax.nn.one_hot(labels, spec.num_classes) * maskf[:, None]
-    onehot_pred = jax.nn.one_hot(pred, spec.num_classes)
-    out["confusion"] = lax.psum(onehot_true.T @ onehot_pred, AXIS)
-
+    out.update(_term_sums_and_confusion(terms, logits, labels, mask, maskf, spec.num_classes))
     updated = train_state.TrainState(
         step=state.step + 1,
         params=new_params,
@@ -175,6 +159,38 @@ def train_step(
     failed = state.replace(bad_step=state.step)
     new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), updated, failed)
     return new_state, out
+
+
+def _step_inputs(batch, maskf, aug_key, teacher_vars, *, teacher_model, spec: StepSpec):
+    """The step's (augmented) inputs [P, F, T, 1], mixup partner labels and weights, and the
+    frozen teacher's logits (precomputed, or live on the augmented input; None without one)."""
+    labels = batch["labels"]
+    x = batch["features"][..., None]
+    labels_b, lam = labels, jnp.ones_like(maskf)
+    aug = spec.augment_config
+    if aug.enabled:
+        x, labels_b, lam = objective.augment_batch(x, labels, aug_key, aug)
+    teacher_logits = None
+    if spec.teacher == "precomputed":
+        teacher_logits = batch["teacher_logits"]
+    elif spec.teacher == "live":
+        teacher_logits = teacher_model.apply(teacher_vars, x, train=False)
+    if teacher_logits is not None:
+        teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    return x, labels_b, lam, teacher_logits
+
+
+def _term_sums_and_confusion(terms, logits, labels, mask, maskf, num_classes: int) -> dict:
+    """Global sums over real segments of each loss term, and the segment confusion matrix."""
+    out = {}
+    for name in ("ce", "kd", "tckd", "nckd"):
+        if name in terms:
+            out[name] = lax.psum(jnp.sum(jnp.where(mask, terms[name], 0.0)), AXIS)
+    pred = jnp.argmax(logits, axis=-1)
+    onehot_true = jax.nn.one_hot(labels, num_classes) * maskf[:, None]
+    onehot_pred = jax.nn.one_hot(pred, num_classes)
+    out["confusion"] = lax.psum(onehot_true.T @ onehot_pred, AXIS)
+    return out
 
 
 def _guarded_step(state, batch, teacher_vars, weights, rng, active, *, step_fn, num_classes):

@@ -16,6 +16,20 @@ STUDENTS = ("dkd",)
 _CACHE: dict[str, tuple[Path, dict, list]] = {}
 
 
+def shared_spec(prep_dir: Path):
+    """The spec of the session's tiny experiment: two LOSO folds, the tiny preset, STUDENTS."""
+    from dkd_jax import experiment
+
+    return experiment.make_spec(
+        data=prep_dir,
+        protocol="loso",
+        folds=(0, 1),
+        preset="tiny",
+        students=STUDENTS,
+        overrides=EXP_OVERRIDES,
+    )
+
+
 def shared_experiment(prep_dir: Path, tmp_path_factory) -> tuple[Path, dict, list]:
     """(experiment dir, summary, [(run key, status)]) of the session's tiny experiment."""
     key = str(prep_dir)
@@ -23,18 +37,10 @@ def shared_experiment(prep_dir: Path, tmp_path_factory) -> tuple[Path, dict, lis
         from dkd_jax import experiment
 
         exp_dir = tmp_path_factory.getbasetemp() / "eval_shared_experiment"
-        spec = experiment.make_spec(
-            data=prep_dir,
-            protocol="loso",
-            folds=(0, 1),
-            preset="tiny",
-            students=STUDENTS,
-            overrides=EXP_OVERRIDES,
-        )
         events: list = []
         summary = experiment.run_experiment(
             exp_dir,
-            spec,
+            shared_spec(prep_dir),
             progress=False,
             quiet=True,
             on_run=lambda plan, status: events.append((plan.key, status)),

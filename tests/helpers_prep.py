@@ -144,3 +144,34 @@ def write_iemocap_tree(
             with open(os.path.join(emo, "._" + dialog + ".txt"), "wb") as f:
                 f.write(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        [0.0 - 1.0]\tx\tneu\t[")
     return root
+
+
+def tone_corpus(folder, seconds: dict[str, float], *, freq: float = 120.0, step: float = 7.0,
+                speakers: int = 5) -> str:  # fmt: skip
+    """Tone WAVs (name -> seconds) with labels cycling through the four classes, speakers
+    ``s0..`` cycling too, and their ``manifest.csv`` (path,label,speaker); returns its path."""
+    import csv
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i, (name, length) in enumerate(seconds.items()):
+        sf.write(os.path.join(folder, name), tone(length, freq=freq + step * i, seed=i), 16000)
+        rows.append((name, ("neutral", "happy", "sad", "angry")[i % 4], f"s{i % speakers}"))
+    path = os.path.join(folder, "manifest.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("path", "label", "speaker"))
+        w.writerows(rows)
+    return path
+
+
+def tree_bytes(folder) -> dict[str, bytes]:
+    """Every file below ``folder``: relative path -> bytes (byte-identity checks)."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out

@@ -14,7 +14,7 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dkd_jax import audio, baseline, confound, metrics, protocols, records
+from dkd_jax import audio, baseline, confound, input_pipeline, metrics, protocols, records
 
 SMALL_GRID = (0.01, 1.0, 100.0)
 
@@ -40,7 +40,7 @@ def test_coverage_counts_every_frame_once(preset):
             hop_frames=cfg.hop_frames(cfg.eval_hop_seconds),
             frames_per_window=fpw,
         )
-        c, s, q = baseline.utterance_moments(segs, frames, np.zeros(len(segs), np.int64), 1)
+        c, s, q = input_pipeline.group_moments(segs, frames, np.zeros(len(segs), np.int64), 1)
         starts = audio.segment_starts(total, cfg, hop_seconds=cfg.eval_hop_seconds)
         n = min(total if valid is None else valid, int(starts[-1]) + fpw)
         ref = feats[:, :n].astype(np.float64)

@@ -35,16 +35,6 @@ def prepared(iemocap_root, tmp_path_factory):
     return out, meta
 
 
-def _tree_bytes(folder):
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
-
-
 # ---------------------------------------------------------------- IEMOCAP reader
 
 
@@ -371,11 +361,11 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
 
 def test_out_dir_with_other_config_is_refused(prepared, iemocap_root, tmp_path, capsys):
     out, meta = prepared
-    before = _tree_bytes(out)
+    before = helpers_prep.tree_bytes(out)
     again = data_prep.prepare(
         "iemocap", root=iemocap_root, out_dir=out, workers=1, progress=False, num_shards=3
     )
-    assert again == meta and _tree_bytes(out) == before  # same run: nothing redone
+    assert again == meta and helpers_prep.tree_bytes(out) == before  # same run: nothing redone
     with pytest.raises(sources.PrepError) as info:
         data_prep.prepare(
             "iemocap",
@@ -387,7 +377,7 @@ def test_out_dir_with_other_config_is_refused(prepared, iemocap_root, tmp_path, 
         )
     msg = str(info.value)
     assert "different configuration" in msg and "n_mels: 40 -> 64" in msg and "--overwrite" in msg
-    assert str(out) in msg and _tree_bytes(out) == before
+    assert str(out) in msg and helpers_prep.tree_bytes(out) == before
     rc = cli.main(
         [
             "iemocap",
@@ -549,7 +539,7 @@ def test_byte_identical_regardless_of_workers(prepared, iemocap_root, tmp_path):
     data_prep.prepare(
         "iemocap", root=iemocap_root, out_dir=other, workers=2, progress=False, num_shards=3
     )
-    assert _tree_bytes(other) == _tree_bytes(out)
+    assert helpers_prep.tree_bytes(other) == helpers_prep.tree_bytes(out)
 
 
 def test_resume_after_interruption_is_byte_identical(prepared, iemocap_root, tmp_path, monkeypatch):
@@ -578,7 +568,7 @@ def test_resume_after_interruption_is_byte_identical(prepared, iemocap_root, tmp
         "iemocap", root=iemocap_root, out_dir=target, workers=1, progress=False, num_shards=3
     )
     assert seen == [0, 1, 2]  # shard 0 was not redone
-    assert _tree_bytes(target) == _tree_bytes(out)
+    assert helpers_prep.tree_bytes(target) == helpers_prep.tree_bytes(out)
 
 
 def test_interrupted_run_with_other_config_is_refused(iemocap_root, tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 corpus, records equal to audio.segment_audio, the segment balance (warning + cap), and OS errors
 (read-only or full output folder) as one line with exit status 2, resumable afterwards."""
 
-import csv
 import errno
 import hashlib
 import os
@@ -11,7 +10,6 @@ import re
 import helpers_prep
 import numpy as np
 import pytest
-import soundfile as sf
 
 import data_prep
 from data_prep import cli, pipeline, sources
@@ -43,16 +41,6 @@ def _wav_digest(root):
                 with open(path, "rb") as f:
                     h.update(f.read())
     return h.hexdigest()
-
-
-def _tree_bytes(folder):
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +95,8 @@ def test_records_equal_segment_audio(iemocap_root, tmp_path):
 
 def _long_and_short(folder):
     """One 30-s file (29 train windows) and five 2.5-s files (1 each)."""
-    folder.mkdir(parents=True, exist_ok=True)
     files = {"long.wav": 30.0, **{f"s{i}.wav": 2.5 for i in range(5)}}
-    rows = []
-    for i, (name, seconds) in enumerate(files.items()):
-        sf.write(folder / name, helpers_prep.tone(seconds, freq=140 + 30 * i, seed=i), 16000)
-        rows.append((name, ("neutral", "happy", "sad", "angry")[i % 4], f"spk{i % 3}"))
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("path", "label", "speaker"))
-        w.writerows(rows)
-    return path
+    return helpers_prep.tone_corpus(folder, files, freq=140.0, step=30.0, speakers=3)
 
 
 def test_dominant_utterance_is_warned_about_and_can_be_capped(tmp_path, caplog, capsys):
@@ -256,4 +234,4 @@ def test_full_disk_at_the_shard_writer_is_one_line_and_resumable(
     assert (out / ".prep" / "shard-00000.json").exists()
     monkeypatch.undo()
     assert cli.main([*argv, "--workers", "1", "--no-progress"]) == 0
-    assert _tree_bytes(out) == _tree_bytes(clean)
+    assert helpers_prep.tree_bytes(out) == helpers_prep.tree_bytes(clean)

@@ -2,7 +2,6 @@
 and SIGTERM keeps it resumable; the train-window cap's spread; worker counts; and a feature path
 that never imports librosa/numba (their import, per worker, dominated small preps)."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -24,19 +23,8 @@ LINUX = sys.platform.startswith("linux")
 
 def _long_corpus(folder, n=40, seconds=15.0):
     """``n`` tone WAVs of about ``seconds`` each (enough work to outlast the kill)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        name = f"u{i:03d}.wav"
-        wave = helpers_prep.tone(seconds + 0.01 * i, freq=120 + 7 * i, seed=i)
-        sf.write(folder / name, wave, 16000)
-        rows.append((name, ("neutral", "happy", "sad", "angry")[i % 4], f"s{i % 5}"))
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("path", "label", "speaker"))
-        w.writerows(rows)
-    return path
+    files = {f"u{i:03d}.wav": seconds + 0.01 * i for i in range(n)}
+    return helpers_prep.tone_corpus(folder, files)
 
 
 def _proc_stat(pid):

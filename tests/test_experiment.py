@@ -81,14 +81,7 @@ def test_run_writes_every_run_and_summary(exp, tiny_prep_dir):
 
 def test_rerun_skips_finished_runs_and_resumes_missing_ones(exp, tiny_prep_dir):
     exp_dir, summary, _ = exp
-    spec = experiment.make_spec(
-        data=tiny_prep_dir,
-        protocol="loso",
-        folds=(0, 1),
-        preset="tiny",
-        students=helpers_eval.STUDENTS,
-        overrides=helpers_eval.EXP_OVERRIDES,
-    )
+    spec = helpers_eval.shared_spec(tiny_prep_dir)
     events = []
     again = experiment.run_experiment(
         exp_dir, spec, progress=False, quiet=True, on_run=lambda p, s: events.append((p.key, s))
@@ -393,14 +386,7 @@ def test_no_baseline_progress_lines_and_heartbeat(exp, tiny_prep_dir, tmp_path, 
         shutil.rmtree(copy / f"fold{fold}-seed0" / "baseline")
     # The first run is redone (results.json gone: resumed from its final checkpoint).
     (copy / "fold0-seed0/teacher" / run_dir.RESULTS_FILE).unlink()
-    spec = experiment.make_spec(
-        data=tiny_prep_dir,
-        protocol="loso",
-        folds=(0, 1),
-        preset="tiny",
-        students=helpers_eval.STUDENTS,
-        overrides=helpers_eval.EXP_OVERRIDES,
-    )
+    spec = helpers_eval.shared_spec(tiny_prep_dir)
     out = experiment.run_experiment(copy, spec, baselines=False, heartbeat_seconds=0.001)
     text = capsys.readouterr().out
     assert "baseline" not in out["models"] and not (copy / "fold0-seed0" / "baseline").exists()
@@ -493,14 +479,7 @@ def test_concurrent_groups_give_bit_identical_runs(exp, tiny_prep_dir, tmp_path)
     """--jobs 2: the two folds train on two threads at once, and every run equals the one
     trained one at a time (results, per-utterance scores, metrics.jsonl, parameters)."""
     exp_dir, summary, _ = exp
-    spec = experiment.make_spec(
-        data=tiny_prep_dir,
-        protocol="loso",
-        folds=(0, 1),
-        preset="tiny",
-        students=helpers_eval.STUDENTS,
-        overrides=helpers_eval.EXP_OVERRIDES,
-    )
+    spec = helpers_eval.shared_spec(tiny_prep_dir)
     out = experiment.run_experiment(tmp_path / "jobs2", spec, progress=False, quiet=True, jobs=2)
     for key in KEYS:
         cmp = experiment.compare_runs(exp_dir / key, tmp_path / "jobs2" / key)

@@ -113,79 +113,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    return guarded("experiment", lambda: _command(args, overrides))
+
+
+def guarded(tool: str, command) -> int:
+    """Runs ``command()`` (which returns an exit status) with the command lines' error rules:
+    a known problem or an OS error is one line ``<tool>: error: ...`` (exit status 2), Ctrl-C
+    says how to resume (130). Anything else is a bug and keeps its traceback."""
+    from dkd_jax import distributed, train_lib
+
+    known = (
+        ExperimentError,
+        eval_lib.EvalError,
+        records.DataError,
+        config_lib.ConfigError,
+        run_dir.RunDirError,
+        train_lib.TrainingError,
+        distributed.DistributedError,
+        ValueError,  # data_prep's PrepError, audio errors
+    )
     try:
-        if args.command == "run":
-            if args.jobs < 1:
-                raise ExperimentError(f"--jobs must be >= 1, got {args.jobs}")
-            spec = make_spec(
-                data=args.data,
-                protocol=args.protocol,
-                folds=parse_ints(args.folds, "--folds"),
-                seeds=parse_ints(args.seeds, "--seeds"),
-                preset=args.preset,
-                teacher_preset=args.teacher_preset,
-                students=[s for s in args.students.split(",") if s],
-                overrides=overrides,
-            )
-            run_experiment(
-                args.out,
-                spec,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-                validation_only=args.validation_only,
-                baselines=not args.no_baseline,
-                jobs=args.jobs,
-            )
-        elif args.command == "summarize":
-            if overrides:
-                raise ExperimentError("summarize takes no --config overrides")
-            if args.validation_only:
-                summary = build_summary(args.exp_dir)
-                if not has_validation(summary):
-                    raise ExperimentError(
-                        f"{args.exp_dir}: no finished run has a validation hold-out "
-                        "(data.validation=none)"
-                    )
-                print(format_summary_text(summary, validation_only=True))
-            else:
-                summary = write_summary(args.exp_dir)
-                print(format_summary_text(summary))
-        else:
-            if overrides:
-                raise ExperimentError("reproduce takes no --config overrides")
-            report = reproduce(
-                args.exp_dir,
-                fold=args.fold,
-                model=args.model,
-                scratch=args.scratch,
-                progress=not args.no_progress,
-            )
-            return 0 if report["match"] else 1
+        return command()
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)  # concurrent groups (--jobs) run on threads that would finish their run
     except OSError as e:
-        print(f"experiment: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        print(f"{tool}: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from dkd_jax import distributed, train_lib
+    except known as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 2
 
-        known = (
-            ExperimentError,
-            eval_lib.EvalError,
-            records.DataError,
-            config_lib.ConfigError,
-            run_dir.RunDirError,
-            train_lib.TrainingError,
-            distributed.DistributedError,
+
+def _command(args, overrides: list[str]) -> int:
+    if args.command == "run":
+        if args.jobs < 1:
+            raise ExperimentError(f"--jobs must be >= 1, got {args.jobs}")
+        spec = make_spec(
+            data=args.data,
+            protocol=args.protocol,
+            folds=parse_ints(args.folds, "--folds"),
+            seeds=parse_ints(args.seeds, "--seeds"),
+            preset=args.preset,
+            teacher_preset=args.teacher_preset,
+            students=[s for s in args.students.split(",") if s],
+            overrides=overrides,
         )
-        if not isinstance(e, known):
-            raise
-        print(f"experiment: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        run_experiment(
+            args.out,
+            spec,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            validation_only=args.validation_only,
+            baselines=not args.no_baseline,
+            jobs=args.jobs,
+        )
+        return 0
+    if overrides:
+        raise ExperimentError(f"{args.command} takes no --config overrides")
+    if args.command == "summarize":
+        if args.validation_only:
+            summary = build_summary(args.exp_dir)
+            if not has_validation(summary):
+                raise ExperimentError(
+                    f"{args.exp_dir}: no finished run has a validation hold-out "
+                    "(data.validation=none)"
+                )
+            print(format_summary_text(summary, validation_only=True))
+        else:
+            print(format_summary_text(write_summary(args.exp_dir)))
+        return 0
+    report = reproduce(
+        args.exp_dir,
+        fold=args.fold,
+        model=args.model,
+        scratch=args.scratch,
+        progress=not args.no_progress,
+    )
+    return 0 if report["match"] else 1
 
 
 if __name__ == "__main__":
