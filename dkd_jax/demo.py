@@ -28,6 +28,7 @@ from pathlib import Path
 
 CHANCE = 0.25  # four balanced-UA classes
 QUICK_FOLDS = (0, 1)
+STAGES = 4  # corpus, features, protocol, result
 
 
 def _stage(num: int, total: int, text: str) -> float:
@@ -63,27 +64,37 @@ def run_demo(
         jobs: folds trained at the same time (threads of this process; the numbers do not
             depend on it). On the 2-core machine 3 finished the demo in 196 s, 2 in 213 s.
     """
-    import data_prep
-    from data_prep import pipeline, synth
-    from dkd_jax import experiment
-
     out = Path(out)
     t_all = time.perf_counter()
-    total = 4
     corpus, prep = out / "corpus", out / "prep"
     exp_dir = out / ("experiment-quick" if quick else "experiment")
+    _make_corpus(corpus, size=corpus_size, workers=workers, progress=progress)
+    _make_prep(corpus, prep, workers=workers, progress=progress)
+    if folds is None:
+        folds = QUICK_FOLDS if quick else None
+    summary = _run_protocol(prep, exp_dir, folds=folds, preset=preset, progress=progress, jobs=jobs)
+    _print_result(summary, exp_dir)
+    print(f"      total wall time {time.perf_counter() - t_all:.0f} s")
+    return summary
 
-    t0 = _stage(1, total, f"synthetic IEMOCAP-layout corpus ({corpus_size!r} size) -> {corpus}")
-    info = synth.generate_corpus(
-        corpus, size=corpus_size, seed=0, workers=workers, progress=progress
-    )
+
+def _make_corpus(corpus: Path, *, size: str, workers: int | None, progress: bool) -> None:
+    from data_prep import synth
+
+    t0 = _stage(1, STAGES, f"synthetic IEMOCAP-layout corpus ({size!r} size) -> {corpus}")
+    info = synth.generate_corpus(corpus, size=size, seed=0, workers=workers, progress=progress)
     _done(
         t0,
         f"{info['num_utterances']} utterances, {info['num_sessions']} sessions, "
         f"{info['total_duration_s'] / 60:.1f} min of audio",
     )
 
-    t0 = _stage(2, total, f"features: MFCC-26, 2-s windows (26 x 63) -> {prep}")
+
+def _make_prep(corpus: Path, prep: Path, *, workers: int | None, progress: bool) -> None:
+    import data_prep
+    from data_prep import pipeline
+
+    t0 = _stage(2, STAGES, f"features: MFCC-26, 2-s windows (26 x 63) -> {prep}")
     meta = data_prep.prepare(
         "iemocap",
         out_dir=prep,
@@ -97,25 +108,30 @@ def run_demo(
         print(f"      {line}")
     _done(t0, "prep ready")
 
-    if folds is None:
-        folds = QUICK_FOLDS if quick else None
+
+def _run_protocol(
+    prep: Path, exp_dir: Path, *, folds, preset: str, progress: bool, jobs: int
+) -> dict:
+    from dkd_jax import experiment
+
     spec = experiment.make_spec(
-        data=prep,
-        protocol="loso",
-        folds=folds,
-        preset=preset,
-        students=("dkd", "ce"),
+        data=prep, protocol="loso", folds=folds, preset=preset, students=("dkd", "ce")
     )
     t0 = _stage(
         3,
-        total,
+        STAGES,
         f"loso protocol, folds {list(spec.folds)}, {preset!r} preset: teacher (CE), DKD student, "
         f"CE student per fold -> {exp_dir}",
     )
     summary = experiment.run_experiment(exp_dir, spec, progress=progress, quiet=False, jobs=jobs)
     _done(t0, "experiment finished")
+    return summary
 
-    _stage(4, total, "result")
+
+def _print_result(summary: dict, exp_dir: Path) -> None:
+    from dkd_jax import experiment
+
+    _stage(4, STAGES, "result")
     for model in ("dkd", "ce", "teacher", "baseline"):
         stats = summary["models"].get(model)
         uas = [r["ua"] for r in summary["runs"] if r["model"] == model]
@@ -138,8 +154,6 @@ def run_demo(
         "tensorboard/"
     )
     print(f"      TensorBoard: tensorboard --logdir {exp_dir}")
-    print(f"      total wall time {time.perf_counter() - t_all:.0f} s")
-    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
