@@ -15,7 +15,8 @@ then measures, each in a fresh process pinned to one core (``1``) or free on all
 * ``stream``: the end-to-end real-time factor of ``eval.py predict --model --stream`` (file
   decoding, streaming features, normalisation, ONNX, smoothing; nothing printed) on the run's
   test utterances concatenated into one file: seconds of audio per second of wall time, for the
-  first pass of a fresh process (imports and first-call set-up included) and a second pass;
+  first pass of a fresh worker process (the ONNX session is created before the clock starts;
+  onnxruntime's first-call set-up and the front end's first use are included) and a second pass;
 * ``accuracy``: WA / UA on the run's held-out test utterances (mean of window logits per
   utterance) of the Flax model, the ONNX model and the int8 model.
 
@@ -144,8 +145,9 @@ def _worker_stream(args) -> dict[str, Any]:
     clf = deploy.OnnxClassifier(Path(args.models) / "fp32", threads=threads)
     seconds = sf.info(args.wav).duration
     out: dict[str, Any] = {"audio_seconds": round(seconds, 2)}
-    # "first": a fresh process (librosa's import and onnxruntime's first-call set-up included);
-    # "steady": the same stream again in the same process.
+    # "first": the first pass of this fresh process (the session above is built before the
+    # clock starts; onnxruntime's first-call set-up is included); "steady": the same stream
+    # again in the same process.
     for name in ("first", "steady"):
         t0 = time.perf_counter()
         blocks = streaming.file_blocks(args.wav, sample_rate=clf.features.sample_rate)
@@ -196,7 +198,7 @@ def _prepare(workdir: Path, tmp: Path) -> dict[str, Any]:
     import soundfile as sf
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from dkd_jax import audio, export, input_pipeline, protocols, records
+    from dkd_jax import audio, export, input_pipeline, records, run_dir
 
     card = export.export_run(workdir, tmp / "fp32", formats=["onnx"])
     (tmp / "int8").mkdir()
@@ -205,7 +207,7 @@ def _prepare(workdir: Path, tmp: Path) -> dict[str, Any]:
     )
     shutil.copy(tmp / "fp32" / "model.json", tmp / "int8" / "model.json")
     run = export.restore(workdir)
-    split, _ = protocols.load_split_file(workdir / protocols.SPLIT_FILE)
+    split, _ = run_dir.load_split(workdir)
     arrays = input_pipeline.load_segments(run.config.data.prep_dir, "eval", split.test_ids)
     arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
     np.save(tmp / "windows.npy", arrays.features)
