@@ -125,9 +125,7 @@ def build_ours(op: str, features, labels, *, seed: int = 0, devices=None) -> Sid
         augment=dataclasses.astuple(cfg.augment),
         num_classes=4,
     )
-    fns = train_step.make_train_functions(
-        student, teacher, cfg.optim, spec, devices, segment_shape=shape
-    )
+    fns = train_step.make_train_functions(student, teacher, cfg.optim, spec, devices)
     state = train_state.create_train_state(jax.random.PRNGKey(seed), student, fns.tx, shape)
     t_vars = None
     if teacher is not None:
@@ -161,8 +159,7 @@ def build_ours(op: str, features, labels, *, seed: int = 0, devices=None) -> Sid
     d = len(devices)
     host = {"features": features, "labels": labels, "mask": np.ones(len(labels), bool)}
     host = {k: v.reshape(d, len(labels) // d, *v.shape[1:]) for k, v in host.items()}
-    mesh = jax.sharding.Mesh(np.array(devices), (distributed.AXIS,))
-    batch = jax.device_put(host, jax.NamedSharding(mesh, jax.P(distributed.AXIS)))
+    batch = jax.device_put(host, distributed.device_axis_sharding(devices))
     weights = train_step.hyper(
         objective.loss_weights("dkd" if op == "dkd" else "ce", cfg.kd),
         steps_per_epoch=STEPS_PER_EPOCH,

@@ -15,6 +15,7 @@ Prints JSON; writes it only with ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -64,13 +65,11 @@ def _child(args) -> dict:
         arch = cfg.model.teacher if case == "teacher" else cfg.model.student
         spec = train_step.StepSpec(
             teacher="precomputed" if case == "dkd" else "none",
-            augment=tuple(config_lib.AugmentConfig().__dict__.values()),
+            augment=dataclasses.astuple(config_lib.AugmentConfig()),
             num_classes=4,
         )
         model = models.create_model(arch, num_classes=4, batch_norm_axis_name=distributed.AXIS)
-        fns = train_step.make_train_functions(
-            model, None, cfg.optim, spec, devices, segment_shape=(f, t)
-        )
+        fns = train_step.make_train_functions(model, None, cfg.optim, spec, devices)
         step = fns.p_step
         if args.jit:  # the same step under jit(vmap) over a size-1 device axis, no pmap
             step_fn = functools.partial(
@@ -79,7 +78,7 @@ def _child(args) -> dict:
 
             def one(state, batch, teacher_vars, hyper, rng, step_fn=step_fn):
                 return train_step._guarded_step(
-                    state, batch, teacher_vars, hyper, rng, True, step_fn=step_fn, num_classes=4
+                    state, batch, teacher_vars, hyper, rng, True, step_fn=step_fn
                 )
 
             step = jax.jit(

@@ -66,7 +66,6 @@ def _setup(mode: str, shape, devices, spe: int):
         cfg.optim,
         spec,
         devices,
-        segment_shape=shape,
     )
     state = train_state.create_train_state(jax.random.PRNGKey(0), student, fns.tx, shape)
     t_vars = None
@@ -91,9 +90,7 @@ def bench_step(batch: int, mode: str, shape, devices, steps: int) -> dict:
     if teacher_mode == "precomputed":
         b["teacher_logits"] = rng.normal(size=(batch, 4)).astype(np.float32)
     b = {k: v.reshape(d, batch // d, *v.shape[1:]) for k, v in b.items()}
-    b = jax.device_put(
-        b, jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ("b",)), jax.P("b"))
-    )
+    b = jax.device_put(b, distributed.device_axis_sharding(devices))
     r_state = distributed.replicate(state, devices)
     r_teacher = distributed.replicate(t_vars, devices) if teacher_mode == "live" else None
     key = jax.random.PRNGKey(0)
@@ -159,7 +156,7 @@ def bench_epochs(num_segments: int, shape, devices, batch: int = 32) -> dict:
 
     # Streaming: host batches gathered in a background thread, one compiled step per batch.
     r_state = distributed.replicate(state, devices)
-    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ("b",)), jax.P("b"))
+    sharding = distributed.device_axis_sharding(devices)
     times = []
     for epoch in range(2):
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ import numpy as np
 __all__ = [
     "AXIS",
     "DistributedError",
+    "device_axis_sharding",
     "local_devices",
     "maybe_initialize_distributed",
     "over_processes",
@@ -124,10 +125,16 @@ def local_devices(num_devices: int = 0) -> tuple:
     return tuple(devs)
 
 
+def device_axis_sharding(devices) -> jax.NamedSharding:
+    """Arrays split on their leading [devices] axis over ``devices``: how pmap lays out its
+    outputs, and so how its inputs are put (a batch, replicated variables)."""
+    return jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.P(AXIS))
+
+
 def replicate(tree, devices):
     """Copies of a host pytree on every device, stacked on a leading [devices] axis with the
     same sharding pmap gives its outputs (so the first call does not trace differently)."""
-    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.P(AXIS))
+    sharding = device_axis_sharding(devices)
     n = len(devices)
 
     def put(x):

@@ -344,7 +344,13 @@ def _tail_rows(needed: int, per: int) -> int:
 
 
 def predict_logits(
-    model, variables, features: np.ndarray, *, batch_size: int, devices: Sequence | None = None
+    model,
+    variables,
+    features: np.ndarray,
+    *,
+    batch_size: int,
+    devices: Sequence | None = None,
+    replicated: bool = False,
 ) -> np.ndarray:
     """Segment logits of a model in eval mode (running BatchNorm statistics).
 
@@ -358,10 +364,13 @@ def predict_logits(
 
     Args:
       model: a MACNN.
-      variables: {"params", "batch_stats"} (host or device arrays, not replicated).
+      variables: {"params", "batch_stats"} (host or device arrays), or with ``replicated``
+        already copied to ``devices`` by ``distributed.replicate`` (several sets scored with
+        one copy).
       features: [N, F, T] float32 segments (already normalised like the training data).
       batch_size: segments per call over all local devices (rounded up to a multiple of them).
       devices: devices to use (default all local devices).
+      replicated: ``variables`` are already replicated over ``devices``.
 
     Returns:
       [N, num_classes] float32 numpy logits.
@@ -377,10 +386,7 @@ def predict_logits(
     if n == 0:
         return np.zeros((0, num_classes), np.float32)
     fn = _predict_fn(model, devices)
-    rep = distributed.replicate(
-        {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
-        devices=devices,
-    )
+    rep = variables if replicated else replicate_variables(variables, devices)
     out = []
     start = 0
     while start < n:
@@ -396,6 +402,13 @@ def predict_logits(
     return np.concatenate(out)
 
 
+def replicate_variables(variables, devices: Sequence) -> dict:
+    """{"params", "batch_stats"} copied to every device, as :func:`predict_logits` takes them
+    with ``replicated=True``."""
+    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return distributed.replicate(tree, devices=tuple(devices))
+
+
 def score_eval_set(
     model,
     variables,
@@ -404,10 +417,16 @@ def score_eval_set(
     batch_size: int,
     devices: Sequence | None = None,
     mode: str = "logits",
+    replicated: bool = False,
 ) -> UtteranceScores:
     """Utterance-level scores of a model on a held-out set (the one scoring path)."""
     logits = predict_logits(
-        model, variables, eval_set.features, batch_size=batch_size, devices=devices
+        model,
+        variables,
+        eval_set.features,
+        batch_size=batch_size,
+        devices=devices,
+        replicated=replicated,
     )
     return score_segments(logits, eval_set.labels, eval_set.utterance_ids, mode=mode)
 
@@ -511,9 +530,6 @@ def write_run_results(
 
 def restore(workdir: str | os.PathLike, *, step: int | None, best: bool) -> run_dir.RestoredRun:
     """``run_dir.restore_run`` with its problems as :class:`EvalError`."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise EvalError(f"{workdir}: no such run directory")
     try:
         return run_dir.restore_run(workdir, step=step, best=best)
     except run_dir.RunDirError as e:
@@ -581,10 +597,7 @@ def evaluate_run(
     t0 = time.perf_counter()
     workdir = Path(workdir)
     run = restore(workdir, step=step, best=best)
-    try:
-        split, _ = run_dir.load_split(workdir)
-    except run_dir.RunDirError as e:
-        raise EvalError(str(e)) from None
+    split = run.split
     data_dir = os.fspath(data_dir) if data_dir is not None else run.config.data.prep_dir
     try:
         metadata = records.load_metadata(data_dir)

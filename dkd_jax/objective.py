@@ -26,9 +26,6 @@ from dkd_jax import losses
 __all__ = ["augment_batch", "kd_ramp", "loss_terms", "loss_weights", "objective"]
 
 
-LOSS_WEIGHT_KEYS = ("ce", "kd", "tckd", "nckd", "temperature", "warmup_epochs")
-
-
 def loss_weights(loss: str, kd: config_lib.KDConfig, *, role: str = "student") -> dict:
     """The objective's weights as float32 scalars (a runtime argument of the step).
 

@@ -110,6 +110,17 @@ class TeacherMismatchError(TrainingError):
 # --------------------------------------------------------------------------------------------
 
 
+def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
+    """Turns on JAX's persistent compilation cache in ``cache_dir`` (created if missing), for
+    every compile whatever its time or size (``train.compilation_cache_dir``; the experiment
+    runner points every run at ``EXP/.jax_cache``)."""
+    path = Path(cache_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def train_and_evaluate(
     config: config_lib.Config,
     workdir: str | os.PathLike,
@@ -147,8 +158,7 @@ def train_and_evaluate(
     """
     cfg = config_lib.from_dict(config_lib.to_dict(config))  # validated private copy
     if cfg.train.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cfg.train.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        enable_compilation_cache(cfg.train.compilation_cache_dir)
     workdir = Path(workdir)
     clock = train_loop.RunClock()
     primary = jax.process_index() == 0
@@ -384,7 +394,6 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
         cfg.optim,
         spec,
         run.devices,
-        segment_shape=segment_shape,
     )
     root = jax.random.PRNGKey(cfg.train.seed)
     init_key, data_key, step_key = (jax.random.fold_in(root, i) for i in range(3))
@@ -580,9 +589,7 @@ def _streamed_epoch(run, built, ctx, r_state, step, step_args, bar, steps_before
     order = input_pipeline.host_epoch_order(
         data_key, epoch, len(built.data), spe, run.local_batch, jax.process_index()
     )
-    sharding = jax.NamedSharding(
-        jax.sharding.Mesh(np.array(run.devices), (distributed.AXIS,)), jax.P(distributed.AXIS)
-    )
+    sharding = distributed.device_axis_sharding(run.devices)
     multi_cpu = run.devices[0].platform == "cpu" and len(run.devices) * jax.process_count() > 1
     # XLA:CPU collectives abort when too many steps are in flight (environment.md §3).
     sync_every = min(cfg.train.log_every_steps, 8) if multi_cpu else cfg.train.log_every_steps
@@ -617,9 +624,10 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
     """Phase 5: final evaluation and checkpoint, the final record, results.json."""
     ctx, r_state = loop.ctx, loop.r_state
     last_eval = loop.last_eval
+    final_state = None  # fetched from the devices only when needed
     if not last_eval:  # resumed a finished run: evaluate the final state again
-        last_eval = ctx.run_eval(distributed.unreplicate(r_state), log=False)
-    final_state = distributed.unreplicate(r_state)
+        final_state = distributed.unreplicate(r_state)
+        last_eval = ctx.run_eval(final_state, log=False)
     if built.ckpt.latest_step() != run.total_steps:
         ctx.save(r_state, run.total_steps, state=final_state)
     built.ckpt.close()

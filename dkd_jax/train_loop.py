@@ -259,6 +259,8 @@ class LoopContext:
     def run_eval(self, state, *, log: bool, step: int | None = None, epoch: int | None = None):
         """Scores every held-out set (remembered in ``last_scores``); logs "eval" records."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
+        if self.eval_sets:  # one copy on the devices for every set
+            variables = eval_lib.replicate_variables(variables, self.devices)
         out = {}
         for es in self.eval_sets:
             scores = eval_lib.score_eval_set(
@@ -267,6 +269,7 @@ class LoopContext:
                 es,
                 batch_size=self.cfg.data.eval_batch_size,
                 devices=self.devices,
+                replicated=True,
             )
             res = eval_lib.eval_summary(scores, es, num_classes=self.num_classes)
             self.last_scores[es.name] = scores

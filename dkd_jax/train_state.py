@@ -129,8 +129,7 @@ def create_train_state(
     runs of one architecture (folds, ablations) share that compilation; the optimiser state is
     initialised separately.
     """
-    model = model.clone(batch_norm_axis_name=None)
-    variables = jax.device_get(_variables_init(model, tuple(segment_shape))(rng))
+    variables = init_variables(rng, model, segment_shape)
     params = variables["params"]
     opt_state = jax.device_get(jax.jit(tx.init)(params))
     return TrainState(

@@ -83,7 +83,6 @@ def _fns(spec, devices, *, teacher_model=None, optim=None, arch=STUDENT):
         optim or STEP_OPTIM,
         spec,
         devices,
-        segment_shape=SHAPE,
     )
     return model, fns
 
