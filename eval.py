@@ -110,10 +110,6 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
     return files, groups
 
 
-def _os_error(e: OSError) -> str:
-    return f"{e.filename}: {e.strerror}" if e.filename is not None else str(e)
-
-
 def _predict_main(argv: list[str]) -> int:
     parser = _predict_parser()
     args = parser.parse_args(argv)
@@ -131,7 +127,7 @@ def _predict_main(argv: list[str]) -> int:
     if not files:
         print("eval.py: error: no audio files given", file=sys.stderr)
         return 2
-    from dkd_jax import eval_lib, predict
+    from dkd_jax import eval_lib, jsonio, predict
 
     try:
         pred = predict.predict_files(
@@ -143,7 +139,7 @@ def _predict_main(argv: list[str]) -> int:
             groups=groups,
         )
     except OSError as e:
-        print(f"eval.py: error: {_os_error(e)}", file=sys.stderr)
+        print(f"eval.py: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
         return 2
     except eval_lib.EvalError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
@@ -157,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "predict":
         return _predict_main(argv[1:])
     args = _eval_parser().parse_args(argv)
-    from dkd_jax import eval_lib, records, run_dir
+    from dkd_jax import eval_lib, jsonio, records, run_dir
 
     try:
         eval_lib.evaluate_run(
@@ -170,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write=not args.no_write,
         )
     except OSError as e:
-        print(f"eval.py: error: {_os_error(e)}", file=sys.stderr)
+        print(f"eval.py: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
         return 2
     except (eval_lib.EvalError, records.DataError, run_dir.RunDirError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.kd.beta=2)")
 
     from dkd_jax import config as config_lib
-    from dkd_jax import distributed, records, run_dir, train_lib
+    from dkd_jax import distributed, jsonio, records, train_lib
 
     try:
         distributed.maybe_initialize_distributed(
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # read-only or full workdir, permissions: the path and the reason
         if os.environ.get("DKD_JAX_DEBUG"):
             raise
-        print(f"train.py: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        print(f"train.py: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
         return 2
     except (
         config_lib.ConfigError,

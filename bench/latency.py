@@ -53,9 +53,7 @@ def _pin(threads: str) -> None:
     if threads == "1":
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
         os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        os.environ["XLA_FLAGS"] = (
-            "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
@@ -198,7 +196,7 @@ def _prepare(workdir: Path, tmp: Path) -> dict[str, Any]:
     import soundfile as sf
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from dkd_jax import audio, export, input_pipeline, records, run_dir
+    from dkd_jax import audio, export, input_pipeline, records
 
     card = export.export_run(workdir, tmp / "fp32", formats=["onnx"])
     (tmp / "int8").mkdir()
@@ -207,13 +205,12 @@ def _prepare(workdir: Path, tmp: Path) -> dict[str, Any]:
     )
     shutil.copy(tmp / "fp32" / "model.json", tmp / "int8" / "model.json")
     run = export.restore(workdir)
-    split, _ = run_dir.load_split(workdir)
+    split = run.split
     arrays = input_pipeline.load_segments(run.config.data.prep_dir, "eval", split.test_ids)
     arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
     np.save(tmp / "windows.npy", arrays.features)
     meta = records.load_metadata(run.config.data.prep_dir)
-    root = Path(meta["source"]["root"])
-    paths = {u["utterance_id"]: root / u["path"] for u in meta["utterances"]}
+    paths = {u["utterance_id"]: records.audio_path(meta, u) for u in meta["utterances"]}
     rate = card["features"]["sample_rate"]
     wave = np.concatenate([audio.load_audio(paths[u], sample_rate=rate) for u in split.test_ids])
     sf.write(tmp / "test_utterances.wav", wave, rate, subtype="PCM_16")

@@ -26,7 +26,7 @@ import os
 import sys
 
 from data_prep import manifest, pipeline
-from dkd_jax import audio
+from dkd_jax import audio, jsonio
 
 PROG = "data_prep"
 
@@ -34,17 +34,6 @@ PROG = "data_prep"
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
-
-
-def _os_error(e: OSError) -> str:
-    """``PATH: reason`` of an OSError (``PATH -> PATH2: reason`` for a rename)."""
-    reason = e.strerror or str(e)
-    if e.filename is None:
-        return reason
-    where = os.fspath(e.filename)
-    if getattr(e, "filename2", None):
-        where += f" -> {os.fspath(e.filename2)}"
-    return f"{where}: {reason}"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -259,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{what}; run the same command again to resume where it stopped", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Terminated) else 130
     except OSError as e:
-        return _error(_os_error(e))
+        return _error(jsonio.describe_os_error(e))
     except (PrepError, DataError, audio.AudioError, ValueError) as e:
         return _error(str(e))
     print(pipeline.prep_summary(meta))

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from data_prep import manifest, sources
 from data_prep import workers as feature_workers
-from data_prep.sources import PrepError, Scan, Utterance
+from data_prep.sources import PrepError, Scan
 from dkd_jax import audio, records
 
 log = logging.getLogger("data_prep")
@@ -389,7 +389,9 @@ class _ShardRun:
                 feature_workers.raise_if_terminated()
                 res = next(results)
                 if res[0] == "skip":
-                    skipped.append(_skip_row(utt, res[1], res[2]))
+                    skipped.append(
+                        sources.skip_entry(utt.rel_path, res[1], res[2], utt.utterance_id)
+                    )
                 else:
                     _, row, train, n_train, evals, n_eval = res
                     for split, blob, n in (("train", train, n_train), ("eval", evals, n_eval)):
@@ -419,10 +421,6 @@ class _ShardRun:
             }
         _write_json(os.path.join(self.state_dir, f"shard-{j:05d}.json"), info)
         return info
-
-
-def _skip_row(utt: Utterance, kind: str, reason: str) -> dict:
-    return {"path": utt.rel_path, "utterance_id": utt.utterance_id, "kind": kind, "reason": reason}
 
 
 def segment_balance(done: dict, num_shards: int, *, max_share: float, cap: int | None) -> dict:

@@ -108,9 +108,7 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -121,6 +119,8 @@ import soundfile as sf
 from scipy import fft as sfft
 from scipy import signal
 from tqdm import tqdm
+
+from data_prep.workers import mp_context, usable_cpus
 
 GENERATOR_NAME = "dkd-jax synthetic IEMOCAP-layout corpus"
 GENERATOR_VERSION = "1.0"
@@ -1141,21 +1141,6 @@ def _check_out_dir(root: Path, params: dict) -> None:
     )
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """fork when safe (fast, no main-module guard needed); spawn once JAX/TF/torch threads run."""
-    threaded = any(name in sys.modules for name in ("jax", "tensorflow", "torch"))
-    if "fork" in multiprocessing.get_all_start_methods() and not threaded:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def corpus_summary(size: str = "demo", *, seed: int = 0, **overrides: Any) -> dict[str, Any]:
     """The summary that :func:`generate_corpus` would write, without synthesising any audio.
 
@@ -1223,7 +1208,7 @@ def generate_corpus(
     root = Path(out_dir)
     _check_out_dir(root, params)
     if workers is None:
-        workers = _default_workers()
+        workers = usable_cpus()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"synthetic corpus: workers must be a positive integer, got {workers!r}")
 
@@ -1264,7 +1249,7 @@ def generate_corpus(
                 bar.update(_synth_jobs(str(root), seed, jobs[i : i + 16]))
         else:
             chunk = max(1, min(32, math.ceil(len(jobs) / (workers * 8))))
-            context = _mp_context()
+            context = mp_context()
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
                 futures = [
                     pool.submit(_synth_jobs, str(root), seed, jobs[i : i + chunk])

@@ -276,9 +276,9 @@ def _process_chunk(chunk: list[Utterance]) -> list[tuple]:
 # --------------------------------------------------------------------------------------------
 
 
-def _mp_context():
-    # fork is cheapest (workers inherit the warmed-up parent) but unsafe once JAX or TensorFlow
-    # started their thread pools in this process; spawn is always safe.
+def mp_context() -> multiprocessing.context.BaseContext:
+    """fork when safe: cheapest (workers inherit the warmed-up parent, no main-module guard
+    needed), but unsafe once JAX, TensorFlow or torch started thread pools here; else spawn."""
     methods = multiprocessing.get_all_start_methods()
     threaded = any(m in sys.modules for m in ("jax", "tensorflow", "torch"))
     if "fork" in methods and not threaded:
@@ -286,13 +286,18 @@ def _mp_context():
     return multiprocessing.get_context("spawn")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_workers(num_utterances: int, requested: int | None = None) -> int:
     """Feature processes: ``requested`` or the usable CPUs, at most one per chunk of work."""
     if requested is None:
-        try:
-            requested = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            requested = os.cpu_count() or 1
+        requested = usable_cpus()
     chunks = max(1, -(-int(num_utterances) // CHUNK))
     return max(1, min(int(requested), chunks))
 
@@ -324,7 +329,7 @@ class FeaturePool:
         if self.workers <= 1:
             init_worker(*self._init)
             return self
-        context = _mp_context()
+        context = mp_context()
         fork = context.get_start_method() == "fork"
         if fork:
             warm_up(self._cfg)
@@ -398,9 +403,11 @@ __all__ = [
     "Terminated",
     "default_workers",
     "init_worker",
+    "mp_context",
     "process_utterance",
     "raise_if_terminated",
     "spread",
     "stop_on_signals",
+    "usable_cpus",
     "warm_up",
 ]

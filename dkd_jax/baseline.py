@@ -78,7 +78,6 @@ DEFAULT_C = 1.0
 INNER_FOLDS = 5
 MAX_ITER = 2000
 NORMALIZATIONS = ("global", "speaker")
-_VAR_EPS = 1e-6  # the runner's floor: std = sqrt(var + 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,12 +224,6 @@ def utterance_statistics(
     )
 
 
-def _mean_std(count, total, total_sq, eps: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    c = np.maximum(count, 1.0)[:, None]
-    mean = total / c
-    return mean, np.sqrt(np.maximum(total_sq / c - mean * mean, 0.0) + eps)
-
-
 def _speaker_stats(
     stats: UtteranceStats, train: np.ndarray, test: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +238,7 @@ def _speaker_stats(
     total_sq = np.zeros_like(total)
     np.add.at(total, group[use], stats.total[use])
     np.add.at(total_sq, group[use], stats.total_sq[use])
-    mean, std = _mean_std(count, total, total_sq, _VAR_EPS)
+    mean, std = input_pipeline.moments_to_stats(count, total, total_sq)
     return mean[group], std[group]
 
 
@@ -271,7 +264,9 @@ def statistics_features(
             f"baseline normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
         )
     rows = np.asarray(rows, np.int64)
-    mean, std = _mean_std(stats.count[rows], stats.total[rows], stats.total_sq[rows])
+    mean, std = input_pipeline.moments_to_stats(
+        stats.count[rows], stats.total[rows], stats.total_sq[rows], eps=0.0
+    )
     if normalization == "speaker":
         train = rows if train_rows is None else np.asarray(train_rows, np.int64)
         s_mean, s_std = _speaker_stats(stats, train, rows)

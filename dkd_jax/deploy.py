@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import audio, predict
+from dkd_jax import audio, jsonio, predict
 from dkd_jax.predict import softmax
 
 __all__ = [
@@ -291,6 +291,4 @@ def predict_cli(args, files: Sequence[str], groups: Sequence[str | None]) -> int
 
 def cli_error(e: Exception) -> str:
     """One line for a command-line error (an OSError as ``PATH: reason``)."""
-    if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror}"
-    return str(e)
+    return jsonio.describe_os_error(e) if isinstance(e, OSError) else str(e)

@@ -92,12 +92,9 @@ def restore(workdir: str | os.PathLike, *, step: int | None = None, best: bool =
     """
     from dkd_jax import run_dir
 
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise ExportError(f"{workdir}: no such run directory")
     try:
         return run_dir.restore_run(workdir, step=step, best=best)
-    except (FileNotFoundError, ValueError) as e:
+    except run_dir.RunDirError as e:
         raise ExportError(str(e)) from None
 
 

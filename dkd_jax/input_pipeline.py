@@ -48,10 +48,12 @@ __all__ = [
     "TrainArrays",
     "epoch_order",
     "fit_normalization",
+    "group_moments",
     "iterate_batches",
     "load_eval_set",
     "load_run_data",
     "load_segments",
+    "moments_to_stats",
     "normalize_arrays",
     "normalize_features",
     "steps_per_epoch",
@@ -143,11 +145,14 @@ def group_moments(
     return count, total, total_sq
 
 
-def _moments_to_stats(count, total, total_sq) -> tuple[np.ndarray, np.ndarray]:
+def moments_to_stats(
+    count, total, total_sq, *, eps: float = _VAR_EPS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (mean, std) [G, F] from :func:`group_moments`' sums; std = sqrt(var + eps)."""
     c = np.maximum(count, 1.0)[:, None]
     mean = total / c
     var = np.maximum(total_sq / c - mean * mean, 0.0)
-    return mean, np.sqrt(var + _VAR_EPS)
+    return mean, np.sqrt(var + eps)
 
 
 def _groups_of(arrays: records.SegmentArrays, mode: str) -> np.ndarray:
@@ -188,7 +193,7 @@ def fit_normalization(
         raise ValueError(f"normalization group {e} is not in group_names") from None
     count, total, total_sq = group_moments(arrays.features, arrays.valid_frames, gi, len(names))
     count, total, total_sq = (distributed.over_processes(a) for a in (count, total, total_sq))
-    mean, std = _moments_to_stats(count, total, total_sq)
+    mean, std = moments_to_stats(count, total, total_sq)
     if mode == "global":
         if count[0] == 0:
             raise ValueError("global normalization: no training frames to compute statistics")

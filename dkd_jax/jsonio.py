@@ -1,4 +1,5 @@
-"""Atomic files and JSON conversion (used by ``run_dir``, the experiment runner and the CLIs).
+"""Atomic files, JSON conversion, and the one-line form of an OS error (used by ``run_dir``,
+the experiment runner, data_prep and the CLIs; no JAX, so the deploy path can use it too).
 
 Every JSON file of a run or an experiment is written to a temporary file in the same directory
 and renamed over the old one, so a process killed mid-write leaves the previous version.
@@ -68,3 +69,15 @@ def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
         raise JSONFileError(f"{path}: missing {what}") from None
     except json.JSONDecodeError as e:
         raise JSONFileError(f"{path}: unreadable {what} ({e})") from None
+
+
+def describe_os_error(e: OSError) -> str:
+    """``PATH: reason`` of an OSError (``PATH -> PATH2: reason`` for a rename; its message when
+    it names no path)."""
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return reason
+    where = os.fspath(e.filename)
+    if getattr(e, "filename2", None):
+        where += f" -> {os.fspath(e.filename2)}"
+    return f"{where}: {reason}"

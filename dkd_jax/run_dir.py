@@ -23,7 +23,7 @@ kill is skipped by :func:`read_metrics`, the one reader of that file.
 Errors are one line: :class:`RunDirError` (and its subclasses) name the file or directory and
 what to do. OS errors (read-only workdir, permission denied, no space left) propagate as
 ``OSError`` with the path, and the command lines print them as ``<tool>: error: PATH: reason``
-(:func:`describe_os_error`).
+(``jsonio.describe_os_error``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -54,7 +55,6 @@ __all__ = [
     "RunDirError",
     "WorkdirError",
     "WorkdirLockedError",
-    "describe_os_error",
     "locked",
     "prepare_workdir",
     "read_metrics",
@@ -125,15 +125,6 @@ def _read_json(path: Path, *, what: str) -> Any:
         return jsonio.read_json(path, what=what)
     except jsonio.JSONFileError as e:
         raise RunDirError(str(e)) from None
-
-
-def describe_os_error(e: OSError) -> str:
-    """``PATH: reason`` for an OSError (the path it names, else its message)."""
-    reason = e.strerror or str(e)
-    path = e.filename
-    if path is None:
-        return reason
-    return f"{os.fspath(path)}: {reason}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,25 +472,19 @@ def write_scores(
       label_names: class names (column suffixes).
       mode: "logits" or "probs" (what the score columns hold).
     """
-    path = Path(workdir) / SCORES_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                ["utterance_id", "label", "prediction", "num_segments"]
-                + [f"{mode}_{n}" for n in label_names]
-            )
-            for i, utt in enumerate(utterance_ids):
-                w.writerow(
-                    [utt, label_names[labels[i]], label_names[predictions[i]]]
-                    + [int(num_segments[i])]
-                    + [repr(float(v)) for v in scores[i]]
-                )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(
+        ["utterance_id", "label", "prediction", "num_segments"]
+        + [f"{mode}_{n}" for n in label_names]
+    )
+    for i, utt in enumerate(utterance_ids):
+        w.writerow(
+            [utt, label_names[labels[i]], label_names[predictions[i]]]
+            + [int(num_segments[i])]
+            + [repr(float(v)) for v in scores[i]]
+        )
+    return jsonio.write_text(Path(workdir) / SCORES_FILE, buf.getvalue())
 
 
 def read_scores(workdir: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -608,6 +593,7 @@ class RestoredRun:
       normalization: the run's feature normalisation (``input_pipeline.normalize_arrays``).
       data_info: content hash, feature config, label names of the training data (split.json).
       checkpoint: the checkpoint directory that was read.
+      split: the run's train/validation/test utterances (split.json), when read from a workdir.
     """
 
     config: config_lib.Config
@@ -617,6 +603,7 @@ class RestoredRun:
     normalization: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "none"})
     data_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: str = ""
+    split: protocols.Split | None = None
 
 
 def restore_run(
@@ -638,8 +625,10 @@ def restore_run(
     from dkd_jax import models
 
     workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise RunDirError(f"{workdir}: no such run directory")
     cfg = load_config(workdir)
-    _, data_info = load_split(workdir)
+    split, data_info = load_split(workdir)
     num_classes = len(data_info.get("label_names", [])) or 4
     role = cfg.model.role
     model = models.create_model(getattr(cfg.model, role), num_classes=num_classes)
@@ -674,4 +663,5 @@ def restore_run(
         normalization=load_normalization(workdir),
         data_info=data_info,
         checkpoint=str(directory / str(chosen)),
+        split=split,
     )

@@ -31,11 +31,9 @@ import numpy as np
 
 from dkd_jax import audio
 from dkd_jax.deploy import (
-    VAR_EPS,
     DeployError,
     OnnxClassifier,
     cli_error,
-    moments_to_stats,
     normalize_segments,
     softmax,
     window_moments,
@@ -291,17 +289,19 @@ class StreamPredictor:
         return self._score(self.front_end.finish())
 
     def _normalise(self, w: StreamWindow) -> np.ndarray:
+        """One window normalised as the model was trained; "utterance" uses the statistics of
+        the stream so far (every window up to this one)."""
         norm = self.model.normalization
-        if norm.get("mode") != "utterance":
-            return normalize_segments(w.features[None], np.array([w.valid_frames]), norm)[0]
-        count, total, total_sq = window_moments(w.features[None], np.array([w.valid_frames]))
-        m = self._moments
-        m[0] += count
-        m[1] = m[1] + total
-        m[2] = m[2] + total_sq
-        eps = float(norm.get("variance_epsilon", VAR_EPS))
-        mean, std = moments_to_stats(*m, epsilon=eps)
-        return ((w.features - mean[:, None]) / std[:, None]).astype(np.float32)
+        x, valid = w.features[None], np.array([w.valid_frames])
+        moments = None
+        if norm.get("mode") == "utterance":
+            count, total, total_sq = window_moments(x, valid)
+            m = self._moments
+            m[0] += count
+            m[1] = m[1] + total
+            m[2] = m[2] + total_sq
+            moments = tuple(m)
+        return normalize_segments(x, valid, norm, moments=moments)[0]
 
     def _score(self, windows: list[StreamWindow]) -> list[dict[str, Any]]:
         if not windows:

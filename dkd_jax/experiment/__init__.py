@@ -62,7 +62,6 @@ from dkd_jax.experiment.report import (
 )
 from dkd_jax.experiment.runner import (
     compare_runs,
-    enable_compilation_cache,
     execute_run,
     reproduce,
     run_experiment,
@@ -98,7 +97,6 @@ __all__ = [
     "build_summary",
     "cli",
     "compare_runs",
-    "enable_compilation_cache",
     "execute_run",
     "format_summary_markdown",
     "format_summary_text",

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from dkd_jax import config as config_lib
-from dkd_jax import eval_lib, records, run_dir
+from dkd_jax import eval_lib, jsonio, records, run_dir
 from dkd_jax.experiment.report import (
     build_summary,
     format_summary_text,
@@ -140,7 +140,7 @@ def guarded(tool: str, command) -> int:
         sys.stderr.flush()
         os._exit(130)  # concurrent groups (--jobs) run on threads that would finish their run
     except OSError as e:
-        print(f"{tool}: error: {run_dir.describe_os_error(e)}", file=sys.stderr)
+        print(f"{tool}: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
         return 2
     except known as e:
         print(f"{tool}: error: {e}", file=sys.stderr)

@@ -348,7 +348,8 @@ def _fmt(stat: dict[str, Any]) -> str:
     return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
+    """A fraction as a percentage with one decimal ("n/a" for None)."""
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
@@ -410,7 +411,7 @@ def format_summary_text(summary: dict[str, Any], *, validation_only: bool = Fals
             )
         lines.append(
             "per run (val UA): "
-            + ", ".join(f"{r['workdir']} {_pct(r.get('val_ua'))}" for r in summary["runs"])
+            + ", ".join(f"{r['workdir']} {percent(r.get('val_ua'))}" for r in summary["runs"])
         )
         return "\n".join(lines + _notes(summary, validation_only=True))
     lines = [
@@ -429,7 +430,7 @@ def format_summary_text(summary: dict[str, Any], *, validation_only: bool = Fals
         best = f"{_fmt(stats['best_epoch_wa'])} / {_fmt(stats['best_epoch_ua'])}"
         if stats["best_epoch_wa"]["mean"] is None:
             best = ""
-        pooled = f"{_pct(stats.get('pooled_wa'))} / {_pct(stats.get('pooled_ua'))}"
+        pooled = f"{percent(stats.get('pooled_wa'))} / {percent(stats.get('pooled_ua'))}"
         lines.append(
             f"{stats['label']:<{width}} {stats['runs']:>4}  {_fmt(stats['wa']):>12}  "
             f"{_fmt(stats['ua']):>12}  {pooled:>13}   {best:>26}"
@@ -473,7 +474,7 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
     for stats in summary["models"].values():
         lines.append(
             f"| {stats['label']} | {stats['runs']} | {_fmt(stats['wa'])} | {_fmt(stats['ua'])} "
-            f"| {_pct(stats.get('pooled_wa'))} | {_pct(stats.get('pooled_ua'))} "
+            f"| {percent(stats.get('pooled_wa'))} | {percent(stats.get('pooled_ua'))} "
             f"| {_fmt(stats['best_epoch_wa'])} | {_fmt(stats['best_epoch_ua'])} |"
             + (f" {_fmt(stats['val_wa'])} | {_fmt(stats['val_ua'])} |" if val else "")
         )
@@ -498,8 +499,8 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         note = f"test set lacks {', '.join(r['absent_classes'])}" if r.get("absent_classes") else ""
         lines.append(
             f"| {r['group']} | {r['split']} | {MODEL_LABELS.get(r['model'], r['model'])} "
-            f"| {r['num_test_utterances']} | {_pct(r['wa'])} | {_pct(r['ua'])} "
-            f"| {_pct(r['best_epoch_wa'])} | {_pct(r['best_epoch_ua'])} | {note} "
+            f"| {r['num_test_utterances']} | {percent(r['wa'])} | {percent(r['ua'])} "
+            f"| {percent(r['best_epoch_wa'])} | {percent(r['best_epoch_ua'])} | {note} "
             f"| `{r['workdir']}` |"
         )
     return "\n".join(lines) + "\n"
@@ -521,8 +522,8 @@ def _confound_table(confounds: dict[str, Any]) -> list[str]:
     ]
     for group, c in confounds.items():
         lines.append(
-            f"| {group} | {c.get('num_speakers')} | {_pct(c.get('single_class_share'))} % "
-            f"| {_pct(c.get('label_entropy_explained'))} % | {c.get('nmi', 0):.2f} "
+            f"| {group} | {c.get('num_speakers')} | {percent(c.get('single_class_share'))} % "
+            f"| {percent(c.get('label_entropy_explained'))} % | {c.get('nmi', 0):.2f} "
             f"| {c.get('strength')} |"
         )
     return lines

@@ -30,6 +30,7 @@ from dkd_jax.experiment import checks
 from dkd_jax.experiment.report import (
     build_summary,
     format_summary_text,
+    percent,
     validation_scores,
     write_summary,
 )
@@ -46,15 +47,10 @@ from dkd_jax.experiment.spec import (
 )
 
 
-def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
-    """Turns on JAX's persistent compilation cache in ``cache_dir`` (every compile is cached)."""
-    import jax
+def _enable_compilation_cache(cache_dir: Path) -> None:
+    from dkd_jax import train_lib  # JAX only once something trains
 
-    path = Path(cache_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    train_lib.enable_compilation_cache(cache_dir)
 
 
 _PRINT_LOCK = threading.Lock()  # whole lines from concurrent groups (jobs > 1)
@@ -96,15 +92,9 @@ def execute_run(
     workdir: Path,
     *,
     teacher_workdir: Path | None,
-    quiet: bool = False,
-    validation_only: bool = False,
     heartbeat_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Trains (or resumes) one run and returns its ``results.json`` (written by training).
-
-    With ``validation_only`` the printed line shows the run's validation scores instead of its
-    test scores (the test scores are still written to ``results.json``).
-    """
+    """Trains (or resumes) one run and returns its ``results.json`` (written by training)."""
     from dkd_jax import train_lib
 
     kwargs = {} if teacher_workdir is None else {"teacher_workdir": str(teacher_workdir)}
@@ -120,10 +110,6 @@ def execute_run(
     if results is None:
         raise ExperimentError(f"{workdir}: training finished without results.json")
     return results
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
 
 
 def _clock(seconds: float) -> str:
@@ -173,7 +159,7 @@ def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool,
     if validation_only:
         val = validation_scores(workdir)
         return (
-            f"validation WA {_pct(val['val_wa'])} %  UA {_pct(val['val_ua'])} %  "
+            f"validation WA {percent(val['val_wa'])} %  UA {percent(val['val_ua'])} %  "
             f"(train {seconds:.0f} s)"
         )
     missing = results.get("absent_classes") or []
@@ -197,7 +183,8 @@ def _group_checks(exp_dir, plan, spec, metadata, cache, *, baselines, validation
     ).items():
         what = "validation" if validation_only else "test"
         _say(
-            f"    {plan.group}/{model}: {what} WA {_pct(res['wa'])} %  UA {_pct(res['ua'])} %  "
+            f"    {plan.group}/{model}: {what} WA {percent(res['wa'])} %  "
+            f"UA {percent(res['ua'])} %  "
             f"(logistic regression on feature statistics, C {res['C']:g}; "
             f"{time.perf_counter() - t0:.0f} s)",
             quiet=quiet,
@@ -249,15 +236,13 @@ def run_experiment(
         _require_validation(plan_runs(spec, exp_dir))
     exp_dir.mkdir(parents=True, exist_ok=True)
     _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
-    enable_compilation_cache(exp_dir / CACHE_DIR)
+    _enable_compilation_cache(exp_dir / CACHE_DIR)
     plans = plan_runs(spec, exp_dir)
     metadata = records.load_metadata(spec.data)
     groups = list(dict.fromkeys(p.group for p in plans))
     tracker = _Progress(plans, quiet, jobs=min(jobs, len(groups)))
-    if jobs > 1:  # bars of concurrent runs would overwrite each other: heartbeats instead
-        progress, bars = progress, False
-    else:
-        bars = progress
+    # Bars of concurrent runs would overwrite each other: heartbeats instead.
+    bars = progress and jobs == 1
     beat = (
         heartbeat_seconds if progress and not quiet and not (bars and sys.stderr.isatty()) else 0.0
     )
@@ -324,8 +309,6 @@ def _run_group(gi, num_groups, group, mine, *, exp_dir, spec, metadata, cache, b
                 plan,
                 workdir,
                 teacher_workdir=teacher,
-                quiet=quiet,
-                validation_only=validation_only,
                 heartbeat_seconds=beat,
             )
             seconds = time.perf_counter() - t0
@@ -499,7 +482,7 @@ def reproduce(
     if scratch.exists():
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True)
-    enable_compilation_cache(exp_dir / CACHE_DIR)
+    _enable_compilation_cache(exp_dir / CACHE_DIR)
     rerun_keys = {p.key for p in plans}
     report: dict[str, Any] = {"runs": {}}
     for plan in plans:
@@ -508,7 +491,7 @@ def reproduce(
             teacher = (scratch if plan.teacher_key in rerun_keys else exp_dir) / plan.teacher_key
         _say(f"reproducing {plan.key} -> {scratch / plan.key}", quiet=quiet)
         plan.config.train.progress = progress
-        execute_run(plan, scratch / plan.key, teacher_workdir=teacher, quiet=True)
+        execute_run(plan, scratch / plan.key, teacher_workdir=teacher)
         cmp = compare_runs(exp_dir / plan.key, scratch / plan.key)
         report["runs"][plan.key] = cmp
         verdict = "MATCH (bit for bit)" if cmp["match"] else "DIFFERENT"
