@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from dkd_jax import jsonio
+
 __all__ = [
     "CARD_FILE",
     "FORMATS",
@@ -484,7 +486,7 @@ def export_run(
         "inputs": f"{_PARITY_BATCH} windows of N(0, 1) noise (seed 0)",
         "max_abs_logit_difference": parity,
     }
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    jsonio.write_text(out / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return card
 
 

@@ -47,3 +47,17 @@ def shared_experiment(prep_dir: Path, tmp_path_factory) -> tuple[Path, dict, lis
         )
         _CACHE[key] = (exp_dir, summary, events)
     return _CACHE[key]
+
+
+def speaker_normalised_copy(run_path: Path, tmp_path: Path) -> Path:
+    """A copy of a run with its normalisation switched to per-speaker (no stored speaker): the
+    weights do not matter to which statistics normalise which windows."""
+    import json
+    import shutil
+
+    from dkd_jax import run_dir
+
+    copy = tmp_path / "speaker_run"
+    shutil.copytree(run_path, copy)
+    (copy / run_dir.NORMALIZATION_FILE).write_text(json.dumps({"mode": "speaker", "groups": {}}))
+    return copy

@@ -7,7 +7,6 @@ in subprocesses in which ``import jax`` (and flax, optax, orbax) fails.
 """
 
 import ast
-import importlib.util
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import helpers_eval
 import helpers_export
 import numpy as np
 import pytest
@@ -25,12 +25,10 @@ import soundfile as sf
 pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '.[export]'")
 pytest.importorskip("onnxruntime", reason="needs the export extra")
 
+import eval as eval_cli  # the script at the repository root (pytest pythonpath)
 from dkd_jax import audio, deploy, export, input_pipeline, predict, records, streaming
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-eval_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_cli)
 
 PROB_TOL = 1e-4
 NO_JAX = """
@@ -166,9 +164,7 @@ def test_speaker_groups_normalise_together_like_predict_workdir(
     run_dir, model_dir, audio_files, tmp_path
 ):
     """A per-speaker run: --model and --workdir normalise one group's files together alike."""
-    run_copy = tmp_path / "speaker_run"
-    shutil.copytree(run_dir, run_copy)
-    (run_copy / "normalization.json").write_text(json.dumps({"mode": "speaker", "groups": {}}))
+    run_copy = helpers_eval.speaker_normalised_copy(run_dir, tmp_path)
     card = {"mode": "utterance", "trained_with": "speaker", "variance_epsilon": 1e-6}
     model_copy = _with_normalization(model_dir, tmp_path, card)
     files = audio_files[:3]

@@ -4,10 +4,8 @@ Uses the session's tiny experiment (tests/helpers_eval.py), trained with global 
 normalisation, so the references below must apply the stored training statistics themselves.
 """
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import helpers_eval
 import jax
@@ -15,14 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import eval as eval_cli  # the script at the repository root (pytest pythonpath)
 from dkd_jax import audio, eval_lib, predict, records, run_dir
-
-# eval.py is a script at the repository root (not an installed module): load it by path.
-_spec = importlib.util.spec_from_file_location(
-    "eval_cli", Path(__file__).resolve().parents[1] / "eval.py"
-)
-eval_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_cli)
 
 RUN = "fold0-seed0/student_dkd"
 
@@ -217,20 +209,11 @@ def test_predict_cli(run_path, wav_files, tmp_path, capsys):
     assert eval_cli.main(["predict", "--workdir", str(run_path), str(files["8k"])]) == 0
 
 
-def _speaker_normalised_copy(run_path, tmp_path):
-    """The shared run with its normalisation switched to per-speaker (no stored speaker): the
-    weights do not matter to which statistics normalise which windows."""
-    copy = tmp_path / "speaker_run"
-    shutil.copytree(run_path, copy)
-    (copy / run_dir.NORMALIZATION_FILE).write_text(json.dumps({"mode": "speaker", "groups": {}}))
-    return copy
-
-
 def test_predict_groups_normalise_one_speakers_files_together(
     run_path, restored, wav_files, tmp_path, capsys
 ):
     files, _ = wav_files
-    copy = _speaker_normalised_copy(run_path, tmp_path)
+    copy = helpers_eval.speaker_normalised_copy(run_path, tmp_path)
     pair = [files["orig"], files["short"]]
     grouped = predict.predict_files(copy, pair, groups=["spk", "spk"])
     alone = predict.predict_files(copy, pair)

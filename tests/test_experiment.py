@@ -485,4 +485,9 @@ def test_concurrent_groups_give_bit_identical_runs(exp, tiny_prep_dir, tmp_path)
         cmp = experiment.compare_runs(exp_dir / key, tmp_path / "jobs2" / key)
         assert cmp["match"], (key, cmp["differences"])
     assert out["models"]["dkd"]["ua"] == summary["models"]["dkd"]["ua"]
-    assert experiment.main(["run", "--data", str(tiny_prep_dir), "--out", "x", "--jobs", "0"]) == 2
+    assert (
+        experiment.main(
+            ["run", "--data", str(tiny_prep_dir), "--out", str(tmp_path / "x"), "--jobs", "0"]
+        )
+        == 2
+    )

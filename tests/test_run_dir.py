@@ -6,7 +6,6 @@ of the same config: same parameters bit for bit, same metrics.jsonl.
 """
 
 import errno
-import importlib.util
 import json
 import os
 import platform
@@ -21,15 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import eval as eval_cli  # the script at the repository root (pytest pythonpath)
 import train as train_cli
 from dkd_jax import checkpointing, jsonio, run_dir, train_lib
 from dkd_jax import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
-# eval.py is a script at the repository root (not an installed module): load it by path.
-_spec = importlib.util.spec_from_file_location("eval_cli", REPO / "eval.py")
-eval_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_cli)
 OVERRIDES = {
     "model.role": "teacher",
     "data.validation": "none",

@@ -417,7 +417,6 @@ def test_run_length_is_a_runtime_value_of_the_step():
     KD warm-up and the schedule follow the runtime values."""
     devices = jax.local_devices()
     x, y = _data(8)
-    batch = _batch(x, y, np.ones(8, bool), len(devices))
     step_epochs = dataclasses.replace(STEP_OPTIM, schedule="step_epochs", decay_every=1)
     _, fns = _fns(_spec(teacher="precomputed"), devices, optim=step_epochs)
     tl = np.zeros((8, NUM_CLASSES), np.float32)

@@ -212,7 +212,7 @@ def write_summary(
             )
             stats["pooled_confusion_plot"] = plot.name
     jsonio.write_json(exp_dir / SUMMARY_JSON, summary)
-    (exp_dir / SUMMARY_MD).write_text(format_summary_markdown(summary))
+    jsonio.write_text(exp_dir / SUMMARY_MD, format_summary_markdown(summary))
     return summary
 
 
