@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.kd.beta=2)")
 
+    from dkd_jax import host_memory
+
+    host_memory.configure()  # before JAX runs anything (see dkd_jax.host_memory)
     from dkd_jax import config as config_lib
     from dkd_jax import distributed, jsonio, records, train_lib
 

@@ -407,6 +407,10 @@ def child(args) -> dict:
     """Runs every case under one thread budget and returns its JSON."""
     threads = _configure_threads(args.threads_child, args.device, args.xla_flags)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    from dkd_jax import host_memory
+
+    # Process-wide, so both sides get it (PyTorch's CPU tensors come from the same malloc).
+    threads["host_memory"] = host_memory.configure()
     import jax
     import torch
 

@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dkd_jax import area_attention, models
+from dkd_jax import area_attention, host_memory, models
 
 LAYOUTS = {
     "mfcc26": (26, 63),
@@ -270,6 +270,7 @@ def _device_info() -> dict[str, Any]:
         "flax": flax.__version__,
         "python": platform.python_version(),
         "host_cpu_count": os.cpu_count(),
+        "host_memory": host_memory.configure(),
     }
 
 
@@ -285,6 +286,7 @@ def _csv(value: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.configure()  # before JAX runs anything, as the command lines do
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"CPU smoke grid: {QUICK}")
     parser.add_argument("--models", type=_csv, help=f"presets (default {DEFAULT_MODELS})")

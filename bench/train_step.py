@@ -35,7 +35,16 @@ import benchjson
 import jax
 import numpy as np
 
-from dkd_jax import audio, distributed, input_pipeline, models, objective, train_state, train_step
+from dkd_jax import (
+    audio,
+    distributed,
+    host_memory,
+    input_pipeline,
+    models,
+    objective,
+    train_state,
+    train_step,
+)
 from dkd_jax import config as config_lib
 
 
@@ -176,6 +185,7 @@ def bench_epochs(num_segments: int, shape, devices, batch: int = 32) -> dict:
 
 
 def main(argv=None) -> int:
+    host_memory.configure()  # before JAX runs anything, as the command lines do
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 32 and 5 timed steps (CPU)")
     p.add_argument("--features", default="logmel40", choices=sorted(audio.FEATURE_PRESETS))
@@ -198,6 +208,7 @@ def main(argv=None) -> int:
         "device": devices[0].device_kind,
         "platform": devices[0].platform,
         "num_devices": len(devices),
+        "host_memory": host_memory.configure(),
         "jax": jax.__version__,
         "features": args.features,
         "segment_shape": list(shape),

@@ -12,6 +12,7 @@ Modules (one responsibility each):
   run_dir              every file of a run directory, the workdir lock, restore_run;
                        checkpointing: thin orbax wrapper; jsonio: atomic JSON files
   distributed          multi-host start-up, cross-process reductions, replication
+  host_memory          glibc allocator settings the command lines apply (faster CPU steps)
   eval_lib             the one scoring path, reports; predict: audio files; provenance
   experiment           whole experiments (folds x seeds x models), summaries, reproduce
   demo                 the README demo

@@ -25,6 +25,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# glibc's default allocator for the whole session, subprocesses included: the command lines'
+# one-arena setting (dkd_jax.host_memory) makes training steps faster but compiles slower, and
+# the suite is mostly compiles (tests/test_train_lib.py: 80 s as is, 104 s with it).
+# tests/test_host_memory.py checks the setting in its own child processes.
+os.environ.setdefault("DKD_JAX_MALLOC", "default")
+
 import pytest  # noqa: E402
 
 

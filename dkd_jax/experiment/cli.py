@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from dkd_jax import config as config_lib
-from dkd_jax import eval_lib, jsonio, records, run_dir
+from dkd_jax import eval_lib, host_memory, jsonio, records, run_dir
 from dkd_jax.experiment.report import (
     build_summary,
     format_summary_text,
@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    host_memory.configure()  # before JAX runs anything (see dkd_jax.host_memory)
     overrides = [a for a in argv if a.startswith("--config.")]
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
     return guarded("experiment", lambda: _command(args, overrides))

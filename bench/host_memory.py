@@ -1,0 +1,172 @@
+"""What ``dkd_jax.host_memory`` buys: training steps with glibc's default allocator and with it.
+
+Each measurement is a child process (the allocator is set when a process starts, before JAX
+runs), alternating default / configured for ``--rounds`` rounds. A child compiles a CE training
+step of a preset (model forward + backward + Adam, BatchNorm in train mode), timing the compile
+(no persistent cache), and times ``--steps`` steps after one warm-up step, reporting wall, user
+and system CPU seconds, minor page faults, peak resident memory and the last loss (bit-identical
+between the two, by design).
+
+  python bench/host_memory.py                     # teacher and student, batch 32, 26x63 MFCC
+  python bench/host_memory.py --models teacher --batch 256 --out bench/results/x.json
+
+Prints JSON (medians per model and setting, the ratios, the load average); writes it only with
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ("default", "configured")
+
+
+def child(model_name: str, batch: int, shape: tuple[int, int], steps: int) -> dict:
+    """Times ``steps`` CE training steps of ``model_name`` in this process."""
+    sys.path.insert(0, str(ROOT))
+    from dkd_jax import host_memory
+
+    state = host_memory.configure()  # DKD_JAX_MALLOC=default makes this a no-op
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from dkd_jax import losses, models
+
+    model = models.build_model(model_name)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, *shape, 1)).astype(np.float32))
+    y = jnp.arange(batch) % 4
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
+    params, stats = variables["params"], variables["batch_stats"]
+    tx = optax.adam(1e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, stats, opt, x, y):
+        def loss_fn(p):
+            logits, updated = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return losses.cross_entropy(logits, y).mean(), updated["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), stats, opt, loss
+
+    t0 = time.perf_counter()
+    step = step.lower(params, stats, opt, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    params, stats, opt, loss = jax.block_until_ready(step(params, stats, opt, x, y))
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        params, stats, opt, loss = step(params, stats, opt, x, y)
+    loss = float(jax.block_until_ready(loss))
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "host_memory": state,
+        "compile_s": compile_s,
+        "step_ms": 1e3 * wall / steps,
+        "user_s": r1.ru_utime - r0.ru_utime,
+        "sys_s": r1.ru_stime - r0.ru_stime,
+        "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+        "max_rss_mb": r1.ru_maxrss / 1024,
+        "last_loss": loss.hex(),
+    }
+
+
+def _run_child(setting: str, args) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every child compiles
+    if setting == "default":
+        env["DKD_JAX_MALLOC"] = "default"
+    else:
+        env.pop("DKD_JAX_MALLOC", None)
+    cmd = [sys.executable, __file__, "--child", args.child_model, "--batch", str(args.batch)]
+    cmd += ["--shape", args.shape, "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"bench/host_memory.py: the {setting} child failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="teacher,student", help="presets (comma-separated)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--shape", default="26x63", help="freq x time (default 26x63)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per child")
+    p.add_argument("--rounds", type=int, default=3, help="default/configured pairs per model")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--child", dest="child_model", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    if args.child_model:
+        print(json.dumps(child(args.child_model, args.batch, shape, args.steps)))
+        return 0
+    sys.path.insert(0, str(ROOT / "bench"))
+    import benchjson
+
+    report = {
+        "benchmark": "bench/host_memory.py",
+        "command": " ".join(["bench/host_memory.py", *(argv or sys.argv[1:])]),
+        "batch": args.batch,
+        "shape": list(shape),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "cpu_count": os.cpu_count(),
+        "load_before": list(os.getloadavg()),
+        "models": {},
+    }
+    for name in [m for m in args.models.split(",") if m]:
+        args.child_model = name
+        runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+        for r in range(args.rounds):
+            for setting in SETTINGS:  # interleaved: default, configured, default, ...
+                runs[setting].append(_run_child(setting, args))
+                print(f"{name} round {r + 1} {setting}: {runs[setting][-1]}", file=sys.stderr)
+        medians = {
+            s: {
+                k: round(statistics.median(run[k] for run in runs[s]), 3)
+                for k in (
+                    "compile_s",
+                    "step_ms",
+                    "user_s",
+                    "sys_s",
+                    "minor_faults_per_step",
+                    "max_rss_mb",
+                )
+            }
+            for s in SETTINGS
+        }
+        losses = {run["last_loss"] for s in SETTINGS for run in runs[s]}
+        report["models"][name] = {
+            "median": medians,
+            "speedup_step": round(
+                medians["default"]["step_ms"] / medians["configured"]["step_ms"], 3
+            ),
+            "speedup_compile": round(
+                medians["default"]["compile_s"] / medians["configured"]["compile_s"], 3
+            ),
+            "identical_last_loss": len(losses) == 1,
+            "runs": runs,
+        }
+    report["load_after"] = list(os.getloadavg())
+    args.child_model = None
+    return benchjson.emit(report, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
