@@ -9,7 +9,12 @@ Complements ``bench/compare_torch.py`` (which times whole steps): every piece is
 * ``teacher_forward_eval`` (the frozen teacher of a DKD step);
 * ``maxpool_backward_*``: the two 2×2 max-pools of the trunk (forward + backward of a sum of
   squares) as ``flax.linen.max_pool`` (XLA ``select_and_scatter`` gradient), as a reshape + max,
-  and in PyTorch.
+  and in PyTorch;
+* ``conv_*``: every convolution of the trunk at its own input shape, three ways each: the
+  forward, the input gradient (``dx``) and the kernel gradient (``dw``),
+  ``lax.conv_general_dilated`` under ``jax.vjp`` against ``torch.nn.functional.conv2d`` /
+  ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` (the first two convolutions' ``dx`` is never
+  computed in training: their input is the data).
 
 The thread budget is fixed before JAX/PyTorch are imported, as in ``compare_torch.py``: with
 ``--threads`` below the cores available the process is pinned to that many cores, and one thread
@@ -173,6 +178,67 @@ def _pool_pieces(shape, batch):
     return out
 
 
+def _conv_pieces(shape, batch):
+    """Each trunk convolution's forward, input gradient and kernel gradient, JAX and PyTorch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from dkd_jax import models
+
+    freq, time_ = shape
+    after_first = (freq - 1, time_ - 1)  # both first convolutions give (freq - 1, time - 1)
+    layers = [  # (name, (H, W) of the input, in, out, kernel, padding)
+        *(
+            (name, shape, 1, models.FIRST_CONV_CHANNELS, kernel, pad)
+            for name, (kernel, pad) in models.FIRST_CONVS.items()
+        ),
+    ]
+    hw, channels = after_first, 2 * models.FIRST_CONV_CHANNELS
+    for name, features, pool in models.STAGES:
+        layers.append((name, hw, channels, features, (3, 3), ((1, 1), (1, 1))))
+        hw, channels = ((hw[0] // 2, hw[1] // 2) if pool else hw), features
+    rng = np.random.default_rng(2)
+    out = {}
+    for name, (h, w), cin, cout, kernel, pad in layers:
+        x = rng.normal(size=(batch, h, w, cin)).astype(np.float32)
+        k = (0.1 * rng.normal(size=(*kernel, cin, cout))).astype(np.float32)
+
+        def conv(x, k, pad=pad):
+            return jax.lax.conv_general_dilated(
+                x, k, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+
+        xj, kj = jnp.asarray(x), jnp.asarray(k)
+        g = jnp.full(conv(xj, kj).shape, 0.01, jnp.float32)
+        fwd = jax.jit(conv)
+        dx = jax.jit(lambda x, k, g, conv=conv: jax.vjp(lambda x: conv(x, k), x)[1](g)[0])
+        dw = jax.jit(lambda x, k, g, conv=conv: jax.vjp(lambda k: conv(x, k), k)[1](g)[0])
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        kt = torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
+        gt = torch.from_numpy(np.ascontiguousarray(np.asarray(g).transpose(0, 3, 1, 2)))
+        tpad = (pad[0][0], pad[1][0])
+
+        def t_fwd(xt=xt, kt=kt, tpad=tpad):
+            with torch.no_grad():
+                torch.nn.functional.conv2d(xt, kt, padding=tpad)
+
+        out[f"conv_{name}_{h}x{w}x{cin}_to_{cout}"] = {
+            "jax_forward": lambda f=fwd, a=(xj, kj): f(*a).block_until_ready(),
+            "torch_forward": t_fwd,
+            "jax_dx": lambda f=dx, a=(xj, kj, g): f(*a).block_until_ready(),
+            "torch_dx": lambda xt=xt, kt=kt, gt=gt, p=tpad: torch.nn.grad.conv2d_input(
+                xt.shape, kt, gt, padding=p
+            ),
+            "jax_dw": lambda f=dw, a=(xj, kj, g): f(*a).block_until_ready(),
+            "torch_dw": lambda xt=xt, kt=kt, gt=gt, p=tpad: torch.nn.grad.conv2d_weight(
+                xt, kt.shape, gt, padding=p
+            ),
+        }
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -189,6 +255,9 @@ def main(argv=None) -> int:
         p.error(f"--shape: expected FREQxTIME with both >= 16, got {args.shape!r}")
     _pin(args.threads)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    from dkd_jax import host_memory
+
+    host_memory_state = host_memory.configure()  # both sides: one malloc per process
     import torch
 
     torch.set_num_threads(args.threads)
@@ -199,6 +268,7 @@ def main(argv=None) -> int:
         "shape": list(shape),
         "batch": args.batch,
         "iters": args.iters,
+        "host_memory": host_memory_state,
         "load_before": list(os.getloadavg()),
         "pieces_ms": {},
     }
@@ -206,9 +276,18 @@ def main(argv=None) -> int:
         j, t = _median_ms(jax_fn, args.iters), _median_ms(torch_fn, args.iters)
         report["pieces_ms"][name] = {"jax": j, "torch": t, "torch_over_jax": round(t / j, 3)}
         print(f"{name}: jax {j} ms, torch {t} ms", file=sys.stderr, flush=True)
-    for name, variants in _pool_pieces(shape, args.batch).items():
+    pieces = {**_pool_pieces(shape, args.batch), **_conv_pieces(shape, args.batch)}
+    for name, variants in pieces.items():
         report["pieces_ms"][name] = {k: _median_ms(fn, args.iters) for k, fn in variants.items()}
         print(f"{name}: {report['pieces_ms'][name]}", file=sys.stderr, flush=True)
+    convs = [v for k, v in report["pieces_ms"].items() if k.startswith("conv_")]
+    report["conv_totals_ms"] = {  # training computes every forward and dw, dx after layer 1
+        part: {
+            side: round(sum(c[f"{side}_{part}"] for c in convs[2 if part == "dx" else 0 :]), 2)
+            for side in ("jax", "torch")
+        }
+        for part in ("forward", "dx", "dw")
+    }
     report["load_after"] = list(os.getloadavg())
     return benchjson.emit(report, args.out)
 
