@@ -149,9 +149,6 @@ def _predict_main(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from dkd_jax import host_memory  # the standard library only
-
-    host_memory.configure()  # before JAX runs anything (see dkd_jax.host_memory)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return _predict_main(argv[1:])

@@ -1,13 +1,16 @@
-"""What ``dkd_jax.host_memory`` buys: training steps with glibc's default allocator and with it.
+"""What ``dkd_jax.host_memory`` buys: steps with glibc's default allocator and with it.
 
 Each measurement is a child process (the allocator is set when a process starts, before JAX
-runs), alternating default / configured for ``--rounds`` rounds. A child compiles a CE training
-step of a preset (model forward + backward + Adam, BatchNorm in train mode), timing the compile
-(no persistent cache), and times ``--steps`` steps after one warm-up step, reporting wall, user
-and system CPU seconds, minor page faults, peak resident memory and the last loss (bit-identical
-between the two, by design).
+runs), alternating default / configured for ``--rounds`` rounds. A child compiles a step of a
+preset, timing the compile (no persistent cache), and times ``--steps`` steps after one warm-up
+step, reporting wall, user and system CPU seconds, minor page faults, peak resident memory and
+the last loss (bit-identical between the two, by design). ``--op train`` (default): a CE
+training step (forward + backward + Adam, BatchNorm in train mode). ``--op inference``: an
+eval-mode forward from a host array to host logits, as ``eval.py predict`` runs it (the "loss"
+is then the logits' sum).
 
   python bench/host_memory.py                     # teacher and student, batch 32, 26x63 MFCC
+  python bench/host_memory.py --models student --op inference --steps 100
   python bench/host_memory.py --models teacher --batch 256 --out bench/results/x.json
 
 Prints JSON (medians per model and setting, the ratios, the load average); writes it only with
@@ -30,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "configured")
 
 
-def child(model_name: str, batch: int, shape: tuple[int, int], steps: int) -> dict:
-    """Times ``steps`` CE training steps of ``model_name`` in this process."""
+def child(model_name: str, batch: int, shape: tuple[int, int], steps: int, op: str) -> dict:
+    """Times ``steps`` CE training steps (``op="train"``) or eval-mode forward passes from host
+    arrays to host logits (``op="inference"``, as ``eval.py predict`` runs them) in this
+    process."""
     sys.path.insert(0, str(ROOT))
     from dkd_jax import host_memory
 
@@ -64,14 +69,26 @@ def child(model_name: str, batch: int, shape: tuple[int, int], steps: int) -> di
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), stats, opt, loss
 
-    t0 = time.perf_counter()
-    step = step.lower(params, stats, opt, x, y).compile()
-    compile_s = time.perf_counter() - t0
-    params, stats, opt, loss = jax.block_until_ready(step(params, stats, opt, x, y))
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    for _ in range(steps):
-        params, stats, opt, loss = step(params, stats, opt, x, y)
-    loss = float(jax.block_until_ready(loss))
+    if op == "inference":
+        x_host = np.asarray(x)
+        t0 = time.perf_counter()
+        forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        forward = forward.lower(variables, x).compile()
+        compile_s = time.perf_counter() - t0
+        np.asarray(forward(variables, x_host))
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(steps):
+            logits = np.asarray(forward(variables, x_host))
+        loss = float(logits.astype(np.float64).sum())
+    else:
+        t0 = time.perf_counter()
+        step = step.lower(params, stats, opt, x, y).compile()
+        compile_s = time.perf_counter() - t0
+        params, stats, opt, loss = jax.block_until_ready(step(params, stats, opt, x, y))
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(steps):
+            params, stats, opt, loss = step(params, stats, opt, x, y)
+        loss = float(jax.block_until_ready(loss))
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {
@@ -81,12 +98,12 @@ def child(model_name: str, batch: int, shape: tuple[int, int], steps: int) -> di
         "user_s": r1.ru_utime - r0.ru_utime,
         "sys_s": r1.ru_stime - r0.ru_stime,
         "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
-        "max_rss_mb": r1.ru_maxrss / 1024,
+        "max_rss_mib": r1.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
         "last_loss": loss.hex(),
     }
 
 
-def _run_child(setting: str, args) -> dict:
+def _run_child(setting: str, model: str, args) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every child compiles
@@ -94,12 +111,15 @@ def _run_child(setting: str, args) -> dict:
         env["DKD_JAX_MALLOC"] = "default"
     else:
         env.pop("DKD_JAX_MALLOC", None)
-    cmd = [sys.executable, __file__, "--child", args.child_model, "--batch", str(args.batch)]
-    cmd += ["--shape", args.shape, "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--child", model, "--batch", str(args.batch)]
+    cmd += ["--shape", args.shape, "--steps", str(args.steps), "--op", args.op]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"bench/host_memory.py: the {setting} child failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["host_memory"]["applied"] != (setting == "configured"):
+        sys.exit(f"bench/host_memory.py: {setting} child: {result['host_memory']} (glibc only)")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,13 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--shape", default="26x63", help="freq x time (default 26x63)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per child")
+    p.add_argument("--op", choices=("train", "inference"), default="train", help="what a step is")
     p.add_argument("--rounds", type=int, default=3, help="default/configured pairs per model")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--child", dest="child_model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    try:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+        if len(shape) != 2 or min(shape) < 16:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shape: expected FREQxTIME with both >= 16, got {args.shape!r}")
     if args.child_model:
-        print(json.dumps(child(args.child_model, args.batch, shape, args.steps)))
+        print(json.dumps(child(args.child_model, args.batch, shape, args.steps, args.op)))
         return 0
     sys.path.insert(0, str(ROOT / "bench"))
     import benchjson
@@ -122,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "bench/host_memory.py",
         "command": " ".join(["bench/host_memory.py", *(argv or sys.argv[1:])]),
+        "op": args.op,
         "batch": args.batch,
         "shape": list(shape),
         "steps": args.steps,
@@ -131,11 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for name in [m for m in args.models.split(",") if m]:
-        args.child_model = name
         runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
         for r in range(args.rounds):
             for setting in SETTINGS:  # interleaved: default, configured, default, ...
-                runs[setting].append(_run_child(setting, args))
+                runs[setting].append(_run_child(setting, name, args))
                 print(f"{name} round {r + 1} {setting}: {runs[setting][-1]}", file=sys.stderr)
         medians = {
             s: {
@@ -146,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "user_s",
                     "sys_s",
                     "minor_faults_per_step",
-                    "max_rss_mb",
+                    "max_rss_mib",
                 )
             }
             for s in SETTINGS
@@ -164,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
         }
     report["load_after"] = list(os.getloadavg())
-    args.child_model = None
     return benchjson.emit(report, args.out)
 
 

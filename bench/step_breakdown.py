@@ -178,6 +178,37 @@ def _pool_pieces(shape, batch):
     return out
 
 
+def _first_conv_output(shape):
+    """(H, W) after the first convolutions (stride 1; they agree, see models.feature_map_size)."""
+    from dkd_jax import models
+
+    kernel, (pad_f, pad_t) = next(iter(models.FIRST_CONVS.values()))
+    return (shape[0] + sum(pad_f) - kernel[0] + 1, shape[1] + sum(pad_t) - kernel[1] + 1)
+
+
+def _conv_totals(pieces):
+    """Sums over the convolutions of what training computes: every forward and kernel gradient,
+    and the input gradient of all but the first convolutions (whose input is the data)."""
+    from dkd_jax import models
+
+    first = tuple(f"conv_{name}_" for name in models.FIRST_CONVS)
+    convs = {k: v for k, v in pieces.items() if k.startswith("conv_")}
+    return {
+        part: {
+            side: round(
+                sum(
+                    c[f"{side}_{part}"]
+                    for k, c in convs.items()
+                    if part != "dx" or not k.startswith(first)
+                ),
+                2,
+            )
+            for side in ("jax", "torch")
+        }
+        for part in ("forward", "dx", "dw")
+    }
+
+
 def _conv_pieces(shape, batch):
     """Each trunk convolution's forward, input gradient and kernel gradient, JAX and PyTorch."""
     import jax
@@ -187,15 +218,14 @@ def _conv_pieces(shape, batch):
 
     from dkd_jax import models
 
-    freq, time_ = shape
-    after_first = (freq - 1, time_ - 1)  # both first convolutions give (freq - 1, time - 1)
     layers = [  # (name, (H, W) of the input, in, out, kernel, padding)
         *(
             (name, shape, 1, models.FIRST_CONV_CHANNELS, kernel, pad)
             for name, (kernel, pad) in models.FIRST_CONVS.items()
         ),
     ]
-    hw, channels = after_first, 2 * models.FIRST_CONV_CHANNELS
+    hw = _first_conv_output(shape)
+    channels = len(models.FIRST_CONVS) * models.FIRST_CONV_CHANNELS
     for name, features, pool in models.STAGES:
         layers.append((name, hw, channels, features, (3, 3), ((1, 1), (1, 1))))
         hw, channels = ((hw[0] // 2, hw[1] // 2) if pool else hw), features
@@ -280,14 +310,7 @@ def main(argv=None) -> int:
     for name, variants in pieces.items():
         report["pieces_ms"][name] = {k: _median_ms(fn, args.iters) for k, fn in variants.items()}
         print(f"{name}: {report['pieces_ms'][name]}", file=sys.stderr, flush=True)
-    convs = [v for k, v in report["pieces_ms"].items() if k.startswith("conv_")]
-    report["conv_totals_ms"] = {  # training computes every forward and dw, dx after layer 1
-        part: {
-            side: round(sum(c[f"{side}_{part}"] for c in convs[2 if part == "dx" else 0 :]), 2)
-            for side in ("jax", "torch")
-        }
-        for part in ("forward", "dx", "dw")
-    }
+    report["conv_totals_ms"] = _conv_totals(report["pieces_ms"])
     report["load_after"] = list(os.getloadavg())
     return benchjson.emit(report, args.out)
 

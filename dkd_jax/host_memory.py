@@ -17,13 +17,17 @@ Measured on the 2-core dev machine (``python bench/host_memory.py``, three inter
 for the teacher and the student, kernel time 2.9 → 0.3 s per 30 teacher steps; the README demo
 194 → 167 s. The price: compiling is slower (one arena for LLVM's threads: a step's compile
 2.3 → 3.6 s, about 35 steps of the teacher's gain), and the process keeps its peak heap
-(the teacher's resident set 0.73 → 1.33 GB alone; the whole demo peaked lower, 2.45 against
-2.67 GB). So the command lines use it (training is steps) and the test suite does not (it is
-compiles: ``tests/conftest.py`` sets ``DKD_JAX_MALLOC=default``).
+(the teacher bench's resident set 731 → 1,334 MiB; the whole demo peaked lower, 2.34 against
+2.55 GiB). Inference gains nothing (its buffers are small) and was 7–9 % slower at batch 32
+(``--op inference``, ``bench/results/host_memory_cpu_inference.json``, a loaded machine). So the
+training command lines use it (training is steps); ``eval.py`` does not, and neither does the
+test suite (it is compiles: ``tests/conftest.py`` sets ``DKD_JAX_MALLOC=default``;
+``tests/test_train_lib.py`` took 78–82 s, and 100–106 s with the setting).
 
-Every command line (``train.py``, ``eval.py``, ``python -m dkd_jax.experiment``, the demo, the
-benchmarks) calls it first, before JAX runs anything: a thread that has already allocated keeps
-its own arena. Library users opt in the same way, at the top of their script. It does nothing
+The training command lines (``train.py``, ``python -m dkd_jax.experiment``, the demo) and the
+benchmarks call it first, before JAX runs anything: called late, it loses most of its effect
+(threads that have already allocated keep their arenas, and glibc hands those arenas to new
+threads too). Library users opt in the same way, at the top of their script. It does nothing
 off glibc (macOS, musl) and when ``DKD_JAX_MALLOC=default`` is set.
 """
 

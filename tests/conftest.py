@@ -27,7 +27,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # glibc's default allocator for the whole session, subprocesses included: the command lines'
 # one-arena setting (dkd_jax.host_memory) makes training steps faster but compiles slower, and
-# the suite is mostly compiles (tests/test_train_lib.py: 80 s as is, 104 s with it).
+# the suite is mostly compiles (tests/test_train_lib.py: 78-82 s as is, 100-106 s with it).
 # tests/test_host_memory.py checks the setting in its own child processes.
 os.environ.setdefault("DKD_JAX_MALLOC", "default")
 

@@ -1,9 +1,11 @@
 """dkd_jax.host_memory: glibc keeps large freed blocks mapped, and every command line asks for it.
 
-The allocator behaviour is checked in child processes (the settings are per process and this
-test process already has them, from conftest): a 64 MiB block malloc'ed, written, freed and
-malloc'ed again must not fault its pages in a second time once configured, and must with glibc's
-defaults (which is what cost XLA:CPU a quarter of each training step).
+The allocator behaviour is checked in child processes (the settings are per process, and the
+test session runs with glibc's defaults: conftest sets DKD_JAX_MALLOC=default): a 64 MiB block
+malloc'ed, written, freed and malloc'ed again must not fault its pages in a second time once
+configured, and must with glibc's defaults (which is what cost XLA:CPU a quarter of each
+training step). Each child is compared with itself, so the thresholds hold with 4 KiB pages and
+with transparent huge pages alike.
 """
 
 import json
@@ -60,7 +62,6 @@ def _child(env_value):
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_configured_process_reuses_a_large_freed_block_without_faulting_it_again():
-    pages = (64 << 20) // 4096
     configured = _child(None)
     assert configured["state"]["applied"] is True
     assert configured["state"]["settings"] == {
@@ -69,16 +70,13 @@ def test_configured_process_reuses_a_large_freed_block_without_faulting_it_again
         "M_TRIM_THRESHOLD": host_memory.TRIM_THRESHOLD_BYTES,
     }
     first, second = configured["faults"]
-    assert first > pages // 2  # the first use touches fresh memory
-    assert second < pages // 20  # the same memory, still mapped
+    assert first >= 16  # the first use faults fresh memory in (16,384 pages; 32 huge pages)
+    assert second <= first // 10  # the same memory, still mapped
 
     default = _child("default")
     assert default["state"] == {"applied": False, "reason": "DKD_JAX_MALLOC=default"}
-    assert min(default["faults"]) > pages // 2  # glibc's default: mmap'ed, unmapped, again
-
-
-def test_configure_runs_once_per_process():
-    assert host_memory.configure() is host_memory.configure()
+    first, second = default["faults"]
+    assert first >= 16 and second >= first // 2  # glibc's default: mmap'ed, unmapped, again
 
 
 class _Called(Exception):
@@ -93,14 +91,19 @@ def _refuse(*_args, **_kwargs):
     "main, argv",
     [
         (train_cli.main, ["--data", "PREP", "--workdir", "WORK"]),
-        (eval_cli.main, ["--workdir", "WORK"]),
-        (eval_cli.main, ["predict", "--model", "M", "a.wav"]),
         (experiment_cli.main, ["summarize", "EXP"]),
         (demo.main, ["--out", "OUT"]),
     ],
-    ids=["train", "eval", "eval-predict", "experiment", "demo"],
+    ids=["train", "experiment", "demo"],
 )
-def test_every_command_line_configures_the_allocator_before_doing_anything(monkeypatch, main, argv):
+def test_every_training_command_line_configures_the_allocator_first(monkeypatch, main, argv):
     monkeypatch.setattr(host_memory, "configure", _refuse)
     with pytest.raises(_Called):
         main(argv)
+
+
+def test_eval_leaves_the_allocator_alone(monkeypatch, tmp_path):
+    # Inference only: no gain measured, 7-9 % slower at batch 32 (bench/host_memory.py --op
+    # inference), so eval.py keeps glibc's defaults.
+    monkeypatch.setattr(host_memory, "configure", _refuse)
+    assert eval_cli.main(["--workdir", str(tmp_path / "missing")]) == 2
