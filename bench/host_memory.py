@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import benchjson  # bench/ (this script's folder) is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "configured")
 
@@ -112,7 +114,7 @@ def _run_child(setting: str, model: str, args) -> dict:
     else:
         env.pop("DKD_JAX_MALLOC", None)
     cmd = [sys.executable, __file__, "--child", model, "--batch", str(args.batch)]
-    cmd += ["--shape", args.shape, "--steps", str(args.steps), "--op", args.op]
+    cmd += ["--shape", "x".join(map(str, args.shape)), "--steps", str(args.steps), "--op", args.op]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"bench/host_memory.py: the {setting} child failed (exit {proc.returncode})")
@@ -126,25 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="teacher,student", help="presets (comma-separated)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--shape", default="26x63", help="freq x time (default 26x63)")
+    p.add_argument("--shape", type=benchjson.shape_arg, default=(26, 63), help="freq x time")
     p.add_argument("--steps", type=int, default=30, help="timed steps per child")
     p.add_argument("--op", choices=("train", "inference"), default="train", help="what a step is")
     p.add_argument("--rounds", type=int, default=3, help="default/configured pairs per model")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--child", dest="child_model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.lower().split("x"))
-        if len(shape) != 2 or min(shape) < 16:
-            raise ValueError
-    except ValueError:
-        p.error(f"--shape: expected FREQxTIME with both >= 16, got {args.shape!r}")
+    shape = args.shape
     if args.child_model:
         print(json.dumps(child(args.child_model, args.batch, shape, args.steps, args.op)))
         return 0
-    sys.path.insert(0, str(ROOT / "bench"))
-    import benchjson
-
     report = {
         "benchmark": "bench/host_memory.py",
         "command": " ".join(["bench/host_memory.py", *(argv or sys.argv[1:])]),

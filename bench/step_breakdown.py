@@ -272,17 +272,12 @@ def _conv_pieces(shape, batch):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--shape", default="26x63", help="freq x time (default 26x63)")
+    p.add_argument("--shape", type=benchjson.shape_arg, default=(26, 63), help="freq x time")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=5, help="timed calls per piece (median)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.lower().split("x"))
-        if len(shape) != 2 or min(shape) < 16:
-            raise ValueError
-    except ValueError:
-        p.error(f"--shape: expected FREQxTIME with both >= 16, got {args.shape!r}")
+    shape = args.shape
     _pin(args.threads)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from dkd_jax import host_memory
