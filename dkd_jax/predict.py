@@ -10,13 +10,14 @@ scores).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dkd_jax import audio
+from dkd_jax import audio, jsonio
 
 __all__ = [
     "file_entry",
@@ -230,10 +231,6 @@ def file_entry(
 def report_predictions(pred: dict[str, Any], *, json_out: str | None = None) -> int:
     """Prints a prediction (warnings and errors as ``eval.py:`` lines on stderr, the table on
     stdout), writes ``json_out`` if given; returns the exit status (2 when a file failed)."""
-    import sys
-
-    from dkd_jax import jsonio
-
     for warning in pred["warnings"]:
         print(f"eval.py: warning: {warning}", file=sys.stderr)
     if pred["files"]:
