@@ -1,0 +1,278 @@
+"""Times a whole protocol end to end: synthetic corpus → features → every training run.
+
+The GPU goal of #13 is "the whole ``paper`` protocol (5 seeds × teacher + DKD student, 50 epochs)
+on an IEMOCAP-sized synthetic corpus in under 10 minutes". This script measures exactly that, as a
+user would run it, through the library's public functions:
+
+1. ``data_prep.synth.generate_corpus`` (``--size``, default ``iemocap``: ~7k utterances, ~8.5 h);
+2. ``data_prep.prepare`` with the IEMOCAP reader (``--features``, default ``logmel40``: 40×200);
+3. ``dkd_jax.experiment.run_experiment`` (``--protocol``/``--preset``, default ``paper``/``paper``,
+   the students of ``--students``, ``--jobs`` runs at once).
+
+Every phase is timed (wall seconds; CPU seconds of this process and its workers); every finished
+run adds a row with its training and compile seconds and its test WA/UA (from the run's
+``results.json``). The JSON is printed at the end and, with ``--out``, also rewritten after
+every phase and every finished run, so a run cut short by a time limit still leaves what it
+measured (``"complete": false``).
+``--work`` keeps the corpus, the prep and the experiment; a second call with the same ``--work``
+reuses the corpus and the prep and resumes the experiment, timing only what it did (each run's
+row says whether it was trained or skipped).
+
+  python bench/protocol.py --out bench/results/protocol_paper_gpu.json       # on a GPU host
+  python bench/protocol.py --size tiny --features mfcc26 --preset tiny --epochs 2  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from dkd_jax import host_memory  # noqa: E402
+
+HOST_MEMORY = host_memory.configure()  # before JAX runs anything, as train.py does
+
+import benchjson  # noqa: E402  (bench/ is the script directory)
+
+import data_prep  # noqa: E402
+from data_prep import synth  # noqa: E402
+from dkd_jax import audio, experiment  # noqa: E402
+from dkd_jax.experiment.spec import run_dir_name  # noqa: E402
+
+PROG = "protocol"
+_CORPUS_DONE = ".bench_complete"
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class Report:
+    """The JSON being built; ``save()`` rewrites ``--out`` (when given) with what is known."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        import jax
+
+        self.out = args.out
+        self.data: dict[str, Any] = {
+            "benchmark": "bench/protocol.py",
+            "command": " ".join(["bench/protocol.py", *sys.argv[1:]]),
+            "complete": False,
+            "backend": jax.default_backend(),
+            "devices": [d.device_kind for d in jax.devices()],
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "host_cpu_count": os.cpu_count(),
+            "host_memory": HOST_MEMORY,
+            "settings": {
+                "size": args.size,
+                "features": args.features,
+                "protocol": args.protocol,
+                "preset": args.preset,
+                "students": list(args.students),
+                "seeds": args.seeds,
+                "folds": args.folds,
+                "epochs": args.epochs,
+                "jobs": args.jobs,
+                "work": str(work),
+            },
+            "load_before": list(os.getloadavg()),
+            "phases": {},
+            "runs": [],
+        }
+
+    def phase(self, name: str, wall_s: float, cpu_s: float, **extra: Any) -> None:
+        self.data["phases"][name] = {"wall_s": round(wall_s, 2), "cpu_s": round(cpu_s, 2), **extra}
+        self.save()
+
+    def save(self) -> None:
+        if self.out:
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished child processes (synthesis/feature workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(fn):
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    value = fn()
+    return value, time.perf_counter() - wall, _cpu_seconds() - cpu
+
+
+def _segments(meta: dict[str, Any]) -> dict[str, int]:
+    return {name: split["num_segments"] for name, split in meta.get("splits", {}).items()}
+
+
+def _make_corpus(args: argparse.Namespace, corpus: Path, report: Report) -> None:
+    if (corpus / _CORPUS_DONE).exists():
+        report.phase("corpus", 0.0, 0.0, reused=True)
+        return
+    info, wall, cpu = _timed(
+        lambda: synth.generate_corpus(
+            corpus, size=args.size, seed=0, workers=args.workers, progress=args.progress
+        )
+    )
+    (corpus / _CORPUS_DONE).write_text("")
+    report.phase(
+        "corpus",
+        wall,
+        cpu,
+        utterances=info["num_utterances"],
+        audio_minutes=round(info["total_duration_s"] / 60, 1),
+    )
+
+
+def _make_prep(args: argparse.Namespace, corpus: Path, prep: Path, report: Report) -> None:
+    from dkd_jax import records
+
+    try:
+        meta = records.load_metadata(prep)
+        report.phase("prep", 0.0, 0.0, reused=True, segments=_segments(meta))
+        return
+    except records.DataError:
+        pass
+    _, wall, cpu = _timed(
+        lambda: data_prep.prepare(
+            "iemocap",
+            out_dir=prep,
+            root=corpus,
+            dialogs="all",
+            feature_config=args.features,
+            workers=args.workers,
+            progress=args.progress,
+        )
+    )
+    report.phase("prep", wall, cpu, segments=_segments(records.load_metadata(prep)))
+
+
+def _run_row(exp_dir: Path, plan: experiment.RunPlan, status: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"group": plan.group, "model": plan.model, "status": status}
+    path = exp_dir / plan.group / run_dir_name(plan.model) / "results.json"
+    if path.is_file():
+        results = json.loads(path.read_text())
+        row.update(
+            train_s=results.get("train_seconds"),
+            compile_s=results.get("compile_seconds"),
+            steps=results.get("step"),
+            wa=results.get("wa"),
+            ua=results.get("ua"),
+        )
+    return row
+
+
+def _run_experiment(args: argparse.Namespace, prep: Path, exp_dir: Path, report: Report) -> None:
+    overrides = [f"optim.num_epochs={args.epochs}"] if args.epochs else []
+    spec = experiment.make_spec(
+        data=prep,
+        protocol=args.protocol,
+        folds=args.folds,
+        seeds=args.seeds,
+        preset=args.preset,
+        students=args.students,
+        overrides=overrides,
+    )
+    start = time.perf_counter()
+
+    def on_run(plan: experiment.RunPlan, status: str) -> None:
+        row = _run_row(exp_dir, plan, status)
+        row["finished_after_s"] = round(time.perf_counter() - start, 2)
+        report.data["runs"].append(row)
+        report.save()
+
+    summary, wall, cpu = _timed(
+        lambda: experiment.run_experiment(
+            exp_dir,
+            spec,
+            progress=args.progress,
+            quiet=not args.progress,
+            on_run=on_run,
+            jobs=args.jobs,
+        )
+    )
+    models = {
+        name: {"wa": stats["wa"]["mean"], "ua": stats["ua"]["mean"]}
+        for name, stats in summary["models"].items()
+    }
+    trained = [r for r in report.data["runs"] if r["status"] == "trained"]
+    report.phase(
+        "experiment",
+        wall,
+        cpu,
+        runs_trained=len(trained),
+        runs_skipped=len(report.data["runs"]) - len(trained),
+        train_s_sum=round(sum(r.get("train_s") or 0.0 for r in trained), 2),
+        compile_s_sum=round(sum(r.get("compile_s") or 0.0 for r in trained), 2),
+        models=models,
+    )
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        _fail(f"{flag}: expected comma-separated integers, got {text!r}")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"python bench/{PROG}.py", description=__doc__.split("\n")[0])
+    p.add_argument("--work", help="keep corpus/, prep/, experiment/ here (default: a temp dir)")
+    p.add_argument("--size", default="iemocap", choices=sorted(synth.SIZE_PRESETS))
+    p.add_argument("--features", default="logmel40", choices=sorted(audio.FEATURE_PRESETS))
+    p.add_argument("--protocol", default="paper", choices=("paper", "loso"))
+    p.add_argument("--preset", default="paper", help="training config preset (default paper)")
+    p.add_argument("--students", default="dkd", help="comma-separated students (default dkd)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
+    p.add_argument("--folds", help="loso folds, comma-separated (default: all)")
+    p.add_argument("--epochs", type=int, help="override optim.num_epochs (smoke tests)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    p.add_argument("--workers", type=int, help="processes for synthesis and features")
+    p.add_argument("--progress", action="store_true", help="progress bars and per-run lines")
+    p.add_argument("--out", help="also write the JSON here (rewritten as the phases finish)")
+    args = p.parse_args(argv)
+    args.students = tuple(s for s in args.students.split(",") if s)
+    args.seeds = _ints(args.seeds, "--seeds")
+    args.folds = _ints(args.folds, "--folds")
+    if args.epochs is not None and args.epochs < 1:
+        _fail(f"--epochs must be >= 1, got {args.epochs}")
+    if args.jobs < 1:
+        _fail(f"--jobs must be >= 1, got {args.jobs}")
+
+    with tempfile.TemporaryDirectory(prefix="dkd_jax_protocol_") as tmp:
+        work = Path(args.work or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        report = Report(args, work)
+        total = time.perf_counter()
+        try:
+            _make_corpus(args, work / "corpus", report)
+            _make_prep(args, work / "corpus", work / "prep", report)
+            _run_experiment(args, work / "prep", work / "experiment", report)
+        except (experiment.ExperimentError, ValueError, OSError) as err:
+            _fail(str(err))
+        report.data["total_wall_s"] = round(time.perf_counter() - total, 2)
+        report.data["load_after"] = list(os.getloadavg())
+        report.data["complete"] = True
+        report.save()
+        return benchjson.emit(report.data, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
