@@ -54,8 +54,13 @@ def spread_classifier(model, variables, x: np.ndarray) -> dict:
     ``x`` [N, F, T] are (normalised) windows; the logits on them then have mean 0 and a
     spread of a few units per class, so probabilities vary visibly with the input.
     """
-    _, inter = model.apply(variables, x[..., None], train=False, mutable=["intermediates"])
-    emb = np.asarray(inter["intermediates"]["embedding"][0], np.float64)
+    import jax
+
+    def embedding(variables, x):  # jitted: eager apply compiles every operation on its own
+        _, inter = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return inter["intermediates"]["embedding"][0]
+
+    emb = np.asarray(jax.jit(embedding)(variables, x[..., None]), np.float64)
     proj = np.random.default_rng(0).standard_normal((emb.shape[1], model.num_classes))
     kernel = proj / np.maximum(emb.std(axis=0), 1e-6)[:, None]
     bias = -emb.mean(axis=0) @ kernel

@@ -8,6 +8,7 @@ say little), on real prep windows (the conftest MFCC-26 prep) at batch 1 and 256
 export of a run uses the tiny trained run of tests/helpers_export.py.
 """
 
+import functools
 import hashlib
 import json
 
@@ -20,7 +21,7 @@ pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '
 onnx = pytest.importorskip("onnx", reason="needs the export extra")
 pytest.importorskip("onnxruntime", reason="needs the export extra")
 
-from dkd_jax import export, models, records  # noqa: E402
+from dkd_jax import export, models, records, train_state  # noqa: E402
 from dkd_jax import run_dir as run_dir_lib  # noqa: E402
 
 PRESETS = ("student", "teacher", "area_teacher")
@@ -39,8 +40,15 @@ def real_windows(tiny_prep_dir):
     return np.resize(x, (256, *x.shape[1:])).astype(np.float32)
 
 
+@functools.cache
+def _forward(model):
+    """The Flax model's eval-mode logits, jitted once per model (eager ``apply`` would compile
+    every layer's operations one by one)."""
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
 def _variables(model, x):
-    variables = model.init(jax.random.PRNGKey(0), x[:2, ..., None], train=False)
+    variables = train_state.init_variables(jax.random.PRNGKey(0), model, x.shape[1:])
     rng = np.random.default_rng(1)
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     for layer in stats.values():
@@ -50,7 +58,7 @@ def _variables(model, x):
     variables = {"params": params, "batch_stats": stats}
     head = params["classifier"]
     head["bias"] = np.zeros_like(head["bias"])
-    logits = np.asarray(model.apply(variables, x[..., None], train=False))
+    logits = np.asarray(_forward(model)(variables, x[..., None]))
     head["kernel"] = head["kernel"] * np.float32(5.0 / np.abs(logits).max())
     return variables
 
@@ -63,10 +71,9 @@ def test_onnx_and_stablehlo_match_flax(preset, real_windows, tmp_path):
     shape = real_windows.shape[1:]
     onnx_path = export.to_onnx(fn, shape, tmp_path / "m.onnx")
     hlo = export.load_stablehlo(export.to_stablehlo(fn, shape, tmp_path / "m.stablehlo"))
-    flax_model = jax.jit(lambda x: model.apply(variables, x, train=False))  # the Flax model
     for batch in (1, 256):
         x = real_windows[:batch, ..., None]
-        ref = np.asarray(flax_model(x))
+        ref = np.asarray(_forward(model)(variables, x))  # the Flax model
         assert np.abs(ref).max() > 1.0  # logits large enough for 1e-5 to mean something
         np.testing.assert_allclose(export.onnx_logits(onnx_path, x), ref, rtol=0, atol=TOL)
         np.testing.assert_allclose(np.asarray(hlo.call(x)), ref, rtol=0, atol=TOL)
@@ -120,7 +127,7 @@ def test_export_run_writes_a_self_contained_folder(run_dir, tiny_prep_dir, tmp_p
     # the trained run's ONNX logits equal its Flax logits on real (normalised) windows
     x = records.load_split(tiny_prep_dir, "eval").features[:40]
     x = ((x - np.array(norm["mean"])[:, None]) / np.array(norm["std"])[:, None]).astype(np.float32)
-    ref = np.asarray(run.model.apply(run.variables, x[..., None], train=False))
+    ref = np.asarray(_forward(run.model)(run.variables, x[..., None]))
     got = export.onnx_logits(out / "model.onnx", x[..., None])
     np.testing.assert_allclose(got, ref, rtol=0, atol=TINY_TOL)
 

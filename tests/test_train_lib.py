@@ -4,6 +4,7 @@ Uses small in-memory segments (12 x 16) and a tiny MACNN so every compile takes 
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,13 @@ def _optim(**kw):
 # comparison about gradients: with a tiny eps, Adam turns the float noise of exactly-zero
 # gradients (conv biases before BatchNorm) into +-lr steps.
 STEP_OPTIM = config_lib.OptimConfig(schedule="constant", learning_rate=0.5, eps=1.0)
+
+
+@functools.cache
+def _forward(model):
+    """The model's plain eval-mode forward, jitted once per model (the reference of the padded,
+    bucketed eval path; eager ``apply`` would compile every layer's operations one by one)."""
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 
 
 def _data(n, seed=0):
@@ -354,9 +362,7 @@ def test_live_teacher_is_frozen_and_never_donated():
     devices = jax.local_devices()
     x, y = _data(8)
     teacher = models.create_model(TEACHER, num_classes=NUM_CLASSES)
-    t_vars = jax.device_get(
-        teacher.init(jax.random.PRNGKey(9), jnp.zeros((1, *SHAPE, 1)), train=False)
-    )
+    t_vars = train_state.init_variables(jax.random.PRNGKey(9), teacher, SHAPE)
     before = jax.tree.map(np.copy, t_vars)
     spec = _spec(
         teacher="live",
@@ -454,11 +460,9 @@ def test_schedule_with_runtime_run_length_equals_the_constant_one_bit_for_bit(ki
 
 def test_predict_logits_pads_the_last_batch_and_compiles_once():
     model = models.create_model(STUDENT, num_classes=NUM_CLASSES)
-    variables = jax.device_get(
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)), train=False)
-    )
+    variables = train_state.init_variables(jax.random.PRNGKey(0), model, SHAPE)
     x, _ = _data(13)
-    ref = np.asarray(model.apply(variables, jnp.asarray(x[..., None]), train=False))
+    ref = np.asarray(_forward(model)(variables, x[..., None]))
     before = eval_lib.TRACE_COUNTS["predict"]
     got = eval_lib.predict_logits(model, variables, x, batch_size=4)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
@@ -480,11 +484,9 @@ def test_predict_logits_pads_a_short_last_batch_only_to_a_small_bucket():
     # A small eval set must not pay for a whole eval batch: the last batch is padded to the next
     # power-of-two per-device size (>= EVAL_MIN_BUCKET), which bounds the compiled shapes.
     model = models.create_model(STUDENT, num_classes=NUM_CLASSES)
-    variables = jax.device_get(
-        model.init(jax.random.PRNGKey(1), jnp.zeros((1, *SHAPE, 1)), train=False)
-    )
+    variables = train_state.init_variables(jax.random.PRNGKey(1), model, SHAPE)
     x, _ = _data(45)
-    ref = np.asarray(model.apply(variables, jnp.asarray(x[..., None]), train=False))
+    ref = np.asarray(_forward(model)(variables, x[..., None]))
     before = eval_lib.TRACE_COUNTS["predict"]
     for n in (1, 3, 16, 17, 45):  # 2 devices, 32 per device: buckets 8, 16, 32 rows
         got = eval_lib.predict_logits(model, variables, x[:n], batch_size=64)
