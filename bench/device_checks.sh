@@ -3,7 +3,8 @@
 # JAX installed but cannot reach a package index (README, "Speed on a GPU").
 #
 #   bash bench/device_checks.sh wheels     # HERE, once: the dkd-jax dependencies such a machine
-#                                          # lacks, as Python 3.12 wheels in .whl/ (git-ignored)
+#                                          # lacks, as Python 3.12 wheels in .whl/ (git-ignored,
+#                                          # 12 MB; carry it: run(carry=[".whl"]))
 #   bash bench/device_checks.sh imports    # THERE: install .whl/, check that dkd-jax imports and
 #                                          # JAX sees the GPU (seconds)
 #   bash bench/device_checks.sh compare    # THERE: bench/compare_torch.py --device gpu
@@ -11,7 +12,9 @@
 #                                          # the IEMOCAP-sized synthetic corpus (log-mel 40)
 #
 # Each command THERE writes its JSON and log under $OUT (the device tool's output folder; a temp
-# dir when unset) and prints where. Extra arguments go to the Python script, e.g.
+# dir when unset) and prints where. PYTHON picks the interpreter (default python3), and
+# DEVICE_CHECKS_ALLOW_CPU=1 lets the commands run without a GPU (a rehearsal on a CPU machine:
+# `compare` then times the CPU). Extra arguments go to the Python script, e.g.
 #   bash bench/device_checks.sh protocol --jobs 5
 #   bash bench/device_checks.sh compare --batches 32,256 --rounds 3
 set -euo pipefail
@@ -19,20 +22,29 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
-# What a CUDA image with torch, jax, flax, optax and orbax lacks of dkd-jax's runtime needs
-# (the versions verified here; soundfile needs cffi, cffi needs pycparser).
+# What the lent H200 machines' image (Python 3.12 with torch, jax 0.11.2, flax, optax, orbax,
+# scipy, scikit-learn, pyarrow, six, ... as its package list gives them) lacks of dkd-jax's
+# runtime needs, with all they need in turn: the closure pip resolved for Python 3.12 + jax
+# 0.11.2, minus that image's packages.
+# data_prep writes TFDS metadata, hence tensorflow-datasets and its own needs.
 WHEELS=(soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 soxr==1.1.0 google-crc32c==1.9.0
-        tensorboardX==2.6.5)
+        tensorboardX==2.6.5 tensorflow-datasets==4.9.10 array_record==0.8.6 dm-tree==0.1.10
+        docstring_parser==0.18.0 googleapis-common-protos==1.76.0 immutabledict==4.3.1
+        promise==2.3 simple-parsing==0.1.9 tensorflow-metadata==1.21.0 termcolor==3.3.0
+        toml==0.10.2)
 
 fail() { echo "device_checks: error: $*" >&2; exit 2; }
 
 fetch_wheels() {
   mkdir -p .whl
   for w in "${WHEELS[@]}"; do
+    # a binary wheel for CPython 3.12 on x86-64 Linux; else (promise is a source release only)
+    # a wheel built here from the pure-Python source, which runs anywhere
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w" \
-      || fail "could not download $w"
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w" 2>/dev/null \
+      || "$PY" -m pip wheel -q --no-deps -w .whl "$w" \
+      || fail "could not fetch $w"
   done
   ls -1 .whl
 }
@@ -48,12 +60,15 @@ install_wheels() {
   export PYTHONUNBUFFERED=1
 }
 
-check_imports() {
-  "$PY" - <<'EOF' 2>&1 | tee "$OUT/imports.log"
-import importlib, sys
+check_imports() {  # $1: "torch" when the command needs PyTorch too
+  NEED_TORCH=${1:-} "$PY" - <<'EOF' 2>&1 | tee "$OUT/imports.log"
+import importlib, os, sys
+need_torch = os.environ["NEED_TORCH"] == "torch"
+allow_cpu = os.environ.get("DEVICE_CHECKS_ALLOW_CPU") == "1"
 missing = []
-for name in ("jax", "flax", "optax", "orbax.checkpoint", "soundfile", "soxr", "google_crc32c",
-             "tensorboardX", "sklearn", "scipy", "tqdm", "torch"):
+names = ["jax", "flax", "optax", "orbax.checkpoint", "soundfile", "soxr", "google_crc32c",
+         "tensorboardX", "tensorflow_datasets.core.features", "sklearn", "scipy", "tqdm"]
+for name in names + (["torch"] if need_torch else []):
     try:
         importlib.import_module(name)
     except Exception as e:  # noqa: BLE001 - report every missing piece at once
@@ -61,12 +76,17 @@ for name in ("jax", "flax", "optax", "orbax.checkpoint", "soundfile", "soxr", "g
 if missing:
     sys.exit("device_checks: missing on this machine: " + "; ".join(missing)
              + " (run `bash bench/device_checks.sh wheels` here and carry .whl)")
-import jax, torch
+import jax
 import data_prep, dkd_jax.train_lib, dkd_jax.experiment  # noqa: F401
 print("jax", jax.__version__, jax.default_backend(), [d.device_kind for d in jax.devices()])
-print("torch", torch.__version__, "cuda", torch.cuda.is_available())
-if jax.default_backend() != "gpu" or not torch.cuda.is_available():
-    sys.exit("device_checks: JAX or torch sees no GPU here")
+gpu = jax.default_backend() == "gpu"
+if need_torch:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.cuda.is_available())
+    gpu = gpu and torch.cuda.is_available()
+if not gpu and not allow_cpu:
+    sys.exit("device_checks: no GPU for JAX" + (" or torch" if need_torch else "") + " here "
+             "(DEVICE_CHECKS_ALLOW_CPU=1 rehearses the commands on a CPU machine)")
 EOF
 }
 
@@ -76,12 +96,13 @@ case "$cmd" in
   wheels)
     fetch_wheels; exit 0 ;;
   imports)
-    mkdir -p "$OUT"; install_wheels; check_imports ;;
+    mkdir -p "$OUT"; install_wheels; check_imports torch ;;
   compare)
-    mkdir -p "$OUT"; install_wheels; check_imports
+    mkdir -p "$OUT"; install_wheels; check_imports torch
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" || true
-    "$PY" bench/compare_torch.py --device gpu --out "$OUT/compare_torch_gpu.json" "$@" \
-      2>&1 | tee "$OUT/compare_torch_gpu.log" ;;
+    dev=gpu; [ "${DEVICE_CHECKS_ALLOW_CPU:-}" = 1 ] && dev=cpu  # a rehearsal times the CPU
+    "$PY" bench/compare_torch.py --device $dev --out "$OUT/compare_torch_$dev.json" "$@" \
+      2>&1 | tee "$OUT/compare_torch_$dev.log" ;;
   protocol)
     mkdir -p "$OUT"; install_wheels; check_imports
     "$PY" bench/protocol.py --work /tmp/dkd_jax_protocol --out "$OUT/protocol_paper_gpu.json" \
