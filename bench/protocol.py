@@ -31,6 +31,7 @@ import platform
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Report:
         import jax
 
         self.out = args.out
+        self.lock = threading.Lock()  # with --jobs > 1, runs finish on the runner's threads
         self.data: dict[str, Any] = {
             "benchmark": "bench/protocol.py",
             "command": " ".join(["bench/protocol.py", *sys.argv[1:]]),
@@ -93,13 +95,27 @@ class Report:
         }
 
     def phase(self, name: str, wall_s: float, cpu_s: float, **extra: Any) -> None:
-        self.data["phases"][name] = {"wall_s": round(wall_s, 2), "cpu_s": round(cpu_s, 2), **extra}
+        with self.lock:
+            self.data["phases"][name] = {
+                "wall_s": round(wall_s, 2),
+                "cpu_s": round(cpu_s, 2),
+                **extra,
+            }
+        self.save()
+
+    def add_run(self, row: dict[str, Any]) -> None:
+        with self.lock:
+            self.data["runs"].append(row)
         self.save()
 
     def save(self) -> None:
-        if self.out:
+        if not self.out:
+            return
+        with self.lock:  # whole files only: written aside, then renamed over --out
             Path(self.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.out).write_text(json.dumps(self.data, indent=1) + "\n")
+            tmp = Path(f"{self.out}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+            tmp.replace(self.out)
 
 
 def _cpu_seconds() -> float:
@@ -192,8 +208,7 @@ def _run_experiment(args: argparse.Namespace, prep: Path, exp_dir: Path, report:
     def on_run(plan: experiment.RunPlan, status: str) -> None:
         row = _run_row(exp_dir, plan, status)
         row["finished_after_s"] = round(time.perf_counter() - start, 2)
-        report.data["runs"].append(row)
-        report.save()
+        report.add_run(row)
 
     summary, wall, cpu = _timed(
         lambda: experiment.run_experiment(
