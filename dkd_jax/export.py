@@ -200,7 +200,7 @@ def to_onnx(
     freq, time = segment_shape
     with _quiet_converter():
         proto = jax2onnx.to_onnx(
-            fn,
+            _inline_nested_jits(fn),
             [("batch", int(freq), int(time), 1)],
             model_name=name,
             opset=int(opset),
@@ -219,6 +219,23 @@ def to_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, path)
     return path
+
+
+def _inline_nested_jits(fn: Callable) -> Callable:
+    """``fn`` traced with its inner ``jit`` calls inlined (the same operations, no nested calls).
+
+    From jax 0.11 on, ``jnp.cumsum`` (area attention's summed-area table) reaches the converter
+    as a nested ``jit`` equation, and jax2onnx 0.13.0's handler of those fails on jax 0.11/0.12
+    (``Var.__init__``, ``core.ClosedJaxpr``). ``jax.disable_jit`` inside the traced function makes
+    every inner ``jit`` trace its body into the outer graph instead.
+    """
+    import jax
+
+    def inlined(features):
+        with jax.disable_jit():
+            return fn(features)
+
+    return inlined
 
 
 def onnx_logits(path: str | os.PathLike, features: np.ndarray) -> np.ndarray:

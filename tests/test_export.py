@@ -90,6 +90,32 @@ def test_onnx_and_stablehlo_match_flax(preset, real_windows, tmp_path):
     assert set(hlo.platforms) == set(export.STABLEHLO_PLATFORMS)
 
 
+def _nested_calls(jaxpr) -> list[str]:
+    """Names of the nested ``jit``/call equations anywhere in ``jaxpr`` (sub-jaxprs included)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("pjit", "jit", "closed_call", "core_call"):
+            found.append(str(eqn.params.get("name", eqn.primitive.name)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _nested_calls(inner)
+    return found
+
+
+def test_converter_gets_no_nested_jit_and_the_same_numbers(real_windows):
+    # jnp.cumsum / jnp.pad (area attention's summed-area table) trace to nested jit equations,
+    # which jax2onnx 0.13.0 cannot convert from jax 0.11 on; to_onnx inlines them first.
+    model = models.build_model("area_teacher", num_classes=4)
+    fn = export.inference_function(model, _variables(model, real_windows))
+    x = real_windows[:2, ..., None]
+    assert "cumsum" in _nested_calls(jax.make_jaxpr(fn)(x).jaxpr)  # what the converter would see
+    inlined = export._inline_nested_jits(fn)
+    assert _nested_calls(jax.make_jaxpr(inlined)(x).jaxpr) == []
+    np.testing.assert_array_equal(np.asarray(jax.jit(inlined)(x)), np.asarray(jax.jit(fn)(x)))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_prep_dir, tmp_path_factory):
     return helpers_export.tiny_run(tiny_prep_dir, tmp_path_factory)
