@@ -434,6 +434,9 @@ def child(args) -> dict:
                     warmup=args.warmup, device=args.device, progress=_progress,
                 )  # fmt: skip
                 out["cases"].append(case)
+                if args.cases_log:
+                    with open(args.cases_log, "a") as log:
+                        log.write(json.dumps({"threads": args.threads_child, **case}) + "\n")
                 _progress(f"threads {args.threads_child}: {shape_name} b{batch} {op}: "
                           f"speedup {case['speedup']} ({case['speedup_per_round']})")  # fmt: skip
     out["load_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -514,6 +517,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="mfcc26, batch 32, 3 rounds x 3 steps")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for ours (e.g. to try a flag)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument(
+        "--cases-log",
+        metavar="JSONL",
+        help="also append every finished case here as one JSON line (kept if the run is cut short)",
+    )
     p.add_argument(
         "--table",
         nargs="+",

@@ -99,10 +99,13 @@ case "$cmd" in
     mkdir -p "$OUT"; install_wheels; check_imports torch ;;
   compare)
     mkdir -p "$OUT"; install_wheels; check_imports torch
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" || true
+    if command -v nvidia-smi >/dev/null; then
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" || true
+    fi
     dev=gpu; [ "${DEVICE_CHECKS_ALLOW_CPU:-}" = 1 ] && dev=cpu  # a rehearsal times the CPU
-    "$PY" bench/compare_torch.py --device $dev --out "$OUT/compare_torch_$dev.json" "$@" \
-      2>&1 | tee "$OUT/compare_torch_$dev.log" ;;
+    "$PY" bench/compare_torch.py --device $dev --out "$OUT/compare_torch_$dev.json" \
+      --cases-log "$OUT/compare_torch_${dev}_cases.jsonl" "$@" 2>&1 \
+      | tee "$OUT/compare_torch_$dev.log" ;;
   protocol)
     mkdir -p "$OUT"; install_wheels; check_imports
     "$PY" bench/protocol.py --work /tmp/dkd_jax_protocol --out "$OUT/protocol_paper_gpu.json" \
