@@ -32,19 +32,29 @@ WHEELS=(soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 soxr==1.1.0 google-crc32c=
         docstring_parser==0.18.0 googleapis-common-protos==1.76.0 immutabledict==4.3.1
         promise==2.3 simple-parsing==0.1.9 tensorflow-metadata==1.21.0 termcolor==3.3.0
         toml==0.10.2)
+# Published as source only: built here into a pure-Python wheel (checked to be "none-any").
+SOURCE_ONLY=(promise==2.3)
 
 fail() { echo "device_checks: error: $*" >&2; exit 2; }
 
 fetch_wheels() {
   mkdir -p .whl
+  local w built
   for w in "${WHEELS[@]}"; do
-    # a binary wheel for CPython 3.12 on x86-64 Linux; else (promise is a source release only)
-    # a wheel built here from the pure-Python source, which runs anywhere
+    [[ " ${SOURCE_ONLY[*]} " == *" $w "* ]] && continue
+    # a binary wheel for CPython 3.12 on x86-64 Linux (pure-Python ones match too)
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w" 2>/dev/null \
-      || "$PY" -m pip wheel -q --no-deps -w .whl "$w" \
-      || fail "could not fetch $w"
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w" \
+      || fail "could not download a Python 3.12 x86-64 wheel of $w"
+  done
+  for w in "${SOURCE_ONLY[@]}"; do
+    "$PY" -m pip wheel -q --no-deps -w .whl "$w" || fail "could not build a wheel of $w"
+    built=$(ls .whl/"${w%%==*}"-"${w##*==}"-*.whl 2>/dev/null || true)
+    case "$built" in
+      *-none-any.whl) ;;
+      *) fail "the wheel built of $w is not pure Python (${built:-none}): it would not install there" ;;
+    esac
   done
   ls -1 .whl
 }
@@ -108,8 +118,10 @@ case "$cmd" in
       | tee "$OUT/compare_torch_$dev.log" ;;
   protocol)
     mkdir -p "$OUT"; install_wheels; check_imports
-    "$PY" bench/protocol.py --work /tmp/dkd_jax_protocol --out "$OUT/protocol_paper_gpu.json" \
-      "$@" 2>&1 | tee "$OUT/protocol_paper_gpu.log" ;;
+    dev=gpu; [ "${DEVICE_CHECKS_ALLOW_CPU:-}" = 1 ] && dev=cpu  # a rehearsal runs on the CPU
+    # one --work per machine: a second call resumes; other settings there are refused
+    "$PY" bench/protocol.py --work /tmp/dkd_jax_protocol --out "$OUT/protocol_$dev.json" \
+      "$@" 2>&1 | tee "$OUT/protocol_$dev.log" ;;
   *)
     fail "usage: bash bench/device_checks.sh wheels|imports|compare|protocol [script args]" ;;
 esac

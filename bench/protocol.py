@@ -15,8 +15,9 @@ run adds a row with its training and compile seconds and its test WA/UA (from th
 every phase and every finished run, so a run cut short by a time limit still leaves what it
 measured (``"complete": false``).
 ``--work`` keeps the corpus, the prep and the experiment; a second call with the same ``--work``
-reuses the corpus and the prep and resumes the experiment, timing only what it did (each run's
-row says whether it was trained or skipped).
+and settings reuses the corpus and the prep and resumes the experiment, timing only what it did
+(each run's row says whether it was trained or skipped). Other settings in the same ``--work``
+are refused by the library's own checks (corpus size, feature config, experiment settings).
 
   python bench/protocol.py --out bench/results/protocol_paper_gpu.json       # on a GPU host
   python bench/protocol.py --size tiny --features mfcc26 --preset tiny --epochs 2  # smoke test
@@ -45,13 +46,10 @@ HOST_MEMORY = host_memory.configure()  # before JAX runs anything, as train.py d
 
 import benchjson  # noqa: E402  (bench/ is the script directory)
 
-import data_prep  # noqa: E402
-from data_prep import synth  # noqa: E402
-from dkd_jax import audio, experiment  # noqa: E402
-from dkd_jax.experiment.spec import run_dir_name  # noqa: E402
+# data_prep and dkd_jax.experiment are imported in main(): synthesis and feature workers start
+# by spawn and re-import this script, and should not pay for JAX and the experiment runner.
 
 PROG = "protocol"
-_CORPUS_DONE = ".bench_complete"
 
 
 def _fail(message: str) -> None:
@@ -136,15 +134,15 @@ def _segments(meta: dict[str, Any]) -> dict[str, int]:
 
 
 def _make_corpus(args: argparse.Namespace, corpus: Path, report: Report) -> None:
-    if (corpus / _CORPUS_DONE).exists():
-        report.phase("corpus", 0.0, 0.0, reused=True)
-        return
+    """Generates the corpus, or finishes/reuses one in ``corpus`` made with the same size and
+    seed (``generate_corpus`` refuses a folder holding another one)."""
+    from data_prep import synth
+
     info, wall, cpu = _timed(
         lambda: synth.generate_corpus(
             corpus, size=args.size, seed=0, workers=args.workers, progress=args.progress
         )
     )
-    (corpus / _CORPUS_DONE).write_text("")
     report.phase(
         "corpus",
         wall,
@@ -155,14 +153,11 @@ def _make_corpus(args: argparse.Namespace, corpus: Path, report: Report) -> None
 
 
 def _make_prep(args: argparse.Namespace, corpus: Path, prep: Path, report: Report) -> None:
+    """Prepares the features, or reuses/resumes a prep of the same corpus and feature config
+    (``prepare`` checks its fingerprint and refuses a folder prepared otherwise)."""
+    import data_prep
     from dkd_jax import records
 
-    try:
-        meta = records.load_metadata(prep)
-        report.phase("prep", 0.0, 0.0, reused=True, segments=_segments(meta))
-        return
-    except records.DataError:
-        pass
     _, wall, cpu = _timed(
         lambda: data_prep.prepare(
             "iemocap",
@@ -177,7 +172,9 @@ def _make_prep(args: argparse.Namespace, corpus: Path, prep: Path, report: Repor
     report.phase("prep", wall, cpu, segments=_segments(records.load_metadata(prep)))
 
 
-def _run_row(exp_dir: Path, plan: experiment.RunPlan, status: str) -> dict[str, Any]:
+def _run_row(exp_dir: Path, plan, status: str) -> dict[str, Any]:
+    from dkd_jax.experiment.spec import run_dir_name
+
     row: dict[str, Any] = {"group": plan.group, "model": plan.model, "status": status}
     path = exp_dir / plan.group / run_dir_name(plan.model) / "results.json"
     if path.is_file():
@@ -193,6 +190,8 @@ def _run_row(exp_dir: Path, plan: experiment.RunPlan, status: str) -> dict[str, 
 
 
 def _run_experiment(args: argparse.Namespace, prep: Path, exp_dir: Path, report: Report) -> None:
+    from dkd_jax import experiment
+
     overrides = [f"optim.num_epochs={args.epochs}"] if args.epochs else []
     spec = experiment.make_spec(
         data=prep,
@@ -205,7 +204,7 @@ def _run_experiment(args: argparse.Namespace, prep: Path, exp_dir: Path, report:
     )
     start = time.perf_counter()
 
-    def on_run(plan: experiment.RunPlan, status: str) -> None:
+    def on_run(plan, status: str) -> None:
         row = _run_row(exp_dir, plan, status)
         row["finished_after_s"] = round(time.perf_counter() - start, 2)
         report.add_run(row)
@@ -247,13 +246,20 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, every one checked before anything is built (a bad preset must not cost
+    the minutes of an IEMOCAP-sized corpus first)."""
+    from data_prep import synth
+    from dkd_jax import audio
+    from dkd_jax import config as config_lib
+    from dkd_jax.experiment import STUDENT_LOSSES
+
     p = argparse.ArgumentParser(prog=f"python bench/{PROG}.py", description=__doc__.split("\n")[0])
     p.add_argument("--work", help="keep corpus/, prep/, experiment/ here (default: a temp dir)")
     p.add_argument("--size", default="iemocap", choices=sorted(synth.SIZE_PRESETS))
     p.add_argument("--features", default="logmel40", choices=sorted(audio.FEATURE_PRESETS))
     p.add_argument("--protocol", default="paper", choices=("paper", "loso"))
-    p.add_argument("--preset", default="paper", help="training config preset (default paper)")
+    p.add_argument("--preset", default="paper", choices=sorted(config_lib.PRESETS))
     p.add_argument("--students", default="dkd", help="comma-separated students (default dkd)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
     p.add_argument("--folds", help="loso folds, comma-separated (default: all)")
@@ -266,22 +272,42 @@ def main(argv: list[str] | None = None) -> int:
     args.students = tuple(s for s in args.students.split(",") if s)
     args.seeds = _ints(args.seeds, "--seeds")
     args.folds = _ints(args.folds, "--folds")
+    bad = [s for s in args.students if s not in STUDENT_LOSSES]
+    if bad or not args.students or len(set(args.students)) != len(args.students):
+        _fail(f"--students: choose distinct ones of {', '.join(STUDENT_LOSSES)}, got {bad or '?'}")
+    if args.folds is not None and args.protocol != "loso":
+        _fail("--folds is for --protocol loso (paper runs seeds)")
     if args.epochs is not None and args.epochs < 1:
         _fail(f"--epochs must be >= 1, got {args.epochs}")
     if args.jobs < 1:
         _fail(f"--jobs must be >= 1, got {args.jobs}")
+    if args.work and Path(args.work).exists() and not Path(args.work).is_dir():
+        _fail(f"--work {args.work}: exists and is not a folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from dkd_jax import experiment, records
 
     with tempfile.TemporaryDirectory(prefix="dkd_jax_protocol_") as tmp:
         work = Path(args.work or tmp).resolve()
-        work.mkdir(parents=True, exist_ok=True)
         report = Report(args, work)
         total = time.perf_counter()
         try:
+            report.save()  # an unwritable --out fails now, not after the corpus
+            work.mkdir(parents=True, exist_ok=True)
             _make_corpus(args, work / "corpus", report)
             _make_prep(args, work / "corpus", work / "prep", report)
             _run_experiment(args, work / "prep", work / "experiment", report)
-        except (experiment.ExperimentError, ValueError, OSError) as err:
-            _fail(str(err))
+        except (experiment.ExperimentError, records.DataError, ValueError, OSError) as err:
+            report.data["error"] = str(err)
+            try:
+                report.save()
+            except OSError:
+                pass  # the --out that failed; the message below says why
+            hint = f" (--work {work} holds what earlier calls made)" if args.work else ""
+            _fail(f"{err}{hint}")
         report.data["total_wall_s"] = round(time.perf_counter() - total, 2)
         report.data["load_after"] = list(os.getloadavg())
         report.data["complete"] = True

@@ -227,7 +227,9 @@ def _inline_nested_jits(fn: Callable) -> Callable:
     From jax 0.11 on, ``jnp.cumsum`` (area attention's summed-area table) reaches the converter
     as a nested ``jit`` equation, and jax2onnx 0.13.0's handler of those fails on jax 0.11/0.12
     (``Var.__init__``, ``core.ClosedJaxpr``). ``jax.disable_jit`` inside the traced function makes
-    every inner ``jit`` trace its body into the outer graph instead.
+    every inner ``jit`` trace its body into the outer graph instead. It also unrolls
+    ``lax.map``/``scan`` loops into their iterations: with ``area_query_chunk_size`` set, the graph
+    holds one copy of the attention per query chunk (the same numbers; tests/test_export.py).
     """
     import jax
 

@@ -104,11 +104,14 @@ def _nested_calls(jaxpr) -> list[str]:
     return found
 
 
-def test_converter_gets_no_nested_jit_and_the_same_numbers(real_windows):
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_converter_gets_no_nested_jit_and_the_same_numbers(real_windows, chunk):
     # jnp.cumsum / jnp.pad (area attention's summed-area table) trace to nested jit equations,
-    # which jax2onnx 0.13.0 cannot convert from jax 0.11 on; to_onnx inlines them first.
-    model = models.build_model("area_teacher", num_classes=4)
-    fn = export.inference_function(model, _variables(model, real_windows))
+    # which jax2onnx 0.13.0 cannot convert from jax 0.11 on; to_onnx inlines them first (and
+    # unrolls the query-chunk loop when there is one).
+    plain = models.build_model("area_teacher", num_classes=4)
+    model = plain.clone(area_query_chunk_size=chunk)
+    fn = export.inference_function(model, _variables(plain, real_windows))
     x = real_windows[:2, ..., None]
     assert "cumsum" in _nested_calls(jax.make_jaxpr(fn)(x).jaxpr)  # what the converter would see
     inlined = export._inline_nested_jits(fn)
