@@ -40,7 +40,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dkd_jax import host_memory  # noqa: E402
+from dkd_jax import host_memory, jsonio  # noqa: E402  (neither imports JAX)
 
 HOST_MEMORY = host_memory.configure()  # before JAX runs anything, as train.py does
 
@@ -109,11 +109,8 @@ class Report:
     def save(self) -> None:
         if not self.out:
             return
-        with self.lock:  # whole files only: written aside, then renamed over --out
-            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{self.out}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-            tmp.replace(self.out)
+        with self.lock:  # whole files only (jsonio: written aside, then renamed over --out)
+            jsonio.write_text(self.out, json.dumps(self.data, indent=1) + "\n")
 
 
 def _cpu_seconds() -> float:
@@ -236,23 +233,14 @@ def _run_experiment(args: argparse.Namespace, prep: Path, exp_dir: Path, report:
     )
 
 
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        _fail(f"{flag}: expected comma-separated integers, got {text!r}")
-    return None
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, every one checked before anything is built (a bad preset must not cost
     the minutes of an IEMOCAP-sized corpus first)."""
     from data_prep import synth
     from dkd_jax import audio
     from dkd_jax import config as config_lib
-    from dkd_jax.experiment import STUDENT_LOSSES
+    from dkd_jax.experiment import STUDENT_LOSSES, ExperimentError
+    from dkd_jax.experiment.cli import parse_ints
 
     p = argparse.ArgumentParser(prog=f"python bench/{PROG}.py", description=__doc__.split("\n")[0])
     p.add_argument("--work", help="keep corpus/, prep/, experiment/ here (default: a temp dir)")
@@ -270,8 +258,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON here (rewritten as the phases finish)")
     args = p.parse_args(argv)
     args.students = tuple(s for s in args.students.split(",") if s)
-    args.seeds = _ints(args.seeds, "--seeds")
-    args.folds = _ints(args.folds, "--folds")
+    try:
+        args.seeds = parse_ints(args.seeds, "--seeds")
+        args.folds = parse_ints(args.folds, "--folds")
+    except ExperimentError as err:
+        _fail(str(err))
     bad = [s for s in args.students if s not in STUDENT_LOSSES]
     if bad or not args.students or len(set(args.students)) != len(args.students):
         _fail(f"--students: choose distinct ones of {', '.join(STUDENT_LOSSES)}, got {bad or '?'}")
