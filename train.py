@@ -3,6 +3,7 @@
   python train.py --data PREP --workdir runs/teacher --role teacher
   python train.py --data PREP --workdir runs/dkd --role student --teacher runs/teacher
   python train.py ... --preset paper --loss kd --config.kd.beta=2 --config.optim.num_epochs=10
+  python train.py ... --cpu-devices 4     # CPU host: the batch split over 4 cores (data parallel)
 
 Rerunning the same command resumes from the last checkpoint. Multi-host: see dkd_jax.distributed.
 """
@@ -28,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator", help="multi-host coordinator HOST:PORT")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="CPU only: split the CPU into N JAX devices, each taking 1/N of every batch (data "
+        "parallel over the cores; see README, Speed). Default: JAX's one CPU device",
+    )
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -36,13 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_jax import host_memory
 
     host_memory.configure()  # before JAX runs anything (see dkd_jax.host_memory)
+    import jax
+
     from dkd_jax import config as config_lib
     from dkd_jax import distributed, jsonio, records, train_lib
 
     try:
+        if args.cpu_devices is not None:
+            distributed.use_cpu_devices(args.cpu_devices)
         distributed.maybe_initialize_distributed(
             args.coordinator, args.num_processes, args.process_id, auto=args.distributed
         )
+        if args.cpu_devices is not None and jax.default_backend() != "cpu":
+            print(
+                f"train.py: --cpu-devices applies to the CPU only; this run uses the "
+                f"{jax.default_backend()} devices",
+                file=sys.stderr,
+            )
         overrides = [f"data.prep_dir={args.data}", f"model.role={args.role}"]
         if args.loss:
             overrides.append(f"kd.loss={args.loss}")

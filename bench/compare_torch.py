@@ -35,9 +35,15 @@ process may run on — CPU affinity to N cores when N is below the cores availab
 ``--xla_cpu_multi_thread_eigen=false`` at N = 1. The affinity applies to both sides (one
 process). The JSON records all of it and the load average before and after every case.
 
+``--split-cpu``: dkd-jax splits the CPU into one JAX device per thread of the budget, as
+``train.py --cpu-devices N`` does, so its step is data-parallel over the cores (each device takes
+batch / N segments; BatchNorm statistics and gradients summed over the devices). XLA:CPU spreads
+little of this network's work over a second thread by itself. At one thread nothing changes.
+
   python bench/compare_torch.py --quick                  # a few minutes on 2 CPU cores
   python bench/compare_torch.py --threads 1,2 --out bench/results/compare_torch_cpu.json
   python bench/compare_torch.py --shapes mfcc26 --batches 32 --ops ce,dkd
+  python bench/compare_torch.py --threads 2 --split-cpu   # dkd-jax on 2 CPU devices
   python bench/compare_torch.py --device gpu --out bench/results/compare_torch_gpu.json
 
 ``--device gpu`` times CUDA PyTorch against ``jax[cuda12]`` (batches 32, 256, 1024 by default;
@@ -271,7 +277,9 @@ def _stats(times: list[float]) -> dict[str, float]:
     }
 
 
-def run_case(shape_name, batch, op, *, rounds, steps, warmup, device, progress) -> dict:
+def run_case(
+    shape_name, batch, op, *, rounds, steps, warmup, device, progress, jax_devices=None
+) -> dict:
     """Both sides of one case, interleaved; see the module docstring for the fields."""
     import numpy as np
 
@@ -285,11 +293,6 @@ def run_case(shape_name, batch, op, *, rounds, steps, warmup, device, progress) 
     for name in ("ours", "theirs"):  # both from the same initial weights, before any step
         t0 = time.perf_counter()
         if name == "ours":
-            jax_devices = None
-            if device == "gpu":
-                import jax
-
-                jax_devices = jax.local_devices()[:1]
             built[name] = build_ours(op, features, labels, devices=jax_devices)
         else:
             built[name] = build_theirs(op, features, labels, built["ours"], device=_torch(device))
@@ -411,6 +414,10 @@ def child(args) -> dict:
 
     # Process-wide, so both sides get it (PyTorch's CPU tensors come from the same malloc).
     threads["host_memory"] = host_memory.configure()
+    if args.split_cpu and args.device == "cpu":
+        from dkd_jax import distributed
+
+        distributed.use_cpu_devices(args.threads_child)  # before JAX starts its backends
     import jax
     import torch
 
@@ -421,6 +428,9 @@ def child(args) -> dict:
         if jax.default_backend() != "gpu":
             _fail("--device gpu: JAX sees no GPU (pip install -e '.[cuda12]')")
         torch.backends.cudnn.benchmark = True
+    # ours: one device, or (--split-cpu) every CPU device, one per thread of the budget
+    jax_devices = jax.local_devices() if args.split_cpu else jax.local_devices()[:1]
+    threads["jax_step_devices"] = len(jax_devices)
     threads["torch_num_threads"] = torch.get_num_threads()
     threads["torch_num_interop_threads"] = torch.get_num_interop_threads()
     out = {"threads": threads, "versions": _versions(args.device), "cases": []}
@@ -432,6 +442,7 @@ def child(args) -> dict:
                 case = run_case(
                     shape_name, batch, op, rounds=args.rounds, steps=args.steps,
                     warmup=args.warmup, device=args.device, progress=_progress,
+                    jax_devices=jax_devices,
                 )  # fmt: skip
                 out["cases"].append(case)
                 if args.cases_log:
@@ -476,12 +487,14 @@ def markdown_table(reports: list[dict]) -> str:
         for run in report["runs"]:
             for c in run["cases"]:
                 threads = run["threads"]["threads"]
-                rows[(tuple(c["input"]), c["batch"], OPS.index(c["op"]), threads)] = c
-    for (inp, batch, _, threads), c in sorted(rows.items()):
+                split = run["threads"].get("jax_step_devices", 1)
+                rows[(tuple(c["input"]), c["batch"], OPS.index(c["op"]), threads, split)] = c
+    for (inp, batch, _, threads, split), c in sorted(rows.items()):
         o, t = c["ours"], c["theirs"]
         rounds = c["speedup_per_round"]
         lines.append(
-            f"| {inp[0]}×{inp[1]} | {batch} | {c['op']} | {threads} "
+            f"| {inp[0]}×{inp[1]} | {batch} | {c['op']} "
+            f"| {threads}{f' ({split} JAX devices)' if split > 1 else ''} "
             f"| {o['median_ms']:.0f} ({o['p10_ms']:.0f}–{o['p90_ms']:.0f}) "
             f"| {t['median_ms']:.0f} ({t['p10_ms']:.0f}–{t['p90_ms']:.0f}) "
             f"| **{c['speedup']:.2f}** ({min(rounds):.2f}–{max(rounds):.2f}) "
@@ -516,6 +529,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps after the first call (default 2)")
     p.add_argument("--quick", action="store_true", help="mfcc26, batch 32, 3 rounds x 3 steps")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for ours (e.g. to try a flag)")
+    p.add_argument(
+        "--split-cpu",
+        action="store_true",
+        help="CPU: dkd-jax on one JAX device per thread, the batch split over them "
+        "(train.py --cpu-devices N)",
+    )
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument(
         "--cases-log",
@@ -585,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "device": args.device,
         "settings": {
-            k: getattr(args, k) for k in ("shapes", "batches", "ops", "rounds", "steps", "warmup")
+            k: getattr(args, k)
+            for k in ("shapes", "batches", "ops", "rounds", "steps", "warmup", "split_cpu")
         },
         "speedup": "theirs_median / ours_median (> 1: dkd-jax faster)",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

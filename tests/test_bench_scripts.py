@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,39 @@ def test_bench_scripts_are_found():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_bench_script_uses_only_existing_names(script):
     assert unresolved_names(script) == []
+
+
+def _compare_torch():
+    """bench/compare_torch.py by path (its top level imports only the standard library)."""
+    spec = importlib.util.spec_from_file_location(
+        "compare_torch_table", ROOT / "bench" / "compare_torch.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_torch_table_keeps_split_cpu_rows_apart():
+    def case(ours_ms):
+        side = {"median_ms": ours_ms, "p10_ms": ours_ms, "p90_ms": ours_ms, "first_call_s": 1.0}
+        theirs = {**side, "median_ms": 100.0, "p10_ms": 90.0, "p90_ms": 110.0, "first_call_s": 0.1}
+        return {
+            "input": [26, 63], "batch": 32, "op": "ce", "ours": {**side, "timed_steps": 30},
+            "theirs": theirs, "speedup": round(100.0 / ours_ms, 3),
+            "speedup_per_round": [1.0, 2.0], "load_before": [1.0], "load_after": [1.5],
+        }  # fmt: skip
+
+    def run(threads, devices, ours_ms):
+        info = {"threads": threads}
+        if devices is not None:  # reports written before --split-cpu have no such field
+            info["jax_step_devices"] = devices
+        return {"threads": info, "cases": [case(ours_ms)]}
+
+    report = {"runs": [run(2, None, 80.0), run(2, 2, 50.0), run(1, 1, 120.0)]}
+    rows = _compare_torch().markdown_table([report]).splitlines()[2:]
+    assert len(rows) == 3
+    assert rows[0].startswith("| 26×63 | 32 | ce | 1 | 120 (120–120) | 100 (90–110) | **0.83**")
+    assert rows[1].startswith("| 26×63 | 32 | ce | 2 | 80 (80–80) | 100 (90–110) | **1.25**")
+    assert rows[2].startswith("| 26×63 | 32 | ce | 2 (2 JAX devices) | 50 (50–50) | 100 ")
+    assert "**2.00** (1.00–2.00)" in rows[2]

@@ -7,6 +7,8 @@ by train_lib, so the runs after the first of each kind compile nothing.
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -24,6 +26,8 @@ from dkd_jax import (
     train_step,
 )
 from dkd_jax import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
 
 TEACHER = {"model.role": "teacher", "optim.num_epochs": 3, "train.on_device": "on"}
 
@@ -458,6 +462,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
     assert train_cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["test"]["ua"] == runs["teacher"]["test"]["ua"]
+
+
+def test_cpu_devices_split_the_batch_and_are_refused_once_jax_runs(tmp_path, capsys, tiny_prep_dir):
+    # A fresh process: --cpu-devices 3 reaches the run (it overrides the suite's XLA flag of 2
+    # host devices), which refuses the tiny preset's batch of 8 as not divisible by 3 devices.
+    argv = ["--data", str(tiny_prep_dir), "--workdir", str(tmp_path / "w"), "--preset", "tiny"]
+    argv += ["--role", "teacher"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *argv, "--cpu-devices", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "optim.batch_size=8 is not divisible by the 3 device(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # In this process JAX already runs: a clear refusal, not a silently ignored setting.
+    assert len(jax.devices()) == 2  # the suite's two host devices, now fixed
+    assert train_cli.main([*argv, "--cpu-devices", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "JAX has already started its backends" in err
+    assert train_cli.main([*argv, "--cpu-devices", "0"]) == 2
+    assert "--cpu-devices must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
 def test_area_attention_teacher_distils_a_head_fusion_student(tiny_prep_dir, tmp_path):
