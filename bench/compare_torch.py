@@ -37,8 +37,8 @@ process). The JSON records all of it and the load average before and after every
 
 ``--split-cpu``: dkd-jax splits the CPU into one JAX device per thread of the budget, as
 ``train.py --cpu-devices N`` does, so its step is data-parallel over the cores (each device takes
-batch / N segments; BatchNorm statistics and gradients summed over the devices). XLA:CPU spreads
-little of this network's work over a second thread by itself. At one thread nothing changes.
+batch / N segments; BatchNorm statistics and gradients summed over the devices). By itself
+XLA:CPU gains only 1.2-1.3x from a second thread on these steps. At one thread nothing changes.
 
   python bench/compare_torch.py --quick                  # a few minutes on 2 CPU cores
   python bench/compare_torch.py --threads 1,2 --out bench/results/compare_torch_cpu.json

@@ -24,10 +24,10 @@ The workdir and prep dir must be on a filesystem every process sees; process 0 h
 workdir's lock and writes its files.
 
 One multi-core CPU host (:func:`use_cpu_devices`, ``train.py --cpu-devices N``): JAX shows one
-CPU device by default, and XLA:CPU spreads little of this network's work over the other cores
-(its convolution gradients stay mostly on one thread). Splitting the CPU into N host devices makes
-the step data-parallel like a multi-GPU one: each device takes B/N segments of the batch on its
-own core, BatchNorm statistics and gradients are summed over the devices.
+CPU device by default, and XLA:CPU gains only 1.2-1.3x from a second core on this network's
+training step (README, Speed against PyTorch). Splitting the CPU into N host devices makes the
+step data parallel as on N GPUs: each device takes B/N segments of the batch on its own core,
+BatchNorm statistics and gradients are summed over the devices.
 """
 
 from __future__ import annotations
