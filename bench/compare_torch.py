@@ -566,6 +566,12 @@ def _resolve(args) -> None:
         _fail("--rounds and --steps must be ≥ 1, --warmup ≥ 0, --threads ≥ 1")
     if min(args.batches) < 1:
         _fail("--batches must be ≥ 1")
+    if args.split_cpu and args.device != "cpu":
+        _fail("--split-cpu splits the CPU; with --device gpu dkd-jax runs on one GPU")
+    uneven = [(b, t) for b in args.batches for t in args.threads if args.split_cpu and b % t]
+    if uneven:
+        b, t = uneven[0]
+        _fail(f"--split-cpu: batch {b} does not split evenly over {t} devices (--threads {t})")
 
 
 def _default_threads() -> list[int]:
@@ -591,9 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyError, TypeError, IndexError) as error:
             _fail(f"{' '.join(args.table)}: not a compare_torch report (missing {error})")
         return 0
+    _resolve(args)  # bad arguments first, also without PyTorch
     if importlib.util.find_spec("torch") is None:
         _fail("PyTorch is not installed; pip install -e '.[bench]' (README: Speed against PyTorch)")
-    _resolve(args)
     if args.threads_child is not None:
         print(json.dumps(child(args)))
         return 0

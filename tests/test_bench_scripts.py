@@ -125,3 +125,19 @@ def test_compare_torch_table_keeps_split_cpu_rows_apart():
     assert rows[1].startswith("| 26×63 | 32 | ce | 2 | 80 (80–80) | 100 (90–110) | **1.25**")
     assert rows[2].startswith("| 26×63 | 32 | ce | 2 (2 JAX devices) | 50 (50–50) | 100 ")
     assert "**2.00** (1.00–2.00)" in rows[2]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--split-cpu", "--device", "gpu"], "--split-cpu splits the CPU; with --device gpu"),
+        (["--split-cpu", "--threads", "3", "--batches", "32"], "batch 32 does not split evenly"),
+        (["--rounds", "0"], "--rounds and --steps must be ≥ 1"),
+    ],
+)
+def test_compare_torch_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _compare_torch().main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 0 and err.startswith("compare_torch: error: ") and message in err
