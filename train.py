@@ -16,6 +16,16 @@ import os
 import sys
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, help="prep directory (data_prep output)")
@@ -31,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process-id", type=int)
     p.add_argument(
         "--cpu-devices",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="CPU only: split the CPU into N JAX devices, each taking 1/N of every batch (data "
-        "parallel over the cores; see README, Speed). Default: JAX's one CPU device",
+        "parallel over the cores; README: Training, 'Several CPU cores'). Default: JAX's CPU "
+        "device count (one unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set it)",
     )
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
@@ -65,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.loss:
             overrides.append(f"kd.loss={args.loss}")
         cfg = config_lib.apply_overrides(config_lib.get_config(args.preset), overrides + rest)
+        if args.cpu_devices and cfg.train.num_devices not in (0, args.cpu_devices):
+            print(
+                f"train.py: --cpu-devices {args.cpu_devices} but train.num_devices="
+                f"{cfg.train.num_devices}: this run uses {cfg.train.num_devices} of them",
+                file=sys.stderr,
+            )
         result = train_lib.train_and_evaluate(
             cfg, args.workdir, teacher_workdir=args.teacher, overwrite=args.overwrite
         )

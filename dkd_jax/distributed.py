@@ -26,8 +26,8 @@ workdir's lock and writes its files.
 One multi-core CPU host (:func:`use_cpu_devices`, ``train.py --cpu-devices N``): JAX shows one
 CPU device by default, and XLA:CPU gains only 1.2-1.3x from a second core on this network's
 training step (README, Speed against PyTorch). Splitting the CPU into N host devices makes the
-step data parallel as on N GPUs: each device takes B/N segments of the batch on its own core,
-BatchNorm statistics and gradients are summed over the devices.
+step data parallel as on N GPUs: the devices run at once, each on B/N segments of the batch,
+BatchNorm statistics and gradients summed over the devices.
 """
 
 from __future__ import annotations
@@ -109,9 +109,11 @@ def use_cpu_devices(num_devices: int) -> None:
     """Splits the CPU into ``num_devices`` JAX devices (``jax_num_cpu_devices``), so a ``pmap``
     step runs data-parallel over the host's cores. Must run before JAX starts its backends.
 
-    The numbers of a run then differ from a one-device run in float rounding (BatchNorm
-    statistics and gradients are sums over the devices; tests/test_train_lib.py checks they agree
-    with one device to 1e-5). The run's ``metrics.jsonl`` start event records the device count.
+    Without augmentation or dropout the numbers of a run then differ from a one-device run in
+    float rounding only (BatchNorm statistics and gradients are sums over the devices;
+    tests/test_train_lib.py checks 3 steps against one device to 1e-5); with them each device
+    draws its own random numbers (the step key is folded with the device index), as on N GPUs.
+    The run's ``metrics.jsonl`` start event records the device count.
     Only the CPU backend is split: on a GPU or TPU host the accelerators are used as before.
 
     Raises:

@@ -135,9 +135,16 @@ def test_compare_torch_table_keeps_split_cpu_rows_apart():
         (["--rounds", "0"], "--rounds and --steps must be ≥ 1"),
     ],
 )
-def test_compare_torch_refuses_bad_arguments_in_one_line(argv, message, capsys):
+def test_compare_torch_refuses_bad_arguments_in_one_line(argv, message, capsys, monkeypatch):
+    module = _compare_torch()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a refused argument must stop before any benchmark runs")
+
+    monkeypatch.setattr(module.subprocess, "run", must_not_run)
+    monkeypatch.setattr(module, "child", must_not_run)
     with pytest.raises(SystemExit) as exit_info:
-        _compare_torch().main(argv)
+        module.main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
     assert err.count("\n") == 0 and err.startswith("compare_torch: error: ") and message in err

@@ -18,6 +18,7 @@ import pytest
 import train as train_cli
 from dkd_jax import (
     checkpointing,
+    distributed,
     eval_lib,
     input_pipeline,
     records,
@@ -465,26 +466,37 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
 
 
 def test_cpu_devices_split_the_batch_and_are_refused_once_jax_runs(tmp_path, capsys, tiny_prep_dir):
-    # A fresh process: --cpu-devices 3 reaches the run (it overrides the suite's XLA flag of 2
-    # host devices), which refuses the tiny preset's batch of 8 as not divisible by 3 devices.
     argv = ["--data", str(tiny_prep_dir), "--workdir", str(tmp_path / "w"), "--preset", "tiny"]
     argv += ["--role", "teacher"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *argv, "--cpu-devices", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "optim.batch_size=8 is not divisible by the 3 device(s)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+
+    def fresh_process(*extra):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *argv, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr
+
+    # --cpu-devices 3 reaches the run (over the suite's XLA flag of 2 host devices), which
+    # refuses the tiny preset's batch of 8 as not divisible by 3 devices.
+    err = fresh_process("--cpu-devices", "3")
+    assert "optim.batch_size=8 is not divisible by the 3 device(s)" in err
+    # A train.num_devices that contradicts it is named before the run uses it.
+    err = fresh_process("--cpu-devices", "3", "--config.train.num_devices=4")
+    assert "--cpu-devices 3 but train.num_devices=4: this run uses 4 of them" in err
+    assert "train.num_devices=4 but only 3 local device(s)" in err
     # In this process JAX already runs: a clear refusal, not a silently ignored setting.
     assert len(jax.devices()) == 2  # the suite's two host devices, now fixed
-    assert train_cli.main([*argv, "--cpu-devices", "2"]) == 2
+    assert train_cli.main([*argv, "--cpu-devices", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "JAX has already started its backends" in err
-    assert train_cli.main([*argv, "--cpu-devices", "0"]) == 2
-    assert "--cpu-devices must be an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main([*argv, "--cpu-devices", "0"])
+    assert "--cpu-devices: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(distributed.DistributedError, match="integer >= 1, got 0"):
+        distributed.use_cpu_devices(0)
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
