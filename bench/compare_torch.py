@@ -414,7 +414,7 @@ def child(args) -> dict:
 
     # Process-wide, so both sides get it (PyTorch's CPU tensors come from the same malloc).
     threads["host_memory"] = host_memory.configure()
-    if args.split_cpu and args.device == "cpu":
+    if args.split_cpu:  # CPU only (_resolve refuses it with --device gpu)
         from dkd_jax import distributed
 
         distributed.use_cpu_devices(args.threads_child)  # before JAX starts its backends
