@@ -249,39 +249,63 @@ def scan_iemocap(
     if dialogs not in DIALOGS:
         raise PrepError(f"dialogs must be one of {DIALOGS}, got {dialogs!r}")
     classes = classes_list(classes)
-    label_map = iemocap_label_map(happy, classes)
-    skipped: list[dict] = []
-    excluded: collections.Counter = collections.Counter()
-    sessions = [f"Session{i}" for i in range(1, 6)]
-    extra = sorted(
-        d
-        for d in os.listdir(root)
-        if re.fullmatch(r"Session\d+", d) and d not in sessions and os.path.isdir(f"{root}/{d}")
+    reader = _IemocapReader(root, dialogs, classes, iemocap_label_map(happy, classes))
+    for session in reader.sessions():
+        if reader.read_labels(session):
+            reader.find_unlabelled_wavs(session)
+    return Scan(
+        corpus="iemocap",
+        label_names=classes,
+        options={"dialogs": dialogs, "happy": happy, "classes": classes},
+        utterances=sorted(reader.utterances.values(), key=lambda u: u.utterance_id),
+        skipped=reader.skipped,
+        excluded=dict(sorted(reader.excluded.items())),
     )
-    present = [s for s in sessions + extra if os.path.isdir(os.path.join(root, s))]
-    if not present:
-        raise PrepError(
-            f"no Session1..Session5 folders under {root}; --root must be the IEMOCAP release "
-            "folder (the one holding Session1/dialog/EmoEvaluation and Session1/sentences/wav)"
-        )
-    for s in sessions:
-        if s not in present:
-            skipped.append(skip_entry(s, "missing_session", "session folder missing"))
 
-    utterances: dict[str, Utterance] = {}
-    labelled: set[str] = set()
-    for session in present:
-        sdir = os.path.join(root, session)
-        emo_dir = os.path.join(sdir, "dialog", "EmoEvaluation")
+
+class _IemocapReader:
+    """What :func:`scan_iemocap` accumulates while it walks one release folder, session by
+    session: kept utterances, skip entries (in the order met) and excluded-label counts."""
+
+    def __init__(self, root: str, dialogs: str, classes: list[str], label_map: dict[str, int]):
+        self.root, self.dialogs, self.classes, self.label_map = root, dialogs, classes, label_map
+        self.utterances: dict[str, Utterance] = {}
+        self.labelled: set[str] = set()
+        self.skipped: list[dict] = []
+        self.excluded: collections.Counter = collections.Counter()
+
+    def sessions(self) -> list[str]:
+        """Session folders present (Session1..5, then any extra SessionN); missing ones skipped."""
+        root = self.root
+        sessions = [f"Session{i}" for i in range(1, 6)]
+        extra = sorted(
+            d
+            for d in os.listdir(root)
+            if re.fullmatch(r"Session\d+", d) and d not in sessions and os.path.isdir(f"{root}/{d}")
+        )
+        present = [s for s in sessions + extra if os.path.isdir(os.path.join(root, s))]
+        if not present:
+            raise PrepError(
+                f"no Session1..Session5 folders under {root}; --root must be the IEMOCAP release "
+                "folder (the one holding Session1/dialog/EmoEvaluation and Session1/sentences/wav)"
+            )
+        for s in sessions:
+            if s not in present:
+                self.skipped.append(skip_entry(s, "missing_session", "session folder missing"))
+        return present
+
+    def read_labels(self, session: str) -> bool:
+        """Every label line of the session's EmoEvaluation files; False if it has none."""
+        emo_dir = os.path.join(self.root, session, "dialog", "EmoEvaluation")
         if not os.path.isdir(emo_dir):
-            skipped.append(
+            self.skipped.append(
                 skip_entry(
-                    os.path.relpath(emo_dir, root),
+                    os.path.relpath(emo_dir, self.root),
                     "missing_labels",
                     "no dialog/EmoEvaluation folder in this session",
                 )
             )
-            continue
+            return False
         label_files = sorted(
             n
             for n in os.listdir(emo_dir)
@@ -289,67 +313,72 @@ def scan_iemocap(
         )
         for name in label_files:
             entries, bad = parse_emo_evaluation(os.path.join(emo_dir, name))
-            lpath = os.path.relpath(os.path.join(emo_dir, name), root)
+            lpath = os.path.relpath(os.path.join(emo_dir, name), self.root)
             for line in bad:
-                skipped.append(
+                self.skipped.append(
                     skip_entry(lpath, "malformed_label_line", f"cannot parse line {line!r}")
                 )
             for utt, code, _, _ in entries:
-                if utt in labelled:
-                    skipped.append(
+                if utt in self.labelled:
+                    self.skipped.append(
                         skip_entry(lpath, "duplicate", "second label line for this id", utt)
                     )
                     continue
-                labelled.add(utt)
-                dialog = utt.rsplit("_", 1)[0]
-                wav = os.path.join(sdir, "sentences", "wav", dialog, utt + ".wav")
-                rel = os.path.relpath(wav, root)
-                if code not in IEMOCAP_LABELS:
-                    skipped.append(skip_entry(rel, "unknown_label", f"unknown label {code!r}", utt))
-                    continue
-                kind = dialog_kind(dialog)
-                if dialogs != "all" and kind != dialogs:
-                    excluded[f"dialog:{kind or 'unknown'}"] += 1
-                    continue
-                if code not in label_map:
-                    excluded[f"label:{code}"] += 1
-                    continue
-                last = utt.rsplit("_", 1)[-1]
-                prefix = utt[:5]
-                if "_" not in utt or not re.fullmatch(r"Ses\d\d", prefix) or last[:1] not in "FM":
-                    skipped.append(
-                        skip_entry(
-                            rel, "bad_id", "cannot tell the speaker from this utterance id", utt
-                        )
-                    )
-                    continue
-                if not os.path.isfile(wav):
-                    skipped.append(
-                        skip_entry(rel, "missing_wav", "label line names a missing WAV", utt)
-                    )
-                    continue
-                label = label_map[code]
-                utterances[utt] = Utterance(
-                    utterance_id=utt,
-                    path=wav,
-                    rel_path=rel,
-                    label=label,
-                    label_name=classes[label],
-                    source_label=code,
-                    speaker=prefix + last[0],
-                    session=session,
-                    gender="female" if last[0] == "F" else "male",
-                    dialog=kind,
-                )
-        # WAVs nobody labelled.
-        wav_root = os.path.join(sdir, "sentences", "wav")
+                self.labelled.add(utt)
+                self._add(session, utt, code)
+        return True
+
+    def _add(self, session: str, utt: str, code: str) -> None:
+        """One label line's utterance: kept, excluded (counted) or skipped (with the reason)."""
+        dialog = utt.rsplit("_", 1)[0]
+        wav = os.path.join(self.root, session, "sentences", "wav", dialog, utt + ".wav")
+        rel = os.path.relpath(wav, self.root)
+        if code not in IEMOCAP_LABELS:
+            self.skipped.append(skip_entry(rel, "unknown_label", f"unknown label {code!r}", utt))
+            return
+        kind = dialog_kind(dialog)
+        if self.dialogs != "all" and kind != self.dialogs:
+            self.excluded[f"dialog:{kind or 'unknown'}"] += 1
+            return
+        if code not in self.label_map:
+            self.excluded[f"label:{code}"] += 1
+            return
+        last = utt.rsplit("_", 1)[-1]
+        prefix = utt[:5]
+        if "_" not in utt or not re.fullmatch(r"Ses\d\d", prefix) or last[:1] not in "FM":
+            self.skipped.append(
+                skip_entry(rel, "bad_id", "cannot tell the speaker from this utterance id", utt)
+            )
+            return
+        if not os.path.isfile(wav):
+            self.skipped.append(
+                skip_entry(rel, "missing_wav", "label line names a missing WAV", utt)
+            )
+            return
+        label = self.label_map[code]
+        self.utterances[utt] = Utterance(
+            utterance_id=utt,
+            path=wav,
+            rel_path=rel,
+            label=label,
+            label_name=self.classes[label],
+            source_label=code,
+            speaker=prefix + last[0],
+            session=session,
+            gender="female" if last[0] == "F" else "male",
+            dialog=kind,
+        )
+
+    def find_unlabelled_wavs(self, session: str) -> None:
+        """Skip entries for the session's WAVs that no label line names."""
+        wav_root = os.path.join(self.root, session, "sentences", "wav")
         if not os.path.isdir(wav_root):
-            skipped.append(
+            self.skipped.append(
                 skip_entry(
-                    os.path.relpath(wav_root, root), "missing_audio", "no sentences/wav folder"
+                    os.path.relpath(wav_root, self.root), "missing_audio", "no sentences/wav folder"
                 )
             )
-            continue
+            return
         for dialog in sorted(os.listdir(wav_root)):
             ddir = os.path.join(wav_root, dialog)
             if _hidden(dialog) or not os.path.isdir(ddir):
@@ -357,24 +386,15 @@ def scan_iemocap(
             for name in sorted(os.listdir(ddir)):
                 if _hidden(name) or not name.lower().endswith(".wav"):
                     continue
-                utt = name[:-4]
-                if utt not in labelled:
-                    skipped.append(
+                if name[:-4] not in self.labelled:
+                    self.skipped.append(
                         skip_entry(
-                            os.path.relpath(os.path.join(ddir, name), root),
+                            os.path.relpath(os.path.join(ddir, name), self.root),
                             "no_label",
                             "WAV has no label line in dialog/EmoEvaluation",
-                            utt,
+                            name[:-4],
                         )
                     )
-    return Scan(
-        corpus="iemocap",
-        label_names=classes,
-        options={"dialogs": dialogs, "happy": happy, "classes": classes},
-        utterances=sorted(utterances.values(), key=lambda u: u.utterance_id),
-        skipped=skipped,
-        excluded=dict(sorted(excluded.items())),
-    )
 
 
 # --------------------------------------------------------------------------------------------

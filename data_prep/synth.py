@@ -549,6 +549,10 @@ def synthesize_utterance(
 ) -> np.ndarray:
     """Synthesises one utterance.
 
+    Phases (each draws from ``rng`` in this order, so an utterance is a pure function of its
+    seed): the syllable timeline, the frame-level controls (no randomness), the F0 contour, the
+    glottal source, the formant filter, then level, background noise and PCM16.
+
     Args:
       label: IEMOCAP label code (one of ``LABELS``), selects the prosody.
       num_samples: length in samples at ``SAMPLE_RATE``.
@@ -564,13 +568,32 @@ def synthesize_utterance(
     n = int(num_samples)
     if n < _HOP:
         raise ValueError(f"utterance too short: {n} samples (minimum {_HOP})")
-    sr = SAMPLE_RATE
     p = _utterance_params(label, speaker, rng)
     num_frames = n // _HOP + 2
-    t = np.arange(num_frames) * (_HOP / sr)
-    dur = n / sr
+    t = np.arange(num_frames) * (_HOP / SAMPLE_RATE)
+    syl = _syllables(n / SAMPLE_RATE, p, rng)
+    ctl = _frame_controls(t, syl, p)
+    f0 = _f0_contour(t, syl, ctl, p, speaker["f0"], rng)
+    src = _glottal_source(
+        f0,
+        np.stack([ctl["voicing"], ctl["aspiration"], ctl["frication"]], axis=1),
+        n,
+        oq=p["oq"],
+        shimmer=5.0 * p["jitter"],
+        rng=rng,
+    )
+    env = _envelopes(
+        speaker["formant_scale"] * float(np.clip(rng.normal(1.0, 0.015), 0.95, 1.05)),
+        p["tilt_db"],
+    )
+    speech = _stft_filter(src, env, ctl["amp"], ctl["w"], ctl["row_a"], ctl["row_b"])
+    return _level_noise_pcm16(speech, n, ctl["amp"], p, session, rng)
 
-    # --- syllable timeline ---------------------------------------------------------------------
+
+def _syllables(dur: float, p: dict[str, float], rng: np.random.Generator) -> dict[str, Any]:
+    """Syllable timeline of a ``dur``-second utterance: per syllable its start and end (s),
+    onset consonant type, fricative row, consonant fraction, vowel, pitch accent (semitones),
+    stress, and the start of its phrase (pauses break phrases)."""
     lead = min(rng.uniform(0.04, 0.25), 0.15 * dur)
     speech_end = dur - min(rng.uniform(0.04, 0.25), 0.15 * dur)
     rate = p["rate"]
@@ -593,14 +616,31 @@ def synthesize_utterance(
     )
     stress = np.where(accent, 1.0, rng.uniform(0.55, 0.85, k))
     phrase_start = starts[np.maximum.accumulate(np.where(after_break, np.arange(k), 0))]
+    return {
+        "starts": starts,
+        "ends": ends,
+        "onset": onset,
+        "fric_row": fric_row,
+        "ofrac": ofrac,
+        "vowel": vowel,
+        "acc_h": acc_h,
+        "stress": stress,
+        "phrase_start": phrase_start,
+    }
 
-    # --- frame-level controls ------------------------------------------------------------------
+
+def _frame_controls(t: np.ndarray, syl: dict[str, Any], p: dict[str, float]) -> dict[str, Any]:
+    """Per control frame (times ``t``): where it falls in its syllable, the amplitude, voicing,
+    aspiration and frication, and the formant rows (and weight) the filter interpolates."""
+    num_frames = len(t)
+    starts, ends, onset, fric_row = syl["starts"], syl["ends"], syl["onset"], syl["fric_row"]
+    k = len(starts)
     si = np.searchsorted(starts, t, side="right") - 1
     sc = np.clip(si, 0, k - 1)
     inside = (si >= 0) & (t < ends[sc])
     pos = np.clip((t - starts[sc]) / (ends[sc] - starts[sc]), 0.0, 1.0)
     ons = onset[sc]
-    of = np.where(ons > 0, ofrac[sc], 0.0)
+    of = np.where(ons > 0, syl["ofrac"][sc], 0.0)
     cons = inside & (pos < of)
     vow = inside & ~cons
     vpos = np.clip((pos - of) / (1.0 - of), 0.0, 1.0)
@@ -618,52 +658,66 @@ def synthesize_utterance(
         0.0,
     )
     amp = np.where(vow, 0.2 + 0.8 * np.sin(np.pi * vpos) ** 0.6, np.where(cons, amp_cons, 0.0))
-    amp = _smooth(amp * stress[sc] * inside, 3)
+    amp = _smooth(amp * syl["stress"][sc] * inside, 3)
     voiced = vow | (cons & (ons == 3))
     voicing = _smooth(voiced.astype(np.float64), 3)
-    aspiration = p["breath"] * voicing + 0.5 * (cons & (ons == 4))
-    frication = 0.3 * (cons & (ons == 1)) + 0.4 * burst
 
+    vowel = syl["vowel"]
     prev_vowel = vowel[np.maximum(sc - 1, 0)]
-    w = np.where(vow, _smoothstep(vpos / 0.35), 0.0)
     row_a = np.select(
         [vow, ons == 1, ons == 2, ons == 3, ons == 4],
         [prev_vowel, fric_row[sc], _ROW_BURST, _ROW_NASAL, vowel[sc]],
         0,
     )
-    row_b = np.where(vow, vowel[sc], row_a)
+    return {
+        "si": si,
+        "sc": sc,
+        "inside": inside,
+        "pos": pos,
+        "amp": amp,
+        "voicing": voicing,
+        "aspiration": p["breath"] * voicing + 0.5 * (cons & (ons == 4)),
+        "frication": 0.3 * (cons & (ons == 1)) + 0.4 * burst,
+        "w": np.where(vow, _smoothstep(vpos / 0.35), 0.0),
+        "row_a": row_a,
+        "row_b": np.where(vow, vowel[sc], row_a),
+    }
 
-    # --- F0 contour (semitones re the speaker's neutral F0) ------------------------------------
+
+def _f0_contour(
+    t: np.ndarray,
+    syl: dict[str, Any],
+    ctl: dict[str, Any],
+    p: dict[str, float],
+    speaker_f0: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """F0 (Hz) per control frame: declination per phrase, pitch accents, the final rise or
+    fall, drift, tremor and jitter, in semitones re the speaker's neutral F0."""
+    si, sc, inside, pos = ctl["si"], ctl["sc"], ctl["inside"], ctl["pos"]
     decl = rng.normal(-1.2, 0.4)
-    tp = np.where(si >= 0, t - phrase_start[sc], 0.0)
+    tp = np.where(si >= 0, t - syl["phrase_start"][sc], 0.0)
     st = p["f0_st"] + np.maximum(decl * tp, -4.0)
-    st = st + np.where(inside, acc_h[sc] * np.sin(np.pi * pos) ** 2, 0.0)
-    st = st + p["final_st"] * _smoothstep((t - (ends[-1] - 0.4)) / 0.4)
-    drift = signal.lfilter([1.0], [1.0, -0.95], rng.normal(0.0, 1.0, num_frames))
+    st = st + np.where(inside, syl["acc_h"][sc] * np.sin(np.pi * pos) ** 2, 0.0)
+    st = st + p["final_st"] * _smoothstep((t - (syl["ends"][-1] - 0.4)) / 0.4)
+    drift = signal.lfilter([1.0], [1.0, -0.95], rng.normal(0.0, 1.0, len(t)))
     st = st + 0.35 * drift / 3.2
     st = st + p["tremor_st"] * np.sin(2 * np.pi * 5.5 * t + rng.uniform(0, 2 * np.pi))
     st = _smooth(st, 5)
-    f0 = speaker["f0"] * 2.0 ** (st / 12.0) * (1.0 + p["jitter"] * rng.normal(0, 1, num_frames))
-    f0 = np.clip(f0, 55.0, 600.0)
+    f0 = speaker_f0 * 2.0 ** (st / 12.0) * (1.0 + p["jitter"] * rng.normal(0, 1, len(t)))
+    return np.clip(f0, 55.0, 600.0)
 
-    # --- source: glottal pulses + noise --------------------------------------------------------
-    src = _glottal_source(
-        f0,
-        np.stack([voicing, aspiration, frication], axis=1),
-        n,
-        oq=p["oq"],
-        shimmer=5.0 * p["jitter"],
-        rng=rng,
-    )
 
-    # --- filter: short-time Fourier filtering with the formant envelopes ------------------------
-    env = _envelopes(
-        speaker["formant_scale"] * float(np.clip(rng.normal(1.0, 0.015), 0.95, 1.05)),
-        p["tilt_db"],
-    )
-    speech = _stft_filter(src, env, amp, w, row_a, row_b)
-
-    # --- level, background noise, PCM16 --------------------------------------------------------
+def _level_noise_pcm16(
+    speech: np.ndarray,
+    n: int,
+    amp: np.ndarray,
+    p: dict[str, float],
+    session: dict,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Speech level (active-speech RMS), the session's coloured background noise, peaks
+    limited to 0.98 full scale, rounded to int16 (``n`` samples)."""
     active = max(int(np.count_nonzero(amp > 0.1)) * _HOP, _HOP)
     rms = math.sqrt(float(np.dot(speech, speech)) / active) + 1e-12
     level_db = -26.0 + p["loud_db"] + session["gain_db"]
