@@ -100,7 +100,9 @@ class Side:
 # --------------------------------------------------------------------------------------------
 
 
-def build_ours(op: str, features, labels, *, seed: int = 0, devices=None) -> Side:
+def build_ours(
+    op: str, features, labels, *, seed: int = 0, devices=None, conv_algorithm: str = "xla"
+) -> Side:
     """dkd-jax's own step for one case, built through its public training functions.
 
     Args:
@@ -108,6 +110,7 @@ def build_ours(op: str, features, labels, *, seed: int = 0, devices=None) -> Sid
       features: [B, F, T] float32 host batch; labels: [B] int32.
       seed: initialisation seed of the student (and, + 1, the teacher).
       devices: JAX devices of the step (default: the first local device).
+      conv_algorithm: the student's ``model.student.conv_algorithm`` ("xla" or "taps").
 
     Returns:
       A :class:`Side` whose ``run`` is one call of the compiled step on the device-resident
@@ -120,6 +123,7 @@ def build_ours(op: str, features, labels, *, seed: int = 0, devices=None) -> Sid
     from dkd_jax import distributed, eval_lib, models, objective, train_state, train_step
 
     cfg = config_lib.get_config("default")
+    cfg.model.student.conv_algorithm = conv_algorithm
     devices = tuple(devices or jax.local_devices()[:1])
     shape = tuple(features.shape[1:])
     student = models.create_model(
@@ -278,7 +282,17 @@ def _stats(times: list[float]) -> dict[str, float]:
 
 
 def run_case(
-    shape_name, batch, op, *, rounds, steps, warmup, device, progress, jax_devices=None
+    shape_name,
+    batch,
+    op,
+    *,
+    rounds,
+    steps,
+    warmup,
+    device,
+    progress,
+    jax_devices=None,
+    conv_algorithm="xla",
 ) -> dict:
     """Both sides of one case, interleaved; see the module docstring for the fields."""
     import numpy as np
@@ -293,7 +307,9 @@ def run_case(
     for name in ("ours", "theirs"):  # both from the same initial weights, before any step
         t0 = time.perf_counter()
         if name == "ours":
-            built[name] = build_ours(op, features, labels, devices=jax_devices)
+            built[name] = build_ours(
+                op, features, labels, devices=jax_devices, conv_algorithm=conv_algorithm
+            )
         else:
             built[name] = build_theirs(op, features, labels, built["ours"], device=_torch(device))
         sides[name] = {"build_s": round(time.perf_counter() - t0, 3), "notes": built[name].notes}
@@ -443,6 +459,7 @@ def child(args) -> dict:
                     shape_name, batch, op, rounds=args.rounds, steps=args.steps,
                     warmup=args.warmup, device=args.device, progress=_progress,
                     jax_devices=jax_devices,
+                    conv_algorithm=args.conv_algorithm,
                 )  # fmt: skip
                 out["cases"].append(case)
                 if args.cases_log:
@@ -535,6 +552,12 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU: dkd-jax on one JAX device per thread, the batch split over them "
         "(train.py --cpu-devices N)",
     )
+    p.add_argument(
+        "--conv-algorithm",
+        choices=("xla", "taps"),
+        default="xla",
+        help="dkd-jax student's model.student.conv_algorithm (README: Speed against PyTorch)",
+    )
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument(
         "--cases-log",
@@ -611,7 +634,16 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "settings": {
             k: getattr(args, k)
-            for k in ("shapes", "batches", "ops", "rounds", "steps", "warmup", "split_cpu")
+            for k in (
+                "shapes",
+                "batches",
+                "ops",
+                "rounds",
+                "steps",
+                "warmup",
+                "split_cpu",
+                "conv_algorithm",
+            )
         },
         "speedup": "theirs_median / ours_median (> 1: dkd-jax faster)",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -14,7 +14,10 @@ Complements ``bench/compare_torch.py`` (which times whole steps): every piece is
   forward, the input gradient (``dx``) and the kernel gradient (``dw``),
   ``lax.conv_general_dilated`` under ``jax.vjp`` against ``torch.nn.functional.conv2d`` /
   ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` (the first two convolutions' ``dx`` is never
-  computed in training: their input is the data).
+  computed in training: their input is the data), plus what ``conv_algorithm="taps"`` replaces
+  (``dkd_jax.conv_taps``): ``jax_taps_forward`` of the one-channel first convolutions and
+  ``jax_taps_dw`` of the 3×3 stages; ``conv_totals_ms`` sums them per side;
+* ``*_taps``: the student pieces with ``conv_algorithm="taps"``, against the same PyTorch code.
 
 The thread budget is fixed before JAX/PyTorch are imported, as in ``compare_torch.py``: with
 ``--threads`` below the cores available the process is pinned to that many cores, and one thread
@@ -75,6 +78,7 @@ def _student_pieces(shape, batch):
     y = (np.arange(batch) % 4).astype(np.int32)
     xs, ys = jnp.asarray(x)[..., None], jnp.asarray(y)
     student, teacher = models.build_model("student"), models.build_model("teacher")
+    student_taps = models.build_model("student", conv_algorithm="taps")
 
     def init(model, seed):
         fn = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape, 1)), train=False))
@@ -83,21 +87,24 @@ def _student_pieces(shape, batch):
     sv, tv = init(student, 0), init(teacher, 1)
     params, stats = sv["params"], sv["batch_stats"]
 
-    def forward_train(p, x):
-        return student.apply(
+    def forward_train(p, x, model=student):
+        return model.apply(
             {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
         )
 
-    def loss_fn(p, x, y):
-        logits, updated = forward_train(p, x)
+    def loss_fn(p, x, y, model=student):
+        logits, updated = forward_train(p, x, model)
         return losses.cross_entropy(logits, y).mean(), updated
+
+    def loss_taps(p, x, y):
+        return loss_fn(p, x, y, student_taps)
 
     tx = optax.chain(
         optax.add_decayed_weights(1e-6), optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3)
     )
     opt_state = tx.init(params)
 
-    def step(p, o, x, y):
+    def step(p, o, x, y, loss_fn=loss_fn):
         (loss, updated), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), updated, o, loss
@@ -111,6 +118,19 @@ def _student_pieces(shape, batch):
         ),
         "student_step": (jax.jit(step), (params, opt_state, xs, ys)),
         "teacher_forward_eval": (jax.jit(lambda v, x: teacher.apply(v, x, train=False)), (tv, xs)),
+        # conv_algorithm="taps" (dkd_jax.conv_taps), against the same PyTorch pieces.
+        "student_forward_eval_taps": (
+            jax.jit(lambda v, x: student_taps.apply(v, x, train=False)),
+            (sv, xs),
+        ),
+        "student_forward_backward_taps": (
+            jax.jit(jax.value_and_grad(loss_taps, has_aux=True)),
+            (params, xs, ys),
+        ),
+        "student_step_taps": (
+            jax.jit(lambda p, o, x, y: step(p, o, x, y, loss_taps)),
+            (params, opt_state, xs, ys),
+        ),
     }
     ts = tm.load_flax_variables(tm.build("student"), sv)
     tt = tm.load_flax_variables(tm.build("teacher"), tv)
@@ -135,6 +155,8 @@ def _student_pieces(shape, batch):
         "student_step": lambda: tm.ce_step(ts, opt, xt, yt),
         "teacher_forward_eval": lambda: tm.predict(tt, xt),
     }
+    for name in ("student_forward_eval", "student_forward_backward", "student_step"):
+        torch_fns[name + "_taps"] = torch_fns[name]
     return {
         name: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), torch_fns[name])
         for name, (fn, args) in jitted.items()
@@ -188,22 +210,30 @@ def _first_conv_output(shape):
 
 def _conv_totals(pieces):
     """Sums over the convolutions of what training computes: every forward and kernel gradient,
-    and the input gradient of all but the first convolutions (whose input is the data)."""
+    and the input gradient of all but the first convolutions (whose input is the data). Sides:
+    ``jax`` (XLA's convolutions), ``taps`` (``conv_algorithm="taps"``: the tap-by-tap forward
+    or kernel gradient where the layer has one, XLA's otherwise) and ``torch``."""
     from dkd_jax import models
 
     first = tuple(f"conv_{name}_" for name in models.FIRST_CONVS)
     convs = {k: v for k, v in pieces.items() if k.startswith("conv_")}
+
+    def cost(c, side, part):
+        if side == "taps":
+            return c.get(f"jax_taps_{part}", c[f"jax_{part}"])
+        return c[f"{side}_{part}"]
+
     return {
         part: {
             side: round(
                 sum(
-                    c[f"{side}_{part}"]
+                    cost(c, side, part)
                     for k, c in convs.items()
                     if part != "dx" or not k.startswith(first)
                 ),
                 2,
             )
-            for side in ("jax", "torch")
+            for side in ("jax", "taps", "torch")
         }
         for part in ("forward", "dx", "dw")
     }
@@ -216,7 +246,7 @@ def _conv_pieces(shape, batch):
     import numpy as np
     import torch
 
-    from dkd_jax import models
+    from dkd_jax import conv_taps, models
 
     layers = [  # (name, (H, W) of the input, in, out, kernel, padding)
         *(
@@ -254,7 +284,16 @@ def _conv_pieces(shape, batch):
             with torch.no_grad():
                 torch.nn.functional.conv2d(xt, kt, padding=tpad)
 
+        if cin == 1:  # conv_algorithm="taps": this layer's forward is summed tap by tap
+            taps_fn = jax.jit(lambda x, k, pad=pad: conv_taps.single_channel_tap_conv(x, k, pad))
+            taps = {"jax_taps_forward": lambda f=taps_fn, a=(xj, kj): f(*a).block_until_ready()}
+        else:  # ... and this one's kernel gradient
+            taps_fn = jax.jit(
+                lambda x, g, kernel=kernel, pad=pad: conv_taps.kernel_gradient(x, g, kernel, pad)
+            )
+            taps = {"jax_taps_dw": lambda f=taps_fn, a=(xj, g): f(*a).block_until_ready()}
         out[f"conv_{name}_{h}x{w}x{cin}_to_{cout}"] = {
+            **taps,
             "jax_forward": lambda f=fwd, a=(xj, kj): f(*a).block_until_ready(),
             "torch_forward": t_fwd,
             "jax_dx": lambda f=dx, a=(xj, kj, g): f(*a).block_until_ready(),

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dkd_jax import area_attention
+from dkd_jax import area_attention, conv_taps
 from dkd_jax import config as config_lib
 
 Array = jax.Array
@@ -76,6 +76,8 @@ FIRST_CONV_CHANNELS = 8
 STAGES = (("conv2", 32, True), ("conv3", 48, True), ("conv4", 64, False), ("conv5", 80, False))
 ATTENTION_TYPES = ("head_fusion", "area")
 INIT_SCHEMES = ("pytorch", "flax")
+#: How the trunk's convolutions are computed (``MACNN.conv_algorithm``).
+CONV_ALGORITHMS = ("xla", "taps")
 _BN_MOMENTUM = 0.9  # Flax convention: new = momentum * old + (1 - momentum) * batch (PyTorch 0.1)
 _BN_EPSILON = 1e-5
 
@@ -253,6 +255,10 @@ class MACNN(nn.Module):
         docstring. (Named ``init_scheme`` because a field called ``init`` would shadow
         ``nn.Module.init``; :func:`build_model` also accepts ``init=``.)
       dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters stay float32).
+      conv_algorithm: how the trunk's convolutions are computed: ``"xla"`` (default,
+        ``lax.conv_general_dilated`` and its autodiff) or ``"taps"`` (:mod:`dkd_jax.conv_taps`:
+        the first convolutions' forward and the 3×3 stages' kernel gradients summed kernel tap
+        by kernel tap, faster on CPU; the same values up to float32 rounding).
 
     Intermediates (``apply(..., mutable=["intermediates"])``; the return value is unchanged):
     ``embedding`` ``[batch, D]`` (the pooled vector fed to the classifier), and
@@ -272,6 +278,7 @@ class MACNN(nn.Module):
     batch_norm_axis_name: str | None = None
     init_scheme: str = "pytorch"
     dtype: Any = jnp.float32
+    conv_algorithm: str = "xla"
 
     def _check_settings(self) -> Any:
         if self.attention not in ATTENTION_TYPES:
@@ -298,6 +305,11 @@ class MACNN(nn.Module):
                     f"MACNN: area_projection=False splits {TRUNK_CHANNELS} channels over the heads;"
                     f" {self.attention_heads} heads do not divide it"
                 )
+        if self.conv_algorithm not in CONV_ALGORITHMS:
+            raise ValueError(
+                f"MACNN: conv_algorithm must be one of {CONV_ALGORITHMS}, got "
+                f"{self.conv_algorithm!r}"
+            )
         dtype = jnp.dtype(self.dtype)
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise ValueError(f"MACNN: dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -336,6 +348,8 @@ class MACNN(nn.Module):
         dtype = self._check_settings()
         self._check_input(x)
 
+        conv_fn = conv_taps.conv_general_dilated if self.conv_algorithm == "taps" else None
+
         def conv_bn_relu(y: Array, name: str, features: int, kernel, padding) -> Array:
             fan_in = kernel[0] * kernel[1] * y.shape[-1]
             kernel_init, bias_init = layer_initializers(self.init_scheme, fan_in)
@@ -347,6 +361,7 @@ class MACNN(nn.Module):
                 bias_init=bias_init,
                 dtype=dtype,
                 param_dtype=jnp.float32,
+                conv_general_dilated=conv_fn,
                 name=name,
             )(y)
             y = nn.BatchNorm(
@@ -508,6 +523,7 @@ def create_model(
       batch_norm_axis_name: the mapped axis BatchNorm synchronises over (training under pmap).
     """
     overrides: dict[str, Any] = {"dtype": _DTYPES[arch.dtype]}
+    overrides["conv_algorithm"] = arch.conv_algorithm
     for name in ("attention", "attention_heads", "attention_hidden", "init"):
         value = getattr(arch, name)
         if value is not None:

@@ -378,6 +378,12 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
     )
     on_device = _use_on_device(cfg, run.devices[0], data)
     arch = getattr(cfg.model, run.role)
+    if arch.conv_algorithm == "taps" and run.devices[0].platform != "cpu":
+        print(
+            f"note: model.{run.role}.conv_algorithm='taps' is written for the CPU; on "
+            f"{run.devices[0].platform} XLA's own convolutions ('xla') are usually faster",
+            file=sys.stderr,
+        )
     model = models.create_model(
         arch, num_classes=run.num_classes, batch_norm_axis_name=distributed.AXIS
     )
