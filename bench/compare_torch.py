@@ -110,7 +110,8 @@ def build_ours(
       features: [B, F, T] float32 host batch; labels: [B] int32.
       seed: initialisation seed of the student (and, + 1, the teacher).
       devices: JAX devices of the step (default: the first local device).
-      conv_algorithm: the student's ``model.student.conv_algorithm`` ("xla" or "taps").
+      conv_algorithm: the student's ``model.student.conv_algorithm`` ("xla", "taps_forward" or
+        "taps").
 
     Returns:
       A :class:`Side` whose ``run`` is one call of the compiled step on the device-resident
@@ -554,7 +555,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--conv-algorithm",
-        choices=("xla", "taps"),
+        choices=("xla", "taps_forward", "taps"),
         default="xla",
         help="dkd-jax student's model.student.conv_algorithm (README: Speed against PyTorch)",
     )

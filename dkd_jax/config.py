@@ -119,11 +119,12 @@ class ArchConfig:
     init: Literal["pytorch", "flax"] | None = None
     # Compute dtype of activations ("float32", "bfloat16", "float16"); parameters stay float32.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Trunk convolutions: "xla" (lax.conv_general_dilated and its autodiff) or "taps"
-    # (dkd_jax.conv_taps: the first convolutions' forward and the 3x3 kernel gradients summed
-    # tap by tap, faster on CPU; equal up to float32 rounding, so a "taps" run does not
-    # reproduce an "xla" run bit for bit).
-    conv_algorithm: Literal["xla", "taps"] = "xla"
+    # Trunk convolutions: "xla" (lax.conv_general_dilated and its autodiff), "taps_forward"
+    # (dkd_jax.conv_taps: the one-channel first convolutions' forward summed tap by tap) or
+    # "taps" (also the 3x3 kernel gradients; best on one CPU device, slower with --cpu-devices).
+    # Faster on CPU, equal up to float32 rounding: such a run does not reproduce an "xla" run
+    # bit for bit.
+    conv_algorithm: Literal["xla", "taps_forward", "taps"] = "xla"
 
 
 @dataclasses.dataclass

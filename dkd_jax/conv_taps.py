@@ -21,9 +21,13 @@ gradient, and the single-channel convolutions' kernel gradients (all as fast as 
 
 The mathematics is the same; the float summation order is not, so results agree with XLA's to
 float32 rounding (the kernel gradient is *more* accurate than XLA's over long sums: chunked
-accumulation), not bit for bit. That is why this is opt-in, as ``ArchConfig.conv_algorithm =
-"taps"``: the default ``"xla"`` keeps ``python -m dkd_jax.experiment reproduce`` bit-exact for
-runs made before. Written for CPU; on GPU/TPU the vendor convolutions are the ones to keep.
+accumulation), not bit for bit. That is why this is opt-in, as ``ArchConfig.conv_algorithm``:
+the default ``"xla"`` keeps ``python -m dkd_jax.experiment reproduce`` bit-exact for runs made
+before; ``"taps_forward"`` takes only the one-channel forward (faster on one CPU device and on
+several: ``train.py --cpu-devices``), ``"taps"`` both pieces (faster still on one CPU device,
+but slower than XLA's kernel gradient when the CPU is split into several JAX devices, where the
+per-tap products run slower; measured in the README). Written for CPU; on GPU/TPU the vendor
+convolutions are the ones to keep.
 
 Pure functions of arrays. :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s
 signature so that it plugs into ``flax.linen.Conv(conv_general_dilated=...)``.
@@ -200,13 +204,16 @@ def conv_general_dilated(
     dimension_numbers=None,
     feature_group_count: int = 1,
     precision=None,
+    *,
+    tap_kernel_grad: bool = True,
 ) -> jax.Array:
     """``lax.conv_general_dilated`` for ``nn.Conv``, computed tap by tap.
 
-    One input channel: :func:`single_channel_tap_conv`; more: :func:`conv_tap_kernel_grad`.
-    Only what the MACNN trunk uses is accepted (2-D, stride 1, no dilation, one feature group,
-    explicit padding, NHWC/HWIO, default precision); anything else raises ``ValueError`` rather
-    than silently computing something else.
+    One input channel: :func:`single_channel_tap_conv`; more: :func:`conv_tap_kernel_grad`,
+    or XLA's own convolution when ``tap_kernel_grad`` is False (``conv_algorithm=
+    "taps_forward"``). Only what the MACNN trunk uses is accepted (2-D, stride 1, no dilation,
+    one feature group, explicit padding, NHWC/HWIO, default precision); anything else raises
+    ``ValueError`` rather than silently computing something else.
     """
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _LAYOUT)
@@ -232,4 +239,30 @@ def conv_general_dilated(
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if lhs.shape[-1] == 1:
         return single_channel_tap_conv(lhs, rhs, pads)
-    return conv_tap_kernel_grad(lhs, rhs, pads)
+    if tap_kernel_grad:
+        return conv_tap_kernel_grad(lhs, rhs, pads)
+    return _xla_conv(lhs, rhs, pads)
+
+
+#: ``MACNN.conv_algorithm`` values: how :func:`conv_function` computes the trunk.
+ALGORITHMS = ("xla", "taps_forward", "taps")
+
+
+def conv_function(algorithm: str):
+    """The ``conv_general_dilated`` argument of ``nn.Conv`` for a ``conv_algorithm``.
+
+    ``"xla"``: None (Flax's default, ``lax.conv_general_dilated``); ``"taps_forward"``: the
+    one-channel convolutions' forward tap by tap, everything else XLA's; ``"taps"``: also the
+    multi-channel kernel gradients tap by tap.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"conv_algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "xla":
+        return None
+    if algorithm == "taps":
+        return conv_general_dilated
+    return _forward_taps_only
+
+
+def _forward_taps_only(*args, **kwargs) -> jax.Array:
+    return conv_general_dilated(*args, **kwargs, tap_kernel_grad=False)

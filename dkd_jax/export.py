@@ -104,11 +104,14 @@ def inference_function(model, variables: dict[str, Any]) -> Callable:
     """``features [B, F, T, 1] -> logits [B, C]`` in inference mode, variables as constants.
 
     BatchNorm uses its running statistics and area attention has no dropout (``train=False``).
-    A bfloat16/float16 model is exported in float32 (the parameters are float32 anyway).
+    A bfloat16/float16 model is exported in float32 (the parameters are float32 anyway), and a
+    model trained with ``conv_algorithm="taps"`` (a CPU speed choice, :mod:`dkd_jax.conv_taps`)
+    with standard convolutions: the same function to float32 rounding, and one ``Conv``
+    operator per layer in the ONNX graph rather than a chain of slices, products and sums.
     """
     import jax.numpy as jnp
 
-    model = model.clone(dtype=jnp.float32)
+    model = model.clone(dtype=jnp.float32, conv_algorithm="xla")
     consts = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
     def logits(features):

@@ -77,7 +77,7 @@ STAGES = (("conv2", 32, True), ("conv3", 48, True), ("conv4", 64, False), ("conv
 ATTENTION_TYPES = ("head_fusion", "area")
 INIT_SCHEMES = ("pytorch", "flax")
 #: How the trunk's convolutions are computed (``MACNN.conv_algorithm``).
-CONV_ALGORITHMS = ("xla", "taps")
+CONV_ALGORITHMS = conv_taps.ALGORITHMS
 _BN_MOMENTUM = 0.9  # Flax convention: new = momentum * old + (1 - momentum) * batch (PyTorch 0.1)
 _BN_EPSILON = 1e-5
 
@@ -256,9 +256,10 @@ class MACNN(nn.Module):
         ``nn.Module.init``; :func:`build_model` also accepts ``init=``.)
       dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters stay float32).
       conv_algorithm: how the trunk's convolutions are computed: ``"xla"`` (default,
-        ``lax.conv_general_dilated`` and its autodiff) or ``"taps"`` (:mod:`dkd_jax.conv_taps`:
-        the first convolutions' forward and the 3×3 stages' kernel gradients summed kernel tap
-        by kernel tap, faster on CPU; the same values up to float32 rounding).
+        ``lax.conv_general_dilated`` and its autodiff), ``"taps_forward"`` (the one-channel first
+        convolutions' forward summed kernel tap by kernel tap) or ``"taps"`` (also the 3×3
+        stages' kernel gradients); see :mod:`dkd_jax.conv_taps`. Faster on CPU; the same values
+        up to float32 rounding.
 
     Intermediates (``apply(..., mutable=["intermediates"])``; the return value is unchanged):
     ``embedding`` ``[batch, D]`` (the pooled vector fed to the classifier), and
@@ -348,7 +349,7 @@ class MACNN(nn.Module):
         dtype = self._check_settings()
         self._check_input(x)
 
-        conv_fn = conv_taps.conv_general_dilated if self.conv_algorithm == "taps" else None
+        conv_fn = conv_taps.conv_function(self.conv_algorithm)
 
         def conv_bn_relu(y: Array, name: str, features: int, kernel, padding) -> Array:
             fan_in = kernel[0] * kernel[1] * y.shape[-1]

@@ -378,12 +378,7 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
     )
     on_device = _use_on_device(cfg, run.devices[0], data)
     arch = getattr(cfg.model, run.role)
-    if arch.conv_algorithm == "taps" and run.devices[0].platform != "cpu":
-        print(
-            f"note: model.{run.role}.conv_algorithm='taps' is written for the CPU; on "
-            f"{run.devices[0].platform} XLA's own convolutions ('xla') are usually faster",
-            file=sys.stderr,
-        )
+    _note_conv_algorithm(arch.conv_algorithm, run.role, run.devices)
     model = models.create_model(
         arch, num_classes=run.num_classes, batch_norm_axis_name=distributed.AXIS
     )
@@ -472,6 +467,24 @@ def _use_on_device(cfg: config_lib.Config, device, data: input_pipeline.TrainArr
     # memory is the device memory anyway, so streaming costs no transfer.
     budget = cfg.train.on_device_max_bytes or input_pipeline.device_memory_budget(device)
     return device.platform != "cpu" and data.nbytes() <= budget
+
+
+def _note_conv_algorithm(algorithm: str, role: str, devices) -> None:
+    """A stderr note where a tap-by-tap convolution setting is measured to be a poor fit."""
+    platform = devices[0].platform
+    if algorithm != "xla" and platform != "cpu":
+        print(
+            f"note: model.{role}.conv_algorithm={algorithm!r} is written for the CPU; on "
+            f"{platform} XLA's own convolutions ('xla') are usually faster",
+            file=sys.stderr,
+        )
+    elif algorithm == "taps" and len(devices) > 1:
+        print(
+            f"note: model.{role}.conv_algorithm='taps' on {len(devices)} CPU devices: its kernel "
+            "gradients were measured slower than XLA's there; 'taps_forward' keeps the part "
+            "that is faster (README: Speed against PyTorch)",
+            file=sys.stderr,
+        )
 
 
 def _write_run_files(run: _Run, teacher: _Teacher) -> None:

@@ -96,6 +96,28 @@ def test_values_and_gradients_against_numpy_and_jax(batch, size, kernel, padding
             np.testing.assert_array_equal(np.asarray(dw), np.asarray(want_dw))
         else:  # forward is XLA's; the kernel gradient summed tap by tap
             np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+    # "taps_forward": only the one-channel forward is tap by tap; the rest is XLA's, bit for bit.
+    y, dx, dw = forward_taps_vjp(x, w, dy, padding)
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(want_dx))
+    np.testing.assert_array_equal(np.asarray(dw), np.asarray(want_dw))
+    if c_in == 1:
+        assert np.all(np.abs(np.asarray(y, np.float64) - ref_y) <= 1e-6 * scale_y)
+    else:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+
+
+def forward_taps_vjp(x, w, dy, padding):
+    conv = conv_taps.conv_function("taps_forward")
+    out, vjp = jax.vjp(lambda x, w: conv(x, w, (1, 1), padding, dimension_numbers=LAYOUT), x, w)
+    return out, *vjp(dy)
+
+
+def test_conv_function_per_algorithm():
+    assert conv_taps.conv_function("xla") is None
+    assert conv_taps.conv_function("taps") is conv_taps.conv_general_dilated
+    assert callable(conv_taps.conv_function("taps_forward"))
+    with pytest.raises(ValueError, match="conv_algorithm must be one of"):
+        conv_taps.conv_function("im2col")
 
 
 def test_single_channel_form_refuses_more_channels():
@@ -179,14 +201,15 @@ def _everything(model):
     return jax.jit(fn)
 
 
-def test_model_option_matches_xla_to_float_rounding():
-    """conv_algorithm="taps" against "xla" (every convolution is the same in every preset, so
-    the small one): same parameters, logits (eval and train mode), batch statistics, loss and
-    gradients equal to float32 rounding. The conv biases ahead of BatchNorm have an analytic
-    gradient of zero (BN removes a constant shift), so they are held to the scale of their
-    layer's kernel gradient."""
+@pytest.mark.parametrize("algorithm", ["taps_forward", "taps"])
+def test_model_option_matches_xla_to_float_rounding(algorithm):
+    """conv_algorithm="taps_forward" and "taps" against "xla" (every convolution is the same
+    in every preset, so the small one): same parameters, logits (eval and train mode), batch
+    statistics, loss and gradients equal to float32 rounding. The conv biases ahead of
+    BatchNorm have an analytic gradient of zero (BN removes a constant shift), so they are held
+    to the scale of their layer's kernel gradient."""
     xla = models.build_model("tiny")
-    taps = models.build_model("tiny", conv_algorithm="taps")
+    taps = models.build_model("tiny", conv_algorithm=algorithm)
     x = jax.random.normal(jax.random.key(0), (6, 16, 24, 1))
     y = jnp.arange(6) % 4
     shapes = jax.eval_shape(lambda: xla.init(jax.random.key(1), x[:1], train=False))
@@ -231,3 +254,19 @@ def test_the_option_travels_from_the_config_and_bad_values_are_named():
     as_dict = config_lib.to_dict(cfg)
     del as_dict["model"]["student"]["conv_algorithm"]
     assert config_lib.from_dict(as_dict).model.student.conv_algorithm == "xla"
+
+
+def test_export_traces_a_taps_model_with_standard_convolutions():
+    """A model trained with taps exports (ONNX, StableHLO) as plain convolutions."""
+    from dkd_jax import export
+
+    model = models.build_model("tiny", conv_algorithm="taps")
+    x = jnp.zeros((2, 16, 24, 1))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
+    variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.1, s.dtype), variables)
+    fn = export.inference_function(model, variables)
+    primitives = {str(e.primitive) for e in jax.make_jaxpr(fn)(x).jaxpr.eqns}
+    assert "conv_general_dilated" in primitives
+    assert not any("custom_vjp" in p for p in primitives), primitives
+    plain = export.inference_function(models.build_model("tiny"), variables)
+    np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(plain(x)))
