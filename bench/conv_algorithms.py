@@ -1,13 +1,14 @@
-"""The student's training step under each ``conv_algorithm``, interleaved in one process.
+"""The student's training step (or inference) under each ``conv_algorithm``, interleaved.
 
 ``xla`` (XLA's convolutions), ``taps_forward`` (the one-channel first convolutions' forward
 tap by tap) and ``taps`` (also the 3×3 kernel gradients tap by tap), see
 ``dkd_jax/conv_taps.py``: the student's cross-entropy forward + backward (BatchNorm in train
 mode, synchronised over devices) from the same weights on the same batch, round-robin (xla,
-taps_forward, taps, xla, …) so that machine load hits all three alike. One device (``jit``)
-or, with ``--cpu-devices N``, the batch split over N JAX CPU devices (``pmap``, as ``train.py
---cpu-devices N`` trains). Prints JSON (medians, p10/p90, speed relative to ``xla``, load
-average); writes it only with ``--out``.
+taps_forward, taps, xla, …) so that machine load hits all three alike. One device or,
+with ``--cpu-devices N``, the batch split over N JAX CPU devices (``pmap`` either way, as
+``train.py --cpu-devices N`` trains). ``--op inference`` times the eval-mode forward instead
+(where the taps settings also max-pool by reshape + max). Prints JSON (medians, p10/p90, speed
+relative to ``xla``, load average); writes it only with ``--out``.
 
   python bench/conv_algorithms.py --threads 1 --batch 32
   python bench/conv_algorithms.py --cpu-devices 2 --batch 256 --shape 26x63
@@ -41,7 +42,7 @@ def _configure(threads: int, cpu_devices: int) -> None:
     os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
 
-def _steps(shape, batch: int, devices: int) -> dict:
+def _steps(shape, batch: int, devices: int, op: str) -> dict:
     """{algorithm: thunk running one forward + backward}, all from the same variables."""
     import jax
     import jax.numpy as jnp
@@ -71,7 +72,11 @@ def _steps(shape, batch: int, devices: int) -> dict:
 
             return jax.grad(loss, has_aux=True)(params)
 
-        fn = jax.pmap(grads, axis_name="batch")
+        def logits(params, stats, x, y, model=model):
+            del y
+            return model.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+        fn = jax.pmap(grads if op == "train" else logits, axis_name="batch")
         rep = jax.tree.map(lambda a: np.stack([np.asarray(a)] * devices), variables)
         args = (rep["params"], rep["batch_stats"], x, y)
         t0 = time.perf_counter()
@@ -90,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", type=benchjson.shape_arg, default=(26, 63), help="freq x time")
     p.add_argument("--batch", type=int, default=32, help="global batch (split over devices)")
     p.add_argument("--rounds", type=int, default=15, help="timed steps per algorithm")
+    p.add_argument("--op", choices=("train", "inference"), default="train")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.threads < 1 or args.cpu_devices < 1 or args.rounds < 1:
@@ -109,10 +115,11 @@ def main(argv=None) -> int:
         "shape": list(args.shape),
         "batch": args.batch,
         "rounds": args.rounds,
+        "op": args.op,
         "host_memory": memory,
         "load_before": list(os.getloadavg()),
     }
-    thunks = _steps(args.shape, args.batch, args.cpu_devices)
+    thunks = _steps(args.shape, args.batch, args.cpu_devices, args.op)
     times = {a: [] for a in ALGORITHMS}
     for _ in range(args.rounds):
         for algorithm, (fn, _) in thunks.items():

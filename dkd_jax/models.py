@@ -259,7 +259,8 @@ class MACNN(nn.Module):
         ``lax.conv_general_dilated`` and its autodiff), ``"taps_forward"`` (the one-channel first
         convolutions' forward summed kernel tap by kernel tap) or ``"taps"`` (also the 3×3
         stages' kernel gradients); see :mod:`dkd_jax.conv_taps`. Faster on CPU; the same values
-        up to float32 rounding.
+        up to float32 rounding. On CPU both taps settings also max-pool by reshape + max in
+        inference (as every setting does in training), where ``"xla"`` keeps ``nn.max_pool``.
 
     Intermediates (``apply(..., mutable=["intermediates"])``; the return value is unchanged):
     ``embedding`` ``[batch, D]`` (the pooled vector fed to the classifier), and
@@ -387,10 +388,13 @@ class MACNN(nn.Module):
             if pool:
                 # Training on CPU: the pool with the fast one-hot gradient (measured there only;
                 # GPU/TPU keep XLA's reduce_window, as benchmarked). Inference keeps
-                # reduce_window everywhere: same values, but its fusion decides the float
-                # rounding of the BatchNorm before it, and evaluation must stay bit-identical
-                # across versions.
-                if train and jax.default_backend() == "cpu":
+                # reduce_window with conv_algorithm="xla": same values, but its fusion decides
+                # the float rounding of the BatchNorm before it, and "xla" evaluation must stay
+                # bit-identical across versions. The taps settings, already equal to "xla" only
+                # to rounding, take the reshape + max in inference too (faster on CPU:
+                # bench/conv_algorithms.py --op inference).
+                fast_pool = train or self.conv_algorithm != "xla"
+                if fast_pool and jax.default_backend() == "cpu":
                     x = max_pool_2x2(x)
                 else:
                     x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")

@@ -270,3 +270,22 @@ def test_export_traces_a_taps_model_with_standard_convolutions():
     assert not any("custom_vjp" in p for p in primitives), primitives
     plain = export.inference_function(models.build_model("tiny"), variables)
     np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(plain(x)))
+
+
+def test_taps_settings_pool_by_reshape_in_inference_on_cpu():
+    """ "xla" inference keeps nn.max_pool (reduce_window: bit-stable evaluation); the taps
+    settings use the reshape + max there too, as every setting does in training on CPU."""
+    x = jnp.zeros((2, 16, 24, 1))
+
+    def primitives(algorithm, train):
+        model = models.build_model("tiny", conv_algorithm=algorithm)
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        kw = {"mutable": ["batch_stats"]} if train else {}
+        jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=train, **kw))(variables)
+        return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+
+    assert jax.default_backend() == "cpu"
+    assert "reduce_window_max" in primitives("xla", train=False)
+    for algorithm in ("taps_forward", "taps"):
+        assert "reduce_window_max" not in primitives(algorithm, train=False)
+    assert "reduce_window_max" not in primitives("xla", train=True)
