@@ -26,7 +26,6 @@ from pathlib import Path
 import benchjson
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGORITHMS = ("xla", "taps_forward", "taps")
 
 
 def _configure(threads: int, cpu_devices: int) -> None:
@@ -49,7 +48,7 @@ def _steps(shape, batch: int, devices: int, op: str) -> dict:
     import numpy as np
     import optax
 
-    from dkd_jax import models
+    from dkd_jax import conv_taps, models
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(devices, batch // devices, *shape, 1)).astype(np.float32)
@@ -58,7 +57,7 @@ def _steps(shape, batch: int, devices: int, op: str) -> dict:
         jax.random.key(0), jnp.zeros((1, *shape, 1)), train=False
     )
     thunks = {}
-    for algorithm in ALGORITHMS:
+    for algorithm in conv_taps.ALGORITHMS:
         model = models.build_model(
             "student", conv_algorithm=algorithm, batch_norm_axis_name="batch"
         )
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
         "load_before": list(os.getloadavg()),
     }
     thunks = _steps(args.shape, args.batch, args.cpu_devices, args.op)
-    times = {a: [] for a in ALGORITHMS}
+    times = {a: [] for a in thunks}
     for _ in range(args.rounds):
         for algorithm, (fn, _) in thunks.items():
             t0 = time.perf_counter()

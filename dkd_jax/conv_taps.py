@@ -266,3 +266,24 @@ def conv_function(algorithm: str):
 
 def _forward_taps_only(*args, **kwargs) -> jax.Array:
     return conv_general_dilated(*args, **kwargs, tap_kernel_grad=False)
+
+
+def mismatch(algorithm: str, platform: str, num_devices: int) -> str | None:
+    """Why ``algorithm`` is a measured poor fit for training on these devices, or None.
+
+    Any taps setting off the CPU (written for XLA:CPU; the vendor convolutions are the ones to
+    keep), and ``"taps"`` on several CPU devices (its per-tap kernel gradients run slower than
+    XLA's there: ``bench/conv_algorithms.py --cpu-devices 2``).
+    """
+    if algorithm != "xla" and platform != "cpu":
+        return (
+            f"conv_algorithm={algorithm!r} is written for the CPU; on {platform} XLA's own "
+            "convolutions ('xla') are usually faster"
+        )
+    if algorithm == "taps" and num_devices > 1:
+        return (
+            f"conv_algorithm='taps' on {num_devices} CPU devices: its kernel gradients were "
+            "measured slower than XLA's there; 'taps_forward' keeps the part that is faster "
+            "(README: Speed against PyTorch)"
+        )
+    return None

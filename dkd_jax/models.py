@@ -527,8 +527,10 @@ def create_model(
       num_classes: output classes.
       batch_norm_axis_name: the mapped axis BatchNorm synchronises over (training under pmap).
     """
-    overrides: dict[str, Any] = {"dtype": _DTYPES[arch.dtype]}
-    overrides["conv_algorithm"] = arch.conv_algorithm
+    overrides: dict[str, Any] = {
+        "dtype": _DTYPES[arch.dtype],
+        "conv_algorithm": arch.conv_algorithm,
+    }
     for name in ("attention", "attention_heads", "attention_hidden", "init"):
         value = getattr(arch, name)
         if value is not None:

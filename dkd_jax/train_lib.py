@@ -78,6 +78,7 @@ import numpy as np
 
 from dkd_jax import config as config_lib
 from dkd_jax import (
+    conv_taps,
     distributed,
     eval_lib,
     input_pipeline,
@@ -378,7 +379,9 @@ def _build_state(run: _Run, teacher: _Teacher) -> _Built:
     )
     on_device = _use_on_device(cfg, run.devices[0], data)
     arch = getattr(cfg.model, run.role)
-    _note_conv_algorithm(arch.conv_algorithm, run.role, run.devices)
+    mismatch = conv_taps.mismatch(arch.conv_algorithm, run.devices[0].platform, len(run.devices))
+    if mismatch:
+        print(f"note: model.{run.role}.{mismatch}", file=sys.stderr)
     model = models.create_model(
         arch, num_classes=run.num_classes, batch_norm_axis_name=distributed.AXIS
     )
@@ -467,24 +470,6 @@ def _use_on_device(cfg: config_lib.Config, device, data: input_pipeline.TrainArr
     # memory is the device memory anyway, so streaming costs no transfer.
     budget = cfg.train.on_device_max_bytes or input_pipeline.device_memory_budget(device)
     return device.platform != "cpu" and data.nbytes() <= budget
-
-
-def _note_conv_algorithm(algorithm: str, role: str, devices) -> None:
-    """A stderr note where a tap-by-tap convolution setting is measured to be a poor fit."""
-    platform = devices[0].platform
-    if algorithm != "xla" and platform != "cpu":
-        print(
-            f"note: model.{role}.conv_algorithm={algorithm!r} is written for the CPU; on "
-            f"{platform} XLA's own convolutions ('xla') are usually faster",
-            file=sys.stderr,
-        )
-    elif algorithm == "taps" and len(devices) > 1:
-        print(
-            f"note: model.{role}.conv_algorithm='taps' on {len(devices)} CPU devices: its kernel "
-            "gradients were measured slower than XLA's there; 'taps_forward' keeps the part "
-            "that is faster (README: Speed against PyTorch)",
-            file=sys.stderr,
-        )
 
 
 def _write_run_files(run: _Run, teacher: _Teacher) -> None:

@@ -289,3 +289,12 @@ def test_taps_settings_pool_by_reshape_in_inference_on_cpu():
     for algorithm in ("taps_forward", "taps"):
         assert "reduce_window_max" not in primitives(algorithm, train=False)
     assert "reduce_window_max" not in primitives("xla", train=True)
+
+
+def test_mismatch_names_the_settings_measured_slower():
+    assert conv_taps.mismatch("xla", "cpu", 1) is None
+    assert conv_taps.mismatch("xla", "gpu", 8) is None
+    assert conv_taps.mismatch("taps", "cpu", 1) is None
+    assert conv_taps.mismatch("taps_forward", "cpu", 2) is None
+    assert "written for the CPU" in conv_taps.mismatch("taps_forward", "gpu", 1)
+    assert "'taps_forward' keeps" in conv_taps.mismatch("taps", "cpu", 2)
