@@ -50,6 +50,7 @@ def run_demo(
     corpus_size: str = "demo",
     preset: str = "demo",
     jobs: int = 3,
+    overwrite: bool = False,
 ) -> dict:
     """Runs the demo end to end (resumable) and returns the experiment summary.
 
@@ -64,6 +65,9 @@ def run_demo(
         jobs: folds trained at the same time (threads of this process; the numbers do not
             depend on it). On the 2-core machine 3 finished the demo in 196 s, 2 in 213 s, with
             glibc's default allocator; 3 in 167 s with ``dkd_jax.host_memory``.
+        overwrite: delete and retrain runs in ``out`` that were trained with another config
+            (a demo run by an earlier version whose preset differed); without it they are
+            refused with a one-line error.
     """
     out = Path(out)
     t_all = time.perf_counter()
@@ -73,7 +77,9 @@ def run_demo(
     _make_prep(corpus, prep, workers=workers, progress=progress)
     if folds is None:
         folds = QUICK_FOLDS if quick else None
-    summary = _run_protocol(prep, exp_dir, folds=folds, preset=preset, progress=progress, jobs=jobs)
+    summary = _run_protocol(
+        prep, exp_dir, folds=folds, preset=preset, progress=progress, jobs=jobs, overwrite=overwrite
+    )
     _print_result(summary, exp_dir)
     print(f"      total wall time {time.perf_counter() - t_all:.0f} s")
     return summary
@@ -111,7 +117,7 @@ def _make_prep(corpus: Path, prep: Path, *, workers: int | None, progress: bool)
 
 
 def _run_protocol(
-    prep: Path, exp_dir: Path, *, folds, preset: str, progress: bool, jobs: int
+    prep: Path, exp_dir: Path, *, folds, preset: str, progress: bool, jobs: int, overwrite: bool
 ) -> dict:
     from dkd_jax import experiment
 
@@ -124,7 +130,9 @@ def _run_protocol(
         f"loso protocol, folds {list(spec.folds)}, {preset!r} preset: teacher (CE), DKD student, "
         f"CE student per fold -> {exp_dir}",
     )
-    summary = experiment.run_experiment(exp_dir, spec, progress=progress, quiet=False, jobs=jobs)
+    summary = experiment.run_experiment(
+        exp_dir, spec, progress=progress, quiet=False, jobs=jobs, overwrite=overwrite
+    )
     _done(t0, "experiment finished")
     return summary
 
@@ -177,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=3, help="folds trained at once (default 3; same numbers)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain runs in --out trained with another config (e.g. by an earlier version)",
+    )
     args = p.parse_args(argv)
 
     def command() -> int:
@@ -187,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             workers=args.workers,
             jobs=max(1, args.jobs),
+            overwrite=args.overwrite,
         )
         return 0
 

@@ -55,6 +55,8 @@ __all__ = [
     "RunDirError",
     "WorkdirError",
     "WorkdirLockedError",
+    "config_changes",
+    "format_changes",
     "locked",
     "prepare_workdir",
     "read_metrics",
@@ -297,16 +299,11 @@ def prepare_workdir(
             clear_run(workdir)
         return False
     if cfg_path.exists():
-        try:
-            old = config_lib.loads(cfg_path.read_text(), source=str(cfg_path))
-        except config_lib.ConfigError as e:
-            raise WorkdirError(f"{e}; use --overwrite to start a new run there") from None
-        changed = {k: v for k, v in config_lib.diff(old, cfg).items() if k not in RESUME_COMPATIBLE}
+        changed = config_changes(workdir, cfg)
         if changed:
-            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
             raise WorkdirError(
-                f"{workdir} holds a run with a different config ({shown}); use another "
-                "--workdir, or --overwrite to replace it"
+                f"{workdir} holds a run with a different config ({format_changes(changed)}); "
+                "use another --workdir, or --overwrite to replace it"
             )
         return True
     if (workdir / CHECKPOINT_DIR).exists():
@@ -314,6 +311,28 @@ def prepare_workdir(
             f"{workdir} has checkpoints but no config.json; use --overwrite to replace them"
         )
     return False
+
+
+def config_changes(workdir: str | os.PathLike, cfg: config_lib.Config) -> dict[str, tuple]:
+    """{field: (stored, new)} for each field, apart from the :data:`RESUME_COMPATIBLE` ones, in
+    which ``workdir``'s ``config.json`` differs from ``cfg`` (empty when it has none).
+
+    Raises:
+      WorkdirError: the stored ``config.json`` cannot be read as a config.
+    """
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return {}
+    try:
+        old = config_lib.loads(path.read_text(), source=str(path))
+    except config_lib.ConfigError as e:
+        raise WorkdirError(f"{e}; use --overwrite to start a new run there") from None
+    return {k: v for k, v in config_lib.diff(old, cfg).items() if k not in RESUME_COMPATIBLE}
+
+
+def format_changes(changed: Mapping[str, tuple]) -> str:
+    """``"a.b: 1 -> 2, c.d: 'x' -> 'y'"`` for :func:`config_changes` output (sorted)."""
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
 
 
 def clear_run(workdir: str | os.PathLike) -> None:

@@ -6,6 +6,8 @@ minutes; here the same code path runs on the "tiny" corpus and preset with one f
 
 import json
 
+import pytest
+
 from dkd_jax import demo, experiment, run_dir
 
 
@@ -31,11 +33,25 @@ def test_demo_stages_and_resume(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("finished earlier, skipped") == 3
     assert again["models"] == summary["models"]
+    # A run left by an earlier version whose preset differed: refused, then retrained on request.
+    cfg_path = exp_dir / "fold0-seed0" / "student_ce" / run_dir.CONFIG_FILE
+    stored = json.loads(cfg_path.read_text())
+    stored["train"]["eval_every_epochs"] = 2
+    cfg_path.write_text(json.dumps(stored))
+    with pytest.raises(experiment.ExperimentError, match="--overwrite to delete such runs"):
+        demo.run_demo(out, folds=(0,), progress=False, corpus_size="tiny", preset="tiny")
+    capsys.readouterr()
+    third = demo.run_demo(
+        out, folds=(0,), progress=False, corpus_size="tiny", preset="tiny", overwrite=True
+    )
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    assert third["models"] == summary["models"]
 
 
 def test_demo_cli_error_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    rc = demo.main(["--out", str(blocker), "--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("demo: error: ") and len(err.strip().splitlines()) == 1
+    for extra in ([], ["--overwrite"]):
+        rc = demo.main(["--out", str(blocker), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("demo: error: ") and len(err.strip().splitlines()) == 1

@@ -111,6 +111,45 @@ def test_changed_settings_are_refused(exp, tiny_prep_dir):
         experiment.run_experiment(exp_dir, spec, progress=False, quiet=True)
 
 
+def test_a_run_trained_with_an_older_preset_is_refused_or_retrained(exp, tmp_path):
+    # The recorded settings match but a run's config does not (a preset changed between
+    # versions): one line naming the field and the experiment's own remedy, before any training.
+    exp_dir = tmp_path / "copy"
+    shutil.copytree(exp[0], exp_dir)
+    spec = experiment.ExperimentSpec.from_dict(
+        json.loads((exp_dir / experiment.EXPERIMENT_FILE).read_text())
+    )
+    key = "fold1-seed0/student_dkd"
+    cfg_path = exp_dir / key / run_dir.CONFIG_FILE
+    stored = json.loads(cfg_path.read_text())
+    stored["train"]["eval_every_epochs"] = 2
+    cfg_path.write_text(json.dumps(stored))
+    before = _results(exp_dir, key)
+    events = []
+    with pytest.raises(experiment.ExperimentError) as err:
+        experiment.run_experiment(
+            exp_dir, spec, progress=False, quiet=True, on_run=lambda p, s: events.append(s)
+        )
+    msg = str(err.value)
+    assert str(exp_dir / key) in msg and "train.eval_every_epochs: 2 -> 1" in msg
+    assert "--overwrite" in msg and "--workdir" not in msg and len(msg.splitlines()) == 1
+    assert events == ["skipped", "skipped", "skipped"]  # refused before training anything
+    events.clear()
+    experiment.run_experiment(
+        exp_dir,
+        spec,
+        overwrite=True,
+        progress=False,
+        quiet=True,
+        on_run=lambda p, s: events.append((p.key, s)),
+    )
+    assert [k for k, s in events if s == "trained"] == [key]
+    after = _results(exp_dir, key)
+    assert after["config"]["train"]["eval_every_epochs"] == 1
+    for field in ("wa", "ua", "confusion_matrix", "step"):
+        assert after[field] == before[field]  # retrained from scratch: the same run again
+
+
 def test_is_finished_requires_same_config(exp, tiny_prep_dir):
     exp_dir, _, _ = exp
     spec = experiment.ExperimentSpec.from_dict(

@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         "--students", default="dkd", help=f"comma-separated subset of {','.join(STUDENT_LOSSES)}"
     )
     r.add_argument(
-        "--overwrite", action="store_true", help="if --out holds other settings, delete its runs"
+        "--overwrite",
+        action="store_true",
+        help="if --out holds other settings, delete its runs; delete and retrain any run "
+        "trained with another config than planned (e.g. a preset changed since)",
     )
     r.add_argument(
         "--no-progress",

@@ -87,6 +87,22 @@ def _load_or_write_spec(exp_dir: Path, spec: ExperimentSpec, *, overwrite: bool)
     jsonio.write_json(path, spec.to_dict())
 
 
+def _replace_stale_run(workdir: Path, plan: RunPlan, *, overwrite: bool) -> None:
+    """Refuses (or, with ``overwrite``, deletes) a run directory whose training config is not
+    the one this experiment now plans for it, though the recorded settings match: a preset that
+    changed between versions of dkd-jax, or a run edited by hand."""
+    changed = run_dir.config_changes(workdir, plan.config)
+    if not changed:
+        return
+    if not overwrite:
+        raise ExperimentError(
+            f"{workdir} holds a run trained with other settings than this experiment's "
+            f"{plan.model} ({run_dir.format_changes(changed)}; e.g. a preset changed since it was "
+            "trained); use another --out, or --overwrite to delete such runs and train them again"
+        )
+    run_dir.clear_run(workdir)
+
+
 def execute_run(
     plan: RunPlan,
     workdir: Path,
@@ -215,7 +231,9 @@ def run_experiment(
         exp_dir: experiment directory (created if missing).
         spec: the experiment (``make_spec``).
         overwrite: when ``exp_dir`` holds an experiment with other settings, delete its runs
-            and start over (without it, that is an error).
+            and start over; when a run directory holds a run with another training config
+            than planned (a preset changed between versions), delete that run and train it
+            again (without it, both are errors).
         progress: progress bars on a terminal, heartbeat lines elsewhere.
         quiet: print nothing (warnings still go to stderr).
         on_run: called with (plan, "skipped" | "trained") after each run (tests use it).
@@ -263,6 +281,7 @@ def run_experiment(
         "beat": beat,
         "tracker": tracker,
         "on_run": on_run,
+        "overwrite": overwrite,
     }
     work = [
         (gi, group, [p for p in plans if p.group == group]) for gi, group in enumerate(groups, 1)
@@ -283,7 +302,7 @@ def run_experiment(
 
 
 def _run_group(gi, num_groups, group, mine, *, exp_dir, spec, metadata, cache, baselines,
-               validation_only, quiet, bars, beat, tracker, on_run) -> None:  # fmt: skip
+               validation_only, quiet, bars, beat, tracker, on_run, overwrite) -> None:  # fmt: skip
     """One fold/seed group: its checks and baseline, then the teacher and each student."""
     _say(f"  {group} (group {gi} of {num_groups})", quiet=quiet)
     _group_checks(
@@ -300,6 +319,7 @@ def _run_group(gi, num_groups, group, mine, *, exp_dir, spec, metadata, cache, b
         workdir = exp_dir / plan.key
         teacher = exp_dir / plan.teacher_key if plan.teacher_key else None
         plan.config.train.progress = bars
+        _replace_stale_run(workdir, plan, overwrite=overwrite)
         if is_finished(workdir, plan.config):
             tracker.done(plan, "finished earlier, skipped", None)
             status = "skipped"
