@@ -87,20 +87,23 @@ def _load_or_write_spec(exp_dir: Path, spec: ExperimentSpec, *, overwrite: bool)
     jsonio.write_json(path, spec.to_dict())
 
 
-def _replace_stale_run(workdir: Path, plan: RunPlan, *, overwrite: bool) -> None:
-    """Refuses (or, with ``overwrite``, deletes) a run directory whose training config is not
-    the one this experiment now plans for it, though the recorded settings match: a preset that
-    changed between versions of dkd-jax, or a run edited by hand."""
-    changed = run_dir.config_changes(workdir, plan.config)
-    if not changed:
-        return
-    if not overwrite:
-        raise ExperimentError(
-            f"{workdir} holds a run trained with other settings than this experiment's "
-            f"{plan.model} ({run_dir.format_changes(changed)}; e.g. a preset changed since it was "
-            "trained); use another --out, or --overwrite to delete such runs and train them again"
-        )
-    run_dir.clear_run(workdir)
+def _replace_stale_runs(exp_dir: Path, plans: Sequence[RunPlan], *, overwrite: bool) -> None:
+    """Before anything trains: refuses (or, with ``overwrite``, deletes) every run directory whose
+    training config is not the one now planned for it, though the recorded settings match (a
+    preset that changed between versions of dkd-jax, or a run edited by hand)."""
+    for plan in plans:
+        workdir = exp_dir / plan.key
+        changed = run_dir.config_changes(workdir, plan.config)
+        if not changed:
+            continue
+        if not overwrite:
+            raise ExperimentError(
+                f"{workdir} holds a run trained with other settings than this experiment's "
+                f"{plan.model} ({run_dir.format_changes(changed)}; e.g. a preset changed since it "
+                "was trained); use another --out, or --overwrite to delete such runs and train "
+                "them again"
+            )
+        run_dir.clear_run(workdir)
 
 
 def execute_run(
@@ -256,6 +259,7 @@ def run_experiment(
     _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
     _enable_compilation_cache(exp_dir / CACHE_DIR)
     plans = plan_runs(spec, exp_dir)
+    _replace_stale_runs(exp_dir, plans, overwrite=overwrite)
     metadata = records.load_metadata(spec.data)
     groups = list(dict.fromkeys(p.group for p in plans))
     tracker = _Progress(plans, quiet, jobs=min(jobs, len(groups)))
@@ -281,7 +285,6 @@ def run_experiment(
         "beat": beat,
         "tracker": tracker,
         "on_run": on_run,
-        "overwrite": overwrite,
     }
     work = [
         (gi, group, [p for p in plans if p.group == group]) for gi, group in enumerate(groups, 1)
@@ -302,7 +305,7 @@ def run_experiment(
 
 
 def _run_group(gi, num_groups, group, mine, *, exp_dir, spec, metadata, cache, baselines,
-               validation_only, quiet, bars, beat, tracker, on_run, overwrite) -> None:  # fmt: skip
+               validation_only, quiet, bars, beat, tracker, on_run) -> None:  # fmt: skip
     """One fold/seed group: its checks and baseline, then the teacher and each student."""
     _say(f"  {group} (group {gi} of {num_groups})", quiet=quiet)
     _group_checks(
@@ -319,7 +322,6 @@ def _run_group(gi, num_groups, group, mine, *, exp_dir, spec, metadata, cache, b
         workdir = exp_dir / plan.key
         teacher = exp_dir / plan.teacher_key if plan.teacher_key else None
         plan.config.train.progress = bars
-        _replace_stale_run(workdir, plan, overwrite=overwrite)
         if is_finished(workdir, plan.config):
             tracker.done(plan, "finished earlier, skipped", None)
             status = "skipped"
