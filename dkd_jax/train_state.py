@@ -155,8 +155,8 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 (tests/test_train_lib.py checks every preset)."""
 
 
-@functools.lru_cache(maxsize=32)
-def _variables_init(model, segment_shape):
+def _init_function(model, segment_shape):
+    """``rng -> {"params", "batch_stats"}`` for inputs [1, *segment_shape, 1] (not jitted)."""
     shape = (1, *segment_shape, 1)
 
     def init(rng):
@@ -164,5 +164,10 @@ def _variables_init(model, segment_shape):
         variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
         return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
+    return init
+
+
+@functools.lru_cache(maxsize=32)
+def _variables_init(model, segment_shape):
     options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    return jax.jit(init, compiler_options=options)
+    return jax.jit(_init_function(model, segment_shape), compiler_options=options)

@@ -64,6 +64,15 @@ def init_layer(layer, x, seed=0):
     return jax.jit(lambda k, x: layer.init(k, x, train=False))(key, x)
 
 
+def apply(layer, variables, x, *, train=False, mutable=False, **arrays):
+    """``layer.apply`` compiled as one program: run eagerly, every operation of the layer
+    compiles on its own (~60 small XLA compiles per call, most of this file's time).
+    ``arrays``: the other array arguments (mask, rngs)."""
+    return jax.jit(lambda v, x, arrays: layer.apply(v, x, train=train, mutable=mutable, **arrays))(
+        variables, x, arrays
+    )
+
+
 @pytest.fixture(scope="module")
 def feature_map():
     return jax.random.normal(jax.random.key(0), (2, 4, 5, 6), jnp.float32)
@@ -138,9 +147,7 @@ def test_layer_matches_numpy_oracle(feature_map, max_h, max_w):
     params = jax.tree.map(np.asarray, variables["params"])
     # Non-zero biases so the mean-vs-sum treatment of biases is exercised.
     params = jax.tree.map(lambda p: p + 0.1 * np.arange(p.size).reshape(p.shape) / p.size, params)
-    out, state = layer.apply(
-        {"params": params}, feature_map, train=False, mutable=["intermediates"]
-    )
+    out, state = apply(layer, {"params": params}, feature_map, mutable=["intermediates"])
     q, k, v = (np_project(feature_map, params, n, 2) for n in ("query", "key", "value"))
     want, want_w = np_area_attention(q, k, v, max_h, max_w)
     assert out.shape == (2, 4, 5, 8)
@@ -155,7 +162,7 @@ def test_without_projection_is_lineage_self_attention(feature_map):
     layer = make_layer(num_heads=3, use_projection=False, max_area_height=2, max_area_width=2)
     variables = init_layer(layer, feature_map, 0)
     assert models.count_parameters(variables.get("params", {})) == 0
-    out = layer.apply(variables, feature_map, train=False)
+    out = apply(layer, variables, feature_map)
     x = np.asarray(feature_map).reshape(2, 4, 5, 3, 2)
     want, _ = np_area_attention(x, x, x, 2, 2)
     np.testing.assert_allclose(out, want.reshape(2, 4, 5, 6), rtol=1e-4, atol=1e-5)
@@ -168,7 +175,7 @@ def test_without_projection_is_lineage_self_attention(feature_map):
 def test_one_by_one_areas_are_plain_dot_product_attention(feature_map):
     layer = make_layer(num_heads=2, qkv_features=8, max_area_height=1, max_area_width=1)
     variables = init_layer(layer, feature_map, 2)
-    out = layer.apply(variables, feature_map, train=False)
+    out = apply(layer, variables, feature_map)
 
     def project(name):
         return nn.DenseGeneral((2, 4), name=name).apply(
@@ -231,8 +238,8 @@ def test_mask_excludes_every_area_touching_an_invalid_position(feature_map):
     mask[1, 2, 1] = False  # example 1: one hole
     layer = make_layer(num_heads=2, qkv_features=8, max_area_height=2, max_area_width=3)
     variables = init_layer(layer, feature_map, 3)
-    out, state = layer.apply(
-        variables, feature_map, train=False, mask=jnp.asarray(mask), mutable=["intermediates"]
+    out, state = apply(
+        layer, variables, feature_map, mask=jnp.asarray(mask), mutable=["intermediates"]
     )
     params = jax.tree.map(np.asarray, variables["params"])
     q, k, v = (np_project(feature_map, params, n, 2) for n in ("query", "key", "value"))
@@ -245,7 +252,7 @@ def test_mask_excludes_every_area_touching_an_invalid_position(feature_map):
 
     # Features at invalid positions cannot reach any valid query.
     noisy = np.where(mask[..., None], feature_map, 100.0 * np.asarray(feature_map) + 7.0)
-    out_noisy = layer.apply(variables, jnp.asarray(noisy), train=False, mask=jnp.asarray(mask))
+    out_noisy = apply(layer, variables, jnp.asarray(noisy), mask=jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(out_noisy)[mask], np.asarray(out)[mask], rtol=1e-5)
 
 
@@ -253,9 +260,7 @@ def test_fully_masked_example_gives_uniform_weights_not_nan(feature_map):
     mask = jnp.zeros((2, 4, 5), bool)
     layer = make_layer(num_heads=1, qkv_features=4)
     variables = init_layer(layer, feature_map, 0)
-    out, state = layer.apply(
-        variables, feature_map, train=False, mask=mask, mutable=["intermediates"]
-    )
+    out, state = apply(layer, variables, feature_map, mask=mask, mutable=["intermediates"])
     (weights,) = state["intermediates"]["attention_weights"]
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(weights, 1.0 / weights.shape[-1], rtol=1e-6)
@@ -271,26 +276,20 @@ def test_dropout_only_in_training_with_an_rng(feature_map):
     layer = make_layer(num_heads=2, qkv_features=8, dropout_rate=0.5)
     plain = make_layer(num_heads=2, qkv_features=8)
     variables = init_layer(layer, feature_map, 0)
-    eval_out, eval_state = layer.apply(
-        variables, feature_map, train=False, mutable=["intermediates"]
-    )
+    eval_out, eval_state = apply(layer, variables, feature_map, mutable=["intermediates"])
     # Eval: deterministic, no rng needed, identical to the layer without dropout.
-    np.testing.assert_array_equal(eval_out, plain.apply(variables, feature_map, train=False))
+    np.testing.assert_array_equal(eval_out, apply(plain, variables, feature_map))
     np.testing.assert_array_equal(
-        eval_out,
-        layer.apply(variables, feature_map, train=False, rngs={"dropout": jax.random.key(5)}),
+        eval_out, apply(layer, variables, feature_map, rngs={"dropout": jax.random.key(5)})
     )
     # Train without the rng: a clear error, not silently deterministic.
     with pytest.raises(ValueError, match="'dropout' rng"):
         layer.apply(variables, feature_map, train=True)
 
     def train_apply(seed):
-        return layer.apply(
-            variables,
-            feature_map,
-            train=True,
-            rngs={"dropout": jax.random.key(seed)},
-            mutable=["intermediates"],
+        rngs = {"dropout": jax.random.key(seed)}
+        return apply(
+            layer, variables, feature_map, train=True, rngs=rngs, mutable=["intermediates"]
         )
 
     out1, state1 = train_apply(1)
@@ -306,7 +305,7 @@ def test_dropout_only_in_training_with_an_rng(feature_map):
     np.testing.assert_allclose(w_train[~dropped], 2.0 * w_eval[~dropped], rtol=1e-5)
     assert 0.4 < dropped.mean() < 0.6
     # Rate 0 in training needs no rng and equals eval.
-    np.testing.assert_array_equal(plain.apply(variables, feature_map, train=True), eval_out)
+    np.testing.assert_array_equal(apply(plain, variables, feature_map, train=True), eval_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,10 +324,10 @@ def test_query_chunks_give_the_same_result_and_gradients(feature_map, chunk):
         return jnp.sum(jnp.sin(out))
 
     for a, b in zip(
-        jax.value_and_grad(lambda p, x: loss(full, p, x), argnums=(0, 1))(
+        jax.jit(jax.value_and_grad(lambda p, x: loss(full, p, x), argnums=(0, 1)))(
             variables["params"], feature_map
         ),
-        jax.value_and_grad(lambda p, x: loss(chunked, p, x), argnums=(0, 1))(
+        jax.jit(jax.value_and_grad(lambda p, x: loss(chunked, p, x), argnums=(0, 1)))(
             variables["params"], feature_map
         ),
         strict=True,
@@ -340,13 +339,13 @@ def test_query_chunks_give_the_same_result_and_gradients(feature_map, chunk):
 def test_chunked_dropout_is_seeded_and_training_only(feature_map):
     layer = make_layer(num_heads=2, qkv_features=8, dropout_rate=0.3, query_chunk_size=6)
     variables = init_layer(layer, feature_map, 0)
-    eval_out = layer.apply(variables, feature_map, train=False)
+    eval_out = apply(layer, variables, feature_map)
     np.testing.assert_allclose(
-        eval_out, layer.clone(query_chunk_size=None).apply(variables, feature_map, train=False),
+        eval_out, apply(layer.clone(query_chunk_size=None), variables, feature_map),
         rtol=1e-5, atol=1e-6,
     )  # fmt: skip
-    a = layer.apply(variables, feature_map, train=True, rngs={"dropout": jax.random.key(1)})
-    b = layer.apply(variables, feature_map, train=True, rngs={"dropout": jax.random.key(1)})
+    a = apply(layer, variables, feature_map, train=True, rngs={"dropout": jax.random.key(1)})
+    b = apply(layer, variables, feature_map, train=True, rngs={"dropout": jax.random.key(1)})
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, eval_out)
 
@@ -375,8 +374,8 @@ def test_jit_equals_eager_and_pmap_devices_agree(feature_map):
 def test_bfloat16_close_to_float32(feature_map):
     layer = make_layer(num_heads=2, qkv_features=8, max_area_height=3, max_area_width=3)
     variables = init_layer(layer, feature_map, 0)
-    f32 = layer.apply(variables, feature_map, train=False)
-    bf16 = layer.clone(dtype=jnp.bfloat16).apply(variables, feature_map, train=False)
+    f32 = apply(layer, variables, feature_map)
+    bf16 = apply(layer.clone(dtype=jnp.bfloat16), variables, feature_map)
     assert bf16.dtype == jnp.bfloat16
     scale = float(np.abs(np.asarray(f32)).max())
     np.testing.assert_allclose(np.asarray(bf16, np.float32), f32, atol=3e-2 * scale)

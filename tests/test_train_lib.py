@@ -52,6 +52,12 @@ def _optim(**kw):
 # comparison about gradients: with a tiny eps, Adam turns the float noise of exactly-zero
 # gradients (conv biases before BatchNorm) into +-lr steps.
 STEP_OPTIM = config_lib.OptimConfig(schedule="constant", learning_rate=0.5, eps=1.0)
+# The precomputed-teacher step tests share this one (a per-epoch decay, so that the runtime run
+# length shows in the updates; with the default 100 steps per epoch it is constant for them).
+DKD_STEP_OPTIM = dataclasses.replace(STEP_OPTIM, schedule="step_epochs", decay_every=1)
+# Every step test uses 16 segments: one batch shape, so tests with the same step share one
+# compiled program (a step compiles in ~3 s; the suite's time is mostly compiles).
+STEP_SEGMENTS = 16
 
 
 @functools.cache
@@ -313,8 +319,8 @@ def test_mixup_is_a_convex_combination_with_a_partner():
 
 def test_two_devices_equal_one_device_for_the_same_global_batch():
     assert jax.local_device_count() == 2
-    x, y = _data(16)
-    mask = np.arange(16) < 13  # a last partial batch: 3 filler rows
+    x, y = _data(STEP_SEGMENTS)
+    mask = np.arange(STEP_SEGMENTS) < 13  # a last partial batch: 3 filler rows
     spec = _spec()
     results = {}
     for n in (1, 2):
@@ -337,9 +343,9 @@ def test_two_devices_equal_one_device_for_the_same_global_batch():
 
 def test_teacher_step_lowers_the_loss():
     devices = jax.local_devices()
-    x, y = _data(16)
+    x, y = _data(STEP_SEGMENTS)
     _, fns = _fns(_spec(), devices)
-    batch = _batch(x, y, np.ones(16, bool), len(devices))
+    batch = _batch(x, y, np.ones(STEP_SEGMENTS, bool), len(devices))
     _, ms = _run(fns, devices, [batch] * 12)
     first, last = ms[0]["loss"] / ms[0]["count"], ms[-1]["loss"] / ms[-1]["count"]
     assert last < 0.8 * first, (first, last)
@@ -347,12 +353,11 @@ def test_teacher_step_lowers_the_loss():
 
 def test_student_dkd_step_lowers_the_loss_with_precomputed_teacher_logits():
     devices = jax.local_devices()
-    x, y = _data(16)
-    teacher_logits = (np.eye(4)[y] * 4.0 + np.random.default_rng(0).normal(size=(16, 4))).astype(
-        np.float32
-    )
-    _, fns = _fns(_spec(teacher="precomputed"), devices)
-    batch = _batch(x, y, np.ones(16, bool), len(devices), teacher_logits)
+    x, y = _data(STEP_SEGMENTS)
+    noise = np.random.default_rng(0).normal(size=(STEP_SEGMENTS, 4))
+    teacher_logits = (np.eye(4)[y] * 4.0 + noise).astype(np.float32)
+    _, fns = _fns(_spec(teacher="precomputed"), devices, optim=DKD_STEP_OPTIM)
+    batch = _batch(x, y, np.ones(STEP_SEGMENTS, bool), len(devices), teacher_logits)
     _, ms = _run(fns, devices, [batch] * 12, weights=_weights("dkd"))
     assert ms[0]["tckd"] > 0 and ms[0]["nckd"] > 0
     assert ms[-1]["loss"] < 0.8 * ms[0]["loss"], (ms[0]["loss"], ms[-1]["loss"])
@@ -385,11 +390,11 @@ def test_live_teacher_is_frozen_and_never_donated():
 
 def test_nonfinite_loss_freezes_the_last_good_state():
     devices = jax.local_devices()
-    x, y = _data(8)
-    batch = _batch(x, y, np.ones(8, bool), len(devices))
+    x, y = _data(STEP_SEGMENTS)
+    batch = _batch(x, y, np.ones(STEP_SEGMENTS, bool), len(devices))
     bad_x = x.copy()
     bad_x[5, 2, 3] = np.nan  # one corrupt segment in the second batch
-    bad = _batch(bad_x, y, np.ones(8, bool), len(devices))
+    bad = _batch(bad_x, y, np.ones(STEP_SEGMENTS, bool), len(devices))
     _, fns = _fns(_spec(), devices)
     good, _ = _run(fns, devices, [batch])  # the state after step 0
     state, ms = _run(fns, devices, [batch, bad, batch])
@@ -405,16 +410,31 @@ def test_nonfinite_loss_freezes_the_last_good_state():
 
 
 def test_nonfinite_update_freezes_the_initial_state_at_step_zero():
-    """A finite loss and gradient with an absurd learning rate: the update is flagged too."""
+    """A finite loss and gradient whose update overflows (as an absurd learning rate would
+    make it) is flagged too. Here Adam's first moment starts at 3e38, finite: its bias
+    correction (/ 0.1 at step 1) overflows to inf in every parameter's update."""
     devices = jax.local_devices()
-    x, y = _data(8)
-    batch = _batch(x, y, np.ones(8, bool), len(devices))
-    huge = dataclasses.replace(STEP_OPTIM, learning_rate=float("inf"))  # bypasses validate()
-    _, fns = _fns(_spec(), devices, optim=huge)
-    state, ms = _run(fns, devices, [batch, batch])
+    x, y = _data(STEP_SEGMENTS)
+    batch = _batch(x, y, np.ones(STEP_SEGMENTS, bool), len(devices))
+    _, fns = _fns(_spec(), devices)
+    start = _init(fns)
+    poisoned = tuple(
+        part._replace(mu=jax.tree.map(lambda m: jnp.full_like(m, 3e38), part.mu))
+        if isinstance(part, optax.ScaleByAdamState)
+        else part
+        for part in start.opt_state
+    )
+    assert any(isinstance(part, optax.ScaleByAdamState) for part in poisoned)
+    r_state = distributed.replicate(start.replace(opt_state=poisoned), devices)
+    ms = []
+    for _ in range(2):
+        r_state, m = fns.p_step(r_state, batch, None, _weights(), jax.random.PRNGKey(42))
+        ms.append(distributed.unreplicate(m))
+    state = distributed.unreplicate(r_state)
     assert [float(m["nonfinite"]) for m in ms] == [1.0, 0.0]
+    assert np.isfinite(float(ms[0]["loss"])) and np.isfinite(float(ms[0]["grad_norm"]))
     assert int(state.step) == 0 and int(state.bad_step) == 0
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(_init(fns).params), strict=True):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -422,11 +442,10 @@ def test_run_length_is_a_runtime_value_of_the_step():
     """Folds of different sizes (steps per epoch, total steps) share one compiled step, and the
     KD warm-up and the schedule follow the runtime values."""
     devices = jax.local_devices()
-    x, y = _data(8)
-    step_epochs = dataclasses.replace(STEP_OPTIM, schedule="step_epochs", decay_every=1)
-    _, fns = _fns(_spec(teacher="precomputed"), devices, optim=step_epochs)
-    tl = np.zeros((8, NUM_CLASSES), np.float32)
-    batch = _batch(x, y, np.ones(8, bool), len(devices), tl)
+    x, y = _data(STEP_SEGMENTS)
+    _, fns = _fns(_spec(teacher="precomputed"), devices, optim=DKD_STEP_OPTIM)
+    tl = np.zeros((STEP_SEGMENTS, NUM_CLASSES), np.float32)
+    batch = _batch(x, y, np.ones(STEP_SEGMENTS, bool), len(devices), tl)
     before = train_step.TRACE_COUNTS["step_fn"]
     losses = {}
     for spe in (1, 3):
@@ -502,12 +521,14 @@ def test_predict_logits_pads_a_short_last_batch_only_to_a_small_bucket():
 
 @pytest.mark.parametrize("preset", ["student", "teacher", "area_teacher"])
 def test_faster_init_compilation_gives_the_same_parameters_bit_for_bit(preset):
+    # The production initialiser (INIT_COMPILER_OPTIONS on the CPU), for the model and shape
+    # that test_export.py also initialises: one of the two compiles here is shared.
     model = models.build_model(preset, num_classes=NUM_CLASSES)
-
-    def init(rng):
-        return model.init(rng, jnp.zeros((1, 26, 63, 1), jnp.float32), train=False)
-
-    plain = jax.jit(init)(jax.random.PRNGKey(3))
-    fast = jax.jit(init, compiler_options=train_state.INIT_COMPILER_OPTIONS)(jax.random.PRNGKey(3))
+    shape = (26, 63)
+    fast = train_state.init_variables(jax.random.PRNGKey(3), model, shape)
+    plain = jax.jit(train_state._init_function(model.clone(batch_norm_axis_name=None), shape))
+    assert jax.default_backend() == "cpu" and train_state.INIT_COMPILER_OPTIONS
+    plain = jax.device_get(plain(jax.random.PRNGKey(3)))
+    assert jax.tree.structure(plain) == jax.tree.structure(fast)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fast), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
