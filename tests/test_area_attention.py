@@ -10,7 +10,7 @@ import pytest
 from flax import jax_utils
 
 from dkd_jax import area_attention as aa
-from dkd_jax import models
+from dkd_jax import models, train_state
 
 # ---------------------------------------------------------------------------------------------
 # NumPy oracle: every area enumerated explicitly (no summed-area tables), float64.
@@ -59,9 +59,14 @@ def make_layer(**kwargs):
 
 
 def init_layer(layer, x, seed=0):
-    """Jitted init with an rbg key (threefry init compiles several times slower on CPU)."""
+    """Jitted init with an rbg key (threefry init compiles several times slower on CPU), at the
+    production initialiser's compiler options (the same bits, a faster compile)."""
     key = jax.random.key(seed, impl="rbg")
-    return jax.jit(lambda k, x: layer.init(k, x, train=False))(key, x)
+    init = jax.jit(
+        lambda k, x: layer.init(k, x, train=False),
+        compiler_options=train_state.INIT_COMPILER_OPTIONS,
+    )
+    return init(key, x)
 
 
 def apply(layer, variables, x, *, train=False, mutable=False, **arrays):

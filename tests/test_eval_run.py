@@ -37,10 +37,17 @@ def _normalise(features, norm):
     return ((features - mean) / std).astype(np.float32)
 
 
+def _forward(restored, x):
+    """The model's eval-mode logits of one unpadded batch, jitted (run eagerly, each of the
+    model's operations would compile on its own)."""
+    apply = jax.jit(lambda variables, x: restored.model.apply(variables, x, train=False))
+    return np.asarray(apply(restored.variables, x))
+
+
 def _reference_logits(restored, features):
     """Model logits of one unpadded batch (no masking, no pmap): the lineage's per-utterance way."""
     x = _normalise(features, restored.normalization)[..., None]
-    return np.asarray(restored.model.apply(restored.variables, x, train=False), np.float64)
+    return np.asarray(_forward(restored, x), np.float64)
 
 
 def test_evaluate_run_matches_per_utterance_reference(run_path, restored, tiny_prep_dir):
@@ -228,7 +235,7 @@ def test_predict_groups_normalise_one_speakers_files_together(
     x = np.where(mask[:, None, :], feats, np.nan).astype(np.float64)
     mean, std = np.nanmean(x, axis=(0, 2)), np.sqrt(np.nanvar(x, axis=(0, 2)) + 1e-6)
     norm = ((feats - mean[None, :, None]) / std[None, :, None]).astype(np.float32)
-    logits = np.asarray(restored.model.apply(restored.variables, norm[..., None], train=False))
+    logits = _forward(restored, norm[..., None])
     start = 0
     for s, entry in zip(segs, grouped["files"], strict=True):
         m = logits[start : start + len(s["segments"])].mean(axis=0)

@@ -149,8 +149,9 @@ def test_dkd_loss_and_gradient_match_jax(scale):
     zt = (scale * rng.normal(size=(7, 4))).astype(np.float32)
     y = np.array([0, 1, 2, 3, 0, 1, 2], np.int32)
     kw = {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
-    ours = losses.dkd_loss(zs, zt, y, **kw)
-    grad_ours = jax.grad(lambda s: losses.dkd_loss(s, zt, y, **kw).mean())(zs)
+    # jitted, as the training step runs it (and one compile, not one per operation)
+    ours = jax.jit(lambda s, t: losses.dkd_loss(s, t, y, **kw))(zs, zt)
+    grad_ours = jax.jit(jax.grad(lambda s: losses.dkd_loss(s, zt, y, **kw).mean()))(zs)
     s = torch.tensor(zs, requires_grad=True)
     theirs = torch_macnn.dkd_loss(s, torch.from_numpy(zt), torch.from_numpy(y).long(), **kw)
     theirs.mean().backward()
