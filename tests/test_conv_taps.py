@@ -269,7 +269,9 @@ def test_export_traces_a_taps_model_with_standard_convolutions():
     assert "conv_general_dilated" in primitives
     assert not any("custom_vjp" in p for p in primitives), primitives
     plain = export.inference_function(models.build_model("tiny"), variables)
-    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(x)), np.asarray(jax.jit(plain)(x)))
+    # Eager on purpose: jitted, the constant (splat) conv kernels closed over here give NaN or
+    # run-to-run different logits on XLA:CPU (jax 0.10.2; random-valued kernels are exact).
+    np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(plain(x)))
 
 
 def test_taps_settings_pool_by_reshape_in_inference_on_cpu():
