@@ -255,7 +255,8 @@ class TrainConfig:
     log_every_steps: int = 50
     # Show a tqdm progress bar (only when stderr is a terminal).
     progress: bool = True
-    # Persistent XLA compilation cache directory ("" = JAX's default / env setting).
+    # Persistent XLA compilation cache directory ("" = JAX's default; a JAX_COMPILATION_CACHE_DIR
+    # set in the environment takes precedence over this value).
     compilation_cache_dir: str = ""
     # Debugging: abort (as if the process were killed, without a final checkpoint) after this
     # many steps of this invocation (0 = off). Used to test exact resume.

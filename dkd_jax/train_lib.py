@@ -111,15 +111,26 @@ class TeacherMismatchError(TrainingError):
 # --------------------------------------------------------------------------------------------
 
 
-def enable_compilation_cache(cache_dir: str | os.PathLike) -> None:
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def enable_compilation_cache(cache_dir: str | os.PathLike) -> bool:
     """Turns on JAX's persistent compilation cache in ``cache_dir`` (created if missing), for
     every compile whatever its time or size (``train.compilation_cache_dir``; the experiment
-    runner points every run at ``EXP/.jax_cache``)."""
+    runner points every run at ``EXP/.jax_cache``).
+
+    A cache named in the environment (``JAX_COMPILATION_CACHE_DIR``, JAX's own setting) wins:
+    the process keeps it, so one cache can serve several experiments (and a test session keeps
+    one cache when it runs several). Returns whether ``cache_dir`` was enabled.
+    """
+    if os.environ.get(CACHE_ENV):
+        return False
     path = Path(cache_dir)
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return True
 
 
 def train_and_evaluate(

@@ -532,3 +532,20 @@ def test_faster_init_compilation_gives_the_same_parameters_bit_for_bit(preset):
     assert jax.tree.structure(plain) == jax.tree.structure(fast)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fast), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_a_compilation_cache_named_in_the_environment_wins(monkeypatch, tmp_path):
+    from dkd_jax import train_lib
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv(train_lib.CACHE_ENV, str(tmp_path / "env_cache"))
+        assert train_lib.enable_compilation_cache(tmp_path / "run_cache") is False
+        assert jax.config.jax_compilation_cache_dir == before
+        assert not (tmp_path / "run_cache").exists()
+        monkeypatch.delenv(train_lib.CACHE_ENV)
+        assert train_lib.enable_compilation_cache(tmp_path / "run_cache") is True
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "run_cache")
+        assert (tmp_path / "run_cache").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -6,7 +6,8 @@ Owns the layout of an experiment directory and everything needed to fill and sum
     EXP/<group>/teacher/         one training workdir per run (config.json, split.json,
     EXP/<group>/student_dkd/       metrics.jsonl, checkpoints/, results.json, confusion.png)
     EXP/summary.json, summary.md mean ± std of WA/UA per model, the per-run table
-    EXP/.jax_cache/              persistent XLA compilation cache shared by all runs
+    EXP/.jax_cache/              persistent XLA compilation cache shared by all runs (unless
+                                 JAX_COMPILATION_CACHE_DIR names another)
 
 ``<group>`` is ``fold<k>-seed<s>`` for ``loso`` (fold k holds out the k-th session; the seed is
 the training seed) and ``seed<s>`` for ``paper`` (the seed draws the 80/20 split *and* seeds
