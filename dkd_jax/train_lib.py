@@ -119,10 +119,8 @@ def enable_compilation_cache(cache_dir: str | os.PathLike) -> bool:
     every compile whatever its time or size (``train.compilation_cache_dir``; the experiment
     runner points every run at ``EXP/.jax_cache``).
 
-    A cache named in the environment (``JAX_COMPILATION_CACHE_DIR``, JAX's own setting) wins:
-    the process keeps it, so one cache can serve several experiments (and a test session keeps
-    one cache when it runs several). Returns whether ``cache_dir`` was enabled.
-    """
+    A cache named in the environment (``JAX_COMPILATION_CACHE_DIR``, JAX's own setting) wins,
+    so one cache can serve several experiments. Returns whether ``cache_dir`` was enabled."""
     if os.environ.get(CACHE_ENV):
         return False
     path = Path(cache_dir)

@@ -4,6 +4,7 @@ Uses the session's tiny experiment (tests/helpers_eval.py), trained with global 
 normalisation, so the references below must apply the stored training statistics themselves.
 """
 
+import functools
 import json
 import shutil
 
@@ -37,11 +38,16 @@ def _normalise(features, norm):
     return ((features - mean) / std).astype(np.float32)
 
 
+@functools.cache
+def _jitted_forward(model):
+    """The model's eval-mode forward, jitted once per model (eager ``apply`` would compile
+    every layer's operations one by one)."""
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
 def _forward(restored, x):
-    """The model's eval-mode logits of one unpadded batch, jitted (run eagerly, each of the
-    model's operations would compile on its own)."""
-    apply = jax.jit(lambda variables, x: restored.model.apply(variables, x, train=False))
-    return np.asarray(apply(restored.variables, x))
+    """The restored model's logits of one unpadded batch."""
+    return np.asarray(_jitted_forward(restored.model)(restored.variables, x))
 
 
 def _reference_logits(restored, features):
