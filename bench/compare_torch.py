@@ -9,7 +9,8 @@ same weights (the Flax initialisation ported to PyTorch, ``bench/torch_macnn.py`
 * ``dkd``: a distillation step: the frozen teacher's (8 heads × 256) eval-mode forward, the
   student's forward/backward on CE + ramp·DKD (α 1, β 8, T 4, ramp 1/5 as in the first epoch)
   and an Adam update;
-* ``inference``: student eval-mode logits of one batch, host arrays in and out.
+* ``inference``: student eval-mode logits of one batch, host arrays in and out (the weights
+  already on the device on both sides: dkd-jax's replicated once, as its evaluation does).
 
 "Ours" is the project's real compiled step, built only through dkd_jax's public
 functions in :func:`build_ours` (the one place to change when that API changes). Its batch is
@@ -149,12 +150,21 @@ def build_ours(
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         eval_model = models.create_model(cfg.model.student, num_classes=4)
         batch = len(features)
+        # The weights go to the devices once, as the training loop's evaluation puts them once
+        # for all its batches and sets (and as PyTorch's model sits on its device); the host
+        # batch goes in and the logits come out in every timed call.
+        on_devices = eval_lib.replicate_variables(variables, devices)
 
         out = {}
 
         def predict():
             out["logits"] = eval_lib.predict_logits(
-                eval_model, variables, features, batch_size=batch, devices=devices
+                eval_model,
+                on_devices,
+                features,
+                batch_size=batch,
+                devices=devices,
+                replicated=True,
             )
 
         nan = float("nan")

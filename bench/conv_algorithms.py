@@ -7,7 +7,7 @@ mode, synchronised over devices) from the same weights on the same batch, round-
 taps_forward, taps, xla, …) so that machine load hits all three alike. One device or,
 with ``--cpu-devices N``, the batch split over N JAX CPU devices (``pmap`` either way, as
 ``train.py --cpu-devices N`` trains). ``--op inference`` times the eval-mode forward instead
-(where the taps settings also max-pool by reshape + max). Prints JSON (medians, p10/p90, speed
+(where the taps settings also max-pool by strided slices). Prints JSON (medians, p10/p90, speed
 relative to ``xla``, load average); writes it only with ``--out``.
 
   python bench/conv_algorithms.py --threads 1 --batch 32

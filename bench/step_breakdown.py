@@ -8,8 +8,9 @@ Complements ``bench/compare_torch.py`` (which times whole steps): every piece is
   and gradients, BatchNorm in train mode) / ``student_step`` (+ Adam with coupled L2);
 * ``teacher_forward_eval`` (the frozen teacher of a DKD step);
 * ``maxpool_backward_*``: the two 2×2 max-pools of the trunk (forward + backward of a sum of
-  squares) as ``flax.linen.max_pool`` (XLA ``select_and_scatter`` gradient), as a reshape + max,
-  and in PyTorch;
+  squares) as ``flax.linen.max_pool`` (XLA ``select_and_scatter`` gradient), as a plain
+  reshape + max, as the project's ``models.max_pool_2x2`` (strided slices, a select per window
+  corner in the gradient: what training on CPU uses) and in PyTorch;
 * ``conv_*``: every convolution of the trunk at its own input shape, three ways each: the
   forward, the input gradient (``dx``) and the kernel gradient (``dw``),
   ``lax.conv_general_dilated`` under ``jax.vjp`` against ``torch.nn.functional.conv2d`` /
@@ -164,13 +165,15 @@ def _student_pieces(shape, batch):
 
 
 def _pool_pieces(shape, batch):
-    """The two max-pools' forward + backward, three ways, on the trunk's pooled map shapes."""
+    """The two max-pools' forward + backward, four ways, on the trunk's pooled map shapes."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
     import torch.nn.functional as F
+
+    from dkd_jax import models
 
     h, w = shape[0] - 1, shape[1] - 1  # after the first convolutions
     out = {}
@@ -186,6 +189,7 @@ def _pool_pieces(shape, batch):
 
         flax_grad = jax.jit(jax.grad(lambda v: (nn.max_pool(v, (2, 2), (2, 2)) ** 2).sum()))
         reshape_grad = jax.jit(jax.grad(lambda v: (reshape_max(v) ** 2).sum()))
+        project_grad = jax.jit(jax.grad(lambda v: (models.max_pool_2x2(v) ** 2).sum()))
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_(True)
 
         def torch_grad(xt=xt):
@@ -195,6 +199,7 @@ def _pool_pieces(shape, batch):
         out[f"maxpool_backward_{name}_{hh}x{ww}x{c}"] = {
             "jax_select_and_scatter": lambda f=flax_grad, v=xj: f(v).block_until_ready(),
             "jax_reshape_max": lambda f=reshape_grad, v=xj: f(v).block_until_ready(),
+            "jax_max_pool_2x2": lambda f=project_grad, v=xj: f(v).block_until_ready(),
             "torch": torch_grad,
         }
     return out

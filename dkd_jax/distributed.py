@@ -166,14 +166,11 @@ def device_axis_sharding(devices) -> jax.NamedSharding:
 def replicate(tree, devices):
     """Copies of a host pytree on every device, stacked on a leading [devices] axis with the
     same sharding pmap gives its outputs (so the first call does not trace differently)."""
-    sharding = device_axis_sharding(devices)
     n = len(devices)
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.device_put(np.broadcast_to(x[None], (n, *x.shape)), sharding)
-
-    return jax.tree.map(put, tree)
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x))), tree)
+    # One device_put for the whole tree: a put per leaf cost twice as long (the student's 44
+    # leaves: 2.3 against 1.25 ms on one CPU device), paid at every evaluation.
+    return jax.device_put(stacked, device_axis_sharding(devices))
 
 
 def unreplicate(tree):

@@ -259,7 +259,7 @@ class MACNN(nn.Module):
         ``lax.conv_general_dilated`` and its autodiff), ``"taps_forward"`` (the one-channel first
         convolutions' forward summed kernel tap by kernel tap) or ``"taps"`` (also the 3×3
         stages' kernel gradients); see :mod:`dkd_jax.conv_taps`. Faster on CPU; the same values
-        up to float32 rounding. On CPU both taps settings also max-pool by reshape + max in
+        up to float32 rounding. On CPU both taps settings also max-pool by strided slices in
         inference (as every setting does in training), where ``"xla"`` keeps ``nn.max_pool``.
 
     Intermediates (``apply(..., mutable=["intermediates"])``; the return value is unchanged):
@@ -386,13 +386,12 @@ class MACNN(nn.Module):
         for name, features, pool in STAGES:
             x = conv_bn_relu(x, name, features, (3, 3), ((1, 1), (1, 1)))
             if pool:
-                # Training on CPU: the pool with the fast one-hot gradient (measured there only;
-                # GPU/TPU keep XLA's reduce_window, as benchmarked). Inference keeps
-                # reduce_window with conv_algorithm="xla": same values, but its fusion decides
-                # the float rounding of the BatchNorm before it, and "xla" evaluation must stay
-                # bit-identical across versions. The taps settings, already equal to "xla" only
-                # to rounding, take the reshape + max in inference too (faster on CPU:
-                # bench/conv_algorithms.py --op inference).
+                # Training on CPU: the strided-slice pool with the fast gradient (measured there
+                # only; GPU/TPU keep XLA's reduce_window, as benchmarked). Inference keeps
+                # reduce_window with conv_algorithm="xla" (the form its exported ONNX/StableHLO
+                # graphs hold, and whose evaluation earlier versions computed); the taps
+                # settings, a CPU speed choice, take the strided-slice pool in inference too
+                # (faster on CPU: bench/conv_algorithms.py --op inference).
                 fast_pool = train or self.conv_algorithm != "xla"
                 if fast_pool and jax.default_backend() == "cpu":
                     x = max_pool_2x2(x)
@@ -481,33 +480,46 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")``, and the
     same gradient bit for bit: each window's whole gradient goes to its *first* maximum in
-    row-major order (XLA's select-and-scatter with ``>=``). Written as reshape + max, with the
-    gradient as a one-hot scatter, because XLA:CPU runs ``reduce_window``'s gradient (select-and-
-    scatter) about 3x slower than this (``bench/step_breakdown.py``).
+    row-major order (XLA's select-and-scatter with ``>=``). Written with strided slices (the
+    maximum of the row pairs, then of the column pairs) and the gradient as a select per window
+    corner, because on XLA:CPU ``reduce_window``'s gradient (select-and-scatter) runs about 3x
+    slower than this (``bench/step_breakdown.py``) and its forward about 2x slower at batch 256.
     """
-    return _pool_fwd(x)[0]
+    return _pool_max(x)
 
 
-def _windows(x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2]
-    x = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4, c)  # row-major window
+def _even(x: jax.Array) -> jax.Array:
+    _, h, w, _ = x.shape
+    return x[:, : h - h % 2, : w - w % 2]
+
+
+def _pool_max(x: jax.Array) -> jax.Array:
+    x = _even(x)
+    rows = jnp.maximum(x[:, 0::2], x[:, 1::2])
+    return jnp.maximum(rows[:, :, 0::2], rows[:, :, 1::2])
 
 
 def _pool_fwd(x: jax.Array):
-    win = _windows(x)
-    first = jnp.argmax(win, axis=3)  # the first maximum, as select-and-scatter picks it
-    return jnp.max(win, axis=3), (first, x.shape)
+    pooled = _pool_max(x)
+    e = _even(x)
+    # Which corner holds the first maximum (row-major: 0 top left, 1 top right, 2 bottom
+    # left, 3 bottom right), as select-and-scatter picks it.
+    first = jnp.where(
+        e[:, 0::2, 0::2] == pooled,
+        0,
+        jnp.where(e[:, 0::2, 1::2] == pooled, 1, jnp.where(e[:, 1::2, 0::2] == pooled, 2, 3)),
+    ).astype(jnp.int8)
+    return pooled, (first, x.shape)
 
 
 def _pool_bwd(res, g: jax.Array):
-    first, shape = res
-    b, h, w, c = shape
-    onehot = first[:, :, :, None, :] == jnp.arange(4, dtype=first.dtype)[None, None, None, :, None]
-    win = jnp.where(onehot, g[:, :, :, None, :], jnp.zeros((), g.dtype))
-    win = win.reshape(b, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
-    dx = win.reshape(b, 2 * (h // 2), 2 * (w // 2), c)
+    first, (b, h, w, c) = res
+    zero = jnp.zeros((), g.dtype)
+    corner = [jnp.where(first == k, g, zero) for k in range(4)]
+    # Interleave the corners back: columns within each row of windows, then the two rows.
+    top = jnp.stack(corner[:2], axis=3).reshape(b, h // 2, 2 * (w // 2), c)
+    bottom = jnp.stack(corner[2:], axis=3).reshape(b, h // 2, 2 * (w // 2), c)
+    dx = jnp.stack([top, bottom], axis=2).reshape(b, 2 * (h // 2), 2 * (w // 2), c)
     return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 

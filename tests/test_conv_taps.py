@@ -274,9 +274,10 @@ def test_export_traces_a_taps_model_with_standard_convolutions():
     np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(plain(x)))
 
 
-def test_taps_settings_pool_by_reshape_in_inference_on_cpu():
-    """ "xla" inference keeps nn.max_pool (reduce_window: bit-stable evaluation); the taps
-    settings use the reshape + max there too, as every setting does in training on CPU."""
+def test_taps_settings_pool_by_strided_slices_in_inference_on_cpu():
+    """ "xla" inference keeps nn.max_pool (reduce_window: what exports and earlier versions
+    hold); the taps settings use the strided-slice pool there too, as every setting does in
+    training on CPU."""
     x = jnp.zeros((2, 16, 24, 1))
 
     def primitives(algorithm, train):

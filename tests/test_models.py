@@ -616,7 +616,7 @@ def test_area_model_dropout_needs_rng_only_in_training(mfcc_batch):
 
 @pytest.mark.parametrize("shape", [(3, 6, 8, 5), (2, 7, 9, 3), (1, 2, 2, 1)])
 def test_max_pool_equals_flax_max_pool_and_its_gradient_bit_for_bit(shape):
-    """The reshape + max pool (faster gradient on XLA:CPU) gives nn.max_pool's values and
+    """The strided-slice pool (faster on XLA:CPU) gives nn.max_pool's values and
     select-and-scatter's gradient exactly, ties included (the first maximum takes it all)."""
     import flax.linen as nn
 
@@ -624,6 +624,7 @@ def test_max_pool_equals_flax_max_pool_and_its_gradient_bit_for_bit(shape):
     x = rng.normal(size=shape).astype(np.float32)
     x[..., :2] = np.round(x[..., :2])  # many ties
     x[0, :2, :2, 0] = 0.0  # a window of four equal values
+    x[0, :2, :2, -1] = [[-1.0, -0.0], [0.0, -2.0]]  # zeros of both signs: the first one wins
     g = rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
 
     def flax_pool(v):
@@ -633,4 +634,6 @@ def test_max_pool_equals_flax_max_pool_and_its_gradient_bit_for_bit(shape):
         want, want_vjp = jax.vjp(fn(flax_pool), x)
         got, got_vjp = jax.vjp(fn(models.max_pool_2x2), x)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        plain = np.asarray(fn(models.max_pool_2x2)(x))  # the primal (inference) form
+        assert plain.tobytes() == np.asarray(want).tobytes()  # the sign of a zero too
         np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(want_vjp(g)[0]))

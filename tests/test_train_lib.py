@@ -317,6 +317,30 @@ def test_mixup_is_a_convex_combination_with_a_partner():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_replicate_puts_one_copy_per_device_with_pmaps_layout():
+    devices = jax.local_devices()[:2]
+    tree = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "count": np.int32(7),
+        "half": jnp.ones((3,), jnp.bfloat16),  # a device array in, as a train state holds
+        "nested": {"b": np.float32(-1.5)},
+        "empty": {},
+    }
+    out = distributed.replicate(tree, devices)
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    sharding = distributed.device_axis_sharding(devices)
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
+        want = np.asarray(want)
+        assert got.shape == (2, *want.shape) and got.dtype == want.dtype
+        assert got.sharding == sharding
+        for shard, device in zip(got.addressable_shards, devices, strict=True):
+            assert shard.device == device
+            np.testing.assert_array_equal(np.asarray(shard.data)[0], want)
+    back = distributed.unreplicate(out)
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    assert back["count"] == 7
+
+
 def test_two_devices_equal_one_device_for_the_same_global_batch():
     assert jax.local_device_count() == 2
     x, y = _data(STEP_SEGMENTS)
