@@ -7,6 +7,9 @@ normalisation, so the references below must apply the stored training statistics
 import functools
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import helpers_eval
 import jax
@@ -18,6 +21,7 @@ import eval as eval_cli  # the script at the repository root (pytest pythonpath)
 from dkd_jax import audio, eval_lib, predict, records, run_dir
 
 RUN = "fold0-seed0/student_dkd"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,43 @@ def test_eval_cli_writes_results_and_plot(run_path, tmp_path, capsys):
     for key in ("packages", "device", "git"):
         assert key in res["provenance"]
     assert res["data"]["content_hash"].startswith("sha256:")
+
+
+def test_eval_cli_splits_the_cpu_into_devices(run_path, tmp_path, capsys):
+    """--cpu-devices N scores over N JAX CPU devices (a fresh process: the device count must be
+    chosen before JAX starts) with the one-device numbers, and is refused once JAX runs."""
+    work = tmp_path / "run"
+    shutil.copytree(run_path, work)
+    before = json.loads((work / run_dir.RESULTS_FILE).read_text())
+    scores = run_dir.read_scores(work)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--workdir", str(work), "--cpu-devices", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads((work / run_dir.RESULTS_FILE).read_text())
+    assert after["provenance"]["device"]["local_device_count"] == 3  # over the suite's 2
+    assert (after["wa"], after["ua"]) == (before["wa"], before["ua"])
+    split = run_dir.read_scores(work)
+    assert split.keys() == scores.keys() and scores
+    for key, row in scores.items():
+        assert split[key]["prediction"] == row["prediction"]
+        np.testing.assert_allclose(split[key]["scores"], row["scores"], atol=1e-5)
+    # In this process JAX already runs: a one-line refusal, not a silently ignored setting.
+    assert eval_cli.main(["--workdir", str(work), "--cpu-devices", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "JAX has already started its backends" in err
+    argv = ["predict", "--workdir", str(work), "a.wav", "--cpu-devices", "3"]
+    assert eval_cli.main(argv) == 2
+    assert "JAX has already started its backends" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(["predict", "--model", str(work), "a.wav", "--cpu-devices", "2"])
+    assert "with --model use --threads" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(["predict", "--model", str(work), "--stream", "a.wav", "--cpu-devices", "2"])
+    assert "with --model use --threads" in capsys.readouterr().err
 
 
 def test_eval_cli_errors_are_one_line(run_path, tiny_prep_dir, tmp_path, capsys):
