@@ -13,6 +13,7 @@ run is restored for evaluation belong to ``run_dir``.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,13 @@ class Checkpointer:
             state_args = ocp.args.StandardRestore()
         else:
             state_args = ocp.args.StandardRestore(jax.tree.map(_abstract, target))
-        out = self._manager.restore(
-            step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
-        )
+        try:
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+            )
+        except Exception:
+            _drop_late_reads_into_closed_loops()
+            raise
         meta = out["meta"]
         if not isinstance(meta, dict):
             raise ValueError(f"meta is {type(meta).__name__}, not a JSON object")
@@ -125,6 +130,42 @@ class Checkpointer:
     def close(self) -> None:
         """Releases orbax resources."""
         self._manager.close()
+
+
+def _drop_late_reads_into_closed_loops() -> None:
+    """Silences the reads a failed restore abandoned (installed once, after the first failure).
+
+    orbax restores on an asyncio loop that it closes as soon as one read fails; tensorstore
+    still completes the other reads it had started, and each completion then tries to schedule
+    a callback on the closed loop. Python reports every such attempt as an unraisable
+    ``RuntimeError: Event loop is closed`` traceback on stderr, after the caller's one-line error
+    (three of them for a truncated state file). Only exactly those reports are dropped: that
+    error, raised inside ``call_soon_threadsafe``; everything else reaches the previous hook.
+    """
+    global _late_reads_hook_installed
+    if _late_reads_hook_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_late_read(unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _late_reads_hook_installed = True
+
+
+_late_reads_hook_installed = False
+
+
+def _is_late_read(exc: BaseException | None, tb) -> bool:
+    if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+        return False
+    names = set()
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in names
 
 
 def _abstract(x):

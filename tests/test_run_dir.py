@@ -5,6 +5,7 @@ checkpoint every 2 steps) and compare every recovered run with one uninterrupted
 of the same config: same parameters bit for bit, same metrics.jsonl.
 """
 
+import asyncio
 import errno
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import jax
@@ -269,6 +271,42 @@ def test_eval_names_a_damaged_checkpoint_and_suggests_another_step(reference, tm
     assert f"--step {steps[-2]}" in err
     assert newest.is_dir()  # eval never moves anything
     assert eval_cli.main(["--workdir", str(wd), "--step", str(steps[-2]), "--no-write"]) == 0
+    # As a command: nothing after the one line (orbax's abandoned reads used to print three
+    # "Event loop is closed" tracebacks once its loop had closed).
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), "--workdir", str(wd)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"eval.py: error: {newest}: unreadable checkpoint")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_only_the_abandoned_reads_of_a_failed_restore_are_silenced(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(checkpointing, "_late_reads_hook_installed", False)
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:
+            return types.SimpleNamespace(
+                exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__, object=None
+            )
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    late = raised(lambda: loop.call_soon_threadsafe(print))  # what tensorstore's thread hits
+    elsewhere = raised(lambda: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
+    other = raised(lambda: 1 / 0)
+    checkpointing._drop_late_reads_into_closed_loops()
+    checkpointing._drop_late_reads_into_closed_loops()  # installed once
+    for u in (late, elsewhere, other):
+        sys.unraisablehook(u)
+    assert seen == [elsewhere, other]
 
 
 # --------------------------------------------------------------------------------------------
