@@ -24,21 +24,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+from dkd_jax import cli_args
 
 
 def _add_cpu_devices(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-devices",
-        type=_positive_int,
+        type=cli_args.positive_int,
         metavar="N",
         help="CPU only: split every batch over N JAX CPU devices (data parallel over the "
         "cores, as train.py --cpu-devices). Default: JAX's CPU device count",

@@ -15,15 +15,7 @@ import json
 import os
 import sys
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+from dkd_jax import cli_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--process-id", type=int)
     p.add_argument(
         "--cpu-devices",
-        type=_positive_int,
+        type=cli_args.positive_int,
         metavar="N",
         help="CPU only: split the CPU into N JAX devices, each taking 1/N of every batch (data "
         "parallel over the cores; README: Training, 'Several CPU cores'). Default: JAX's CPU "

@@ -15,7 +15,7 @@ Modules (one responsibility each):
   host_memory          glibc allocator settings the command lines apply (faster CPU steps)
   eval_lib             the one scoring path, reports; predict: audio files; provenance
   experiment           whole experiments (folds x seeds x models), summaries, reproduce
-  demo                 the README demo
+  demo                 the README demo; cli_args: argument types of the command lines
   export               a run -> ONNX / StableHLO folder with model.json (extra .[export])
   deploy, streaming    prediction from an exported folder with onnxruntime, without JAX
 """
