@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,10 @@ class Checkpointer:
             state_args = ocp.args.StandardRestore()
         else:
             state_args = ocp.args.StandardRestore(jax.tree.map(_abstract, target))
-        try:
-            out = self._manager.restore(
-                step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
-            )
-        except Exception:
-            _drop_late_reads_into_closed_loops()
-            raise
+        _drop_late_reads_into_closed_loops()
+        out = self._manager.restore(
+            step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+        )
         meta = out["meta"]
         if not isinstance(meta, dict):
             raise ValueError(f"meta is {type(meta).__name__}, not a JSON object")
@@ -133,29 +131,33 @@ class Checkpointer:
 
 
 def _drop_late_reads_into_closed_loops() -> None:
-    """Silences the reads a failed restore abandoned (installed once, after the first failure).
+    """Silences the reads a failed restore abandons (installed once, before a first restore).
 
     orbax restores on an asyncio loop that it closes as soon as one read fails; tensorstore
     still completes the other reads it had started, and each completion then tries to schedule
     a callback on the closed loop. Python reports every such attempt as an unraisable
     ``RuntimeError: Event loop is closed`` traceback on stderr, after the caller's one-line error
-    (three of them for a truncated state file). Only exactly those reports are dropped: that
-    error, raised inside ``call_soon_threadsafe``; everything else reaches the previous hook.
+    (three of them for a truncated state file), and some may come before the error reaches
+    the caller: hence before, not after, the restore. Only exactly those reports are dropped:
+    that error, raised inside ``call_soon_threadsafe``; everything else reaches the previous
+    hook.
     """
     global _late_reads_hook_installed
-    if _late_reads_hook_installed:
-        return
-    previous = sys.unraisablehook
+    with _late_reads_lock:
+        if _late_reads_hook_installed:
+            return
+        previous = sys.unraisablehook
 
-    def hook(unraisable):
-        if not _is_late_read(unraisable.exc_value, unraisable.exc_traceback):
-            previous(unraisable)
+        def hook(unraisable):
+            if not _is_late_read(unraisable.exc_value, unraisable.exc_traceback):
+                previous(unraisable)
 
-    sys.unraisablehook = hook
-    _late_reads_hook_installed = True
+        sys.unraisablehook = hook
+        _late_reads_hook_installed = True
 
 
 _late_reads_hook_installed = False
+_late_reads_lock = threading.Lock()
 
 
 def _is_late_read(exc: BaseException | None, tb) -> bool:

@@ -105,6 +105,11 @@ def maybe_initialize_distributed(
     return True
 
 
+#: The most CPU devices :func:`use_cpu_devices` makes (JAX makes 4096 in about a second; it
+#: fails with an overflow near 2**31).
+MAX_CPU_DEVICES = 4096
+
+
 def use_cpu_devices(num_devices: int) -> None:
     """Splits the CPU into ``num_devices`` JAX devices (``jax_num_cpu_devices``), so a ``pmap``
     step runs data-parallel over the host's cores. Must run before JAX starts its backends.
@@ -117,10 +122,16 @@ def use_cpu_devices(num_devices: int) -> None:
     Only the CPU backend is split: on a GPU or TPU host the accelerators are used as before.
 
     Raises:
-      DistributedError: ``num_devices`` < 1, or JAX has already started its backends.
+      DistributedError: ``num_devices`` < 1 or above :data:`MAX_CPU_DEVICES`, or JAX has
+        already started its backends.
     """
     if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
         raise DistributedError(f"--cpu-devices must be an integer >= 1, got {num_devices!r}")
+    if num_devices > MAX_CPU_DEVICES:
+        raise DistributedError(
+            f"--cpu-devices {num_devices}: at most {MAX_CPU_DEVICES} (one device per core is "
+            "the useful split)"
+        )
     try:
         jax.config.update("jax_num_cpu_devices", num_devices)
     except RuntimeError as e:

@@ -480,10 +480,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")``, and the
     same gradient bit for bit: each window's whole gradient goes to its *first* maximum in
-    row-major order (XLA's select-and-scatter with ``>=``). Written with strided slices (the
-    maximum of the row pairs, then of the column pairs) and the gradient as a select per window
-    corner, because on XLA:CPU ``reduce_window``'s gradient (select-and-scatter) runs about 3x
-    slower than this (``bench/step_breakdown.py``) and its forward about 2x slower at batch 256.
+    row-major order (XLA's select-and-scatter with ``>=``; with a NaN in the window, to the
+    corner that select-and-scatter picks). A window holding a NaN pools to NaN, where XLA:CPU's
+    ``reduce_window`` drops NaNs (and gives -inf for a window of four); the sign of a zero
+    maximum of mixed-sign zeros may differ, as ``reduce_window``'s own does between batch sizes.
+    Written with strided slices (the maximum of the row pairs, then of the column pairs) and the
+    gradient as a select per window corner, because on XLA:CPU ``reduce_window``'s gradient
+    (select-and-scatter) runs about 3x slower than this (``bench/step_breakdown.py``) and its
+    forward about 2x slower at batch 256.
     """
     return _pool_max(x)
 
@@ -502,13 +506,15 @@ def _pool_max(x: jax.Array) -> jax.Array:
 def _pool_fwd(x: jax.Array):
     pooled = _pool_max(x)
     e = _even(x)
-    # Which corner holds the first maximum (row-major: 0 top left, 1 top right, 2 bottom
-    # left, 3 bottom right), as select-and-scatter picks it.
-    first = jnp.where(
-        e[:, 0::2, 0::2] == pooled,
-        0,
-        jnp.where(e[:, 0::2, 1::2] == pooled, 1, jnp.where(e[:, 1::2, 0::2] == pooled, 2, 3)),
-    ).astype(jnp.int8)
+    # Which corner gets the gradient (row-major: 0 top left, 1 top right, 2 bottom left,
+    # 3 bottom right), chosen as select-and-scatter chooses: walk the corners in order and move
+    # on whenever not (current >= next). That is the first maximum, and with a NaN in the
+    # window the same corner XLA picks (comparing with the pooled NaN would match no corner).
+    best, first = e[:, 0::2, 0::2], jnp.zeros(pooled.shape, jnp.int8)
+    for k, corner in ((1, e[:, 0::2, 1::2]), (2, e[:, 1::2, 0::2]), (3, e[:, 1::2, 1::2])):
+        take = ~(best >= corner)
+        first = jnp.where(take, jnp.int8(k), first)
+        best = jnp.where(take, corner, best)
     return pooled, (first, x.shape)
 
 

@@ -141,6 +141,9 @@ def test_eval_cli_splits_the_cpu_into_devices(run_path, tmp_path, capsys):
     assert eval_cli.main(["--workdir", str(work), "--cpu-devices", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "JAX has already started its backends" in err
+    assert eval_cli.main(["--workdir", str(work), "--cpu-devices", str(2**31)]) == 2
+    err = capsys.readouterr().err.strip()  # JAX itself would overflow: refused before it
+    assert err.count("\n") == 0 and f"--cpu-devices {2**31}: at most 4096" in err
     argv = ["predict", "--workdir", str(work), "a.wav", "--cpu-devices", "3"]
     assert eval_cli.main(argv) == 2
     assert "JAX has already started its backends" in capsys.readouterr().err

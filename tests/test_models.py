@@ -637,3 +637,30 @@ def test_max_pool_equals_flax_max_pool_and_its_gradient_bit_for_bit(shape):
         plain = np.asarray(fn(models.max_pool_2x2)(x))  # the primal (inference) form
         assert plain.tobytes() == np.asarray(want).tobytes()  # the sign of a zero too
         np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(want_vjp(g)[0]))
+
+
+def test_max_pool_gradient_equals_select_and_scatter_on_every_window_of_special_values():
+    """All 7**4 windows of {NaN, ±0, 1, 2, ±inf}: the same corner gets the gradient as with
+    nn.max_pool, NaN windows included (select-and-scatter's ``>=`` walk); the same values where
+    a window holds no NaN, and NaN where it does (XLA:CPU's reduce_window drops NaNs, and gives
+    -inf for four of them). The sign of a zero maximum is not compared here: reduce_window's own
+    changes with the batch and channel count (a window alone vs in this batch: 25 differ)."""
+    import itertools
+
+    import flax.linen as nn
+
+    values = [np.nan, -0.0, 0.0, 1.0, 2.0, -np.inf, np.inf]
+    windows = np.array(list(itertools.product(values, repeat=4)), np.float32)
+    x = windows.reshape(-1, 2, 2, 1)
+    g = np.arange(1, len(x) + 1, dtype=np.float32).reshape(-1, 1, 1, 1)
+
+    def flax_pool(v):
+        return nn.max_pool(v, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+    want, want_vjp = jax.vjp(flax_pool, x)
+    got, got_vjp = jax.vjp(models.max_pool_2x2, x)
+    has_nan = np.isnan(windows).any(axis=1)
+    got, want = np.asarray(got).ravel(), np.asarray(want).ravel()
+    np.testing.assert_array_equal(got[~has_nan], want[~has_nan])
+    assert np.isnan(got[has_nan]).all()
+    np.testing.assert_array_equal(np.asarray(got_vjp(g)[0]), np.asarray(want_vjp(g)[0]))

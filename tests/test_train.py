@@ -501,6 +501,8 @@ def test_cpu_devices_split_the_batch_and_are_refused_once_jax_runs(tmp_path, cap
     assert "--cpu-devices: expected an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(distributed.DistributedError, match="integer >= 1, got 0"):
         distributed.use_cpu_devices(0)
+    with pytest.raises(distributed.DistributedError, match="at most 4096"):
+        distributed.use_cpu_devices(distributed.MAX_CPU_DEVICES + 1)
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
