@@ -37,17 +37,18 @@ def _add_cpu_devices(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _use_cpu_devices(args) -> str | None:
-    """Applies --cpu-devices before JAX starts; the error message, or None."""
+def _use_cpu_devices(args) -> bool:
+    """Applies --cpu-devices before JAX starts; False (after a one-line error) if it cannot."""
     if args.cpu_devices is None:
-        return None
+        return True
     from dkd_jax import distributed
 
     try:
         distributed.use_cpu_devices(args.cpu_devices)
     except distributed.DistributedError as e:
-        return str(e)
-    return None
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _eval_parser() -> argparse.ArgumentParser:
@@ -159,8 +160,7 @@ def _predict_main(argv: list[str]) -> int:
     if not files:
         print("eval.py: error: no audio files given", file=sys.stderr)
         return 2
-    if (error := _use_cpu_devices(args)) is not None:
-        print(f"eval.py: error: {error}", file=sys.stderr)
+    if not _use_cpu_devices(args):
         return 2
     from dkd_jax import eval_lib, jsonio, predict
 
@@ -188,8 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "predict":
         return _predict_main(argv[1:])
     args = _eval_parser().parse_args(argv)
-    if (error := _use_cpu_devices(args)) is not None:
-        print(f"eval.py: error: {error}", file=sys.stderr)
+    if not _use_cpu_devices(args):
         return 2
     from dkd_jax import eval_lib, jsonio, records, run_dir
 
