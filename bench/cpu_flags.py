@@ -34,6 +34,11 @@ CANDIDATES = {
     "no thunk runtime": {"flags": "--xla_cpu_use_thunk_runtime=false"},
     "opt level 1": {"flags": "--xla_backend_optimization_level=1"},
     "no expensive llvm passes": {"flags": "--xla_llvm_disable_expensive_passes=true"},
+    # YNNPACK (XNNPACK's successor in this jaxlib) for every dot / every convolution: the
+    # student's kernel gradients run 2.2x faster, its input gradients and forward passes slower
+    # (bench/step_breakdown.py --xla-flags); these measure the whole steps.
+    "ynn dot": {"flags": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"},
+    "ynn convolution": {"flags": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"},
 }
 
 

@@ -22,7 +22,8 @@ Complements ``bench/compare_torch.py`` (which times whole steps): every piece is
 
 The thread budget is fixed before JAX/PyTorch are imported, as in ``compare_torch.py``: with
 ``--threads`` below the cores available the process is pinned to that many cores, and one thread
-adds ``--xla_cpu_multi_thread_eigen=false``. Prints JSON; writes it only with ``--out``.
+adds ``--xla_cpu_multi_thread_eigen=false`` (``--xla-flags`` appends flags to try on the JAX side).
+Prints JSON; writes it only with ``--out``.
 
   python bench/step_breakdown.py --threads 1 --shape 26x63 --batch 256
 """
@@ -41,13 +42,13 @@ import benchjson
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pin(threads: int) -> None:
+def _pin(threads: int, extra_xla_flags: str = "") -> None:
     cores = sorted(os.sched_getaffinity(0))
     if threads < len(cores):
         os.sched_setaffinity(0, cores[:threads])
     os.environ.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu")
-    if threads == 1:
-        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+    base = "--xla_cpu_multi_thread_eigen=false" if threads == 1 else os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = " ".join(base.split() + extra_xla_flags.split())
 
 
 def _median_ms(fn, iters: int) -> float:
@@ -319,10 +320,11 @@ def main(argv=None) -> int:
     p.add_argument("--shape", type=benchjson.shape_arg, default=(26, 63), help="freq x time")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=5, help="timed calls per piece (median)")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX side")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     shape = args.shape
-    _pin(args.threads)
+    _pin(args.threads, args.xla_flags)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from dkd_jax import host_memory
 
@@ -337,6 +339,7 @@ def main(argv=None) -> int:
         "shape": list(shape),
         "batch": args.batch,
         "iters": args.iters,
+        "xla_flags": os.environ["XLA_FLAGS"],
         "host_memory": host_memory_state,
         "load_before": list(os.getloadavg()),
         "pieces_ms": {},

@@ -148,3 +148,33 @@ def test_compare_torch_refuses_bad_arguments_in_one_line(argv, message, capsys, 
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
     assert err.count("\n") == 0 and err.startswith("compare_torch: error: ") and message in err
+
+
+@pytest.mark.parametrize(
+    "threads, env_flags, extra, expected",
+    [
+        (1, "--xla_a=1", "", "--xla_cpu_multi_thread_eigen=false"),
+        (1, "", "--xla_b=2 --xla_c=3", "--xla_cpu_multi_thread_eigen=false --xla_b=2 --xla_c=3"),
+        (2, "--xla_a=1", "--xla_b=2", "--xla_a=1 --xla_b=2"),
+        (2, None, "", ""),
+    ],
+)
+def test_step_breakdown_appends_the_flags_to_try(threads, env_flags, extra, expected, monkeypatch):
+    """``bench/step_breakdown.py --xla-flags``: one thread replaces the environment's flags
+    with its own and the extras, more threads keep them; the process is never pinned here."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(
+        "step_breakdown", ROOT / "bench" / "step_breakdown.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pinned = []
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(module.os, "sched_setaffinity", lambda pid, cores: pinned.append(cores))
+    for name in ("XLA_FLAGS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "JAX_PLATFORMS"):
+        monkeypatch.delenv(name, raising=False)
+    if env_flags is not None:
+        monkeypatch.setenv("XLA_FLAGS", env_flags)
+    module._pin(threads, extra)
+    assert module.os.environ["XLA_FLAGS"] == expected
+    assert pinned == ([[0]] if threads == 1 else [])
