@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -178,3 +179,33 @@ def test_step_breakdown_appends_the_flags_to_try(threads, env_flags, extra, expe
     module._pin(threads, extra)
     assert module.os.environ["XLA_FLAGS"] == expected
     assert pinned == ([[0]] if threads == 1 else [])
+
+
+def test_cpu_flags_reports_speed_and_bits_against_the_default(monkeypatch, capsys):
+    """``bench/cpu_flags.py``: the ratio to the default's median, and whether a candidate's state
+    after one step is bit for bit the default's in every round (children faked: no JAX runs)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("cpu_flags", ROOT / "bench" / "cpu_flags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    children = {  # per candidate, per round: (step seconds, state digest)
+        "default": [(0.100, "a"), (0.100, "a")],
+        "xnnpack": [(0.050, "a"), (0.050, "a")],
+        "onednn": [(0.200, "a"), (0.200, "b")],  # rounds differently in one round
+    }
+    calls = {name: 0 for name in children}
+
+    def fake_child(name, cand, args):
+        secs, digest = children[name][calls[name]]
+        calls[name] += 1
+        case = {"first_call_s": 2.0, "compile_s": 1.5, "times_s": [secs] * 4}
+        return {"ce": {**case, "state_digest": digest}}
+
+    monkeypatch.setattr(module, "_run_candidate", fake_child)
+    argv = ["--rounds", "2", "--cases", "ce", "--candidates", ",".join(children)]
+    assert module.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)["candidates"]
+    assert calls == {name: 2 for name in children}
+    assert [report[n]["ce"]["speed_vs_default"] for n in children] == [1.0, 2.0, 0.5]
+    assert [report[n]["ce"]["same_bits_as_default"] for n in children] == [True, True, False]
+    assert report["onednn"]["ce"]["state_digests"] == ["a", "b"]
