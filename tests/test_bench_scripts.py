@@ -12,6 +12,8 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,3 +211,71 @@ def test_cpu_flags_reports_speed_and_bits_against_the_default(monkeypatch, capsy
     assert [report[n]["ce"]["speed_vs_default"] for n in children] == [1.0, 2.0, 0.5]
     assert [report[n]["ce"]["same_bits_as_default"] for n in children] == [True, True, False]
     assert report["onednn"]["ce"]["state_digests"] == ["a", "b"]
+
+
+def _suite_profile(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(
+        "suite_profile", ROOT / "bench" / "suite_profile.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_profile_sums_per_module_and_ranks_tests_by_cpu(monkeypatch):
+    module = _suite_profile(monkeypatch)
+
+    def row(own, kids, compile_s=0.0):
+        r = dict.fromkeys(module._FIELDS, 0.0)
+        return {**r, "wall_s": own + kids, "self_cpu_s": own, "child_cpu_s": kids,
+                "backend_compile_s": compile_s}  # fmt: skip
+
+    tests = {
+        "tests/test_a.py::one": row(1.0, 0.0, compile_s=0.5),
+        "tests/test_a.py::two": row(2.0, 0.0, compile_s=1.5),
+        "tests/test_b.py::child": row(0.5, 4.0),
+    }
+    totals = {"wall_s": 9.0, "self_cpu_s": 5.0, "child_cpu_s": 4.0, "loadavg_before_after": []}
+    report = module.summarize(tests, top=2, totals=totals)
+    assert report["totals"]["cpu_min"] == 9.0 / 60
+    assert report["totals"]["in_tests"]["self_cpu_s"] == 3.5 and report["totals"]["tests"] == 3
+    assert list(report["modules"]) == ["tests/test_b.py", "tests/test_a.py"]  # 4.5 > 3.0 CPU-s
+    a = report["modules"]["tests/test_a.py"]
+    assert (a["tests"], a["self_cpu_s"], a["backend_compile_s"]) == (2, 3.0, 2.0)
+    assert [t["test"] for t in report["top_tests"]] == [
+        "tests/test_b.py::child",
+        "tests/test_a.py::two",
+    ]
+
+
+def test_suite_profile_plugin_counts_compiles_and_child_processes(tmp_path):
+    """The plugin in a real pytest run (its own process): a jitted function's compile lands on
+    its test, a child process's CPU on the test that waited for it."""
+    (tmp_path / "test_inner.py").write_text(
+        "import subprocess, sys\n"
+        "import jax, jax.numpy as jnp\n"
+        "def test_compiles():\n"
+        "    assert float(jax.jit(lambda x: jnp.sin(x) * 2)(1.0)) > 0\n"
+        "def test_child():\n"
+        "    subprocess.run([sys.executable, '-c', 'sum(range(3 * 10**7))'], check=True)\n"
+    )
+    out = tmp_path / "profile.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # nothing served from the suite's cache
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "suite_profile", "-p", "no:cacheprovider"]
+    proc = subprocess.run(
+        [*cmd, "--suite-profile-out", str(out), "test_inner.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "suite profile" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = {t["test"].split("::")[1]: t for t in report["top_tests"]}
+    assert rows["test_compiles"]["compile_requests"] >= 1
+    assert (
+        rows["test_compiles"]["backend_compile_s"] > 0
+        and rows["test_child"]["compile_requests"] == 0
+    )
+    assert rows["test_child"]["child_cpu_s"] > 0.2 and rows["test_compiles"]["child_cpu_s"] < 0.05
+    assert report["totals"]["tests"] == 2
