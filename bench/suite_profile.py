@@ -14,12 +14,11 @@ at the first test, after ``tests/conftest.py`` has set up JAX's environment.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import resource
 import time
-from pathlib import Path
 
+import benchjson
 import pytest
 
 _COMPILE_EVENTS = {
@@ -146,10 +145,5 @@ def pytest_configure(config):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     profile = config.pluginmanager.get_plugin("suite_profile_collector")
     report = profile.report(config.getoption("suite_profile_top"))
-    text = json.dumps(report, indent=1)
     terminalreporter.write_sep("=", "suite profile")
-    terminalreporter.write_line(text)
-    out = config.getoption("suite_profile_out")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+    benchjson.emit(report, config.getoption("suite_profile_out"))

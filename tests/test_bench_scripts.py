@@ -94,18 +94,18 @@ def test_bench_script_uses_only_existing_names(script):
     assert unresolved_names(script) == []
 
 
-def _compare_torch():
-    """bench/compare_torch.py by path (its top level imports only the standard library)."""
-    spec = importlib.util.spec_from_file_location(
-        "compare_torch_table", ROOT / "bench" / "compare_torch.py"
-    )
+def _bench(name: str, monkeypatch):
+    """``bench/<name>.py`` by path, its folder on ``sys.path`` (for ``benchjson``) and itself in
+    ``sys.modules`` (dataclasses look their module up there), both undone after the test."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
 
 
-def test_compare_torch_table_keeps_split_cpu_rows_apart():
+def test_compare_torch_table_keeps_split_cpu_rows_apart(monkeypatch):
     def case(ours_ms):
         side = {"median_ms": ours_ms, "p10_ms": ours_ms, "p90_ms": ours_ms, "first_call_s": 1.0}
         theirs = {**side, "median_ms": 100.0, "p10_ms": 90.0, "p90_ms": 110.0, "first_call_s": 0.1}
@@ -122,7 +122,7 @@ def test_compare_torch_table_keeps_split_cpu_rows_apart():
         return {"threads": info, "cases": [case(ours_ms)]}
 
     report = {"runs": [run(2, None, 80.0), run(2, 2, 50.0), run(1, 1, 120.0)]}
-    rows = _compare_torch().markdown_table([report]).splitlines()[2:]
+    rows = _bench("compare_torch", monkeypatch).markdown_table([report]).splitlines()[2:]
     assert len(rows) == 3
     assert rows[0].startswith("| 26×63 | 32 | ce | 1 | 120 (120–120) | 100 (90–110) | **0.83**")
     assert rows[1].startswith("| 26×63 | 32 | ce | 2 | 80 (80–80) | 100 (90–110) | **1.25**")
@@ -139,7 +139,7 @@ def test_compare_torch_table_keeps_split_cpu_rows_apart():
     ],
 )
 def test_compare_torch_refuses_bad_arguments_in_one_line(argv, message, capsys, monkeypatch):
-    module = _compare_torch()
+    module = _bench("compare_torch", monkeypatch)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a refused argument must stop before any benchmark runs")
@@ -165,12 +165,7 @@ def test_compare_torch_refuses_bad_arguments_in_one_line(argv, message, capsys, 
 def test_step_breakdown_appends_the_flags_to_try(threads, env_flags, extra, expected, monkeypatch):
     """``bench/step_breakdown.py --xla-flags``: one thread replaces the environment's flags
     with its own and the extras, more threads keep them; the process is never pinned here."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(
-        "step_breakdown", ROOT / "bench" / "step_breakdown.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("step_breakdown", monkeypatch)
     pinned = []
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(module.os, "sched_setaffinity", lambda pid, cores: pinned.append(cores))
@@ -186,10 +181,7 @@ def test_step_breakdown_appends_the_flags_to_try(threads, env_flags, extra, expe
 def test_cpu_flags_reports_speed_and_bits_against_the_default(monkeypatch, capsys):
     """``bench/cpu_flags.py``: the ratio to the default's median, and whether a candidate's state
     after one step is bit for bit the default's in every round (children faked: no JAX runs)."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("cpu_flags", ROOT / "bench" / "cpu_flags.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("cpu_flags", monkeypatch)
     children = {  # per candidate, per round: (step seconds, state digest)
         "default": [(0.100, "a"), (0.100, "a")],
         "xnnpack": [(0.050, "a"), (0.050, "a")],
@@ -213,18 +205,8 @@ def test_cpu_flags_reports_speed_and_bits_against_the_default(monkeypatch, capsy
     assert report["onednn"]["ce"]["state_digests"] == ["a", "b"]
 
 
-def _suite_profile(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(
-        "suite_profile", ROOT / "bench" / "suite_profile.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_suite_profile_sums_per_module_and_ranks_tests_by_cpu(monkeypatch):
-    module = _suite_profile(monkeypatch)
+    module = _bench("suite_profile", monkeypatch)
 
     def row(own, kids, compile_s=0.0):
         r = dict.fromkeys(module._FIELDS, 0.0)
