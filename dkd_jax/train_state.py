@@ -152,7 +152,8 @@ def init_variables(rng: jax.Array, model: models.MACNN, segment_shape) -> dict[s
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 """XLA:CPU compiles the initialisation (threefry random bits for every parameter, run once) in
 ~1.5 s at LLVM level 1 against ~3.7 s at the default level, with the same bits
-(tests/test_train_lib.py checks every preset)."""
+(tests/test_train_lib.py checks every preset). Only here: the training steps at level 1 round
+differently at some input shapes (README, "Tried and not kept")."""
 
 
 def _init_function(model, segment_shape):

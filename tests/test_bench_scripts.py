@@ -205,6 +205,33 @@ def test_cpu_flags_reports_speed_and_bits_against_the_default(monkeypatch, capsy
     assert report["onednn"]["ce"]["state_digests"] == ["a", "b"]
 
 
+def test_cpu_flags_child_gets_the_candidate_flags_and_environment(monkeypatch):
+    """A candidate's XLA flags and environment reach its child process, with the thread pin."""
+    module = _bench("cpu_flags", monkeypatch)
+    seen = []
+
+    def fake_run(cmd, *, env, **_):
+        seen.append((cmd, env))
+        line = json.dumps({"ce": {"times_s": [0.1]}})
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"log\n{line}\n", stderr="")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    monkeypatch.delenv("JAX_OPTIMIZATION_LEVEL", raising=False)
+    args = module.parse_args(["--threads", "1", "--cases", "ce"])
+    for name in ("opt level 0", "jax O1"):
+        out = module._run_candidate(name, module.CANDIDATES[name], args)
+        assert out == {"ce": {"times_s": [0.1]}}
+    (cmd0, env0), (cmd1, env1) = seen
+    assert cmd0[:3] == ["taskset", "-c", "0"] and "--child" in cmd0 and cmd1 == cmd0
+    assert env0["XLA_FLAGS"].split() == [
+        "--xla_backend_optimization_level=0",
+        "--xla_cpu_multi_thread_eigen=false",
+        "intra_op_parallelism_threads=1",
+    ]
+    assert "JAX_OPTIMIZATION_LEVEL" not in env0 and env1["JAX_OPTIMIZATION_LEVEL"] == "O1"
+    assert env1["XLA_FLAGS"].split()[0] == "--xla_cpu_multi_thread_eigen=false"
+
+
 def test_suite_profile_sums_per_module_and_ranks_tests_by_cpu(monkeypatch):
     module = _bench("suite_profile", monkeypatch)
 
