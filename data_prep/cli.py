@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-labels",
         default=None,
         metavar="LABELS",
-        help="labels to leave out (counted), e.g. fear,disgust",
+        help="labels to leave out (counted), e.g. fear,disgust; <empty> for empty label cells "
+        "(a class is left out with --classes instead)",
     )
     p.add_argument(
         "--ignore-unknown-labels",

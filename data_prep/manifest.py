@@ -6,23 +6,30 @@ A manifest is a CSV file with a header row. Columns (names case-insensitive, any
   label         emotion label, case-insensitive (required)
   speaker       speaker id (required)
   session       session / fold group (default: the speaker, so leave-one-session-out is
-                leave-one-speaker-out)
+                leave-one-speaker-out); all rows of a speaker must share one session
   gender        f/female/w or m/male (anything else: unknown)
   utterance_id  unique id (default: the path relative to the manifest folder, with its
                 extension, so clip.wav and clip.flac stay two utterances)
 
 Labels: a label is kept when it names a class (default neutral, happy, sad, angry) after the
 optional ``label_map`` (``{"anger": "angry"}``); labels listed in ``exclude_labels`` are left out
-and counted. Any other label is an error that lists each unknown label with its row count (and
-a likely class for near misses), unless ``ignore_unknown_labels`` (then they are counted as
-excluded too): a misspelt label must never make a quarter of a corpus vanish quietly.
+and counted (``<empty>`` names an empty label cell; a class name is refused there: leave a class
+out by listing the classes to keep). Any other label is an error that lists each unknown label
+with its row count (and a likely class for near misses), unless ``ignore_unknown_labels``
+(then they are counted as excluded too): a misspelt label must never make a quarter of a
+corpus vanish quietly.
 
 Duplicates, checked over every row that would be prepared: two rows naming the same file (after
 normalising the path), and two rows whose files have identical bytes (SHA-256; only files of
 equal size are hashed). Either could put one recording in both the training and the test set,
 so both are errors naming the rows, unless ``duplicates="keep-first"`` (the later rows are then
 skipped and listed with the row they repeat). Two rows with the same utterance id are always an
-error naming both rows.
+error naming both rows, and so is a speaker in two sessions (leave-one-session-out would test on
+a speaker it trained on).
+
+The file must be UTF-8 text (a byte-order mark is fine); a field holding a line break, which
+is almost always a quote that is never closed and would swallow the rows after it, is an error
+naming the line. Messages give manifest line numbers, blank lines counted.
 """
 
 from __future__ import annotations
@@ -97,12 +104,17 @@ def parse_label_map(spec: str | os.PathLike | Mapping[str, str] | None) -> dict[
     return {str(k).strip().lower(): str(v).strip().lower() for k, v in items}
 
 
+EMPTY_LABEL = "<empty>"
+"""How an empty label cell is written in messages and in ``exclude_labels``."""
+
+
 def parse_label_list(spec: str | Iterable[str] | None) -> list[str]:
-    """``"fear,disgust"`` or a list → sorted lower-case labels."""
+    """``"fear,disgust"`` or a list → sorted lower-case labels (``<empty>``: the empty label)."""
     if spec is None:
         return []
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    return sorted({p.strip().lower() for p in parts if p.strip()})
+    labels = {p.strip().lower() for p in parts if p.strip()}
+    return sorted("" if p == EMPTY_LABEL else p for p in labels)
 
 
 def _check_label_options(label_map: dict, exclude: list[str], classes: list[str]) -> None:
@@ -116,22 +128,73 @@ def _check_label_options(label_map: dict, exclude: list[str], classes: list[str]
     both = sorted(set(label_map) & set(exclude))
     if both:
         raise PrepError(f"labels {both} are both mapped (--label-map) and --exclude-labels")
+    named = [c for c in classes if c in exclude]
+    if named:
+        kept = [c for c in classes if c not in exclude]
+        verb = "is a class" if len(named) == 1 else "are classes"
+        raise PrepError(
+            f"--exclude-labels: {', '.join(named)} {verb}"
+            f" (the classes are {', '.join(classes)}); to leave a class out, name the classes to "
+            f"keep: --classes {','.join(kept)}"
+        )
+
+
+class _Lines:
+    """The manifest's lines for ``csv``, noting the first non-blank line of each row."""
+
+    def __init__(self, f):
+        self._f = f
+        self.count = 0
+        self.row_start = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._f)
+        self.count += 1
+        if not self.row_start and line.strip():
+            self.row_start = self.count
+        return line
 
 
 def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
+    """(line, row) per data row, ``line`` the manifest line it starts on (blank lines counted)."""
     base = os.path.dirname(manifest)
     with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+        lines = _Lines(f)
+        reader = csv.DictReader(lines)
+        try:
+            fieldnames = reader.fieldnames
+        except UnicodeDecodeError:
+            raise PrepError(_not_utf8(manifest)) from None
+        header = [(h or "").strip().lower() for h in (fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise PrepError(
                 f"{manifest}: missing column(s) {missing}; the header must name path, label, "
                 f"speaker (optional: session, gender, utterance_id), got {header}"
             )
+        repeated = sorted(h for h, n in collections.Counter(header).items() if h and n > 1)
+        if repeated:
+            raise PrepError(f"{manifest}: the header names column(s) {repeated} more than once")
         reader.fieldnames = header
-        for line, row in enumerate(reader, start=2):
+        rows = iter(reader)
+        while True:
+            lines.row_start = 0
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise PrepError(_not_utf8(manifest)) from None
+            line, last = lines.row_start, lines.count
             row = {k: (v or "").strip() for k, v in row.items() if k}
+            if last > line:
+                raise PrepError(
+                    f"{manifest}:{line}: one row runs over lines {line}-{last}: a field holds a "
+                    'line break, most likely a quote (") that is never closed'
+                )
             if row["path"]:
                 full = os.path.normpath(os.path.join(base, row["path"]))
                 row["full"] = full
@@ -141,10 +204,30 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
             yield line, row
 
 
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _not_utf8(manifest: str) -> str:
+    """The message for a manifest that is not UTF-8, naming its first line that is not."""
+    with open(manifest, "rb") as f:
+        data = f.read()
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    line = next((i for i, raw in enumerate(lines, start=1) if not _is_utf8(raw)), 1)
+    return (
+        f"{manifest}:{line}: not UTF-8 text; save the manifest as UTF-8 (in a spreadsheet: "
+        '"CSV UTF-8")'
+    )
+
+
 def _unknown_message(manifest: str, unknown: collections.Counter, classes: list[str]) -> str:
     listed, suggest, exclude = [], [], []
     for label, n in sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0])):
-        shown = label or "<empty>"
+        shown = label or EMPTY_LABEL
         close = difflib.get_close_matches(label, classes, n=1, cutoff=0.6) if label else []
         listed.append(
             f"{shown} ({n} row{'s' if n != 1 else ''}"
@@ -184,7 +267,7 @@ def _resolve_labels(
         name = label_map.get(label, label)
         if name not in classes:
             if label in exclude or ignore_unknown:
-                excluded[f"label:{label or '<empty>'}"] += 1
+                excluded[f"label:{label or EMPTY_LABEL}"] += 1
             else:
                 unknown[label] += 1
             continue
@@ -297,6 +380,34 @@ def _check_ids(manifest: str, rows: list[_Row]) -> None:
         )
 
 
+def _check_speaker_sessions(manifest: str, rows: list[_Row]) -> None:
+    """Every speaker in one session: leave-one-session-out must never test on a speaker it
+    trained on (an empty session cell means the speaker's own id, which another row of the
+    speaker may contradict)."""
+    by_speaker: dict[str, dict[str, list[int]]] = collections.defaultdict(dict)
+    for r in rows:
+        by_speaker[r.speaker].setdefault(r.session, []).append(r.line)
+    split = {spk: sessions for spk, sessions in by_speaker.items() if len(sessions) > 1}
+    if not split:
+        return
+    parts = []
+    for spk, sessions in sorted(split.items())[:_MAX_LISTED]:
+        where = ", ".join(
+            f"{sess!r} (row{'s' if len(lines) > 1 else ''} "
+            + ", ".join(map(str, lines[:3]))
+            + (", ..." if len(lines) > 3 else "")
+            + ")"
+            for sess, lines in sorted(sessions.items())
+        )
+        parts.append(f"speaker {spk!r} in sessions {where}")
+    more = f"; and {len(split) - _MAX_LISTED} more speakers" if len(split) > _MAX_LISTED else ""
+    raise PrepError(
+        f"{manifest}: {len(split)} speaker(s) in more than one session, so leave-one-session-out "
+        f"would test on speakers it trained on: {'; '.join(parts)}{more}. Give every row of a "
+        "speaker the same session (an empty session cell stands for the speaker's id)"
+    )
+
+
 def corpus_name(corpus: str) -> str:
     """A TFDS-safe dataset name: lower case, [a-z0-9_], starting with a letter."""
     name = re.sub(r"[^a-z0-9_]", "_", corpus.lower()).strip("_") or "csv"
@@ -326,7 +437,9 @@ def scan_csv(
 
     Raises:
       PrepError: missing manifest or columns, unknown labels, repeated recordings, clashing
-        utterance ids, bad options; each message names the manifest and the rows.
+        utterance ids, a speaker in several sessions, a row spanning lines (an unclosed
+        quote), text that is not UTF-8, bad options; each message names the manifest and the
+        rows.
     """
     manifest = os.path.abspath(os.fspath(manifest))
     if not os.path.isfile(manifest):
@@ -349,6 +462,7 @@ def scan_csv(
         reason = f"{what} {first.describe()} (row {repeat.line}; --duplicates keep-first)"
         skipped.append(skip_entry(repeat.rel, kind, reason, repeat.utterance_id))
     _check_ids(manifest, rows)
+    _check_speaker_sessions(manifest, rows)
     utterances = [
         Utterance(
             utterance_id=r.utterance_id,

@@ -113,6 +113,20 @@ def num_folds(metadata: Mapping[str, Any], protocol: str) -> int:
     return len(sessions(metadata)) if protocol == "loso" else 1
 
 
+def _check_speakers_disjoint(utts, held: str) -> None:
+    """A held-out session's speakers must be absent from training (data_prep refuses manifests
+    where a speaker spans sessions; a prep made before that check may still hold one)."""
+    test_speakers = {str(u["speaker"]) for u in utts if str(u["session"]) == held}
+    seen = {str(u["speaker"]): str(u["session"]) for u in utts if str(u["session"]) != held}
+    both = sorted(test_speakers & set(seen))
+    if both:
+        listed = ", ".join(f"{s} (also in session {seen[s]})" for s in both[:5])
+        raise ValueError(
+            f"loso fold holding out session {held!r} would test on speakers it trains on: "
+            f"{listed}; prepare the corpus again with every speaker in one session"
+        )
+
+
 def make_split(
     metadata: Mapping[str, Any], *, protocol: str = "loso", fold: int = 0, seed: int = 0
 ) -> Split:
@@ -128,8 +142,9 @@ def make_split(
       A Split, deterministic in (protocol, fold or seed, metadata content hash).
 
     Raises:
-      ValueError: unknown protocol, fold out of range, fewer than 2 sessions (loso), fewer than
-        2 utterances (paper), missing content hash.
+      ValueError: unknown protocol, fold out of range, fewer than 2 sessions (loso), a held-out
+        speaker also in a training session (loso), fewer than 2 utterances (paper), missing
+        content hash.
     """
     utts = _utterances(metadata)
     ids = sorted(str(u["utterance_id"]) for u in utts)
@@ -144,6 +159,7 @@ def make_split(
         held = names[fold]
         test = sorted(str(u["utterance_id"]) for u in utts if str(u["session"]) == held)
         train = sorted(set(ids) - set(test))
+        _check_speakers_disjoint(utts, held)
         return Split(tuple(train), tuple(test), name=f"loso-fold{fold}-{held}")
     if protocol == "paper":
         if len(ids) < 2:

@@ -229,7 +229,7 @@ def _bad_corpus(folder):
         ("corrupt.wav", "happy", "spk1", "s1", ""),
         ("missing.wav", "sad", "spk1", "s1", ""),
         ("good.wav", "frustrated", "spk1", "s1", ""),
-        ("sub/nested.wav", "angry", "spk2", "s2", "m"),
+        ("sub/nested.wav", "angry", "spk4", "s2", "m"),
         (str(folder / "good.wav"), "sad", "spk9", "s9", ""),  # absolute path, duplicate audio
     ]
     manifest = folder / "manifest.csv"

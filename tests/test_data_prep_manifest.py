@@ -113,6 +113,28 @@ def test_bad_label_options(tmp_path, options, match):
         manifest.scan_csv(path, **options)
 
 
+def test_excluding_a_class_is_refused_and_empty_labels_can_be_excluded(tmp_path, capsys):
+    files = {f"c{i}.wav": 2.1 + 0.1 * i for i in range(4)}
+    rows = [("c0.wav", "sad", "a"), ("c1.wav", "", "a"), ("c2.wav", "angry", "b"),
+            ("c3.wav", " ", "b")]  # fmt: skip
+    path = _write(tmp_path / "c", rows, files)
+    with pytest.raises(sources.PrepError) as info:  # was: silently kept as a class
+        manifest.scan_csv(path, exclude_labels="Sad,fear")
+    assert str(info.value) == (
+        "--exclude-labels: sad is a class (the classes are neutral, happy, sad, angry); to leave "
+        "a class out, name the classes to keep: --classes neutral,happy,angry"
+    )
+    with pytest.raises(sources.PrepError, match=r"--exclude-labels <empty>"):
+        manifest.scan_csv(path)  # the message's suggestion, then followed:
+    scan = manifest.scan_csv(path, exclude_labels="<empty>")
+    assert [u.rel_path for u in scan.utterances] == ["c0.wav", "c2.wav"]
+    assert scan.excluded == {"label:<empty>": 2} and scan.options["exclude_labels"] == [""]
+    out = tmp_path / "o"
+    argv = ["csv", "--manifest", str(path), "--out", str(out), "--workers", "1", "--no-progress"]
+    assert cli.main([*argv, "--exclude-labels", "<empty>"]) == 0
+    assert "excluded: label:<empty> 2" in capsys.readouterr().out
+
+
 def test_bad_label_map_file(tmp_path):
     bad = tmp_path / "map.json"
     bad.write_text('["anger", "angry"]')
@@ -222,3 +244,64 @@ def test_corpus_name_is_tfds_safe():
     assert manifest.corpus_name("My Corpus-2") == "my_corpus_2"
     assert manifest.corpus_name("2024") == "c_2024"
     assert manifest.corpus_name("!!!") == "csv"
+
+
+# ---------------------------------------------------------------- the file itself
+
+
+def test_a_speaker_in_two_sessions_is_refused_naming_the_rows(tmp_path):
+    files = {f"c{i}.wav": 2.1 + 0.1 * i for i in range(5)}
+    rows = [  # speaker x: session s1 on two rows, empty (= "x") on one; y: "y" and empty
+        ("c0.wav", "sad", "x", "s1"), ("c1.wav", "angry", "x", ""), ("c2.wav", "sad", "x", "s1"),
+        ("c3.wav", "happy", "y", "y"), ("c4.wav", "sad", "y", ""),
+    ]  # fmt: skip
+    path = _write(tmp_path / "c", rows, files, header=("path", "label", "speaker", "session"))
+    with pytest.raises(sources.PrepError) as info:
+        manifest.scan_csv(path)
+    assert str(info.value) == (
+        f"{path}: 1 speaker(s) in more than one session, so leave-one-session-out would test on "
+        "speakers it trained on: speaker 'x' in sessions 's1' (rows 2, 4), 'x' (row 3). Give "
+        "every row of a speaker the same session (an empty session cell stands for the "
+        "speaker's id)"
+    )
+
+
+def test_unclosed_quote_names_its_line_instead_of_swallowing_rows(tmp_path):
+    files = {f"c{i}.wav": 2.1 + 0.1 * i for i in range(4)}
+    path = _write(tmp_path / "c", [], files)
+    with open(path, "a") as f:
+        f.write('c0.wav,sad,a\n\nc1.wav,"angry,b\nc2.wav,sad,b\nc3.wav,happy,a\n')
+    for options in ({}, {"ignore_unknown_labels": True}):  # was: 1 row kept, 3 "excluded"
+        with pytest.raises(sources.PrepError) as info:
+            manifest.scan_csv(path, **options)
+        assert str(info.value) == (
+            f"{path}:4: one row runs over lines 4-6: a field holds a line break, most likely a "
+            'quote (") that is never closed'
+        )
+
+
+def test_messages_count_blank_lines(tmp_path):
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    path = _write(tmp_path / "c", [], files)
+    with open(path, "a") as f:
+        f.write("a.wav,sad,x\n\n\nb.wav,angry,y\n\na.wav,happy,z\n")
+    with pytest.raises(sources.PrepError, match=r"row 2 \(a\.wav.*row 7 \(a\.wav"):
+        manifest.scan_csv(path)
+
+
+def test_not_utf8_names_the_first_bad_line_and_repeated_columns_are_refused(tmp_path):
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    path = _write(tmp_path / "c", [("a.wav", "sad", "x")], files)
+    with open(path, "ab") as f:
+        f.write("b.wav,sad,J\u00fcrgen\n".encode("latin-1"))
+    with pytest.raises(sources.PrepError) as info:
+        manifest.scan_csv(path)
+    assert str(info.value) == (
+        f'{path}:3: not UTF-8 text; save the manifest as UTF-8 (in a spreadsheet: "CSV UTF-8")'
+    )
+    path.write_text("path,label,speaker\na.wav,sad,x\n", encoding="utf-16")
+    with pytest.raises(sources.PrepError, match=r"manifest\.csv:1: not UTF-8 text"):
+        manifest.scan_csv(path)
+    path.write_text("path,label,speaker,Label\na.wav,sad,x,\n")
+    with pytest.raises(sources.PrepError, match=r"names column\(s\) \['label'\] more than once"):
+        manifest.scan_csv(path)

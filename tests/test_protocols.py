@@ -54,6 +54,17 @@ def test_loso_sorts_sessions_and_checks_the_fold():
         protocols.make_split(_metadata(num_sessions=1), protocol="loso")
 
 
+def test_loso_refuses_a_held_out_speaker_who_is_also_in_training():
+    # A prep made before data_prep refused such manifests: speaker Ses02F also has rows in
+    # Session1, so holding out either session would test on a speaker seen in training.
+    meta = _metadata(num_sessions=3)
+    meta["utterances"][0]["speaker"] = "Ses02F"  # a Session1 row
+    for fold, other in ((0, "Session2"), (1, "Session1")):
+        with pytest.raises(ValueError, match=f"Ses02F \\(also in session {other}\\)"):
+            protocols.make_split(meta, protocol="loso", fold=fold)
+    assert protocols.make_split(meta, protocol="loso", fold=2).name.endswith("Session3")
+
+
 def test_paper_split_is_80_20_deterministic_and_seeded():
     meta = _metadata()
     a = protocols.make_split(meta, protocol="paper", seed=111111)
