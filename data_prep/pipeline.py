@@ -6,8 +6,8 @@
    sorted by id;
 2. assigns utterance ``i`` to shard ``i % num_shards`` (deterministic, independent of workers);
 3. checks the output folder: a finished run with the same fingerprint is returned as is, an
-   interrupted one is resumed, one with a different configuration is refused (``overwrite``
-   replaces it);
+   interrupted one is resumed, one with a different configuration, or of input files modified
+   after it, is refused (``overwrite`` replaces it);
 4. streams utterances through the feature workers (:mod:`data_prep.workers`: ordered results,
    bounded look-ahead, workers that die with their parent), each computing whole-utterance
    features once and serialising both segment layouts ("train" hop 1.0 s, "eval" hop 0.4 s);
@@ -261,7 +261,8 @@ def prepare(
     out_dir = os.path.abspath(os.fspath(out_dir))
     state_dir = os.path.join(out_dir, STATE_DIR)
     with feature_workers.stop_on_signals():
-        if _claim_out_dir(out_dir, identity, fingerprint, overwrite) == "done":
+        inputs = [(u.rel_path, u.path) for u in utts]
+        if _claim_out_dir(out_dir, identity, fingerprint, overwrite, inputs) == "done":
             log.info("%s already holds this prep run; nothing to do", out_dir)
             return records.load_metadata(out_dir)
         os.makedirs(state_dir, exist_ok=True)
@@ -294,8 +295,30 @@ def _completed_shards(out_dir: str, state_dir: str, num_shards: int) -> dict:
     return done
 
 
-def _claim_out_dir(out_dir: str, identity: dict, fingerprint: str, overwrite: bool) -> str:
-    """Returns "new", "resume" or "done"; refuses folders holding another run or other files."""
+def _modified_after(inputs: list[tuple[str, str]], marker: str) -> list[str]:
+    """The input files (shown paths) modified after ``marker`` was written."""
+    since = os.stat(marker).st_mtime_ns
+    changed = []
+    for shown, path in inputs:
+        try:
+            if os.stat(path).st_mtime_ns > since:
+                changed.append(shown)
+        except OSError:
+            changed.append(shown)
+    return changed
+
+
+def _claim_out_dir(
+    out_dir: str,
+    identity: dict,
+    fingerprint: str,
+    overwrite: bool,
+    inputs: list[tuple[str, str]],
+) -> str:
+    """Returns "new", "resume" or "done"; refuses folders holding another run or other files,
+    and a run of the same files when any of ``inputs`` ((shown path, path) pairs) was modified
+    after it (the fingerprint sees names and sizes, not contents: audio rewritten in place,
+    e.g. re-normalised to the same length, would otherwise keep its old features)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PrepError(f"--out {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
@@ -314,6 +337,14 @@ def _claim_out_dir(out_dir: str, identity: dict, fingerprint: str, overwrite: bo
             previous, kind = {}, "unreadable"
     if previous is not None:
         if previous.get("fingerprint") == fingerprint and not overwrite:
+            changed = _modified_after(inputs, meta_path if kind == "finished" else state_path)
+            if changed:
+                listed = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+                raise PrepError(
+                    f"{out_dir} holds a{'n' if kind[0] in 'aeiou' else ''} {kind} prep run of "
+                    f"these files, but {len(changed)} of them changed after it was made "
+                    f"({listed}); pass --overwrite (overwrite=True) to prepare them again"
+                )
             return "done" if kind == "finished" else "resume"
         if not overwrite:
             raise PrepError(

@@ -305,3 +305,30 @@ def test_not_utf8_names_the_first_bad_line_and_repeated_columns_are_refused(tmp_
     path.write_text("path,label,speaker,Label\na.wav,sad,x,\n")
     with pytest.raises(sources.PrepError, match=r"names column\(s\) \['label'\] more than once"):
         manifest.scan_csv(path)
+
+
+def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_path):
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    path = _write(tmp_path / "c", [("a.wav", "sad", "x"), ("b.wav", "angry", "y")], files)
+    out = tmp_path / "o"
+    options = dict(manifest=path, out_dir=out, workers=1, progress=False)
+    first = data_prep.prepare("csv", **options)
+    assert data_prep.prepare("csv", **options)["content_hash"] == first["content_hash"]
+    b = tmp_path / "c" / "b.wav"
+    size = b.stat().st_size
+    wave, sr = sf.read(b, dtype="float32")
+    sf.write(b, 0.25 * wave, sr)  # re-normalised in place: same length, same size
+    later = (out / "metadata.json").stat().st_mtime_ns + 10**9
+    os.utime(b, ns=(later, later))
+    assert b.stat().st_size == size
+    with pytest.raises(sources.PrepError) as info:  # was: "nothing to do", the old features
+        data_prep.prepare("csv", **options)
+    assert str(info.value) == (
+        f"{out} holds a finished prep run of these files, but 1 of them changed after it was "
+        "made (b.wav); pass --overwrite (overwrite=True) to prepare them again"
+    )
+    again = data_prep.prepare("csv", **options, overwrite=True)
+    assert again["content_hash"] != first["content_hash"]
+    earlier = (out / "metadata.json").stat().st_mtime_ns - 10**9  # (the clock, not the test's)
+    os.utime(b, ns=(earlier, earlier))
+    assert data_prep.prepare("csv", **options)["content_hash"] == again["content_hash"]
