@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dkd_jax import cli_args
 
@@ -104,12 +105,11 @@ def _predict_parser() -> argparse.ArgumentParser:
         help="one line per 0.4-s hop of a long file, or of raw 16-bit PCM on stdin (-)",
     )
     stream.add_argument("--rate", type=int, help="stdin sample rate (default: the model's)")
-    stream.add_argument("--channels", type=int, default=1, help="stdin channels (default 1)")
+    stream.add_argument("--channels", type=int, help="stdin channels (default 1)")
     stream.add_argument(
         "--smooth",
         type=float,
-        default=1.0,
-        help="time constant (s) of the moving average of probabilities; 0 = off",
+        help="time constant (s) of the moving average of probabilities; 0 = off (default 1)",
     )
     stream.add_argument("--jsonl", action="store_true", help="JSON lines instead of the table")
     p.add_argument("--threads", type=int, help="onnxruntime threads (--model; default: all)")
@@ -130,15 +130,60 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
         import csv
 
         try:
-            with open(args.groups, newline="") as f:
-                rows = list(csv.DictReader(f))
+            with open(args.groups, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                rows = [(reader.line_num, r) for r in reader]
         except OSError as e:
             parser.error(f"--groups {args.groups}: {e.strerror}")
-        if not rows or not {"path", "speaker"} <= set(rows[0]):
+        except UnicodeDecodeError:
+            parser.error(f"--groups {args.groups}: not UTF-8 text")
+        if not rows or not {"path", "speaker"} <= set(rows[0][1]):
             parser.error(f"--groups {args.groups}: needs a header with columns path,speaker")
-        files += [r["path"] for r in rows]
-        groups += [r["speaker"] or None for r in rows]
+        for line, r in rows:
+            path = (r["path"] or "").strip()
+            if not path:
+                parser.error(f"--groups {args.groups}:{line}: the row names no path")
+            files.append(path)
+            groups.append((r["speaker"] or "").strip() or None)
     return files, groups
+
+
+def _check_predict_options(args, parser) -> None:
+    """Refuses options that the chosen path would ignore (a user expecting a JSON file from
+    --stream --json would otherwise find none)."""
+    given = {
+        "--json": args.json_out is not None,
+        "--segments": args.segments,
+        "--step": args.step is not None,
+        "--best": args.best,
+        "--rate": args.rate is not None,
+        "--channels": args.channels is not None,
+        "--smooth": args.smooth is not None,
+        "--jsonl": args.jsonl,
+    }
+    if args.stream is not None:
+        unused = ["--json", "--segments", "--step", "--best"]
+        why = "with --stream (the rows go to stdout; --jsonl for JSON lines)"
+    else:
+        unused = ["--rate", "--channels", "--smooth", "--jsonl"]
+        why = "without --stream"
+        if args.model:
+            unused = ["--step", "--best", *unused]
+            why = "here (--step, --best: a checkpoint of --workdir; the others need --stream)"
+    ignored = [name for name in unused if given[name]]
+    if ignored:
+        parser.error(f"{', '.join(ignored)}: not used {why}")
+
+
+def _json_target_problem(path: str) -> str | None:
+    """Why ``--json PATH`` could not be written, checked before any scoring (or None)."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{path}: is a folder"
+    parent = target.parent
+    if not parent.is_dir():
+        return f"{parent}: {'not a folder' if parent.exists() else 'no such folder'}"
+    return None
 
 
 def _predict_main(argv: list[str]) -> int:
@@ -146,12 +191,16 @@ def _predict_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.model and args.cpu_devices is not None:
         parser.error("--cpu-devices splits JAX's CPU (--workdir); with --model use --threads")
+    _check_predict_options(args, parser)
     if args.stream is not None:
         if not args.model:
             parser.error("--stream needs --model (an exported folder)")
         from dkd_jax import streaming  # onnxruntime only: nothing on this path imports JAX
 
         return streaming.stream_cli(args)
+    if args.json_out is not None and (problem := _json_target_problem(args.json_out)):
+        print(f"eval.py: error: --json {problem}", file=sys.stderr)
+        return 2
     files, groups = _files_and_groups(args, parser)
     if args.model:  # onnxruntime only: nothing on this path imports JAX
         from dkd_jax import deploy

@@ -44,6 +44,10 @@ LOG_FLOOR = 1e-6
 """Floor applied to mel power before ``log`` in the ``"logmel"`` kind (log(1e-6) ≈ -13.8)."""
 
 _KINDS = ("logmel", "mfcc")
+
+MIN_SAMPLE_RATE = 1000
+"""Lowest sample rate (Hz) a file may declare: below it the header is taken as corrupt (a 1-Hz
+header on a 400-kB file would be resampled to 13 GB at 16 kHz)."""
 _SHORT = ("pad", "drop")
 
 
@@ -54,7 +58,7 @@ class AudioError(ValueError):
       path: the file (str).
       reason: what is wrong with it, in words.
       kind: a short machine-readable category ("unreadable", "empty", "no_samples",
-        "non_finite").
+        "non_finite", "bad_rate").
     """
 
     def __init__(self, path: Any, reason: str, kind: str = "unreadable"):
@@ -200,7 +204,8 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
       [num_samples] float32 waveform.
 
     Raises:
-      AudioError: unreadable / empty file, no samples, or non-finite samples.
+      AudioError: unreadable / empty file, no samples, non-finite samples, or a declared rate
+        below ``MIN_SAMPLE_RATE`` (a corrupt header).
     """
     import soundfile as sf
 
@@ -217,6 +222,8 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
         raise AudioError(path, f"not a readable audio file ({reason})") from None
     if data.shape[0] == 0:
         raise AudioError(path, "audio has no samples (0 frames)", "no_samples")
+    if rate < MIN_SAMPLE_RATE:
+        raise AudioError(path, sample_rate_problem(rate), "bad_rate")
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise AudioError(path, f"audio contains {bad} NaN/inf samples", "non_finite")
@@ -225,6 +232,11 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
     if rate != sample_rate:
         wave = resample(wave, orig_sr=int(rate), target_sr=sample_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def sample_rate_problem(rate: int) -> str:
+    """The reason given for a declared sample rate below ``MIN_SAMPLE_RATE``."""
+    return f"implausible sample rate {rate} Hz (below {MIN_SAMPLE_RATE} Hz: a corrupt header?)"
 
 
 def resample(wave: np.ndarray, *, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -57,18 +57,66 @@ class DeployError(ValueError):
 
 
 def load_card(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks ``model.json`` of an exported folder."""
+    """Reads and checks ``model.json`` of an exported folder.
+
+    Raises:
+      DeployError: a missing, unreadable or malformed card, naming the file and the field: the
+        labels, the feature config, the normalisation (mode, and for "global" one finite mean
+        and one positive std per feature band) and the model files.
+    """
     path = Path(model_dir) / CARD_FILE
     if not path.exists():
         raise DeployError(f"{path}: missing (not a folder written by python -m dkd_jax.export)")
     try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeployError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DeployError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(card, dict):
+        raise DeployError(f"{path}: a JSON object expected, got {type(card).__name__}")
     missing = [k for k in ("label_names", "features", "normalization", "files") if k not in card]
     if missing:
         raise DeployError(f"{path}: missing keys {missing}")
+    _check_card(path, card)
     return card
+
+
+def _check_card(path: Path, card: dict[str, Any]) -> None:
+    labels = card["label_names"]
+    if not (
+        isinstance(labels, list) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
+    ):
+        raise DeployError(f"{path}: label_names must be a list of at least 2 names, got {labels!r}")
+    try:
+        cfg = feature_config(card)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DeployError(f"{path}: features: {e}") from None
+    files = card["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("path"), str) for v in files.values()
+    ):
+        raise DeployError(f'{path}: files must map each format to {{"path": FILE}}, got {files!r}')
+    norm = card["normalization"]
+    mode = norm.get("mode") if isinstance(norm, dict) else None
+    if mode not in ("none", "global", "utterance"):
+        raise DeployError(
+            f"{path}: normalization.mode must be none, global or utterance, got {norm!r}"
+        )
+    if mode == "global":
+        bands = cfg.segment_shape[0]
+        for key in ("mean", "std"):
+            try:
+                values = np.asarray(norm.get(key), np.float64)
+            except (TypeError, ValueError):
+                values = np.zeros(0)
+            ok = values.shape == (bands,) and np.isfinite(values).all()
+            if not ok or (key == "std" and not (values > 0).all()):
+                what = "finite" if key == "mean" else "positive"
+                raise DeployError(
+                    f"{path}: normalization.{key} must hold {bands} {what} numbers (one per "
+                    f"feature band), got {str(norm.get(key))[:80]}"
+                )
 
 
 def feature_config(card: dict[str, Any]) -> audio.FeatureConfig:
@@ -123,6 +171,24 @@ class OnnxClassifier:
         self.batch_size = int(batch_size)
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
+        self._check_session(path)
+
+    def _check_session(self, path: Path) -> None:
+        """The ONNX graph takes the card's windows [N, F, T, 1] and gives one logit per label
+        (a card edited or copied from another export would otherwise fail mid-prediction)."""
+        want_in = (*self.features.segment_shape, 1)
+        got_in = tuple(self.session.get_inputs()[0].shape[1:])
+        got_out = self.session.get_outputs()[0].shape[-1]
+        bad_in = len(got_in) != 3 or any(
+            isinstance(g, int) and g != w for g, w in zip(got_in, want_in, strict=False)
+        )
+        bad_out = isinstance(got_out, int) and got_out != len(self.label_names)
+        if bad_in or bad_out:
+            raise DeployError(
+                f"{path}: the model takes windows [N, {', '.join(map(str, got_in))}] and gives "
+                f"{got_out} logits, but {self.model_dir / CARD_FILE} describes windows "
+                f"[N, {', '.join(map(str, want_in))}] and {len(self.label_names)} labels"
+            )
 
     def logits(self, segments: np.ndarray) -> np.ndarray:
         """Logits [N, C] float32 of normalised windows [N, F, T]."""
@@ -196,7 +262,7 @@ def normalize_segments(
         moments = moments if moments is not None else window_moments(x, valid_frames)
         mean, std = moments_to_stats(*moments, epsilon=eps)
     else:
-        raise DeployError(f"model.json: unknown normalization mode {mode!r}")
+        raise DeployError(f"{CARD_FILE}: unknown normalization mode {mode!r}")
     return ((x - mean[:, None]) / std[:, None]).astype(np.float32)
 
 

@@ -234,12 +234,21 @@ def report_predictions(pred: dict[str, Any], *, json_out: str | None = None) -> 
     for warning in pred["warnings"]:
         print(f"eval.py: warning: {warning}", file=sys.stderr)
     if pred["files"]:
-        print(format_predictions(pred))
+        try:
+            print(format_predictions(pred), flush=True)
+        except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
+            sys.stderr.close()
+            return 0
+    status = 2 if pred["errors"] else 0
     if json_out:
-        jsonio.write_json(json_out, pred)
+        try:
+            jsonio.write_json(json_out, pred)
+        except OSError as e:
+            print(f"eval.py: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
+            status = 2
     for err in pred["errors"]:
         print(f"eval.py: error: {err['error']}", file=sys.stderr)
-    return 2 if pred["errors"] else 0
+    return status
 
 
 def format_predictions(pred: dict[str, Any]) -> str:

@@ -114,7 +114,9 @@ class StreamingFrontEnd:
 
     def __init__(self, cfg: audio.FeatureConfig, *, hop_seconds: float | None = None):
         self.cfg = cfg
-        self.hop_seconds = float(hop_seconds or cfg.eval_hop_seconds)
+        self.hop_seconds = float(cfg.eval_hop_seconds if hop_seconds is None else hop_seconds)
+        if not self.hop_seconds > 0:
+            raise DeployError(f"hop_seconds must be positive, got {hop_seconds}")
         self._half = cfg.n_fft // 2
         self._context = math.ceil(self._half / cfg.hop_length)  # frames of left context
         self._block = max(cfg.hop_length, round(self.hop_seconds * cfg.sample_rate))
@@ -143,10 +145,28 @@ class StreamingFrontEnd:
         return int(np.round(np.float64(k) * self.cfg.hop_frames(self.hop_seconds)))
 
     def push(self, samples: np.ndarray) -> list[StreamWindow]:
-        """Adds samples; returns the windows that are now complete."""
+        """Adds samples (mono: ``[n]`` or ``[n, 1]``); returns the windows now complete.
+
+        Raises:
+            DeployError: the stream has finished, the samples are not mono, or one is NaN or
+              infinite (file prediction refuses such audio too; it would poison every window
+              after it through the running normalisation).
+        """
         if self._finished:
             raise DeployError("stream already finished")
-        x = np.asarray(samples, np.float32).reshape(-1)
+        x = np.asarray(samples, np.float32)
+        if x.ndim > 1 and x.shape[1:] != (1,) * (x.ndim - 1):
+            raise DeployError(
+                f"mono samples expected ([n] or [n, 1]), got an array of shape {x.shape}; "
+                "average the channels first"
+            )
+        x = x.reshape(-1)
+        finite = np.isfinite(x)
+        if not finite.all():
+            at = (self._received + int(np.argmin(finite))) / self.cfg.sample_rate
+            raise DeployError(
+                f"audio contains {int((~finite).sum())} NaN/inf samples (the first at {at:.2f} s)"
+            )
         out = []
         for i in range(0, x.shape[0], self._block):
             chunk = x[i : i + self._block]
@@ -337,7 +357,7 @@ def file_blocks(
     path, so the samples agree with it up to the resampler's edge handling).
 
     Raises:
-        DeployError: unreadable file.
+        DeployError: unreadable file, or NaN/inf samples (naming the time of the first).
     """
     import soundfile as sf
 
@@ -347,11 +367,21 @@ def file_blocks(
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError
         raise DeployError(f"{path}: not a readable audio file ({e})") from None
     with f:
+        if f.samplerate < audio.MIN_SAMPLE_RATE:
+            raise DeployError(f"{path}: {audio.sample_rate_problem(f.samplerate)}")
         block = max(1, round(block_seconds * f.samplerate))
         resampler = _resampler(f.samplerate, sample_rate)
+        start = 0
         while True:
             data = f.read(block, dtype="float32", always_2d=True)
             last = data.shape[0] < block
+            finite = np.isfinite(data).all(axis=1)
+            if not finite.all():
+                at = (start + int(np.argmin(finite))) / f.samplerate
+                raise DeployError(
+                    f"{path}: audio contains NaN/inf samples (the first at {at:.2f} s)"
+                )
+            start += data.shape[0]
             yield _to_model_rate(data, resampler, last=last)
             if last:
                 return
@@ -444,16 +474,27 @@ def stream_cli(args) -> int:
             raise DeployError("--stream takes one input (FILE or -), not extra files")
         rate = model.features.sample_rate
         if args.stream == "-":
+            in_rate = rate if args.rate is None else args.rate
             blocks = pcm_blocks(
-                sys.stdin.buffer, rate=args.rate or rate, channels=args.channels, sample_rate=rate
+                sys.stdin.buffer,
+                rate=in_rate,
+                channels=1 if args.channels is None else args.channels,
+                sample_rate=rate,
             )
         else:
             blocks = file_blocks(args.stream, sample_rate=rate)
         names = model.label_names
         if not args.jsonl:
             print(format_stream_header(names), flush=True)
-        for row in stream_rows(model, blocks, smoothing_seconds=args.smooth):
-            print(json.dumps(row) if args.jsonl else format_stream_row(row, names), flush=True)
+        source = "<stdin>" if args.stream == "-" else os.fspath(args.stream)
+        try:
+            smooth = 1.0 if args.smooth is None else args.smooth
+            for row in stream_rows(model, blocks, smoothing_seconds=smooth):
+                print(json.dumps(row) if args.jsonl else format_stream_row(row, names), flush=True)
+        except DeployError as e:  # name the input in messages from the front end
+            if str(e).startswith(f"{source}: "):
+                raise
+            raise DeployError(f"{source}: {e}") from None
     except (DeployError, audio.AudioError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # e.g. piped into `head`
             sys.stderr.close()

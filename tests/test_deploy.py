@@ -282,6 +282,101 @@ def test_cli_model_errors_are_one_line(model_dir, tmp_path, capsys):
         eval_cli.main(["predict", "--workdir", "w", "--stream", "-"])
 
 
+def _card_variants(model):
+    card = json.loads((model / "model.json").read_text())
+    f = card["features"]
+    yield "not an object", "null", "a JSON object expected, got NoneType"
+    yield "not UTF-8", b"\xff\xfe{}", "not valid JSON"
+    yield "features", {**card, "features": {**f, "kind": "wavelet"}}, "features: invalid"
+    yield "files", {**card, "files": {"onnx": {}}}, 'files must map each format to {"path"'
+    yield "mode", {**card, "normalization": {"mode": "speaker"}}, "normalization.mode must be"
+    bad_norm = {"mode": "global", "mean": [0.0] * 3, "std": [1.0] * 40}
+    yield "mean", {**card, "normalization": bad_norm}, "normalization.mean must hold 40 finite"
+    bad_norm = {"mode": "global", "mean": [0.0] * 40, "std": [1.0] * 39 + [0.0]}
+    yield "std", {**card, "normalization": bad_norm}, "normalization.std must hold 40 positive"
+    yield "labels", {**card, "label_names": ["a", "b", "c"]}, "gives 4 logits, but"
+    yield "bands", {**card, "features": {**f, "n_mels": 64}}, "[N, 40, 200, 1] and gives 4"
+
+
+def test_bad_model_cards_are_one_line_errors_before_any_audio(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    base = helpers_export.band_model_folder(tmp_path / "band")
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.float32), 16000)
+    for name, card, message in _card_variants(base):
+        model = tmp_path / name
+        shutil.copytree(base, model)
+        raw = card if isinstance(card, str | bytes) else json.dumps(card)
+        (model / "model.json").write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+        rc = eval_cli.main(["predict", "--model", str(model), str(wav)])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "", name  # was: tracebacks, some after the model loaded
+        assert err.startswith(f"eval.py: error: {model}{os.sep}model.") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.float32), 16000)
+    for extra, message in (
+        (["--stream", str(wav), "--json", "s.json"], "--json: not used with --stream"),
+        (["--stream", str(wav), "--segments", "--best"], "--segments, --best: not used with"),
+        ([str(wav), "--step", "3"], "--step: not used here"),
+        ([str(wav), "--smooth", "2", "--jsonl"], "--smooth, --jsonl: not used here"),
+    ):
+        with pytest.raises(SystemExit):
+            eval_cli.main(["predict", "--model", model, *extra])
+        assert message in capsys.readouterr().err
+    groups = tmp_path / "groups.csv"
+    groups.write_text(f"path,speaker\n{wav},s1\n,s2\n")
+    with pytest.raises(SystemExit):  # was: ": cannot open file", no CSV or row named
+        eval_cli.main(["predict", "--model", model, "--groups", str(groups)])
+    assert f"--groups {groups}:3: the row names no path" in capsys.readouterr().err
+    groups.write_bytes(b"path,speaker\nJ\xfcrgen.wav,s1\n")
+    with pytest.raises(SystemExit):
+        eval_cli.main(["predict", "--model", model, "--groups", str(groups)])
+    assert f"--groups {groups}: not UTF-8 text" in capsys.readouterr().err
+    for target, problem in ((tmp_path, "is a folder"), (wav / "x.json", "not a folder")):
+        rc = eval_cli.main(["predict", "--model", model, str(wav), "--json", str(target)])
+        out, err = capsys.readouterr()  # was: the table, then a traceback
+        assert rc == 2 and out == "" and err.strip().endswith(problem), err
+    # a target that fails only when written: the table stays, the error is one line
+    pred = deploy.predict_files(model, [wav])
+    blocker = tmp_path / "ro"
+    blocker.write_text("")
+    assert predict.report_predictions(pred, json_out=str(blocker / "p.json")) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("file") and err.startswith(f"eval.py: error: {blocker}")
+
+
+def test_nan_stream_and_corrupt_rate_header_are_one_line_errors(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    wave = np.zeros(6 * 16000, np.float32)
+    wave[5 * 16000] = np.inf
+    path = tmp_path / "inf.wav"
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    rc = eval_cli.main(["predict", "--model", model, "--stream", str(path)])
+    out, err = capsys.readouterr()  # was: clipped to 1.0 (inf) or NaN rows (NaN), exit 0
+    assert rc == 2 and "nan" not in out
+    assert err == f"eval.py: error: {path}: audio contains NaN/inf samples (the first at 5.00 s)\n"
+    rc = eval_cli.main(["predict", "--model", model, "--stream", "-", "--rate", "0"])
+    assert rc == 2 and "<stdin>: --rate and --channels must be positive" in capsys.readouterr().err
+    slow = tmp_path / "rate1.wav"
+    sf.write(slow, np.zeros(400, np.float32), 1000)
+    data = bytearray(slow.read_bytes())
+    data[24:28] = (1).to_bytes(4, "little")  # the header's sample rate: 1 Hz
+    slow.write_bytes(bytes(data))
+    for extra in ([str(slow)], ["--stream", str(slow)]):  # was: 13 GB resampling for 400 kB
+        rc = eval_cli.main(["predict", "--model", model, *extra])
+        assert rc == 2 and "implausible sample rate 1 Hz" in capsys.readouterr().err
+    with pytest.raises(audio.AudioError, match="implausible sample rate 1 Hz") as info:
+        audio.load_audio(slow, sample_rate=16000)
+    assert info.value.kind == "bad_rate"
+
+
 def _readme_snippet():
     text = (REPO / "README.md").read_text()
     section = text.split("## Deploying a student", 1)[1].split("\n## ", 1)[0]

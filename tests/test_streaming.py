@@ -109,6 +109,24 @@ def test_stream_rejects_empty_and_finished_streams():
         fe.push(np.zeros(10, np.float32))
 
 
+def test_stream_rejects_non_finite_stereo_and_a_zero_hop():
+    fc = audio.FEATURE_PRESETS["logmel40"]
+    fe = streaming.StreamingFrontEnd(fc)
+    fe.push(np.zeros(16000, np.float32))
+    x = np.zeros(8000, np.float32)
+    x[4000] = np.nan  # was: NaN logits from here on (the running statistics), exit status 0
+    with pytest.raises(deploy.DeployError, match=r"1 NaN/inf samples \(the first at 1\.25 s\)"):
+        fe.push(x)
+    with pytest.raises(deploy.DeployError, match=r"mono samples expected .* shape \(100, 2\)"):
+        streaming.StreamingFrontEnd(fc).push(np.zeros((100, 2), np.float32))  # was: interleaved
+    column = streaming.StreamingFrontEnd(fc).push(np.zeros((40000, 1), np.float32))
+    flat = streaming.StreamingFrontEnd(fc).push(np.zeros(40000, np.float32))
+    assert len(column) == len(flat) == 2
+    for hop in (0, -0.4):  # was: 0 silently became the default 0.4 s
+        with pytest.raises(deploy.DeployError, match="hop_seconds must be positive"):
+            streaming.StreamingFrontEnd(fc, hop_seconds=hop)
+
+
 # --------------------------------------------------------------------------------------------
 # Label timing on a stream of tones (constructed model: the labels are known)
 # --------------------------------------------------------------------------------------------
