@@ -676,6 +676,21 @@ def prep_summary(meta: dict) -> str:
             + ", ".join(f"{k} {v}" for k, v in c["skipped"].items())
             + " (each listed with its reason in metadata.json)"
         )
+    empty = [name for name, n in c["by_class"].items() if n == 0]
+    if empty:
+        kept = [name for name, n in c["by_class"].items() if n]
+        it = "it" if len(empty) == 1 else "them"
+        lines.append(
+            f"  warning: no utterance of class {', '.join(empty)}: a model cannot learn {it} and "
+            f"UA scores {it} 0; fix the rows (skipped and excluded above) or leave {it} out with "
+            f"--classes {','.join(kept)}"
+        )
+    num_skipped = sum(c["skipped"].values())
+    if num_skipped > 0.1 * (num_skipped + c["utterances"]):
+        lines.append(
+            f"  warning: {num_skipped} of {num_skipped + c['utterances']} utterances were "
+            "skipped (reasons in metadata.json)"
+        )
     balance = meta.get("segment_balance") or {}
     if balance.get("capped_utterances"):
         lines.append(

@@ -99,6 +99,24 @@ def _long_and_short(folder):
     return helpers_prep.tone_corpus(folder, files, freq=140.0, step=30.0, speakers=3)
 
 
+def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
+    manifest = _long_and_short(tmp_path / "c")
+    meta = data_prep.prepare("csv", manifest=manifest, out_dir=tmp_path / "a", progress=False)
+    assert "warning" not in pipeline.prep_summary({**meta, "segment_balance": {}})
+    counts = {**meta["counts"], "by_class": {"neutral": 8, "happy": 0, "sad": 4, "angry": 0}}
+    counts.update(utterances=12, skipped={"missing_wav": 1})  # 1 of 13 skipped: no warning
+    text = pipeline.prep_summary({**meta, "counts": counts, "segment_balance": {}})
+    expected = (
+        "  warning: no utterance of class happy, angry: a model cannot learn them and UA "
+        "scores them 0; fix the rows (skipped and excluded above) or leave them out with "
+        "--classes neutral,sad"
+    )
+    assert text.count("warning") == 1 and expected in text.splitlines()
+    counts["skipped"] = {"missing_wav": 1, "unreadable": 1}  # 2 of 14: over a tenth
+    text = pipeline.prep_summary({**meta, "counts": counts, "segment_balance": {}})
+    assert "  warning: 2 of 14 utterances were skipped (reasons in metadata.json)" in text
+
+
 def test_dominant_utterance_is_warned_about_and_can_be_capped(tmp_path, caplog, capsys):
     manifest = _long_and_short(tmp_path / "c")
     free = data_prep.prepare("csv", manifest=manifest, out_dir=tmp_path / "a", progress=False)
