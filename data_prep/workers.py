@@ -216,7 +216,8 @@ def process_utterance(utt: Utterance) -> tuple:
     (:func:`spread`; records keep each window's own segment_index); "eval" keeps them all.
 
     Returns:
-      ("ok", row dict, train bytes, n_train, eval bytes, n_eval) or ("skip", kind, reason).
+      ("ok", row dict, train bytes, n_train, eval bytes, n_eval) or ("skip", kind, reason);
+      digital silence is skipped ("silent").
     """
     cfg: audio.FeatureConfig = _state["cfg"]
     corpus: str = _state["corpus"]
@@ -235,6 +236,8 @@ def process_utterance(utt: Utterance) -> tuple:
             "dropped (short_utterances='drop')",
         )
     train, evals = segs.layouts
+    if audio.is_digital_silence(evals.features, evals.valid_frames):
+        return ("skip", "silent", "digital silence (every frame the same): nothing to learn")
     keep_train = spread(len(train), cap) if cap else np.arange(len(train))
     row = {
         "utterance_id": utt.utterance_id,

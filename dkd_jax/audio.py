@@ -234,6 +234,15 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def is_digital_silence(segments: np.ndarray, valid_frames: np.ndarray) -> bool:
+    """Whether the real frames of windows [K, F, T] (``valid_frames`` [K]) are all the same in
+    every band: digital silence (or a constant signal) carries nothing to learn or predict."""
+    x, valid = np.asarray(segments), np.asarray(valid_frames)
+    real = np.arange(x.shape[2])[None, :] < valid[:, None]  # [windows, frames]
+    frames = np.swapaxes(x, 1, 2)[real]  # [real frames, bands]
+    return bool(frames.size) and float(np.ptp(frames, axis=0).max()) == 0.0
+
+
 def sample_rate_problem(rate: int) -> str:
     """The reason given for a declared sample rate below ``MIN_SAMPLE_RATE``."""
     return f"implausible sample rate {rate} Hz (below {MIN_SAMPLE_RATE} Hz: a corrupt header?)"

@@ -308,9 +308,12 @@ def predict_files(
     done = []
     for path, group in zip(paths, groups, strict=True):
         try:
-            done.append((os.fspath(path), group, predict.file_segments(path, fc)))
+            seg = predict.file_segments(path, fc)
         except audio.AudioError as e:
             out["errors"].append({"path": os.fspath(path), "error": str(e)})
+            continue
+        done.append((os.fspath(path), group, seg))
+        out["warnings"] += predict.input_warnings(os.fspath(path), seg)
     moments: dict[str, tuple] = {}
     if per_speaker:
         for _, group, seg in done:

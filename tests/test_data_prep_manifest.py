@@ -8,6 +8,7 @@ import os
 import shutil
 
 import helpers_prep
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -332,3 +333,21 @@ def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_pa
     earlier = (out / "metadata.json").stat().st_mtime_ns - 10**9  # (the clock, not the test's)
     os.utime(b, ns=(earlier, earlier))
     assert data_prep.prepare("csv", **options)["content_hash"] == again["content_hash"]
+
+
+def test_digital_silence_and_corrupt_rate_headers_are_skipped_with_reasons(tmp_path):
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    rows = [("a.wav", "sad", "x"), ("b.wav", "angry", "y"), ("quiet.wav", "sad", "x"),
+            ("rate.wav", "happy", "y")]  # fmt: skip
+    path = _write(tmp_path / "c", rows, files)
+    sf.write(tmp_path / "c" / "quiet.wav", np.zeros(3 * SR, np.float32), SR)
+    sf.write(tmp_path / "c" / "rate.wav", np.full(400, 0.1, np.float32), 1000)
+    data = bytearray((tmp_path / "c" / "rate.wav").read_bytes())
+    data[24:28] = (1).to_bytes(4, "little")  # the header says 1 Hz: 400 samples = 400 s
+    (tmp_path / "c" / "rate.wav").write_bytes(bytes(data))
+    meta = data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
+    assert meta["counts"]["utterances"] == 2  # was: both kept, "rate.wav" as 400 s of audio
+    assert meta["counts"]["skipped"] == {"bad_rate": 1, "silent": 1}
+    reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
+    assert reasons["quiet.wav"] == "digital silence (every frame the same): nothing to learn"
+    assert reasons["rate.wav"].startswith("implausible sample rate 1 Hz (below 1000 Hz")

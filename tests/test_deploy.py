@@ -377,6 +377,29 @@ def test_nan_stream_and_corrupt_rate_header_are_one_line_errors(tmp_path, capsys
     assert info.value.kind == "bad_rate"
 
 
+def test_very_short_and_silent_audio_get_a_warning(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    rng = np.random.default_rng(0)
+    files = {
+        "click.wav": 0.1 * rng.standard_normal(160).astype(np.float32),  # 10 ms
+        "silent.wav": np.zeros(3 * 16000, np.float32),
+        "speechlike.wav": 0.1 * rng.standard_normal(16000).astype(np.float32),
+    }
+    for name, wave in files.items():
+        sf.write(tmp_path / name, wave, 16000)
+    paths = [str(tmp_path / n) for n in files]
+    pred = deploy.predict_files(model, paths)
+    assert [f["path"] for f in pred["files"]] == paths  # warned about, still predicted
+    assert pred["warnings"] == [
+        f"{paths[0]}: only 0.010 s of audio (under 0.25 s): its prediction says little",
+        f"{paths[1]}: the audio is digital silence: its prediction says nothing",
+    ]
+    assert eval_cli.main(["predict", "--model", model, *paths]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"eval.py: warning: {w}" for w in pred["warnings"]]
+
+
 def _readme_snippet():
     text = (REPO / "README.md").read_text()
     section = text.split("## Deploying a student", 1)[1].split("\n## ", 1)[0]
