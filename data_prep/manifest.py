@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 
 from data_prep.sources import PrepError, Scan, Utterance, classes_list, skip_entry
@@ -51,6 +52,13 @@ OPTIONAL_COLUMNS = ("session", "gender", "utterance_id")
 DUPLICATE_POLICIES = ("error", "keep-first")
 GENDERS = {"f": "female", "female": "female", "w": "female", "m": "male", "male": "male"}
 _MAX_LISTED = 5
+_NAME_COLUMNS = ("label", "speaker", "session", "gender")  # compared as text (paths are not)
+
+
+def _nfc(text: str) -> str:
+    """Unicode NFC: a label typed on one system and exported on another (macOS writes NFD)
+    compares equal."""
+    return unicodedata.normalize("NFC", text)
 
 
 @dataclasses.dataclass
@@ -101,7 +109,7 @@ def parse_label_map(spec: str | os.PathLike | Mapping[str, str] | None) -> dict[
                         "(e.g. --label-map anger=angry,joy=happy, or a JSON file)"
                     )
                 items.append((source, target))
-    return {str(k).strip().lower(): str(v).strip().lower() for k, v in items}
+    return {_nfc(str(k).strip().lower()): _nfc(str(v).strip().lower()) for k, v in items}
 
 
 EMPTY_LABEL = "<empty>"
@@ -113,7 +121,7 @@ def parse_label_list(spec: str | Iterable[str] | None) -> list[str]:
     if spec is None:
         return []
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    labels = {p.strip().lower() for p in parts if p.strip()}
+    labels = {_nfc(p.strip().lower()) for p in parts if p.strip()}
     return sorted("" if p == EMPTY_LABEL else p for p in labels)
 
 
@@ -190,6 +198,9 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
                 raise PrepError(_not_utf8(manifest)) from None
             line, last = lines.row_start, lines.count
             row = {k: (v or "").strip() for k, v in row.items() if k}
+            for k in _NAME_COLUMNS:  # one spelling of "ärger" whatever the editor saved
+                if k in row:
+                    row[k] = _nfc(row[k])
             if last > line:
                 raise PrepError(
                     f"{manifest}:{line}: one row runs over lines {line}-{last}: a field holds a "

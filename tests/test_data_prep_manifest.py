@@ -351,3 +351,16 @@ def test_digital_silence_and_corrupt_rate_headers_are_skipped_with_reasons(tmp_p
     reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
     assert reasons["quiet.wav"] == "digital silence (every frame the same): nothing to learn"
     assert reasons["rate.wav"].startswith("implausible sample rate 1 Hz (below 1000 Hz")
+
+
+def test_labels_and_speakers_compare_in_one_unicode_form(tmp_path):
+    nfd, nfc = "a\u0308rger", "\u00e4rger"  # "ärger" as macOS exports it, and as typed
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    rows = [("a.wav", nfd, "J\u00fcrgen"), ("b.wav", "sad", "Ju\u0308rgen")]
+    path = _write(tmp_path / "c", rows, files)
+    scan = manifest.scan_csv(path, label_map=f"{nfc}=angry")  # was: "unknown label ärger"
+    assert [(u.label_name, u.speaker) for u in scan.utterances] == [
+        ("angry", "J\u00fcrgen"),
+        ("sad", "J\u00fcrgen"),  # one speaker, not two
+    ]
+    assert manifest.scan_csv(path, exclude_labels=nfc).excluded == {f"label:{nfc}": 1}
