@@ -40,6 +40,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
 import unicodedata
@@ -52,6 +53,7 @@ OPTIONAL_COLUMNS = ("session", "gender", "utterance_id")
 DUPLICATE_POLICIES = ("error", "keep-first")
 GENDERS = {"f": "female", "female": "female", "w": "female", "m": "male", "male": "male"}
 _MAX_LISTED = 5
+log = logging.getLogger("data_prep")
 _NAME_COLUMNS = ("label", "speaker", "session", "gender")  # compared as text (paths are not)
 
 
@@ -391,6 +393,23 @@ def _check_ids(manifest: str, rows: list[_Row]) -> None:
         )
 
 
+def _warn_case_twins(manifest: str, rows: list[_Row]) -> None:
+    """Speaker ids that differ only in letter case ("S03", "s03") are most likely one person
+    typed twice: each becomes its own speaker (and with no session column, its own fold)."""
+    spellings: dict[str, set[str]] = collections.defaultdict(set)
+    for r in rows:
+        spellings[r.speaker.casefold()].add(r.speaker)
+    twins = sorted(sorted(v) for v in spellings.values() if len(v) > 1)
+    if twins:
+        listed = "; ".join(" and ".join(repr(s) for s in t) for t in twins[:_MAX_LISTED])
+        log.warning(
+            "warning: %s: speaker ids that differ only in case (%s) are taken as different "
+            "speakers; if they are one person, spell them alike",
+            manifest,
+            listed,
+        )
+
+
 def _check_speaker_sessions(manifest: str, rows: list[_Row]) -> None:
     """Every speaker in one session: leave-one-session-out must never test on a speaker it
     trained on (an empty session cell means the speaker's own id, which another row of the
@@ -474,6 +493,7 @@ def scan_csv(
         skipped.append(skip_entry(repeat.rel, kind, reason, repeat.utterance_id))
     _check_ids(manifest, rows)
     _check_speaker_sessions(manifest, rows)
+    _warn_case_twins(manifest, rows)
     utterances = [
         Utterance(
             utterance_id=r.utterance_id,

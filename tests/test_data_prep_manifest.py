@@ -364,3 +364,16 @@ def test_labels_and_speakers_compare_in_one_unicode_form(tmp_path):
         ("sad", "J\u00fcrgen"),  # one speaker, not two
     ]
     assert manifest.scan_csv(path, exclude_labels=nfc).excluded == {f"label:{nfc}": 1}
+
+
+def test_speaker_ids_differing_only_in_case_are_warned_about(tmp_path, caplog):
+    files = {"a.wav": 2.1, "b.wav": 2.2, "c.wav": 2.3}
+    rows = [("a.wav", "sad", "S03"), ("b.wav", "angry", "s03"), ("c.wav", "sad", "s04")]
+    path = _write(tmp_path / "c", rows, files)
+    with caplog.at_level("WARNING", logger="data_prep"):
+        scan = manifest.scan_csv(path)
+    assert sorted({u.speaker for u in scan.utterances}) == ["S03", "s03", "s04"]  # kept apart
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: speaker ids that differ only in case ('S03' and 's03') are taken as "
+        "different speakers; if they are one person, spell them alike"
+    ]
