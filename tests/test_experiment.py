@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dkd_jax import config as config_lib
-from dkd_jax import experiment, records, run_dir
+from dkd_jax import experiment, protocols, records, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -512,6 +512,30 @@ def test_speaker_normalisation_warns_loudly_on_a_speaker_confounded_corpus(tiny_
         err = capsys.readouterr().err
         loud = "WARNING: normalization=speaker on a corpus where the speaker predicts"
         assert ("fold0-seed0, training speakers" in err and loud in err) == warned
+
+
+def test_held_out_speakers_with_one_emotion_get_a_note_under_speaker_normalisation(
+    tiny_prep_dir,
+):
+    from dkd_jax.experiment import checks
+
+    meta = json.loads(json.dumps(records.load_metadata(tiny_prep_dir)))
+    spec = experiment.make_spec(data=tiny_prep_dir, protocol="loso", preset="tiny", folds=(0,))
+    plan = experiment.plan_runs(spec, "unused")[0]
+    plan.config.data.normalization = "speaker"
+    assert checks.held_out_note(plan, meta) is None  # the tiny corpus: every speaker varies
+    split = protocols.split_for_run(meta, plan.config.data)
+    test = set(split.test_ids)
+    held = sorted({u["speaker"] for u in meta["utterances"] if u["utterance_id"] in test})
+    for u in meta["utterances"]:  # one held-out speaker shows anger only
+        if u["speaker"] == held[0]:
+            u["label"] = 3
+    note = checks.held_out_note(plan, meta)
+    assert note.startswith(
+        f"note: 1 of {len(held)} held-out speakers show one emotion only: {held[0]} (angry); "
+    )
+    plan.config.data.normalization = "global"
+    assert checks.held_out_note(plan, meta) is None
 
 
 def test_concurrent_groups_give_bit_identical_runs(exp, tiny_prep_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 * **The speaker–label confound** (``dkd_jax.confound``) of each group's *training* split: how
   far the speaker alone predicts the label. With ``data.normalization=speaker`` a strong confound
-  is a loud warning before training: per-speaker normalisation then removes the emotion.
+  is a loud warning before training: per-speaker normalisation then removes the emotion; held-out
+  speakers who show one emotion only get a note too (they are normalised on their own).
 * **A feature-statistics baseline** (``dkd_jax.baseline``): a logistic regression on each
   utterance's per-band mean and standard deviation, its regularisation chosen by inner
   cross-validation over the training speakers only, fitted on the group's training utterances
@@ -28,7 +29,14 @@ from dkd_jax.experiment.spec import RunPlan
 
 _FIT_LOCK = threading.Lock()  # threadpoolctl's BLAS limit is process-wide (jobs > 1)
 
-__all__ = ["BASELINE_MODELS", "baseline_file", "group_confound", "run_baselines", "warn_confound"]
+__all__ = [
+    "BASELINE_MODELS",
+    "baseline_file",
+    "group_confound",
+    "held_out_note",
+    "run_baselines",
+    "warn_confound",
+]
 
 BASELINE_MODELS = {"baseline": "global", "baseline_speaker": "speaker"}
 """Baseline model name → the feature normalisation it is fitted with."""
@@ -51,6 +59,28 @@ def warn_confound(plan: RunPlan, numbers: dict[str, Any]) -> None:
     text = confound.normalization_warning(numbers, plan.config.data.normalization)
     if text:
         print(f"{plan.group}, training speakers:\n{text}", file=sys.stderr, flush=True)
+
+
+def held_out_note(plan: RunPlan, metadata: dict[str, Any]) -> str | None:
+    """With ``normalization=speaker``, a note naming the held-out (test) speakers who show one
+    emotion only: their features are normalised with their own test statistics, which removes
+    that emotion's level, whatever the training speakers look like. None otherwise."""
+    if plan.config.data.normalization != "speaker":
+        return None
+    split = protocols.split_for_run(metadata, plan.config.data)
+    if not split.test_ids:
+        return None
+    numbers = confound.confound_from_metadata(metadata, split.test_ids)
+    single = numbers["single_class_speakers"]
+    if not single:
+        return None
+    listed = ", ".join(f"{spk} ({label})" for spk, label in list(single.items())[:5])
+    more = f" and {len(single) - 5} more" if len(single) > 5 else ""
+    return (
+        f"note: {len(single)} of {numbers['num_speakers']} held-out speakers show one emotion "
+        f"only: {listed}{more}; normalization=speaker takes their statistics from their own "
+        "test utterances, which removes that emotion's level: their scores say little"
+    )
 
 
 def _fingerprint(metadata: dict[str, Any], train_ids, test_ids, normalization: str) -> str:

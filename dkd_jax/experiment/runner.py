@@ -194,6 +194,9 @@ def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool,
 def _group_checks(exp_dir, plan, spec, metadata, cache, *, baselines, validation_only, quiet):
     """The group's confound warning and baselines (before its deep models train)."""
     checks.warn_confound(plan, checks.group_confound(plan, metadata))
+    note = checks.held_out_note(plan, metadata)
+    if note:
+        print(f"{plan.group}, held-out speakers:\n{note}", file=sys.stderr, flush=True)
     if not baselines:
         return
     t0 = time.perf_counter()
