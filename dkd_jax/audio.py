@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,29 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
     if rate != sample_rate:
         wave = resample(wave, orig_sr=int(rate), target_sr=sample_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def truncation_note(path: str | os.PathLike) -> str | None:
+    """For a WAV file whose data chunk is shorter than its header declares (a copy cut short):
+    what is missing, in seconds; None otherwise. libsndfile reads such files without a word."""
+    import soundfile as sf
+
+    try:
+        extra = sf.info(os.fspath(path)).extra_info
+    except Exception:  # unreadable: load_audio says why
+        return None
+    found = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", extra, re.MULTILINE)
+    rate = re.search(r"Bytes/sec\s*:\s*(\d+)", extra)
+    if not found or not rate or int(rate.group(1)) <= 0:
+        return None
+    declared, present = int(found.group(1)), int(found.group(2))
+    if declared <= present:
+        return None
+    per_second = int(rate.group(1))
+    return (
+        f"the header declares {declared / per_second:.2f} s of audio but the file holds "
+        f"{present / per_second:.2f} s (cut short?)"
+    )
 
 
 def is_digital_silence(segments: np.ndarray, valid_frames: np.ndarray) -> bool:

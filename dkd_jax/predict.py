@@ -74,13 +74,17 @@ utterance can come out ~100 % confident)."""
 
 def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     """Warnings about one file's audio (:func:`file_segments`' output) that no model can fix:
-    too short to say much, or digital silence (every real frame the same, in every band)."""
+    too short to say much, a WAV cut short of its header, or digital silence (every real frame
+    the same, in every band)."""
     out = []
     if seg["duration_s"] < MIN_RELIABLE_SECONDS:
         out.append(
             f"{path}: only {seg['duration_s']:.3f} s of audio (under {MIN_RELIABLE_SECONDS} s): "
             "its prediction says little"
         )
+    cut = audio.truncation_note(path)
+    if cut:
+        out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):
         out.append(f"{path}: the audio is digital silence: its prediction says nothing")
     return out

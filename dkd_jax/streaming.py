@@ -404,7 +404,7 @@ def pcm_blocks(
         usable = len(pending) - len(pending) % frame_bytes
         if last and len(pending) != usable:
             print(
-                f"warning: the input ended inside a sample frame; "
+                f"eval.py: warning: the input ended inside a sample frame; "
                 f"{len(pending) - usable} byte(s) dropped",
                 file=sys.stderr,
             )

@@ -377,7 +377,7 @@ def test_nan_stream_and_corrupt_rate_header_are_one_line_errors(tmp_path, capsys
     assert info.value.kind == "bad_rate"
 
 
-def test_very_short_and_silent_audio_get_a_warning(tmp_path, capsys):
+def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     model = str(helpers_export.band_model_folder(tmp_path / "band"))
     rng = np.random.default_rng(0)
@@ -398,6 +398,15 @@ def test_very_short_and_silent_audio_get_a_warning(tmp_path, capsys):
     assert eval_cli.main(["predict", "--model", model, *paths]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [f"eval.py: warning: {w}" for w in pred["warnings"]]
+    cut = tmp_path / "cut.wav"  # a copy cut short: 1 s declared, 0.25 s present
+    sf.write(cut, files["speechlike.wav"], 16000, subtype="PCM_16")
+    cut.write_bytes(cut.read_bytes()[: 44 + 2 * 4000])
+    pred = deploy.predict_files(model, [cut])
+    assert pred["files"][0]["duration_s"] == 0.25 and pred["warnings"] == [
+        f"{cut}: the header declares 1.00 s of audio but the file holds 0.25 s (cut short?): "
+        "predicted from what is there"
+    ]
+    assert audio.truncation_note(tmp_path / "speechlike.wav") is None
 
 
 def _readme_snippet():
