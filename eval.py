@@ -161,15 +161,22 @@ def _check_predict_options(args, parser) -> None:
         "--smooth": args.smooth is not None,
         "--jsonl": args.jsonl,
     }
+    given["--threads"] = args.threads is not None
     if args.stream is not None:
         unused = ["--json", "--segments", "--step", "--best"]
         why = "with --stream (the rows go to stdout; --jsonl for JSON lines)"
+        if args.stream != "-":
+            unused += ["--rate", "--channels"]
+            why = "with --stream FILE (the rows go to stdout; --rate and --channels: stdin only)"
     else:
         unused = ["--rate", "--channels", "--smooth", "--jsonl"]
         why = "without --stream"
         if args.model:
             unused = ["--step", "--best", *unused]
             why = "here (--step, --best: a checkpoint of --workdir; the others need --stream)"
+        else:
+            unused = ["--threads", *unused]
+            why = "with --workdir (--threads: onnxruntime, --model; the others need --stream)"
     ignored = [name for name in unused if given[name]]
     if ignored:
         parser.error(f"{', '.join(ignored)}: not used {why}")

@@ -36,7 +36,7 @@ CANDIDATES = {
     "xnnpack": {"flags": "--xla_cpu_use_xnnpack=true"},
     "onednn": {"flags": "--xla_cpu_use_onednn=true"},
     "no thunk runtime": {"flags": "--xla_cpu_use_thunk_runtime=false"},
-    # LLVM level 1 compiles 7-12 % faster at the same speed, with the default's bits at 26x63
+    # LLVM level 1 compiles 8-15 % faster at the same speed, with the default's bits at 26x63
     # batch 32 but not at 12x16 batch 16 (0.89x there); level 0 is 1.7-1.9x slower, other bits.
     "opt level 1": {"flags": "--xla_backend_optimization_level=1"},
     "opt level 0": {"flags": "--xla_backend_optimization_level=0"},

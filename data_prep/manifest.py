@@ -163,7 +163,7 @@ class _Lines:
     def __next__(self) -> str:
         line = next(self._f)
         self.count += 1
-        if not self.row_start and line.strip():
+        if not self.row_start and line.strip("\r\n"):
             self.row_start = self.count
         return line
 
@@ -185,7 +185,8 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
                 f"{manifest}: missing column(s) {missing}; the header must name path, label, "
                 f"speaker (optional: session, gender, utterance_id), got {header}"
             )
-        repeated = sorted(h for h, n in collections.Counter(header).items() if h and n > 1)
+        known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+        repeated = sorted(h for h, n in collections.Counter(header).items() if h in known and n > 1)
         if repeated:
             raise PrepError(f"{manifest}: the header names column(s) {repeated} more than once")
         reader.fieldnames = header
@@ -198,7 +199,8 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
                 return
             except UnicodeDecodeError:
                 raise PrepError(_not_utf8(manifest)) from None
-            line, last = lines.row_start, lines.count
+            last = lines.count
+            line = lines.row_start or last
             row = {k: (v or "").strip() for k, v in row.items() if k}
             for k in _NAME_COLUMNS:  # one spelling of "ärger" whatever the editor saved
                 if k in row:

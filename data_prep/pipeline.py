@@ -6,15 +6,16 @@
    sorted by id;
 2. assigns utterance ``i`` to shard ``i % num_shards`` (deterministic, independent of workers);
 3. checks the output folder: a finished run with the same fingerprint is returned as is, an
-   interrupted one is resumed, one with a different configuration, or of input files modified
-   after it, is refused (``overwrite`` replaces it);
+   interrupted one is resumed, one with a different configuration, or a finished one whose
+   input files now hold other bytes (``INPUTS_FILE``), is refused (``overwrite`` replaces it);
 4. streams utterances through the feature workers (:mod:`data_prep.workers`: ordered results,
    bounded look-ahead, workers that die with their parent), each computing whole-utterance
    features once and serialising both segment layouts ("train" hop 1.0 s, "eval" hop 0.4 s);
 5. writes each shard to ``.prep/`` and moves it into place when complete, with a completion
    marker (utterance rows, skipped files, SHA-256) that makes the run resumable shard by shard;
    Ctrl-C and SIGTERM stop the workers and keep the finished shards;
-6. writes the TFDS metadata (dataset_info.json, features.json) and, last, metadata.json, with
+6. writes the TFDS metadata (dataset_info.json, features.json), the inputs' SHA-256
+   (``inputs.sha256``) and, last, metadata.json, with
    the segment balance (utterances supplying more than ``max_utterance_share`` of the "train"
    segments are named and warned about; ``max_segments_per_utterance`` caps them).
 
@@ -43,6 +44,9 @@ from dkd_jax import audio, records
 log = logging.getLogger("data_prep")
 
 STATE_DIR = ".prep"
+INPUTS_FILE = "inputs.sha256"
+"""SHA-256 of every input file (``sha256sum`` format, paths relative to the corpus root or the
+manifest folder): how a later run tells audio rewritten in place from a file merely touched."""
 UTTERANCES_PER_SHARD = 256
 MAX_SHARDS = 1024
 DEFAULT_MAX_UTTERANCE_SHARE = 0.1
@@ -104,7 +108,8 @@ def _read_json(path: str):
 
 def _is_artifact(name: str) -> bool:
     return (
-        name in (records.METADATA_FILE, "dataset_info.json", "features.json", STATE_DIR)
+        name in (records.METADATA_FILE, INPUTS_FILE, "dataset_info.json", "features.json")
+        or name == STATE_DIR
         or name.endswith(".labels.txt")
         or ".tfrecord-" in name
     )
@@ -295,13 +300,40 @@ def _completed_shards(out_dir: str, state_dir: str, num_shards: int) -> dict:
     return done
 
 
-def _modified_after(inputs: list[tuple[str, str]], marker: str) -> list[str]:
-    """The input files (shown paths) modified after ``marker`` was written."""
-    since = os.stat(marker).st_mtime_ns
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_input_digests(out_dir: str, utts) -> None:
+    """``INPUTS_FILE``: one line per scanned input that can be read (skipped ones included: a
+    file fixed later changes the run too)."""
+    lines = []
+    for u in utts:
+        try:
+            lines.append(f"{_file_sha256(u.path)}  {u.rel_path}\n")
+        except OSError:
+            continue
+    with open(os.path.join(out_dir, INPUTS_FILE), "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def _changed_inputs(out_dir: str, inputs: list[tuple[str, str]]) -> list[str]:
+    """The inputs ((shown path, path) pairs) whose bytes differ from those the finished run in
+    ``out_dir`` read. Only files modified after its metadata.json are hashed (a copied or
+    touched corpus costs one read of those files and is not refused); a run without
+    ``INPUTS_FILE`` (made by an earlier version) is taken as is."""
+    digests_path = os.path.join(out_dir, INPUTS_FILE)
+    try:
+        with open(digests_path, encoding="utf-8") as f:
+            digests = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f if line.strip())
+        since = os.stat(os.path.join(out_dir, records.METADATA_FILE)).st_mtime_ns
+    except (OSError, ValueError):
+        return []
     changed = []
     for shown, path in inputs:
         try:
-            if os.stat(path).st_mtime_ns > since:
+            if os.stat(path).st_mtime_ns > since and _file_sha256(path) != digests.get(shown):
                 changed.append(shown)
         except OSError:
             changed.append(shown)
@@ -316,9 +348,10 @@ def _claim_out_dir(
     inputs: list[tuple[str, str]],
 ) -> str:
     """Returns "new", "resume" or "done"; refuses folders holding another run or other files,
-    and a run of the same files when any of ``inputs`` ((shown path, path) pairs) was modified
-    after it (the fingerprint sees names and sizes, not contents: audio rewritten in place,
-    e.g. re-normalised to the same length, would otherwise keep its old features)."""
+    and a finished run of the same files when any of ``inputs`` ((shown path, path) pairs) holds
+    other bytes than it read (the fingerprint sees names and sizes, not contents: audio
+    rewritten in place, e.g. re-normalised to the same length, would otherwise keep its old
+    features)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PrepError(f"--out {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
@@ -337,7 +370,7 @@ def _claim_out_dir(
             previous, kind = {}, "unreadable"
     if previous is not None:
         if previous.get("fingerprint") == fingerprint and not overwrite:
-            changed = _modified_after(inputs, meta_path if kind == "finished" else state_path)
+            changed = _changed_inputs(out_dir, inputs) if kind == "finished" else []
             if changed:
                 listed = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
                 raise PrepError(
@@ -625,6 +658,7 @@ def _finalize(
     }
     meta["source"].update(found.options)
     _write_tfds_metadata(out_dir, found, cfg, splits)
+    _write_input_digests(out_dir, found.utterances)
     _write_json(os.path.join(out_dir, records.METADATA_FILE), meta)
     return meta
 

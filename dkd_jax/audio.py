@@ -249,7 +249,7 @@ def truncation_note(path: str | os.PathLike) -> str | None:
     if not found or not rate or int(rate.group(1)) <= 0:
         return None
     declared, present = int(found.group(1)), int(found.group(2))
-    if declared <= present:
+    if declared <= present or declared >= 0x7FFF0000:  # a WAV streamed to a pipe: size unknown
         return None
     per_second = int(rate.group(1))
     return (
@@ -258,9 +258,16 @@ def truncation_note(path: str | os.PathLike) -> str | None:
     )
 
 
+SILENT_REASON = "silent: every frame the same (digital silence, or below the feature floor)"
+"""Why data_prep skips, and predict warns about, audio that :func:`is_digital_silence`."""
+
+
 def is_digital_silence(segments: np.ndarray, valid_frames: np.ndarray) -> bool:
     """Whether the real frames of windows [K, F, T] (``valid_frames`` [K]) are all the same in
-    every band: digital silence (or a constant signal) carries nothing to learn or predict."""
+    every band: digital silence, or audio so quiet that every band sits at the feature floor
+    (log-mel floors power at ``LOG_FLOOR``; MFCC's floor is relative to the loudest frame, so
+    the same quiet file can be silent for one preset and not the other). Such windows carry
+    nothing to learn or predict."""
     x, valid = np.asarray(segments), np.asarray(valid_frames)
     real = np.arange(x.shape[2])[None, :] < valid[:, None]  # [windows, frames]
     frames = np.swapaxes(x, 1, 2)[real]  # [real frames, bands]

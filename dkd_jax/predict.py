@@ -86,7 +86,7 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     if cut:
         out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):
-        out.append(f"{path}: the audio is digital silence: its prediction says nothing")
+        out.append(f"{path}: {audio.SILENT_REASON}: its prediction says nothing")
     return out
 
 
@@ -260,9 +260,9 @@ def report_predictions(pred: dict[str, Any], *, json_out: str | None = None) -> 
     if pred["files"]:
         try:
             print(format_predictions(pred), flush=True)
-        except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
-            sys.stderr.close()
-            return 0
+        except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted, but
+            # --json and the errors still follow (stdout now goes nowhere)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     status = 2 if pred["errors"] else 0
     if json_out:
         try:

@@ -145,7 +145,7 @@ class StreamingFrontEnd:
         return int(np.round(np.float64(k) * self.cfg.hop_frames(self.hop_seconds)))
 
     def push(self, samples: np.ndarray) -> list[StreamWindow]:
-        """Adds samples (mono: ``[n]`` or ``[n, 1]``); returns the windows now complete.
+        """Adds samples (mono: ``[n]``, ``[n, 1]`` or ``[1, n]``); returns the windows now complete.
 
         Raises:
             DeployError: the stream has finished, the samples are not mono, or one is NaN or
@@ -155,9 +155,9 @@ class StreamingFrontEnd:
         if self._finished:
             raise DeployError("stream already finished")
         x = np.asarray(samples, np.float32)
-        if x.ndim > 1 and x.shape[1:] != (1,) * (x.ndim - 1):
+        if sum(n > 1 for n in x.shape) > 1:
             raise DeployError(
-                f"mono samples expected ([n] or [n, 1]), got an array of shape {x.shape}; "
+                f"mono samples expected ([n], [n, 1] or [1, n]), got an array of shape {x.shape}; "
                 "average the channels first"
             )
         x = x.reshape(-1)

@@ -3,6 +3,7 @@
 utterance ids that keep the file identity, and id collisions naming the rows."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,8 @@ import pytest
 import soundfile as sf
 
 import data_prep
-from data_prep import cli, manifest, sources
+from data_prep import cli, manifest, pipeline, sources
+from dkd_jax import audio
 
 SR = 16000
 
@@ -306,6 +308,11 @@ def test_not_utf8_names_the_first_bad_line_and_repeated_columns_are_refused(tmp_
     path.write_text("path,label,speaker,Label\na.wav,sad,x,\n")
     with pytest.raises(sources.PrepError, match=r"names column\(s\) \['label'\] more than once"):
         manifest.scan_csv(path)
+    path.write_text("path,label,speaker,note,note\r\na.wav,sad,x,,\r\n   \r\n\tb.wav,sad,y\r\n")
+    scan = manifest.scan_csv(path)  # columns it ignores may repeat; blank-ish lines are rows
+    assert [u.rel_path for u in scan.utterances] == ["a.wav", "b.wav"]
+    assert [s["reason"] for s in scan.skipped] == ["empty path"]
+    assert scan.skipped[0]["path"] == f"{path}:3"
 
 
 def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_path):
@@ -314,12 +321,13 @@ def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_pa
     out = tmp_path / "o"
     options = dict(manifest=path, out_dir=out, workers=1, progress=False)
     first = data_prep.prepare("csv", **options)
+    a, b = tmp_path / "c" / "a.wav", tmp_path / "c" / "b.wav"
+    later = (out / "metadata.json").stat().st_mtime_ns + 10**9
+    os.utime(a, ns=(later, later))  # touched (or copied, or a clock ahead): same bytes
     assert data_prep.prepare("csv", **options)["content_hash"] == first["content_hash"]
-    b = tmp_path / "c" / "b.wav"
     size = b.stat().st_size
     wave, sr = sf.read(b, dtype="float32")
     sf.write(b, 0.25 * wave, sr)  # re-normalised in place: same length, same size
-    later = (out / "metadata.json").stat().st_mtime_ns + 10**9
     os.utime(b, ns=(later, later))
     assert b.stat().st_size == size
     with pytest.raises(sources.PrepError) as info:  # was: "nothing to do", the old features
@@ -330,9 +338,10 @@ def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_pa
     )
     again = data_prep.prepare("csv", **options, overwrite=True)
     assert again["content_hash"] != first["content_hash"]
-    earlier = (out / "metadata.json").stat().st_mtime_ns - 10**9  # (the clock, not the test's)
-    os.utime(b, ns=(earlier, earlier))
     assert data_prep.prepare("csv", **options)["content_hash"] == again["content_hash"]
+    digests = (out / pipeline.INPUTS_FILE).read_text().splitlines()
+    assert [line.split("  ")[1] for line in digests] == ["a.wav", "b.wav"]
+    assert digests[1].split()[0] == hashlib.sha256(b.read_bytes()).hexdigest()
 
 
 def test_digital_silence_and_corrupt_rate_headers_are_skipped_with_reasons(tmp_path):
@@ -349,7 +358,7 @@ def test_digital_silence_and_corrupt_rate_headers_are_skipped_with_reasons(tmp_p
     assert meta["counts"]["utterances"] == 2  # was: both kept, "rate.wav" as 400 s of audio
     assert meta["counts"]["skipped"] == {"bad_rate": 1, "silent": 1}
     reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
-    assert reasons["quiet.wav"] == "digital silence (every frame the same): nothing to learn"
+    assert reasons["quiet.wav"] == audio.SILENT_REASON
     assert reasons["rate.wav"].startswith("implausible sample rate 1 Hz (below 1000 Hz")
 
 

@@ -319,16 +319,20 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(tmp_path,
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     model = str(helpers_export.band_model_folder(tmp_path / "band"))
     wav = tmp_path / "a.wav"
-    sf.write(wav, np.zeros(16000, np.float32), 16000)
+    sf.write(wav, 0.1 * np.random.default_rng(0).standard_normal(16000), 16000)
     for extra, message in (
         (["--stream", str(wav), "--json", "s.json"], "--json: not used with --stream"),
         (["--stream", str(wav), "--segments", "--best"], "--segments, --best: not used with"),
         ([str(wav), "--step", "3"], "--step: not used here"),
         ([str(wav), "--smooth", "2", "--jsonl"], "--smooth, --jsonl: not used here"),
+        (["--stream", str(wav), "--rate", "8000"], "--rate: not used with --stream FILE"),
     ):
         with pytest.raises(SystemExit):
             eval_cli.main(["predict", "--model", model, *extra])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(["predict", "--workdir", str(tmp_path), str(wav), "--threads", "2"])
+    assert "--threads: not used with --workdir" in capsys.readouterr().err
     groups = tmp_path / "groups.csv"
     groups.write_text(f"path,speaker\n{wav},s1\n,s2\n")
     with pytest.raises(SystemExit):  # was: ": cannot open file", no CSV or row named
@@ -349,6 +353,22 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(tmp_path,
     assert predict.report_predictions(pred, json_out=str(blocker / "p.json")) == 2
     out, err = capsys.readouterr()
     assert out.startswith("file") and err.startswith(f"eval.py: error: {blocker}")
+    # stdout closed by its reader (`| head`): the JSON and the errors still follow
+    script = (
+        "import json, sys; from dkd_jax import predict; "
+        "pred = json.load(open(sys.argv[1])); pred['errors'] = [{'path': 'x', 'error': 'x: bad'}]; "
+        "sys.exit(predict.report_predictions(pred, json_out=sys.argv[2]))"
+    )
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    r, w = os.pipe()
+    os.close(r)  # a reader that has gone away
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "pred.json"), str(tmp_path / "out.json")],
+        stdout=w, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    os.close(w)
+    assert proc.returncode == 2 and proc.stderr == "eval.py: error: x: bad\n"  # was: 0, nothing
+    assert json.loads((tmp_path / "out.json").read_text())["files"] == pred["files"]
 
 
 def test_nan_stream_and_corrupt_rate_header_are_one_line_errors(tmp_path, capsys):
@@ -393,7 +413,7 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     assert [f["path"] for f in pred["files"]] == paths  # warned about, still predicted
     assert pred["warnings"] == [
         f"{paths[0]}: only 0.010 s of audio (under 0.25 s): its prediction says little",
-        f"{paths[1]}: the audio is digital silence: its prediction says nothing",
+        f"{paths[1]}: {audio.SILENT_REASON}: its prediction says nothing",
     ]
     assert eval_cli.main(["predict", "--model", model, *paths]) == 0
     err = capsys.readouterr().err.splitlines()
@@ -407,6 +427,10 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
         "predicted from what is there"
     ]
     assert audio.truncation_note(tmp_path / "speechlike.wav") is None
+    data = bytearray(cut.read_bytes())
+    data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a WAV streamed to a pipe: size unknown
+    cut.write_bytes(bytes(data))
+    assert audio.truncation_note(cut) is None
 
 
 def _readme_snippet():

@@ -536,6 +536,10 @@ def test_held_out_speakers_with_one_emotion_get_a_note_under_speaker_normalisati
     )
     plan.config.data.normalization = "global"
     assert checks.held_out_note(plan, meta) is None
+    spec = experiment.make_spec(data=tiny_prep_dir, protocol="paper", preset="tiny", seeds=(0,))
+    paper = experiment.plan_runs(spec, "unused")[0]  # test speakers also train: their
+    paper.config.data.normalization = "speaker"  # statistics come from training
+    assert checks.held_out_note(paper, meta) is None
 
 
 def test_concurrent_groups_give_bit_identical_runs(exp, tiny_prep_dir, tmp_path):

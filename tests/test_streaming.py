@@ -120,8 +120,9 @@ def test_stream_rejects_non_finite_stereo_and_a_zero_hop():
     with pytest.raises(deploy.DeployError, match=r"mono samples expected .* shape \(100, 2\)"):
         streaming.StreamingFrontEnd(fc).push(np.zeros((100, 2), np.float32))  # was: interleaved
     column = streaming.StreamingFrontEnd(fc).push(np.zeros((40000, 1), np.float32))
+    row = streaming.StreamingFrontEnd(fc).push(np.zeros((1, 40000), np.float32))
     flat = streaming.StreamingFrontEnd(fc).push(np.zeros(40000, np.float32))
-    assert len(column) == len(flat) == 2
+    assert len(column) == len(row) == len(flat) == 2
     for hop in (0, -0.4):  # was: 0 silently became the default 0.4 s
         with pytest.raises(deploy.DeployError, match="hop_seconds must be positive"):
             streaming.StreamingFrontEnd(fc, hop_seconds=hop)
