@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -64,6 +65,7 @@ __all__ = [
 ONNX_FILE = "model.onnx"
 STABLEHLO_FILE = "model.stablehlo"
 CARD_FILE = "model.json"
+STAGE_DIR = ".export.partial"  # where an export writes before its files replace the old ones
 FORMATS = ("onnx", "stablehlo")
 CARD_VERSION = 1
 DEFAULT_OPSET = 18
@@ -473,7 +475,8 @@ def export_run(
         step, best: which checkpoint (default: the latest).
         formats: any of ``FORMATS``.
         opset: ONNX opset.
-        overwrite: replace the files of an earlier export in ``out_dir``.
+        overwrite: replace the files of an earlier export in ``out_dir`` (only once the new
+            ones are all written: a failed export leaves the earlier one as it was).
 
     Returns:
         The ``model.json`` dict that was written.
@@ -499,8 +502,22 @@ def export_run(
     x = np.random.default_rng(0).standard_normal((_PARITY_BATCH, *shape, 1)).astype(np.float32)
     reference = _reference_logits(run.model, run.variables, x)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (ONNX_FILE, STABLEHLO_FILE, CARD_FILE):  # no stale files of an earlier export
-        (out / name).unlink(missing_ok=True)
+    stage = out / STAGE_DIR  # the new files, moved into place only once all are written
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        card = _write_formats(card, fn, shape, stage, formats, opset, reference, x)
+        for name in (ONNX_FILE, STABLEHLO_FILE, CARD_FILE):  # no stale files of an earlier export
+            (out / name).unlink(missing_ok=True)
+        for name in [f["path"] for f in card["files"].values()] + [CARD_FILE]:  # the card last
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return card
+
+
+def _write_formats(card, fn, shape, out: Path, formats, opset, reference, x) -> dict[str, Any]:
+    """Writes each format and the card into ``out``, with the parity check of each."""
     parity = {}
     for fmt in formats:
         if fmt == "onnx":
@@ -568,8 +585,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             opset=args.opset,
             overwrite=args.overwrite,
         )
-    except (ExportError, OSError) as e:
+    except ExportError as e:
         print(f"{_PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{_PROG}: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
         return 2
     files = ", ".join(f["path"] for f in card["files"].values())
     test = card["test"]

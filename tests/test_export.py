@@ -11,6 +11,7 @@ export of a run uses the tiny trained run of tests/helpers_export.py.
 import functools
 import hashlib
 import json
+from pathlib import Path
 
 import helpers_export
 import jax
@@ -192,7 +193,7 @@ def _one_error_line(capsys, rc):
     return err
 
 
-def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys):
+def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
     argv = ["--workdir", str(run_dir), "--out", str(out), "--format", "stablehlo"]
     assert export.main(argv) == 0
@@ -203,6 +204,17 @@ def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys):
     assert export.main([*argv, "--overwrite"]) == 0
     capsys.readouterr()
     assert not (out / "model.onnx").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(fn, shape, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(export, "to_stablehlo", full_disk)  # was: the earlier export deleted
+    err = _one_error_line(capsys, export.main([*argv, "--overwrite"]))
+    assert err.endswith(f"{export.STAGE_DIR}/model.stablehlo: No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no stage left
+    monkeypatch.undo()
     err = _one_error_line(capsys, export.main(["--workdir", str(tmp_path / "nope"), "--out", "x"]))
     assert "no such run directory" in err
     bad = ["--workdir", str(run_dir), "--out", str(tmp_path / "o2")]
