@@ -719,6 +719,12 @@ def prep_summary(meta: dict) -> str:
             f"UA scores {it} 0; fix the rows (skipped and excluded above) or leave {it} out with "
             f"--classes {','.join(kept)}"
         )
+    cut = [r["utterance_id"] for r in meta.get("utterances", ()) if "warning" in r]
+    if cut:
+        lines.append(
+            f"  warning: {len(cut)} file(s) hold less audio than their header declares (e.g. "
+            f'{cut[0]}); kept with what they hold, each with a "warning" in metadata.json'
+        )
     num_skipped = sum(c["skipped"].values())
     if num_skipped > 0.1 * (num_skipped + c["utterances"]):
         lines.append(

@@ -256,6 +256,9 @@ def process_utterance(utt: Utterance) -> tuple:
     }
     if len(keep_train) < len(train):
         row["train_segments_before_cap"] = len(train)
+    cut = audio.truncation_note(utt.path)
+    if cut:  # kept with what it holds, and said (libsndfile reads the rest without a word)
+        row["warning"] = cut
     blobs = (
         _layout_blob(train, utt, corpus, keep_train),
         _layout_blob(evals, utt, corpus, np.arange(len(evals))),

@@ -386,3 +386,20 @@ def test_speaker_ids_differing_only_in_case_are_warned_about(tmp_path, caplog):
         f"warning: {path}: speaker ids that differ only in case ('S03' and 's03') are taken as "
         "different speakers; if they are one person, spell them alike"
     ]
+
+
+def test_a_wav_cut_short_of_its_header_is_kept_and_said(tmp_path):
+    files = {"a.wav": 2.1, "b.wav": 2.6}
+    path = _write(tmp_path / "c", [("a.wav", "sad", "x"), ("b.wav", "angry", "y")], files)
+    b = tmp_path / "c" / "b.wav"
+    b.write_bytes(b.read_bytes()[: 44 + 2 * 2 * SR])  # 2 s of the 2.6 s the header declares
+    meta = data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
+    rows = {r["utterance_id"]: r for r in meta["utterances"]}
+    assert "warning" not in rows["a.wav"] and rows["b.wav"]["duration_s"] == 2.0
+    assert rows["b.wav"]["warning"] == (
+        "the header declares 2.60 s of audio but the file holds 2.00 s (cut short?)"
+    )
+    assert (
+        "  warning: 1 file(s) hold less audio than their header declares (e.g. b.wav); kept "
+        'with what they hold, each with a "warning" in metadata.json'
+    ) in pipeline.prep_summary(meta).splitlines()
