@@ -484,12 +484,12 @@ def stream_cli(args) -> int:
         else:
             blocks = file_blocks(args.stream, sample_rate=rate)
         names = model.label_names
-        if not args.jsonl:
-            print(format_stream_header(names), flush=True)
         source = "<stdin>" if args.stream == "-" else os.fspath(args.stream)
         try:
             smooth = 1.0 if args.smooth is None else args.smooth
-            for row in stream_rows(model, blocks, smoothing_seconds=smooth):
+            for i, row in enumerate(stream_rows(model, blocks, smoothing_seconds=smooth)):
+                if i == 0 and not args.jsonl:  # only once there is a row: an input refused
+                    print(format_stream_header(names), flush=True)  # at once prints nothing
                 print(json.dumps(row) if args.jsonl else format_stream_row(row, names), flush=True)
         except DeployError as e:  # name the input in messages from the front end
             if str(e).startswith(f"{source}: "):
