@@ -26,6 +26,7 @@ import os
 import sys
 
 from data_prep import manifest, pipeline
+from data_prep.summary import prep_summary
 from dkd_jax import audio, jsonio
 
 PROG = "data_prep"
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(jsonio.describe_os_error(e))
     except (PrepError, DataError, audio.AudioError, ValueError) as e:
         return _error(str(e))
-    print(pipeline.prep_summary(meta))
+    print(prep_summary(meta))
     print(f"wrote {os.path.abspath(args.out)}")
     return 0
 

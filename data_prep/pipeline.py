@@ -36,17 +36,16 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
+from data_prep import inputs as input_files
 from data_prep import manifest, sources
 from data_prep import workers as feature_workers
+from data_prep.inputs import INPUTS_FILE
 from data_prep.sources import PrepError, Scan
 from dkd_jax import audio, records
 
 log = logging.getLogger("data_prep")
 
 STATE_DIR = ".prep"
-INPUTS_FILE = "inputs.sha256"
-"""SHA-256 of every input file (``sha256sum`` format, paths relative to the corpus root or the
-manifest folder): how a later run tells audio rewritten in place from a file merely touched."""
 UTTERANCES_PER_SHARD = 256
 MAX_SHARDS = 1024
 DEFAULT_MAX_UTTERANCE_SHARE = 0.1
@@ -108,8 +107,8 @@ def _read_json(path: str):
 
 def _is_artifact(name: str) -> bool:
     return (
-        name in (records.METADATA_FILE, INPUTS_FILE, "dataset_info.json", "features.json")
-        or name == STATE_DIR
+        name
+        in (records.METADATA_FILE, INPUTS_FILE, "dataset_info.json", "features.json", STATE_DIR)
         or name.endswith(".labels.txt")
         or ".tfrecord-" in name
     )
@@ -300,46 +299,6 @@ def _completed_shards(out_dir: str, state_dir: str, num_shards: int) -> dict:
     return done
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_input_digests(out_dir: str, utts) -> None:
-    """``INPUTS_FILE``: one line per scanned input that can be read (skipped ones included: a
-    file fixed later changes the run too)."""
-    lines = []
-    for u in utts:
-        try:
-            lines.append(f"{_file_sha256(u.path)}  {u.rel_path}\n")
-        except OSError:
-            continue
-    with open(os.path.join(out_dir, INPUTS_FILE), "w", encoding="utf-8") as f:
-        f.writelines(lines)
-
-
-def _changed_inputs(out_dir: str, inputs: list[tuple[str, str]]) -> list[str]:
-    """The inputs ((shown path, path) pairs) whose bytes differ from those the finished run in
-    ``out_dir`` read. Only files modified after its metadata.json are hashed (a copied or
-    touched corpus costs one read of those files and is not refused); a run without
-    ``INPUTS_FILE`` (made by an earlier version) is taken as is."""
-    digests_path = os.path.join(out_dir, INPUTS_FILE)
-    try:
-        with open(digests_path, encoding="utf-8") as f:
-            digests = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f if line.strip())
-        since = os.stat(os.path.join(out_dir, records.METADATA_FILE)).st_mtime_ns
-    except (OSError, ValueError):
-        return []
-    changed = []
-    for shown, path in inputs:
-        try:
-            if os.stat(path).st_mtime_ns > since and _file_sha256(path) != digests.get(shown):
-                changed.append(shown)
-        except OSError:
-            changed.append(shown)
-    return changed
-
-
 def _claim_out_dir(
     out_dir: str,
     identity: dict,
@@ -370,7 +329,7 @@ def _claim_out_dir(
             previous, kind = {}, "unreadable"
     if previous is not None:
         if previous.get("fingerprint") == fingerprint and not overwrite:
-            changed = _changed_inputs(out_dir, inputs) if kind == "finished" else []
+            changed = input_files.changed(out_dir, meta_path, inputs) if kind == "finished" else []
             if changed:
                 listed = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
                 raise PrepError(
@@ -658,7 +617,7 @@ def _finalize(
     }
     meta["source"].update(found.options)
     _write_tfds_metadata(out_dir, found, cfg, splits)
-    _write_input_digests(out_dir, found.utterances)
+    input_files.write_digests(out_dir, found.utterances)
     _write_json(os.path.join(out_dir, records.METADATA_FILE), meta)
     return meta
 
@@ -691,69 +650,10 @@ def _write_tfds_metadata(out_dir: str, found: Scan, cfg: audio.FeatureConfig, sp
     )
 
 
-def prep_summary(meta: dict) -> str:
-    """A few human-readable lines about a finished prep run."""
-    c = meta["counts"]
-    lines = [
-        f"{meta['corpus']}: {c['utterances']} utterances ({c['duration_s'] / 3600:.2f} h), "
-        f"segments train {c['segments']['train']} / eval {c['segments']['eval']}, "
-        f"shape {meta['segment_shape']}, {meta['num_shards']} shard(s) per split",
-        "  by class: " + ", ".join(f"{k} {v}" for k, v in c["by_class"].items()),
-        "  by session: " + ", ".join(f"{k} {v}" for k, v in c["by_session"].items()),
-        f"  short utterances: {c['short_padded']} padded, {c['short_dropped']} dropped",
-    ]
-    if c["excluded"]:
-        lines.append("  excluded: " + ", ".join(f"{k} {v}" for k, v in c["excluded"].items()))
-    if c["skipped"]:
-        lines.append(
-            "  skipped: "
-            + ", ".join(f"{k} {v}" for k, v in c["skipped"].items())
-            + " (each listed with its reason in metadata.json)"
-        )
-    empty = [name for name, n in c["by_class"].items() if n == 0]
-    if empty:
-        kept = [name for name, n in c["by_class"].items() if n]
-        it = "it" if len(empty) == 1 else "them"
-        lines.append(
-            f"  warning: no utterance of class {', '.join(empty)}: a model cannot learn {it} and "
-            f"UA scores {it} 0; fix the rows (skipped and excluded above) or leave {it} out with "
-            f"--classes {','.join(kept)}"
-        )
-    cut = [r["utterance_id"] for r in meta.get("utterances", ()) if "warning" in r]
-    if cut:
-        lines.append(
-            f"  warning: {len(cut)} file(s) hold less audio than their header declares (e.g. "
-            f'{cut[0]}); kept with what they hold, each with a "warning" in metadata.json'
-        )
-    num_skipped = sum(c["skipped"].values())
-    if num_skipped > 0.1 * (num_skipped + c["utterances"]):
-        lines.append(
-            f"  warning: {num_skipped} of {num_skipped + c['utterances']} utterances were "
-            "skipped (reasons in metadata.json)"
-        )
-    balance = meta.get("segment_balance") or {}
-    if balance.get("capped_utterances"):
-        lines.append(
-            f"  capped: {balance['capped_utterances']} utterance(s) at "
-            f"{balance['max_segments_per_utterance']} train segments "
-            f"({balance['segments_removed_by_cap']} segments left out)"
-        )
-    if balance.get("dominant"):
-        top = balance["dominant"][0]
-        lines.append(
-            f"  warning: {len(balance['dominant'])} utterance(s) supply more than "
-            f"{100 * balance['max_utterance_share']:.0f} % of the train segments each (largest: "
-            f"{top['utterance_id']}, {100 * top['share']:.0f} %); see --max-segments-per-utterance"
-        )
-    lines.append(f"  content hash {meta['content_hash']}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "DEFAULT_MAX_UTTERANCE_SHARE",
     "SCANNERS",
     "PrepError",
-    "prep_summary",
     "prepare",
     "resolve_feature_config",
     "scan",

@@ -99,7 +99,6 @@ def _make_corpus(corpus: Path, *, size: str, workers: int | None, progress: bool
 
 def _make_prep(corpus: Path, prep: Path, *, workers: int | None, progress: bool) -> None:
     import data_prep
-    from data_prep import pipeline
 
     t0 = _stage(2, STAGES, f"features: MFCC-26, 2-s windows (26 x 63) -> {prep}")
     meta = data_prep.prepare(
@@ -111,7 +110,7 @@ def _make_prep(corpus: Path, prep: Path, *, workers: int | None, progress: bool)
         workers=workers,
         progress=progress,
     )
-    for line in pipeline.prep_summary(meta).splitlines():
+    for line in data_prep.prep_summary(meta).splitlines():
         print(f"      {line}")
     _done(t0, "prep ready")
 

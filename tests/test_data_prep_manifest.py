@@ -402,4 +402,4 @@ def test_a_wav_cut_short_of_its_header_is_kept_and_said(tmp_path):
     assert (
         "  warning: 1 file(s) hold less audio than their header declares (e.g. b.wav); kept "
         'with what they hold, each with a "warning" in metadata.json'
-    ) in pipeline.prep_summary(meta).splitlines()
+    ) in data_prep.prep_summary(meta).splitlines()

@@ -102,10 +102,10 @@ def _long_and_short(folder):
 def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
     manifest = _long_and_short(tmp_path / "c")
     meta = data_prep.prepare("csv", manifest=manifest, out_dir=tmp_path / "a", progress=False)
-    assert "warning" not in pipeline.prep_summary({**meta, "segment_balance": {}})
+    assert "warning" not in data_prep.prep_summary({**meta, "segment_balance": {}})
     counts = {**meta["counts"], "by_class": {"neutral": 8, "happy": 0, "sad": 4, "angry": 0}}
     counts.update(utterances=12, skipped={"missing_wav": 1})  # 1 of 13 skipped: no warning
-    text = pipeline.prep_summary({**meta, "counts": counts, "segment_balance": {}})
+    text = data_prep.prep_summary({**meta, "counts": counts, "segment_balance": {}})
     expected = (
         "  warning: no utterance of class happy, angry: a model cannot learn them and UA "
         "scores them 0; fix the rows (skipped and excluded above) or leave them out with "
@@ -113,7 +113,7 @@ def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
     )
     assert text.count("warning") == 1 and expected in text.splitlines()
     counts["skipped"] = {"missing_wav": 1, "unreadable": 1}  # 2 of 14: over a tenth
-    text = pipeline.prep_summary({**meta, "counts": counts, "segment_balance": {}})
+    text = data_prep.prep_summary({**meta, "counts": counts, "segment_balance": {}})
     assert "  warning: 2 of 14 utterances were skipped (reasons in metadata.json)" in text
 
 
@@ -127,7 +127,7 @@ def test_dominant_utterance_is_warned_about_and_can_be_capped(tmp_path, caplog, 
         "utterance long.wav supplies 29 of the 34 train segments (85 %" in r.getMessage()
         for r in caplog.records
     )
-    assert "1 utterance(s) supply more than 10 %" in pipeline.prep_summary(free)
+    assert "1 utterance(s) supply more than 10 %" in data_prep.prep_summary(free)
     quiet = data_prep.prepare(
         "csv", manifest=manifest, out_dir=tmp_path / "q", progress=False, max_utterance_share=0.9
     )

@@ -1,0 +1,64 @@
+"""The few lines a finished prep run prints: counts, what was left out, and the warnings a user
+must see (an empty class, many skipped files, files cut short, dominant utterances)."""
+
+from __future__ import annotations
+
+__all__ = ["prep_summary"]
+
+
+def prep_summary(meta: dict) -> str:
+    """A few human-readable lines about a finished prep run."""
+    c = meta["counts"]
+    lines = [
+        f"{meta['corpus']}: {c['utterances']} utterances ({c['duration_s'] / 3600:.2f} h), "
+        f"segments train {c['segments']['train']} / eval {c['segments']['eval']}, "
+        f"shape {meta['segment_shape']}, {meta['num_shards']} shard(s) per split",
+        "  by class: " + ", ".join(f"{k} {v}" for k, v in c["by_class"].items()),
+        "  by session: " + ", ".join(f"{k} {v}" for k, v in c["by_session"].items()),
+        f"  short utterances: {c['short_padded']} padded, {c['short_dropped']} dropped",
+    ]
+    if c["excluded"]:
+        lines.append("  excluded: " + ", ".join(f"{k} {v}" for k, v in c["excluded"].items()))
+    if c["skipped"]:
+        lines.append(
+            "  skipped: "
+            + ", ".join(f"{k} {v}" for k, v in c["skipped"].items())
+            + " (each listed with its reason in metadata.json)"
+        )
+    empty = [name for name, n in c["by_class"].items() if n == 0]
+    if empty:
+        kept = [name for name, n in c["by_class"].items() if n]
+        it = "it" if len(empty) == 1 else "them"
+        lines.append(
+            f"  warning: no utterance of class {', '.join(empty)}: a model cannot learn {it} and "
+            f"UA scores {it} 0; fix the rows (skipped and excluded above) or leave {it} out with "
+            f"--classes {','.join(kept)}"
+        )
+    cut = [r["utterance_id"] for r in meta.get("utterances", ()) if "warning" in r]
+    if cut:
+        lines.append(
+            f"  warning: {len(cut)} file(s) hold less audio than their header declares (e.g. "
+            f'{cut[0]}); kept with what they hold, each with a "warning" in metadata.json'
+        )
+    num_skipped = sum(c["skipped"].values())
+    if num_skipped > 0.1 * (num_skipped + c["utterances"]):
+        lines.append(
+            f"  warning: {num_skipped} of {num_skipped + c['utterances']} utterances were "
+            "skipped (reasons in metadata.json)"
+        )
+    balance = meta.get("segment_balance") or {}
+    if balance.get("capped_utterances"):
+        lines.append(
+            f"  capped: {balance['capped_utterances']} utterance(s) at "
+            f"{balance['max_segments_per_utterance']} train segments "
+            f"({balance['segments_removed_by_cap']} segments left out)"
+        )
+    if balance.get("dominant"):
+        top = balance["dominant"][0]
+        lines.append(
+            f"  warning: {len(balance['dominant'])} utterance(s) supply more than "
+            f"{100 * balance['max_utterance_share']:.0f} % of the train segments each (largest: "
+            f"{top['utterance_id']}, {100 * top['share']:.0f} %); see --max-segments-per-utterance"
+        )
+    lines.append(f"  content hash {meta['content_hash']}")
+    return "\n".join(lines)
