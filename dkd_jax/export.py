@@ -539,6 +539,7 @@ def _write_formats(card, fn, shape, out: Path, formats, opset, reference, x) -> 
     card["export_check"] = {
         "inputs": f"{_PARITY_BATCH} windows of N(0, 1) noise (seed 0)",
         "max_abs_logit_difference": parity,
+        "max_abs_logit": float(np.max(np.abs(reference))),  # the scale to read them against
     }
     jsonio.write_text(out / CARD_FILE, json.dumps(card, indent=2) + "\n")
     return card
@@ -599,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"wrote {args.out}: {files}, {CARD_FILE} (step {card['source']['step']}, "
         f"{card['model']['num_parameters']:,} parameters{scores}); max |logit difference| vs "
-        f"Flax: {card['export_check']['max_abs_logit_difference']}"
+        f"Flax: {card['export_check']['max_abs_logit_difference']} (largest |logit| "
+        f"{card['export_check']['max_abs_logit']:.3g})"
     )
     return 0
 
