@@ -78,7 +78,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=pipeline.DEFAULT_MAX_UTTERANCE_SHARE,
         metavar="F",
         help="warn when one utterance supplies more than this share of the train segments "
-        "(default 0.1)",
+        "and more than twice an even share (default 0.1)",
     )
     p.add_argument(
         "--classes",

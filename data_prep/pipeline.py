@@ -17,7 +17,8 @@
 6. writes the TFDS metadata (dataset_info.json, features.json), the inputs' SHA-256
    (``inputs.sha256``) and, last, metadata.json, with
    the segment balance (utterances supplying more than ``max_utterance_share`` of the "train"
-   segments are named and warned about; ``max_segments_per_utterance`` caps them).
+   segments, and over twice an even share, are named and warned about;
+   ``max_segments_per_utterance`` caps them).
 
 Output bytes depend only on the input files and the options: two runs, or an interrupted run
 and its resumption, give byte-identical folders, whatever ``workers`` is. OS errors (read-only
@@ -233,7 +234,8 @@ def prepare(
       max_segments_per_utterance: keep at most this many "train" windows of an utterance,
         spread evenly over it (default: all). The "eval" layout keeps every window.
       max_utterance_share: warn about (and list in metadata.json) utterances supplying more
-        than this share of the "train" segments (default 0.1).
+        than this share of the "train" segments, and more than twice an even share
+        (default 0.1).
       **source_options: passed to the reader.
 
     Returns:
@@ -452,7 +454,10 @@ def segment_balance(done: dict, num_shards: int, *, max_share: float, cap: int |
     Args:
       done: shard markers (``rows`` with ``num_train_segments``).
       num_shards: shards per split.
-      max_share: an utterance with more than this share of the segments is "dominant".
+      max_share: an utterance with more than this share of the segments, and more than twice
+        an even share (``2 / utterances``), is "dominant". The second condition keeps a corpus
+        of under ``2 / max_share`` utterances from flagging every one of them: there each
+        recording supplies over ``max_share`` by arithmetic, not by being long.
       cap: the ``max_segments_per_utterance`` the run used (None: no cap).
 
     Returns:
@@ -462,6 +467,7 @@ def segment_balance(done: dict, num_shards: int, *, max_share: float, cap: int |
     """
     rows = [r for j in range(num_shards) for r in done[j]["rows"]]
     total = sum(r["num_train_segments"] for r in rows)
+    threshold = max(max_share, 2.0 / len(rows)) * total if rows else 0.0
     dominant = sorted(
         (
             {
@@ -470,7 +476,7 @@ def segment_balance(done: dict, num_shards: int, *, max_share: float, cap: int |
                 "share": round(r["num_train_segments"] / total, 4),
             }
             for r in rows
-            if total and r["num_train_segments"] > max_share * total
+            if total and r["num_train_segments"] > threshold
         ),
         key=lambda d: (-d["segments"], d["utterance_id"]),
     )

@@ -117,6 +117,25 @@ def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
     assert "  warning: 2 of 14 utterances were skipped (reasons in metadata.json)" in text
 
 
+def _balance(segments, **kw):
+    rows = [{"utterance_id": f"u{i}", "num_train_segments": n} for i, n in enumerate(segments)]
+    return pipeline.segment_balance({0: {"rows": rows}}, 1, cap=None, **kw)["dominant"]
+
+
+def test_dominant_needs_more_than_twice_an_even_share():
+    # Five even utterances each supply 20 %, over max_share by arithmetic: not dominant.
+    assert _balance([4, 4, 4, 4, 4], max_share=0.1) == []
+    # One of five at 50 % is over 2/5 = 40 %.
+    assert _balance([8, 2, 2, 2, 2], max_share=0.1) == [
+        {"utterance_id": "u0", "segments": 8, "share": 0.5}
+    ]
+    assert _balance([7, 3, 3, 3, 3], max_share=0.1) == []  # 36.8 %, under 40 %
+    # From 2 / max_share = 20 utterances on, max_share alone decides.
+    assert [d["utterance_id"] for d in _balance([6] + [2] * 29, max_share=0.09)] == ["u0"]
+    assert _balance([2] * 30, max_share=0.01) == []  # 3.3 % each: over 1 %, not twice even
+    assert _balance([], max_share=0.1) == [] and _balance([0, 0], max_share=0.1) == []
+
+
 def test_dominant_utterance_is_warned_about_and_can_be_capped(tmp_path, caplog, capsys):
     manifest = _long_and_short(tmp_path / "c")
     free = data_prep.prepare("csv", manifest=manifest, out_dir=tmp_path / "a", progress=False)
