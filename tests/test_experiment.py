@@ -415,6 +415,40 @@ def test_baseline_is_fitted_on_each_fold_and_summarised(exp, tiny_prep_dir):
     assert verdict in experiment.format_summary_text(summary)
     assert verdict in (exp_dir / experiment.SUMMARY_MD).read_text()
     assert set(summary["confound"]) == {"fold0-seed0", "fold1-seed0"}
+    norm = run_dir.load_config(exp_dir / "fold0-seed0/teacher").data.normalization
+    assert summary["normalization"] == norm and summary["num_classes"] == len(meta["label_names"])
+    if norm != "utterance":
+        assert "normalization=utterance" not in experiment.format_summary_text(summary)
+
+
+def test_utterance_normalisation_note_gives_the_baselines_score_against_chance():
+    from dkd_jax.experiment import report
+
+    def stat(mean):
+        return {"mean": mean, "std": None}
+
+    summary = {
+        "experiment": {"protocol": "paper", "seeds": [0]},
+        "num_finished_runs": 1,
+        "num_planned_runs": 1,
+        "models": {
+            "baseline": {"label": "baseline", "runs": 1, "ua": stat(0.4625), "val_ua": stat(0.5)},
+        },
+        "runs": [],
+        "normalization": "utterance",
+        "num_classes": 4,
+    }
+    note = report.utterance_normalization_note(summary)
+    assert "exactly the baseline's features, which alone reach UA 46.2 % (chance 25.0 %)" in note
+    val = report.utterance_normalization_note(summary, key="val_ua")
+    assert "validation UA 50.0 % (chance 25.0 %)" in val
+    assert report.utterance_normalization_note({**summary, "num_classes": None}).count("(") == 0
+    for other in ("none", "global", "speaker", None):
+        assert report.utterance_normalization_note({**summary, "normalization": other}) is None
+    no_base = {**summary, "models": {}}
+    assert report.utterance_normalization_note(no_base) is None
+    assert note in report._notes(summary, validation_only=False)
+    assert val in report._notes(summary, validation_only=True)
 
 
 def test_no_baseline_progress_lines_and_heartbeat(exp, tiny_prep_dir, tmp_path, capsys):

@@ -290,6 +290,8 @@ def build_summary(
         "baseline_verdict": baseline_verdict(stats, key="ua"),
         "baseline_verdict_validation": baseline_verdict(stats, key="val_ua"),
         "confound": _confounds(metadata, plans),
+        "normalization": _normalization(plans),
+        "num_classes": len(metadata.get("label_names") or ()) or None,
         "metric_notes": {
             "wa_ua": "last-epoch checkpoint, held-out utterances, mean of segment logits per "
             "utterance; mean ± sample std (ddof=1) over runs",
@@ -340,6 +342,34 @@ def _confounds(metadata: dict[str, Any], plans: Sequence[RunPlan]) -> dict[str, 
     }
 
 
+def _normalization(plans: Sequence[RunPlan]) -> str | None:
+    """The deep models' ``data.normalization`` (None when the runs differ or there are none)."""
+    modes = {p.config.data.normalization for p in plans}
+    return modes.pop() if len(modes) == 1 else None
+
+
+def utterance_normalization_note(summary: dict[str, Any], *, key: str = "ua") -> str | None:
+    """With ``normalization=utterance``: the deep models never see each utterance's per-band
+    mean and std, which are the whole input of the feature-statistics baseline, so the
+    baseline's score (against chance, ``1 / classes`` in UA) is what those statistics are worth
+    on these folds (emotion, or speaker and recording level: the corpus decides). None
+    otherwise or without a baseline score."""
+    if summary.get("normalization") != "utterance":
+        return None
+    base = summary.get("models", {}).get("baseline", {}).get(key, {}).get("mean")
+    if base is None:
+        return None
+    what = "validation UA" if key == "val_ua" else "UA"
+    classes = summary.get("num_classes")
+    chance = f" (chance {100 / classes:.1f} %)" if classes else ""
+    return (
+        "normalization=utterance removes each utterance's per-band mean and std from the deep "
+        "models' input: exactly the baseline's features, which alone reach "
+        f"{what} {100 * base:.1f} %{chance} here, information the deep models cannot use. A "
+        "run with normalization=global shows what removing it costs."
+    )
+
+
 def _fmt(stat: dict[str, Any]) -> str:
     if stat["mean"] is None:
         return "n/a"
@@ -373,6 +403,9 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
     verdict = summary.get("baseline_verdict_validation" if validation_only else "baseline_verdict")
     if verdict:
         out.append(verdict)
+    level = utterance_normalization_note(summary, key="val_ua" if validation_only else "ua")
+    if level:
+        out.append(level)
     lacking = [r for r in summary["runs"] if r.get("absent_classes")]
     if lacking and not validation_only:
         groups = sorted({f"{r['group']} (no {', '.join(r['absent_classes'])})" for r in lacking})
