@@ -412,6 +412,7 @@ def _configure_threads(threads: int, device: str, extra_xla_flags: str) -> dict:
 
 
 def _versions(device: str) -> dict:
+    import benchjson  # bench/ is on sys.path (child() puts it there)
     import jax
     import jaxlib
     import torch
@@ -424,7 +425,7 @@ def _versions(device: str) -> dict:
         "jax_device": str(jax.local_devices()[0]),
         "jax_device_kind": jax.local_devices()[0].device_kind,
         "jax_devices": len(jax.local_devices()),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": benchjson.cpu_model(),
         "host_cpu_count": os.cpu_count(),
     }
     if device == "gpu":

@@ -254,8 +254,10 @@ def _accuracy(prep: dict[str, Any], tmp: Path) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
+    import benchjson  # bench/ is the script's directory
+
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": benchjson.cpu_model(),
         "cores_available": len(os.sched_getaffinity(0)),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),

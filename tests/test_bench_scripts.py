@@ -288,3 +288,23 @@ def test_suite_profile_plugin_counts_compiles_and_child_processes(tmp_path):
     )
     assert rows["test_child"]["child_cpu_s"] > 0.2 and rows["test_compiles"]["child_cpu_s"] < 0.05
     assert report["totals"]["tests"] == 2
+
+
+def test_cpu_model_names_the_cpu_and_its_vector_extensions(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import benchjson
+
+    info = tmp_path / "cpuinfo"
+    two_cpus = "".join(
+        f"processor\t: {i}\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx fma avx2 "
+        "avx512f avx512_vnni avx512_bf16 avx512bw\n\n"
+        for i in range(2)
+    )
+    info.write_text(two_cpus)
+    assert benchjson.cpu_model(str(info)) == (
+        "AMD EPYC 9R14 (avx avx2 fma avx512f avx512_bf16 avx512_vnni)"
+    )
+    info.write_text("processor\t: 0\nmodel name\t: Some ARM core\nFeatures\t: fp asimd\n")
+    assert benchjson.cpu_model(str(info)) == "Some ARM core"
+    missing = benchjson.cpu_model(str(tmp_path / "absent"))
+    assert missing and "(" not in missing  # platform's name, without extensions
