@@ -349,13 +349,13 @@ def _normalization_card(normalization: dict[str, Any], num_bins: int) -> dict[st
 def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
     from dkd_jax import run_dir
 
-    path = workdir / run_dir.RESULTS_FILE
-    if not path.exists():
-        return None
     try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from None
+        res = run_dir.load_results(workdir)
+    except run_dir.RunDirError as e:
+        raise ExportError(str(e)) from None
+    if res is None:
+        return None
+    split = res.get("split")
     same = res.get("step") == step and res.get("checkpoint", "latest") == (
         "best-by-validation" if best else "latest"
     )
@@ -363,7 +363,7 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
         "wa": res.get("wa"),
         "ua": res.get("ua"),
         "num_utterances": res.get("num_utterances"),
-        "split": (res.get("split") or {}).get("name"),
+        "split": split.get("name") if isinstance(split, dict) else None,
         "aggregation": res.get("aggregation"),
         "scored_step": res.get("step"),
         "same_checkpoint": bool(same),

@@ -480,7 +480,8 @@ def load_metadata(prep_dir: str | os.PathLike) -> dict:
     if not prep_dir:
         raise DataError("no data directory given (--data PREP_DIR)")
     if not os.path.isdir(prep_dir):
-        raise DataError(f"{prep_dir}: data directory does not exist")
+        what = "is a file, not a directory" if os.path.exists(prep_dir) else "does not exist"
+        raise DataError(f"{prep_dir}: data directory {what}")
     if not os.listdir(prep_dir):
         raise DataError(f"{prep_dir}: data directory is empty (run data_prep first)")
     path = os.path.join(prep_dir, METADATA_FILE)
@@ -494,14 +495,49 @@ def load_metadata(prep_dir: str | os.PathLike) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise DataError(f"{path}: unreadable metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a JSON object (re-run data_prep with --overwrite)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: format_version {meta.get('format_version')!r}, this reader needs "
             f"{FORMAT_VERSION}; re-run data_prep with --overwrite"
         )
+    problem = _metadata_problem(meta)
+    if problem:
+        raise DataError(f"{path}: {problem} (damaged? re-run data_prep with --overwrite)")
     return meta
+
+
+#: Top-level metadata.json keys the readers use, with their JSON types.
+_METADATA_KEYS = {
+    "feature_config": dict,
+    "segment_shape": list,
+    "label_names": list,
+    "splits": dict,
+    "content_hash": str,
+    "utterances": list,
+    "source": dict,
+    "counts": dict,
+}
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """What a metadata dict lacks that the readers need (None: nothing)."""
+    for key, kind in _METADATA_KEYS.items():
+        if key not in meta:
+            return f"missing key {key!r}"
+        if not isinstance(meta[key], kind):
+            return f"{key!r} is not a JSON {'object' if kind is dict else kind.__name__}"
+    shape = meta["segment_shape"]
+    if len(shape) != 2 or not all(isinstance(v, int) and v > 0 for v in shape):
+        return f"'segment_shape' must be two positive integers, got {shape!r}"
+    for split in SPLITS:
+        info = meta["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("files"), list):
+            return f"'splits' lacks the {split!r} layout's file list"
+    return None
 
 
 def audio_path(meta: dict, row: dict) -> str:

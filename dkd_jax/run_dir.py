@@ -461,14 +461,38 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> Pat
     return jsonio.write_json(Path(workdir) / RESULTS_FILE, dict(results))
 
 
-def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
-    """``results.json`` of a run, or None when it is missing or unreadable (not finished)."""
+#: Keys every ``results.json`` that eval_lib writes has (what summaries and exports read).
+RESULT_KEYS = ("wa", "ua", "num_utterances", "confusion_matrix", "label_names")
+
+
+def load_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``results.json`` of a run; None when it is missing (the run is not finished), and
+    RunDirError naming the file when it is there but unreadable, not a JSON object, or lacks
+    one of RESULT_KEYS (a summary must not drop such a run in silence)."""
     path = Path(workdir) / RESULTS_FILE
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    if not path.exists():
         return None
-    return results if isinstance(results, dict) else None
+    try:
+        results = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunDirError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e}); re-run eval.py on the run") from None
+    if not isinstance(results, dict):
+        raise RunDirError(f"{path}: not a JSON object; re-run eval.py on the run")
+    missing = [k for k in RESULT_KEYS if k not in results]
+    if missing:
+        raise RunDirError(f"{path}: missing {', '.join(missing)}; re-run eval.py on the run")
+    return results
+
+
+def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``results.json`` of a run, or None when it is missing or damaged (not finished: the
+    runner retrains it). Readers that report results use :func:`load_results`."""
+    try:
+        return load_results(workdir)
+    except (RunDirError, OSError):
+        return None
 
 
 def write_scores(

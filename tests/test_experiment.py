@@ -184,6 +184,81 @@ def test_reproduce_reports_bit_for_bit_match(exp, tmp_path):
     assert teacher["workdir"] == str((exp_dir / "fold0-seed0/teacher").absolute())
 
 
+def test_reproduce_never_deletes_a_folder_it_did_not_make(exp, tmp_path, capsys):
+    from dkd_jax.experiment import runner
+
+    exp_dir, _, _ = exp
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "notes.txt").write_text("mine")
+    rc = experiment.main(["reproduce", str(exp_dir), "--scratch", str(precious), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--scratch {precious}: not empty (notes.txt, sub)" in err
+    assert (precious / "notes.txt").read_text() == "mine"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(experiment.ExperimentError, match="not a directory"):
+        runner._empty_scratch(tmp_path / "a_file")
+    # new, empty, marked and older (reproduce.json) folders are (re)made, marked
+    older = tmp_path / "older"
+    (older / "fold0-seed0").mkdir(parents=True)
+    (older / "reproduce.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    new = tmp_path / "new" / "deep"
+    for folder in (new, tmp_path / "empty", older):
+        runner._empty_scratch(folder)
+        assert [p.name for p in folder.iterdir()] == [runner.SCRATCH_MARKER]
+    (new / "fold0-seed0").mkdir()  # a marked folder with reruns in it
+    runner._empty_scratch(new)
+    assert [p.name for p in new.iterdir()] == [runner.SCRATCH_MARKER]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b'{"data":', "not valid JSON"),
+        (b"\xff{}", "not UTF-8 text (byte 0)"),
+        (b"[]", "not a JSON object"),
+        (b'{"bogus": 1}', "unknown field(s) bogus; missing field(s) data, protocol, folds, seeds"),
+        (b'{"data": "d", "protocol": "loso", "folds": [0], "seeds": "0"}', "seeds must be a list"),
+        (b'{"data": "d", "protocol": "loso", "folds": [true], "seeds": [0]}', "folds must be a"),
+        (b'{"data": 1, "protocol": "loso", "folds": [0], "seeds": [0]}', "data must be str"),
+    ],
+)
+def test_a_damaged_experiment_json_is_named_in_one_line(tmp_path, capsys, text, message):
+    (tmp_path / experiment.EXPERIMENT_FILE).write_bytes(text)
+    for argv in (["summarize", str(tmp_path)], ["reproduce", str(tmp_path)]):
+        assert experiment.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"experiment: error: {tmp_path / experiment.EXPERIMENT_FILE}: ")
+        assert message in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(experiment.ExperimentError, match="fix it, use another --out"):
+        _load_or_write(tmp_path)
+
+
+def test_summarize_refuses_a_damaged_results_file_instead_of_dropping_the_run(
+    tiny_prep_dir, tmp_path, capsys
+):
+    spec = experiment.ExperimentSpec(
+        data=str(tiny_prep_dir), protocol="loso", folds=(0,), seeds=(0,), preset="tiny"
+    )
+    (tmp_path / experiment.EXPERIMENT_FILE).write_text(json.dumps(spec.to_dict()))
+    results = tmp_path / "fold0-seed0" / "teacher" / run_dir.RESULTS_FILE
+    results.parent.mkdir(parents=True)
+    for text, message in ((b'{"wa":', "not valid JSON"), (b'{"wa": 1}', "missing ua")):
+        results.write_bytes(text)
+        assert experiment.main(["summarize", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"experiment: error: {results}: {message}")
+        assert not (tmp_path / experiment.SUMMARY_JSON).exists()  # nothing overwritten
+
+
+def _load_or_write(exp_dir):
+    from dkd_jax.experiment import runner
+
+    spec = experiment.ExperimentSpec(data="d", protocol="loso", folds=(0,), seeds=(0,))
+    runner._load_or_write_spec(exp_dir, spec, overwrite=False)
+
+
 def test_compare_runs_detects_differences(exp, tmp_path):
     exp_dir, _, _ = exp
     cmp = experiment.compare_runs(exp_dir / "fold0-seed0/teacher", exp_dir / "fold1-seed0/teacher")

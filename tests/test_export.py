@@ -256,3 +256,16 @@ def test_missing_extra_is_a_one_line_error_naming_the_install(
     err = _one_error_line(capsys, rc)
     assert "jax2onnx" in err and "pip install -e '.[export]'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path):
+    results = tmp_path / run_dir_lib.RESULTS_FILE
+    assert export._test_scores(tmp_path, 3, False) is None  # not scored: the card says so
+    for text, message in ((b"[1]", "not a JSON object"), (b"\xff", "not UTF-8")):
+        results.write_bytes(text)
+        with pytest.raises(export.ExportError, match=f"^{results}: {message}"):
+            export._test_scores(tmp_path, 3, False)
+    scored = {k: 0.5 for k in run_dir_lib.RESULT_KEYS} | {"step": 3, "split": "x"}
+    results.write_text(json.dumps(scored))
+    got = export._test_scores(tmp_path, 3, False)
+    assert got["same_checkpoint"] is True and got["split"] is None and got["wa"] == 0.5

@@ -1,6 +1,7 @@
 """Tests of dkd_jax.records: Example encoding vs TFDS's protobuf, TFRecord framing, CRC corruption
 detection, load_split round trip, shard selection and SegmentArrays."""
 
+import json
 import os
 import struct
 
@@ -186,3 +187,34 @@ def test_metadata_errors(tmp_path, prep_dir):
     (tmp_path / "metadata.json").write_text("{not json")
     with pytest.raises(records.DataError, match="unreadable metadata"):
         records.load_metadata(tmp_path)
+    with pytest.raises(records.DataError, match="data directory is a file, not a directory"):
+        records.load_metadata(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: b"\xff" + m, "unreadable metadata"),
+        (lambda m: b"[1, 2]", "not a JSON object"),
+        (lambda m: _edit(m, lambda d: d.pop("splits")), "missing key 'splits'"),
+        (lambda m: _edit(m, lambda d: d.pop("content_hash")), "missing key 'content_hash'"),
+        (lambda m: _edit(m, lambda d: d.update(utterances={})), "'utterances' is not a JSON list"),
+        (lambda m: _edit(m, lambda d: d.update(source=[])), "'source' is not a JSON object"),
+        (lambda m: _edit(m, lambda d: d.update(segment_shape=[26])), "two positive integers"),
+        (lambda m: _edit(m, lambda d: d["splits"]["eval"].pop("files")), "'eval' layout's file"),
+    ],
+)
+def test_damaged_metadata_is_named_in_one_line(prep_dir, tmp_path, damage, message):
+    meta = (prep_dir / records.METADATA_FILE).read_bytes()
+    (tmp_path / "x").write_text("")  # not empty
+    (tmp_path / records.METADATA_FILE).write_bytes(damage(meta))
+    with pytest.raises(records.DataError) as e:
+        records.load_metadata(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / records.METADATA_FILE}: ")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def _edit(raw: bytes, change) -> bytes:
+    d = json.loads(raw)
+    change(d)
+    return json.dumps(d).encode()

@@ -408,3 +408,24 @@ def test_disk_full_in_the_metrics_writer_is_one_line_and_resumable(
     monkeypatch.setattr(run_dir.MetricsWriter, "log", real_log)
     assert train_cli.main(_cli_args(tiny_prep_dir, wd)) == 0
     _assert_same_run(ref, wd)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b'{"wa":', "not valid JSON"),
+        (b"\xff", "not UTF-8 text (byte 0)"),
+        (b"[1]", "not a JSON object"),
+        (b'{"wa": 0.5, "ua": 0.5}', "missing num_utterances, confusion_matrix, label_names"),
+    ],
+)
+def test_load_results_names_a_damaged_results_file(tmp_path, text, message):
+    assert run_dir.load_results(tmp_path) is None  # missing: the run is not finished
+    (tmp_path / run_dir.RESULTS_FILE).write_bytes(text)
+    with pytest.raises(run_dir.RunDirError) as e:
+        run_dir.load_results(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / run_dir.RESULTS_FILE}: {message}")
+    assert run_dir.read_results(tmp_path) is None  # the runner's view: not finished, retrain
+    good = {k: 1 for k in run_dir.RESULT_KEYS}
+    (tmp_path / run_dir.RESULTS_FILE).write_text(json.dumps(good))
+    assert run_dir.load_results(tmp_path) == good

@@ -106,7 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("exp_dir")
     q.add_argument("--fold", type=int, help="loso fold (or paper seed) to rerun")
     q.add_argument("--model", help="teacher or a student objective (dkd, ce, ...)")
-    q.add_argument("--scratch", help="where the reruns go (default EXP/reproduce)")
+    q.add_argument(
+        "--scratch",
+        help="where the reruns go (default EXP/reproduce): a new or empty folder, or an "
+        "earlier reproduce folder, which is emptied first",
+    )
     q.add_argument("--no-progress", action="store_true")
     return p
 

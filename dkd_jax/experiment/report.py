@@ -23,7 +23,6 @@ import numpy as np
 from dkd_jax import eval_lib, jsonio, metrics, records, run_dir
 from dkd_jax.experiment import checks
 from dkd_jax.experiment.spec import (
-    EXPERIMENT_FILE,
     MODEL_LABELS,
     STUDENT_LOSSES,
     SUMMARY_JSON,
@@ -31,6 +30,7 @@ from dkd_jax.experiment.spec import (
     ExperimentError,
     ExperimentSpec,
     RunPlan,
+    load_spec,
     plan_runs,
 )
 
@@ -98,7 +98,10 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
     rows = []
     for plan in plans:
         workdir = exp_dir / plan.key
-        res = run_dir.read_results(workdir)
+        try:
+            res = run_dir.load_results(workdir)
+        except run_dir.RunDirError as e:
+            raise ExperimentError(str(e)) from None
         if res is None:
             continue
         best = best_epoch_scores(workdir)
@@ -109,7 +112,7 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
                 "model": plan.model,
                 "fold": plan.fold,
                 "seed": plan.seed,
-                "split": res.get("split", {}).get("name"),
+                "split": (res.get("split") or {}).get("name"),
                 "wa": res["wa"],
                 "ua": res["ua"],
                 "best_epoch_wa": best["best_wa"],
@@ -266,10 +269,7 @@ def build_summary(
     """The summary dict of the finished runs (what ``write_summary`` writes), writing nothing."""
     exp_dir = Path(exp_dir)
     if spec is None:
-        path = exp_dir / EXPERIMENT_FILE
-        if not path.exists():
-            raise ExperimentError(f"{path}: missing (not an experiment directory)")
-        spec = ExperimentSpec.from_dict(json.loads(path.read_text()))
+        spec = load_spec(exp_dir)
     if plans is None:
         plans = plan_runs(spec, exp_dir)
     plans, covered = _with_earlier_runs(exp_dir, spec, plans)

@@ -13,7 +13,6 @@ workdir's lock while it trains.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -43,6 +42,7 @@ from dkd_jax.experiment.spec import (
     ExperimentSpec,
     RunPlan,
     is_finished,
+    load_spec,
     plan_runs,
 )
 
@@ -71,9 +71,18 @@ def _load_or_write_spec(exp_dir: Path, spec: ExperimentSpec, *, overwrite: bool)
     """
     path = exp_dir / EXPERIMENT_FILE
     if path.exists():
-        old = ExperimentSpec.from_dict(json.loads(path.read_text()))
-        fixed = ("data", "protocol", "preset", "teacher_preset", "overrides")
-        changed = [k for k in fixed if getattr(old, k) != getattr(spec, k)]
+        try:
+            old = load_spec(exp_dir)
+        except ExperimentError as e:
+            if not overwrite:
+                raise ExperimentError(
+                    f"{e}; fix it, use another --out, or --overwrite to delete its runs and "
+                    "start over"
+                ) from None
+            changed = ["experiment.json"]
+        else:
+            fixed = ("data", "protocol", "preset", "teacher_preset", "overrides")
+            changed = [k for k in fixed if getattr(old, k) != getattr(spec, k)]
         if changed and not overwrite:
             detail = "; ".join(f"{k}: {getattr(old, k)!r} -> {getattr(spec, k)!r}" for k in changed)
             raise ExperimentError(
@@ -454,6 +463,30 @@ def compare_runs(original: str | os.PathLike, rerun: str | os.PathLike) -> dict[
     }
 
 
+SCRATCH_MARKER = ".reproduce-scratch"
+"""Written into a reproduce scratch folder first: only such a folder (or an empty one, or an
+older one holding ``reproduce.json``) is emptied by the next ``reproduce``."""
+
+
+def _empty_scratch(scratch: Path) -> None:
+    """Creates ``scratch`` (marked), emptying an earlier reproduce folder there; refuses any
+    other non-empty folder or a file: ``--scratch`` must never delete a user's data."""
+    if scratch.exists() and not scratch.is_dir():
+        raise ExperimentError(f"--scratch {scratch}: not a directory")
+    if scratch.is_dir():
+        names = sorted(p.name for p in scratch.iterdir())
+        ours = SCRATCH_MARKER in names or "reproduce.json" in names
+        if names and not ours:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ExperimentError(
+                f"--scratch {scratch}: not empty ({shown}) and not an earlier reproduce folder; "
+                "give a new or empty folder"
+            )
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    (scratch / SCRATCH_MARKER).write_text("reruns of python -m dkd_jax.experiment reproduce\n")
+
+
 def reproduce(
     exp_dir: str | os.PathLike,
     *,
@@ -471,7 +504,8 @@ def reproduce(
         model: restrict to one model ("teacher" or a student objective). A student alone is
             distilled from the *original* teacher; when the teacher is rerun too, the rerun
             students distil from the rerun teacher (the whole chain is checked).
-        scratch: where the reruns go (default ``EXP/reproduce``; emptied first).
+        scratch: where the reruns go (default ``EXP/reproduce``). It must be new, empty, or
+            an earlier reproduce folder (which is emptied first); anything else is refused.
         progress: progress bars.
         quiet: print nothing.
 
@@ -480,10 +514,7 @@ def reproduce(
         ``<scratch>/reproduce.json``.
     """
     exp_dir = Path(exp_dir)
-    path = exp_dir / EXPERIMENT_FILE
-    if not path.exists():
-        raise ExperimentError(f"{path}: missing (not an experiment directory)")
-    spec = ExperimentSpec.from_dict(json.loads(path.read_text()))
+    spec = load_spec(exp_dir)
     plans = plan_runs(spec, exp_dir)
     if fold is not None:
         plans = [p for p in plans if (p.fold if spec.protocol == "loso" else p.seed) == fold]
@@ -504,9 +535,7 @@ def reproduce(
         rerun_plans.append(dataclasses.replace(plan, config=cfg))
     plans = rerun_plans
     scratch = Path(scratch) if scratch is not None else exp_dir / "reproduce"
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    scratch.mkdir(parents=True)
+    _empty_scratch(scratch)
     _enable_compilation_cache(exp_dir / CACHE_DIR)
     rerun_keys = {p.key for p in plans}
     report: dict[str, Any] = {"runs": {}}

@@ -86,6 +86,53 @@ class ExperimentSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+_SPEC_TYPES = {
+    "data": str,
+    "protocol": str,
+    "folds": int,
+    "seeds": int,
+    "preset": str,
+    "teacher_preset": str,
+    "students": str,
+    "overrides": str,
+}
+_SPEC_LISTS = ("folds", "seeds", "students", "overrides")
+
+
+def load_spec(exp_dir: str | os.PathLike) -> ExperimentSpec:
+    """``EXP/experiment.json`` as an ExperimentSpec; ExperimentError naming the file and the
+    problem when it is missing, not UTF-8 JSON, or not the fields ``run`` writes."""
+    path = Path(exp_dir) / EXPERIMENT_FILE
+    if not path.is_file():
+        raise ExperimentError(f"{path}: missing (not an experiment directory)")
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ExperimentError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ExperimentError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ExperimentError(f"{path}: not a JSON object")
+    fields = dataclasses.fields(ExperimentSpec)
+    unknown = sorted(set(d) - {f.name for f in fields})
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in d]
+    if unknown or missing:
+        what = [f"unknown field(s) {', '.join(unknown)}"] if unknown else []
+        what += [f"missing field(s) {', '.join(missing)}"] if missing else []
+        raise ExperimentError(f"{path}: {'; '.join(what)} (not written by this version?)")
+    for key, value in d.items():
+        kind = _SPEC_TYPES[key]
+        items = value if key in _SPEC_LISTS and isinstance(value, list) else [value]
+        ok = (key in _SPEC_LISTS) == isinstance(value, list) and all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in items
+        )
+        if not ok:
+            want = f"a list of {kind.__name__}" if key in _SPEC_LISTS else kind.__name__
+            raise ExperimentError(f"{path}: field {key} must be {want}, got {value!r}")
+    return ExperimentSpec.from_dict(d)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
     """One training run of an experiment.
