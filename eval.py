@@ -62,7 +62,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prep dir (default: the one in the run's config)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--best", action="store_true", help="best-by-validation checkpoint")
-    p.add_argument("--batch-size", type=int, help="segments per batch (default: config)")
+    p.add_argument(
+        "--batch-size", type=cli_args.positive_int, help="segments per batch (default: config)"
+    )
     p.add_argument(
         "--aggregate",
         choices=("logits", "probs"),

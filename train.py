@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.kd.beta=2)")
+    problem = _option_conflict(args, rest)
+    if problem:
+        p.error(problem)
 
     from dkd_jax import host_memory
 
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.loss:
             overrides.append(f"kd.loss={args.loss}")
         cfg = config_lib.apply_overrides(config_lib.get_config(args.preset), overrides + rest)
+        if args.teacher and cfg.kd.loss == "ce":
+            raise ValueError(
+                f"--teacher {args.teacher}: a student trained with kd.loss='ce' uses no teacher "
+                "(drop --teacher, or pick a distillation loss with --loss)"
+            )
         if args.cpu_devices and cfg.train.num_devices not in (0, args.cpu_devices):
             print(
                 f"train.py: --cpu-devices {args.cpu_devices} but train.num_devices="
@@ -102,6 +110,26 @@ def main(argv: list[str] | None = None) -> int:
             summary[split] = {k: summary[split][k] for k in ("wa", "ua", "num_utterances")}
     print(json.dumps(summary))
     return 0
+
+
+# Config fields that an explicit option sets: an override of them would silently win.
+_OPTION_FIELDS = {"data.prep_dir": "--data", "model.role": "--role", "kd.loss": "--loss"}
+
+
+def _option_conflict(args: argparse.Namespace, overrides: list[str]) -> str | None:
+    """Options that contradict each other or do nothing for the chosen role (None: none)."""
+    for item in overrides:
+        field = item[len("--config.") :].split("=", 1)[0]
+        option = _OPTION_FIELDS.get(field)
+        if option == "--loss" and args.loss is None:
+            continue  # --config.kd.loss alone picks the loss, as --loss does
+        if option:
+            return f"{item.split('=', 1)[0]} conflicts with {option}: set it with {option} only"
+    if args.role == "teacher":
+        unused = [o for o, v in (("--teacher", args.teacher), ("--loss", args.loss)) if v]
+        if unused:
+            return f"{' and '.join(unused)}: not used with --role teacher (a teacher trains on CE)"
+    return None
 
 
 if __name__ == "__main__":

@@ -320,6 +320,11 @@ class Config:
         need(a.mixup_alpha >= 0, f"augment.mixup_alpha must be >= 0, got {a.mixup_alpha}")
         need(t.on_device_max_bytes >= 0, "train.on_device_max_bytes must be >= 0")
         need(t.num_devices >= 0, f"train.num_devices must be >= 0, got {t.num_devices}")
+        need(  # without jax_enable_x64, PRNGKey keeps the low 32 bits: 2**32 + 5 would equal 5
+            0 <= t.seed < 2**32,
+            "train.seed must be in [0, 2**32) (JAX keys take 32 bits; a larger or negative "
+            f"seed would repeat another seed's run), got {t.seed}",
+        )
         for f in ("checkpoint_every_steps", "eval_every_epochs", "debug_abort_after_steps"):
             need(getattr(t, f) >= 0, f"train.{f} must be >= 0, got {getattr(t, f)}")
         need(

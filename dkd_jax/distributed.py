@@ -78,13 +78,19 @@ def maybe_initialize_distributed(
       DistributedError: initialisation failed (the message says how to name the coordinator).
     """
     env = os.environ
+    explicit = num_processes is not None or process_id is not None
     coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
     if num_processes is None and env.get("JAX_NUM_PROCESSES"):
-        num_processes = int(env["JAX_NUM_PROCESSES"])
+        num_processes = _env_int("JAX_NUM_PROCESSES", minimum=1)
     if process_id is None and env.get("JAX_PROCESS_ID"):
-        process_id = int(env["JAX_PROCESS_ID"])
+        process_id = _env_int("JAX_PROCESS_ID", minimum=0)
     slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in env
     if not (coordinator or auto or slurm):
+        if explicit:
+            raise DistributedError(
+                "--num-processes / --process-id without a coordinator: add --coordinator "
+                "HOST:PORT (or --distributed), or drop them for a single-process run"
+            )
         return False
     if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -103,6 +109,17 @@ def maybe_initialize_distributed(
             "name the coordinator with --coordinator HOST:PORT --num-processes N --process-id I"
         ) from e
     return True
+
+
+def _env_int(name: str, *, minimum: int) -> int:
+    value = os.environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise DistributedError(f"environment {name}={value!r}: expected an integer >= {minimum}")
+    return number
 
 
 #: The most CPU devices :func:`use_cpu_devices` makes (JAX makes 4096 in about a second; it

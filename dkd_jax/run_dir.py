@@ -669,7 +669,8 @@ def restore_run(
 
     workdir = Path(workdir)
     if not workdir.is_dir():
-        raise RunDirError(f"{workdir}: no such run directory")
+        what = "a file, not a run directory" if workdir.exists() else "no such run directory"
+        raise RunDirError(f"{workdir}: {what}")
     cfg = load_config(workdir)
     split, data_info = load_split(workdir)
     num_classes = len(data_info.get("label_names", [])) or 4

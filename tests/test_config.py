@@ -5,6 +5,7 @@ import json
 import re
 import typing
 
+import jax
 import pytest
 
 from dkd_jax import config as config_lib
@@ -194,6 +195,18 @@ def test_learning_rate_must_be_finite_and_positive(value):
     message = str(e.value)
     assert "optim.learning_rate" in message and "\n" not in message
     assert ("finite" in message) if value not in ("-1", "0") else ("must be > 0" in message)
+
+
+def test_a_seed_jax_would_truncate_is_refused():
+    # Before: 99999999999999999999 passed validation, then an OverflowError traceback inside
+    # jax.random.PRNGKey; 2**32 + 5 trained the very run of seed 5 (and -1 that of 2**32 - 1).
+    assert (jax.random.PRNGKey(2**32 + 5) == jax.random.PRNGKey(5)).all()  # why
+    for seed in (2**32, 2**32 + 5, -1, 99999999999999999999):
+        with pytest.raises(config_lib.ConfigError, match=r"train\.seed must be in \[0, 2\*\*32\)"):
+            config_lib.apply_overrides(config_lib.get_config("tiny"), [f"train.seed={seed}"])
+    for seed in (0, 2**32 - 1, 999999):
+        cfg = config_lib.apply_overrides(config_lib.get_config("tiny"), [f"train.seed={seed}"])
+        assert cfg.train.seed == seed
 
 
 @pytest.mark.parametrize("path", sorted(_float_fields()))

@@ -160,6 +160,12 @@ def test_eval_cli_errors_are_one_line(run_path, tiny_prep_dir, tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("eval.py: error: ") and "no such run directory" in err
     assert len(err.strip().splitlines()) == 1
+    (tmp_path / "a_file").write_text("")
+    assert eval_cli.main(["--workdir", str(tmp_path / "a_file")]) == 2
+    assert "a_file: a file, not a run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a batch size of 0 used to fall back to the config's
+        eval_cli.main(["--workdir", str(run_path), "--batch-size", "0"])
+    assert "--batch-size" in capsys.readouterr().err
     # a prep dir with other content than the run was trained on
     other = tmp_path / "other_prep"
     shutil.copytree(tiny_prep_dir, other)

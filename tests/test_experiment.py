@@ -288,6 +288,13 @@ def test_make_spec_defaults_and_errors(tiny_prep_dir):
         experiment.make_spec(data=tiny_prep_dir, protocol="loso", folds=(2,))
     with pytest.raises(experiment.ExperimentError, match=r"runner sets data\.fold"):
         experiment.make_spec(data=tiny_prep_dir, protocol="loso", overrides=["data.fold=1"])
+    for item in ("--config.config.data.fold=1", "config.config.kd.beta=2"):  # two prefixes
+        with pytest.raises(experiment.ExperimentError, match=r"write it as --config\.group\.field"):
+            experiment.make_spec(data=tiny_prep_dir, protocol="loso", overrides=[item])
+    with pytest.raises(experiment.ExperimentError, match=r"compilation cache in EXP/\.jax_cache"):
+        experiment.make_spec(
+            data=tiny_prep_dir, protocol="loso", overrides=["train.compilation_cache_dir=/c"]
+        )
     with pytest.raises(experiment.ExperimentError, match="bad --students"):
         experiment.make_spec(data=tiny_prep_dir, protocol="loso", students=("dkd", "xx"))
     with pytest.raises(experiment.ExperimentError, match="unknown"):
@@ -371,6 +378,10 @@ def test_cli_summarize_and_errors(exp, capsys, tmp_path, tiny_prep_dir):
     rc = experiment.main(["reproduce", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "not an experiment directory" in err
+    (tmp_path / "a_file").write_text("")
+    argv = ["run", "--data", str(tiny_prep_dir), "--out", str(tmp_path / "a_file")]
+    assert experiment.main([*argv, "--preset", "tiny", "--folds", "0", "--no-baseline"]) == 2
+    assert "--out " + str(tmp_path / "a_file") + ": a file" in capsys.readouterr().err
 
 
 def test_validation_scores_reads_only_the_last_validation_eval(tmp_path):

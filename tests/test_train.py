@@ -448,6 +448,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
     assert rc == 2 and "kd has no 'betta'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_cli.main(["--data", str(tiny_prep_dir), "--workdir", "w", "--bogus"])
+    # Options that an override would silently beat, or that the role does not use (all before
+    # any data is read: argparse's exit 2 with the usage line).
+    base = ["--data", str(tiny_prep_dir), "--workdir", str(tmp_path / "w")]
+    for extra, message in (
+        (["--config.data.prep_dir=/elsewhere"], "--config.data.prep_dir conflicts with --data"),
+        (["--role", "teacher", "--config.model.role=student"], "model.role conflicts with --role"),
+        (["--loss", "ce", "--config.kd.loss=dkd"], "--config.kd.loss conflicts with --loss"),
+        (["--role", "teacher", "--loss", "kd"], "--loss: not used with --role teacher"),
+        (["--role", "teacher", "--teacher", "t"], "--teacher: not used with --role teacher"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            train_cli.main(base + extra)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    rc = train_cli.main([*base, "--preset", "tiny", "--loss", "ce", "--teacher", "t"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--teacher t: a student trained with kd.loss='ce' uses no teacher" in err
+    rc = train_cli.main([*base, "--preset", "tiny", "--num-processes", "4", "--process-id", "2"])
+    assert rc == 2 and "without a coordinator" in capsys.readouterr().err
     # Rerunning the teacher's command resumes the finished run and prints its summary.
     argv = [
         "--data",

@@ -521,6 +521,14 @@ def test_single_process_runs_do_not_initialize_distributed(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     assert distributed.maybe_initialize_distributed() is False
+    # process options without a coordinator used to train single-process in silence
+    with pytest.raises(distributed.DistributedError, match="without a coordinator"):
+        distributed.maybe_initialize_distributed(num_processes=4, process_id=2)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    for value, message in (("abc", "JAX_NUM_PROCESSES='abc'"), ("0", "JAX_NUM_PROCESSES='0'")):
+        monkeypatch.setenv("JAX_NUM_PROCESSES", value)
+        with pytest.raises(distributed.DistributedError, match=f"environment {message}: expected"):
+            distributed.maybe_initialize_distributed()
 
 
 def test_predict_logits_pads_a_short_last_batch_only_to_a_small_bucket():

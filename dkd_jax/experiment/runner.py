@@ -267,6 +267,8 @@ def run_experiment(
     exp_dir = Path(exp_dir)
     if validation_only:
         _require_validation(plan_runs(spec, exp_dir))
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise ExperimentError(f"--out {exp_dir}: a file, not an experiment directory")
     exp_dir.mkdir(parents=True, exist_ok=True)
     _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
     _enable_compilation_cache(exp_dir / CACHE_DIR)

@@ -204,6 +204,13 @@ def make_spec(
     overrides = tuple(o.strip().lstrip("-").removeprefix("config.") for o in overrides)
     for item in overrides:
         path = item.split("=", 1)[0].strip()
+        if path.startswith("config."):  # config.apply_overrides would strip a second prefix
+            raise ExperimentError(f"override {item!r}: write it as --config.group.field=value")
+        if path == "train.compilation_cache_dir":
+            raise ExperimentError(
+                f"override {item!r}: the runner keeps every run's compilation cache in "
+                f"EXP/{CACHE_DIR} (set JAX_COMPILATION_CACHE_DIR to use another folder)"
+            )
         if path in _RUNNER_FIELDS:
             raise ExperimentError(
                 f"override {item!r}: the runner sets {path} itself (use --data, --protocol, "
