@@ -127,7 +127,7 @@ def _clear_artifacts(out_dir: str) -> None:
 
 def _config_diff(old: dict, new: dict) -> str:
     diffs = []
-    for group in ("feature_config", "source", "num_shards", "corpus"):
+    for group in ("feature_config", "source", "num_shards", "corpus", "max_segments_per_utterance"):
         a, b = old.get(group), new.get(group)
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
@@ -247,6 +247,10 @@ def prepare(
       OSError: the output folder cannot be written (read-only, no space left); names the file.
       workers.Terminated: SIGTERM (a KeyboardInterrupt: the finished shards are kept).
     """
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise PrepError(f"workers must be a positive integer, got {workers!r}")
     cfg = resolve_feature_config(feature_config)
     cap, share = _check_balance_options(max_segments_per_utterance, max_utterance_share)
     found = scan(source, **source_options)

@@ -160,8 +160,26 @@ def classes_list(classes: Sequence[str] | str | None) -> list[str]:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (which ``os.listdir`` keeps as
+    lone surrogates, and JSON cannot hold) written as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def skip_entry(path, kind: str, reason: str, utterance_id: str = "") -> dict:
-    return {"path": str(path), "utterance_id": utterance_id, "kind": kind, "reason": reason}
+    return {
+        "path": printable(str(path)),
+        "utterance_id": printable(utterance_id),
+        "kind": kind,
+        "reason": reason,
+    }
+
+
+def _utf8_name(path: str, what: str) -> str:
+    """``path`` if its name is UTF-8; PrepError naming it otherwise (metadata.json holds it)."""
+    if printable(path) != path:
+        raise PrepError(f"{what} {printable(path)}: the path is not UTF-8; rename it")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,17 +224,26 @@ def parse_emo_evaluation(path: str) -> tuple[list[tuple[str, str, float, float]]
       (``%``), blank, evaluator (``C-E2:``, ``A-F1:``...) lines are ignored.
     """
     entries, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            text = line.strip()
-            if not text.startswith("["):
-                continue
-            m = _LABEL_LINE.match(text)
-            if m is None:
-                bad.append(text)
-                continue
-            start, end, utt, label = m.group(1), m.group(2), m.group(3), m.group(4)
-            entries.append((utt, label, float(start), float(end)))
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its BOM (a Windows editor)
+        content = raw.decode("utf-16", errors="replace")
+    elif b"\x00" in raw:
+        raise PrepError(
+            f"{path}: holds NUL bytes (UTF-16 without a byte-order mark?); save it as UTF-8"
+        )
+    else:  # UTF-8 (a BOM is dropped); comment lines in another encoding cannot hurt
+        content = raw.decode("utf-8-sig", errors="replace")
+    for line in content.splitlines():
+        text = line.strip()
+        if not text.startswith("["):
+            continue
+        m = _LABEL_LINE.match(text)
+        if m is None:
+            bad.append(text)
+            continue
+        start, end, utt, label = m.group(1), m.group(2), m.group(3), m.group(4)
+        entries.append((utt, label, float(start), float(end)))
     return entries, bad
 
 
@@ -243,7 +270,7 @@ def scan_iemocap(
       labels, label lines naming a missing WAV, WAVs without a label line, duplicates, ids whose
       speaker cannot be told.
     """
-    root = os.path.abspath(os.fspath(root))
+    root = _utf8_name(os.path.abspath(os.fspath(root)), "IEMOCAP root")
     if not os.path.isdir(root):
         raise PrepError(f"IEMOCAP root {root} is not a folder; pass --root IEMOCAP_full_release")
     if dialogs not in DIALOGS:
@@ -289,7 +316,14 @@ class _IemocapReader:
                 f"no Session1..Session5 folders under {root}; --root must be the IEMOCAP release "
                 "folder (the one holding Session1/dialog/EmoEvaluation and Session1/sentences/wav)"
             )
+        lower = {d.lower(): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
         for s in sessions:
+            other = lower.get(s.lower())
+            if s not in present and other is not None:
+                raise PrepError(
+                    f"{os.path.join(root, printable(other))}: named {other!r}, the release names "
+                    f"it {s!r} (file names are case-sensitive here); rename it"
+                )
             if s not in present:
                 self.skipped.append(skip_entry(s, "missing_session", "session folder missing"))
         return present
@@ -345,9 +379,20 @@ class _IemocapReader:
             return
         last = utt.rsplit("_", 1)[-1]
         prefix = utt[:5]
-        if "_" not in utt or not re.fullmatch(r"Ses\d\d", prefix) or last[:1] not in "FM":
+        if "_" not in utt or not re.fullmatch(r"Ses\d\d", prefix) or last[:1] not in ("F", "M"):
             self.skipped.append(
                 skip_entry(rel, "bad_id", "cannot tell the speaker from this utterance id", utt)
+            )
+            return
+        if int(prefix[3:]) != int(session[len("Session") :]):
+            self.skipped.append(
+                skip_entry(
+                    rel,
+                    "wrong_session",
+                    f"the id names Session{int(prefix[3:])} but its label line is in {session} "
+                    "(one speaker in two sessions would leak across leave-one-session-out folds)",
+                    utt,
+                )
             )
             return
         if not os.path.isfile(wav):
@@ -402,6 +447,23 @@ class _IemocapReader:
 # --------------------------------------------------------------------------------------------
 
 
+def _emodb_subfolder_wavs(root: str, folder: str) -> list[dict]:
+    """Skip entries for the WAVs in subfolders of ``folder`` (symbolic links to folders are not
+    followed): EmoDB is read from one flat folder, and a WAV it does not read must still be
+    counted and named."""
+    out = []
+    for dirpath, dirnames, files in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        if dirpath == folder:
+            continue
+        for name in sorted(f for f in files if f.lower().endswith(".wav") and not _hidden(f)):
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            out.append(
+                skip_entry(rel, "subfolder", f"in a subfolder: EmoDB is read from {folder} only")
+            )
+    return out
+
+
 def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None = None) -> Scan:
     """Reads an EmoDB folder of WAVs named by the corpus convention (e.g. ``03a01Fa.wav``).
 
@@ -415,7 +477,7 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
       classes: class names (default neutral, happy, sad, angry; also bored, disgusted,
         fearful); other emotions are excluded and counted.
     """
-    root = os.path.abspath(os.fspath(root))
+    root = _utf8_name(os.path.abspath(os.fspath(root)), "EmoDB root")
     if not os.path.isdir(root):
         raise PrepError(f"EmoDB root {root} is not a folder; pass --root path/to/emodb/wav")
     classes = classes_list(classes)
@@ -435,10 +497,15 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
     names = wavs(folder)
     if not names:
         raise PrepError(f"no .wav files in {root} (nor in {root}/wav); is --root the EmoDB folder?")
-    skipped, excluded, utts = [], collections.Counter(), []
+    skipped, excluded, utts = _emodb_subfolder_wavs(root, folder), collections.Counter(), []
+    seen: set[str] = set()
     for name in names:
         stem = name[:-4]
         rel = os.path.relpath(os.path.join(folder, name), root)
+        if stem in seen:  # 03a01Fa.wav next to 03a01Fa.WAV
+            skipped.append(skip_entry(rel, "duplicate", "a second file of this utterance", stem))
+            continue
+        seen.add(stem)
         m = _EMODB_NAME.match(stem)
         if m is None:
             skipped.append(

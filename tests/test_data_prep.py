@@ -3,6 +3,7 @@ end-to-end features vs a NumPy reference, determinism and resume byte-identity."
 
 import csv
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -140,7 +141,63 @@ def test_iemocap_bad_roots(tmp_path):
         data_prep.prepare("iemocap", root=tmp_path, out_dir=tmp_path / "o", progress=False)
 
 
+def test_iemocap_odd_files_are_named_or_read(tmp_path):
+    root = helpers_prep.write_iemocap_tree(tmp_path / "a")
+    emo = tmp_path / "a" / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    before = sources.scan_iemocap(root)
+    # A Windows editor's UTF-16 (with its byte-order mark) is read like the UTF-8 original.
+    emo.write_bytes(emo.read_text().encode("utf-16"))
+    assert sources.scan_iemocap(root) == before
+    emo.write_bytes(emo.read_text(encoding="utf-16").encode("utf-16-le"))  # no mark: refused
+    with pytest.raises(sources.PrepError, match=f"^{emo}: holds NUL bytes"):
+        sources.scan_iemocap(root)
+    # An id whose last part is empty was an IndexError traceback.
+    emo.write_text(
+        emo.read_bytes().decode("utf-16-le") + "[30.0 - 32.0]\tSes01F_impro01_\tneu\t[2, 3, 2]\n"
+    )
+    bad = [s for s in sources.scan_iemocap(root).skipped if s["kind"] == "bad_id"]
+    assert [s["utterance_id"] for s in bad] == ["Ses01F_impro01_"]
+    # A file whose name is not UTF-8 is skipped with its bytes escaped (metadata.json is JSON).
+    wav_dir = tmp_path / "a" / "Session1" / "sentences" / "wav" / "Ses01F_impro01"
+    odd = os.path.join(os.fsencode(wav_dir), b"Ses01F_impro01_F000_\xe9.wav")
+    with open(odd, "wb") as f:
+        f.write((wav_dir / "Ses01F_impro01_F000.wav").read_bytes())
+    entry = next(s for s in sources.scan_iemocap(root).skipped if "\\xe9" in s["path"])
+    assert entry["kind"] == "no_label" and entry["path"].endswith("F000_\\xe9.wav")
+    out = data_prep.prepare("iemocap", root=root, out_dir=tmp_path / "p", progress=False)
+    assert any(s["path"] == entry["path"] for s in out["skipped"])
+    # A Session2 id filed under Session1 is skipped: its speaker would be in two sessions.
+    emo.write_text(emo.read_text() + "[40.0 - 42.0]\tSes02F_impro01_F009\tneu\t[2, 3, 2]\n")
+    wrong = [s for s in sources.scan_iemocap(root).skipped if s["kind"] == "wrong_session"]
+    assert [s["utterance_id"] for s in wrong] == ["Ses02F_impro01_F009"]
+    assert "the id names Session2 but its label line is in Session1" in wrong[0]["reason"]
+    # A session folder in the wrong case is named (its utterances used to vanish).
+    root_b = helpers_prep.write_iemocap_tree(tmp_path / "b")
+    os.rename(tmp_path / "b" / "Session1", tmp_path / "b" / "session1")
+    with pytest.raises(sources.PrepError, match="session1: named 'session1', the release names"):
+        sources.scan_iemocap(root_b)
+
+
 # ---------------------------------------------------------------- EmoDB reader
+
+
+def test_emodb_subfolders_duplicates_and_odd_names_are_skipped_with_reasons(tmp_path):
+    tone = helpers_prep.tone(0.5, freq=200.0, seed=0)
+    for name in ("03a01Fa.wav", "03a01Fa.WAV", "spk03/03a01Wa.wav", "wav/08a01Na.wav"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        sf.write(tmp_path / name, tone, 16000)
+    with open(os.path.join(os.fsencode(tmp_path), b"\xdcbersicht.wav"), "wb") as f:
+        f.write((tmp_path / "03a01Fa.wav").read_bytes())
+    scan = sources.scan_emodb(tmp_path)
+    assert [u.rel_path for u in scan.utterances] == ["03a01Fa.WAV"]  # sorted: "W" < "w"
+    kinds = sorted((s["kind"], s["path"]) for s in scan.skipped)
+    assert kinds == [
+        ("bad_name", "\\xdcbersicht.wav"),
+        ("duplicate", "03a01Fa.wav"),
+        ("subfolder", "spk03/03a01Wa.wav"),
+        ("subfolder", "wav/08a01Na.wav"),
+    ]
+    json.dumps(scan.skipped, ensure_ascii=False).encode("utf-8")  # writable into metadata.json
 
 
 @pytest.mark.skipif(not os.path.isdir(EMODB), reason="shared EmoDB copy not present")
@@ -587,6 +644,19 @@ def test_interrupted_run_with_other_config_is_refused(iemocap_root, tmp_path, mo
         data_prep.prepare(
             "iemocap", root=iemocap_root, out_dir=tmp_path, workers=1, progress=False, num_shards=3
         )
+    # the cap is named too (it used to say only "different fingerprint")
+    with pytest.raises(sources.PrepError, match="max_segments_per_utterance: None -> 1"):
+        data_prep.prepare(
+            "iemocap",
+            root=iemocap_root,
+            out_dir=tmp_path,
+            progress=False,
+            num_shards=2,
+            max_segments_per_utterance=1,
+        )
+    for workers in (0, -3, 1.5):  # 0 and -3 used to run in-process without a word
+        with pytest.raises(sources.PrepError, match="workers must be a positive integer"):
+            data_prep.prepare("iemocap", root=iemocap_root, out_dir=tmp_path, workers=workers)
 
 
 def test_cli_synth_then_iemocap(tmp_path, capsys):
