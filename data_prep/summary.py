@@ -6,6 +6,12 @@ from __future__ import annotations
 __all__ = ["prep_summary"]
 
 
+#: Skip kinds that name a folder or a line, not an utterance (not counted as skipped ones).
+NOT_UTTERANCES = frozenset(
+    {"missing_session", "missing_labels", "missing_audio", "malformed_label_line"}
+)
+
+
 def prep_summary(meta: dict) -> str:
     """A few human-readable lines about a finished prep run."""
     c = meta["counts"]
@@ -40,7 +46,7 @@ def prep_summary(meta: dict) -> str:
             f"  warning: {len(cut)} file(s) hold less audio than their header declares (e.g. "
             f'{cut[0]}); kept with what they hold, each with a "warning" in metadata.json'
         )
-    num_skipped = sum(c["skipped"].values())
+    num_skipped = sum(n for k, n in c["skipped"].items() if k not in NOT_UTTERANCES)
     if num_skipped > 0.1 * (num_skipped + c["utterances"]):
         lines.append(
             f"  warning: {num_skipped} of {num_skipped + c['utterances']} utterances were "

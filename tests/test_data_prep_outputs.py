@@ -112,6 +112,9 @@ def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
         "--classes neutral,sad"
     )
     assert text.count("warning") == 1 and expected in text.splitlines()
+    counts["skipped"] = {"missing_wav": 1, "missing_session": 3, "malformed_label_line": 2}
+    text = data_prep.prep_summary({**meta, "counts": counts, "segment_balance": {}})
+    assert "utterances were skipped" not in text  # folders and lines are not utterances
     counts["skipped"] = {"missing_wav": 1, "unreadable": 1}  # 2 of 14: over a tenth
     text = data_prep.prep_summary({**meta, "counts": counts, "segment_balance": {}})
     assert "  warning: 2 of 14 utterances were skipped (reasons in metadata.json)" in text
