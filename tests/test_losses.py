@@ -8,6 +8,7 @@ import doctest
 import functools
 import math
 import platform
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -485,6 +486,54 @@ def test_concrete_labels_captured_under_jit():
 
     out = f(jnp.ones((3, 4)))
     np.testing.assert_allclose(np.asarray(out), 0.0, atol=1e-6)
+
+
+def test_numpy_constants_closed_over_under_jit_are_checked_too():
+    # Before: jnp.asarray of a NumPy constant inside the trace was a tracer, so these gave NaN.
+    student, teacher = jnp.ones((4, 11)), jnp.zeros((4, 11))
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0, got 0\.0"):
+        jax.jit(lambda a: losses.dkd_loss(a, teacher, [0, 1, 2, 3], temperature=np.float32(0)))(
+            student
+        )
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\), got values in \[0, 11\]"):
+        jax.jit(lambda a: losses.dkd_loss(a, teacher, np.array([0, 3, 5, 11])))(student)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            {"temperature": 1e-50},
+            r"temperature must be finite and > 0, got 1e-50 \(0.0 in float32\)",
+        ),
+        ({"temperature": 1e40}, r"temperature must be finite and > 0, got 1e\+40 \(inf in float32"),
+        ({"alpha": 1e40}, r"alpha must be finite and >= 0, got 1e\+40 \(inf in float32"),
+    ],
+)
+def test_values_that_float32_cannot_hold_are_refused(kw, message):
+    # Before: accepted in float64, then 0 or inf in the float32 loss: every example NaN.
+    zs, zt, y = _random_case(3, 4, 5)
+    with pytest.raises(ValueError, match=message):
+        losses.dkd_loss(zs, zt, y, **kw)
+
+
+def test_temperatures_beyond_float32_accuracy_warn_and_the_documented_accuracy_holds():
+    rng = np.random.default_rng(0)
+    zs = (3 * rng.normal(size=(64, 4))).astype(np.float32)
+    zt = (3 * rng.normal(size=(64, 4))).astype(np.float32)
+    y = rng.integers(0, 4, 64)
+    worst = {}
+    for T in (4.0, 100.0, 1000.0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = np.asarray(losses.dkd_loss(zs, zt, y, alpha=1.0, beta=8.0, temperature=T))
+        assert bool(caught) == (T > losses.MAX_ACCURATE_TEMPERATURE)
+        _, tckd, nckd = ref_terms_logspace(zs, zt, y, T)
+        worst[T] = np.max(np.abs(got - (tckd + 8 * nckd)) / (tckd + 8 * nckd))
+    assert "temperature=1000 is above 100" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    # the module docstring's figures: 6e-6 at T = 4, 3e-3 at 100, 0.2 at 1e3 (x2 margin)
+    assert worst[4.0] < 1.2e-5 and worst[100.0] < 7e-3 and 0.05 < worst[1000.0] < 0.5
 
 
 # --------------------------------------------------------------------------------------------
