@@ -1304,7 +1304,9 @@ def generate_corpus(
         else:
             chunk = max(1, min(32, math.ceil(len(jobs) / (workers * 8))))
             context = mp_context()
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_quiet_on_ctrl_c
+            ) as pool:
                 futures = [
                     pool.submit(_synth_jobs, str(root), seed, jobs[i : i + chunk])
                     for i in range(0, len(jobs), chunk)
@@ -1324,6 +1326,14 @@ def generate_corpus(
     _write_text(root / _SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (root / _MARKER).unlink(missing_ok=True)
     return summary
+
+
+def _quiet_on_ctrl_c() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group; the parent handles it (the
+    workers used to print a KeyboardInterrupt traceback each, burying the resume line)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 MANIFEST_FILE = "manifest.csv"

@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dkd_jax import cli_args
+
 CHANCE = 0.25  # four balanced-UA classes
 QUICK_FOLDS = (0, 1)
 STAGES = 4  # corpus, features, protocol, result
@@ -69,7 +71,19 @@ def run_demo(
             (a demo run by an earlier version whose preset differed); without it they are
             refused with a one-line error.
     """
+    from data_prep import synth
+
     out = Path(out)
+    sessions = synth.SIZE_PRESETS[corpus_size]["sessions"]  # checked before any work
+    if folds is not None and (not folds or any(not 0 <= f < sessions for f in folds)):
+        from dkd_jax.experiment import ExperimentError
+
+        raise ExperimentError(
+            f"--folds {list(folds)}: the synthetic corpus has {sessions} sessions, folds "
+            f"0..{sessions - 1}"
+        )
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     t_all = time.perf_counter()
     corpus, prep = out / "corpus", out / "prep"
     exp_dir = out / ("experiment-quick" if quick else "experiment")
@@ -182,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="processes for synthesis and features")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
-        "--jobs", type=int, default=3, help="folds trained at once (default 3; same numbers)"
+        "--jobs",
+        type=cli_args.positive_int,
+        default=3,
+        help="folds trained at once (default 3; same numbers)",
     )
     p.add_argument(
         "--overwrite",
@@ -198,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quick=args.quick,
             progress=not args.no_progress,
             workers=args.workers,
-            jobs=max(1, args.jobs),
+            jobs=args.jobs,
             overwrite=args.overwrite,
         )
         return 0

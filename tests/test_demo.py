@@ -55,3 +55,15 @@ def test_demo_cli_error_is_one_line(tmp_path, capsys):
         rc = demo.main(["--out", str(blocker), "--no-progress", *extra])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("demo: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_demo_refuses_bad_folds_and_jobs_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    for folds, message in (("9", "the synthetic corpus has 5 sessions"), ("3-1", "reversed range")):
+        assert demo.main(["--out", str(out), "--folds", folds, "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    for jobs in ("0", "-2"):  # used to become 1 without a word
+        with pytest.raises(SystemExit):
+            demo.main(["--out", str(out), "--jobs", jobs])
+        assert "--jobs" in capsys.readouterr().err
+    assert not out.exists()  # nothing was generated

@@ -28,9 +28,12 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
         if "-" in part[1:]:  # a range "0-4"
             lo, hi = part.split("-", 1)
             try:
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = int(lo), int(hi)
             except ValueError:
                 raise ExperimentError(f"bad {what} {text!r}: {part!r} is not a range") from None
+            if hi < lo:
+                raise ExperimentError(f"bad {what} {text!r}: {part!r} is a reversed range")
+            out.extend(range(lo, hi + 1))
             continue
         try:
             out.append(int(part))

@@ -359,18 +359,23 @@ def _run_concurrently(work: list, jobs: int, options: dict) -> None:
     """Groups on ``jobs`` threads of this process. XLA:CPU executes each computation on its
     fixed intra-op thread pool whatever else runs, so every number equals a one-at-a-time run
     bit for bit, and the runs share their compiled functions. On a failure the other running
-    groups finish their current run first; groups not started are not started."""
+    groups finish their current run first; groups not started are not started. On Ctrl-C it
+    returns at once, without waiting for the running groups (the command line then exits, and
+    the same command resumes them from their last checkpoints)."""
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="group") as pool:
-        futures = [pool.submit(_run_group, gi, len(work), g, m, **options) for gi, g, m in work]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    pool = concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="group")
+    futures = [pool.submit(_run_group, gi, len(work), g, m, **options) for gi, g, m in work]
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _require_validation(plans: Sequence[RunPlan]) -> None:
