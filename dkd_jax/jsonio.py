@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["read_json", "to_jsonable", "write_json", "write_text"]
+__all__ = ["read_json", "read_json_object", "to_jsonable", "write_json", "write_text"]
 
 
 class JSONFileError(ValueError):
@@ -69,6 +69,22 @@ def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
         raise JSONFileError(f"{path}: missing {what}") from None
     except json.JSONDecodeError as e:
         raise JSONFileError(f"{path}: unreadable {what} ({e})") from None
+
+
+def read_json_object(path: str | os.PathLike, *, hint: str = "") -> dict[str, Any]:
+    """An existing JSON file that must hold an object; JSONFileError ``PATH: problem`` (plus
+    ``; hint``) when it is not UTF-8, not JSON, or not an object."""
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise JSONFileError(f"{path}: not UTF-8 text (byte {e.start}){suffix}") from None
+    except json.JSONDecodeError as e:
+        raise JSONFileError(f"{path}: not valid JSON ({e}){suffix}") from None
+    if not isinstance(obj, dict):
+        raise JSONFileError(f"{path}: not a JSON object{suffix}")
+    return obj
 
 
 def describe_os_error(e: OSError) -> str:

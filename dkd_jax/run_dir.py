@@ -473,13 +473,9 @@ def load_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        results = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise RunDirError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path}: not valid JSON ({e}); re-run eval.py on the run") from None
-    if not isinstance(results, dict):
-        raise RunDirError(f"{path}: not a JSON object; re-run eval.py on the run")
+        results = jsonio.read_json_object(path, hint="re-run eval.py on the run")
+    except jsonio.JSONFileError as e:
+        raise RunDirError(str(e)) from None
     missing = [k for k in RESULT_KEYS if k not in results]
     if missing:
         raise RunDirError(f"{path}: missing {', '.join(missing)}; re-run eval.py on the run")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dkd_jax import config as config_lib
-from dkd_jax import protocols, records, run_dir
+from dkd_jax import jsonio, protocols, records, run_dir
 
 EXPERIMENT_FILE = "experiment.json"
 SUMMARY_JSON = "summary.json"
@@ -106,13 +106,9 @@ def load_spec(exp_dir: str | os.PathLike) -> ExperimentSpec:
     if not path.is_file():
         raise ExperimentError(f"{path}: missing (not an experiment directory)")
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ExperimentError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ExperimentError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ExperimentError(f"{path}: not a JSON object")
+        d = jsonio.read_json_object(path)
+    except jsonio.JSONFileError as e:
+        raise ExperimentError(str(e)) from None
     fields = dataclasses.fields(ExperimentSpec)
     unknown = sorted(set(d) - {f.name for f in fields})
     required = [f.name for f in fields if f.default is dataclasses.MISSING]
