@@ -82,8 +82,6 @@ def run_demo(
             f"--folds {list(folds)}: the synthetic corpus has {sessions} sessions, folds "
             f"0..{sessions - 1}"
         )
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
     t_all = time.perf_counter()
     corpus, prep = out / "corpus", out / "prep"
     exp_dir = out / ("experiment-quick" if quick else "experiment")

@@ -355,7 +355,6 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
         raise ExportError(str(e)) from None
     if res is None:
         return None
-    split = res.get("split")
     same = res.get("step") == step and res.get("checkpoint", "latest") == (
         "best-by-validation" if best else "latest"
     )
@@ -363,7 +362,7 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
         "wa": res.get("wa"),
         "ua": res.get("ua"),
         "num_utterances": res.get("num_utterances"),
-        "split": split.get("name") if isinstance(split, dict) else None,
+        "split": run_dir.split_name(res),
         "aggregation": res.get("aggregation"),
         "scored_step": res.get("step"),
         "same_checkpoint": bool(same),

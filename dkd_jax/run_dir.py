@@ -482,6 +482,12 @@ def load_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
     return results
 
 
+def split_name(results: dict[str, Any]) -> str | None:
+    """The held-out split's name recorded in a results dict (None when absent or malformed)."""
+    split = results.get("split")
+    return split.get("name") if isinstance(split, dict) else None
+
+
 def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """``results.json`` of a run, or None when it is missing or damaged (not finished: the
     runner retrains it). Readers that report results use :func:`load_results`."""

@@ -112,7 +112,7 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
                 "model": plan.model,
                 "fold": plan.fold,
                 "seed": plan.seed,
-                "split": (res.get("split") or {}).get("name"),
+                "split": run_dir.split_name(res),
                 "wa": res["wa"],
                 "ua": res["ua"],
                 "best_epoch_wa": best["best_wa"],

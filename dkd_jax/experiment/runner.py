@@ -265,6 +265,8 @@ def run_experiment(
         The summary dict (also in ``summary.json`` unless ``validation_only``).
     """
     exp_dir = Path(exp_dir)
+    if jobs < 1:
+        raise ExperimentError(f"jobs must be >= 1, got {jobs}")
     if validation_only:
         _require_validation(plan_runs(spec, exp_dir))
     if exp_dir.exists() and not exp_dir.is_dir():
@@ -366,16 +368,15 @@ def _run_concurrently(work: list, jobs: int, options: dict) -> None:
 
     pool = concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="group")
     futures = [pool.submit(_run_group, gi, len(work), g, m, **options) for gi, g, m in work]
+    interrupted = False
     try:
         for future in concurrent.futures.as_completed(futures):
             future.result()
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
+        interrupted = True
         raise
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
 
 
 def _require_validation(plans: Sequence[RunPlan]) -> None:
