@@ -176,8 +176,12 @@ def scan(source: str, **source_options) -> Scan:
         raise PrepError(f"bad options for source {source!r}: {e}") from None
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_balance_options(cap, share) -> tuple[int | None, float]:
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+    if cap is not None and not _positive_int(cap):
         raise PrepError(f"max_segments_per_utterance must be a positive integer, got {cap!r}")
     if not isinstance(share, int | float) or not 0 < float(share) <= 1:
         raise PrepError(f"max_utterance_share must be in (0, 1], got {share!r}")
@@ -247,9 +251,7 @@ def prepare(
       OSError: the output folder cannot be written (read-only, no space left); names the file.
       workers.Terminated: SIGTERM (a KeyboardInterrupt: the finished shards are kept).
     """
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
+    if workers is not None and not _positive_int(workers):
         raise PrepError(f"workers must be a positive integer, got {workers!r}")
     cfg = resolve_feature_config(feature_config)
     cap, share = _check_balance_options(max_segments_per_utterance, max_utterance_share)
