@@ -104,11 +104,13 @@ recognition on real speech.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -1073,8 +1075,37 @@ def _synth_jobs(root: str, seed: int, jobs: list[tuple[str, str, str, int, str, 
             sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
             os.replace(tmp, path)
         except (OSError, RuntimeError) as err:  # soundfile raises RuntimeError/LibsndfileError
-            raise OSError(f"synthetic corpus: cannot write {path}: {err}") from err
+            raise _write_error(path, tmp, _wav_bytes(num_samples), err) from err
     return len(jobs)
+
+
+def _write_error(path: Path, tmp: Path, size: int, err: Exception) -> OSError:
+    """The error for a WAV that could not be written; removes its partial file.
+
+    libsndfile reports a full disk as "System error": when the disk holds less than the file
+    needs, the error says so (``ENOSPC``)."""
+    try:
+        full = shutil.disk_usage(path.parent).free < size
+    except OSError:
+        full = False
+    tmp.unlink(missing_ok=True)
+    if full or getattr(err, "errno", None) == errno.ENOSPC:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(f"synthetic corpus: cannot write {path}: {err}")
+
+
+def _check_free_space(root: Path, sizes: list[int]) -> None:
+    """Refuses to start when the missing audio files cannot fit on the disk of ``root``."""
+    needed = sum(sizes)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)}: the synthetic corpus's {len(sizes)} audio files to "
+            f"write need {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free; free some space "
+            "or choose another output folder",
+            str(root),
+        )
 
 
 def _summary(plan: list[dict], params: dict) -> dict[str, Any]:
@@ -1254,7 +1285,8 @@ def generate_corpus(
 
     Raises:
       ValueError: bad size, override or seed; ``out_dir`` not usable (see above).
-      OSError: a file could not be written (the message names it).
+      OSError: a file could not be written (the message names it), or the disk has no room for
+        the audio files still to write (checked before any is written; ``errno.ENOSPC``).
     """
     seed = _check_seed(seed)
     cfg = resolve_config(size, **overrides)
@@ -1290,6 +1322,7 @@ def generate_corpus(
                 spec = (rel, utt["id"], utt["label"], utt["num_samples"], utt["speaker"])
                 jobs.append((*spec, session["session"]))
 
+    _check_free_space(root, [_wav_bytes(job[3]) for job in jobs])
     bar = tqdm(
         total=len(jobs),
         unit="utt",

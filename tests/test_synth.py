@@ -289,6 +289,58 @@ def test_regenerate_resume_and_refusals(tmp_path):
     assert tree_digest(root) == digest
 
 
+def test_a_full_disk_is_named_up_front_and_mid_write(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    free = {"bytes": 1000}
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda p: usage._replace(free=free["bytes"]))
+    root = tmp_path / "corpus"
+    kwargs = dict(size="tiny", seed=5, workers=1, progress=False, **SMALL)
+    with pytest.raises(OSError) as e:  # refused before any audio is written
+        synth.generate_corpus(root, **kwargs)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(root)
+    assert re.fullmatch(
+        r"No space left on device: the synthetic corpus's \d+ audio files to write need "
+        r"[\d.]+ MiB, 0\.0 MiB free; free some space or choose another output folder",
+        e.value.strerror,
+    )
+    assert not list(root.rglob("*.wav"))
+
+    # The disk fills up while writing: libsndfile says only "System error"; the error names
+    # the file and the cause, and leaves no partial file behind.
+    real_write, written, fills = synth.sf.write, [], [True]
+
+    def write(path, *args, **kw):
+        if len(written) == 3:
+            Path(path).write_bytes(b"RIFF")
+            if fills[0]:
+                free["bytes"] = 10
+            raise RuntimeError("Error opening ...: System error.")
+        written.append(path)
+        return real_write(path, *args, **kw)
+
+    free["bytes"] = usage.free
+    monkeypatch.setattr(synth.sf, "write", write)
+    with pytest.raises(OSError) as e:
+        synth.generate_corpus(root, **kwargs)
+    assert e.value.errno == errno.ENOSPC and e.value.strerror == "No space left on device"
+    assert e.value.filename.endswith(".wav") and not Path(e.value.filename).exists()
+    assert len(list(root.rglob("*.wav"))) == 3 and not list(root.rglob("*.partial"))
+
+    # Any other write failure keeps libsndfile's words and the file name.
+    free["bytes"], fills[0] = usage.free, False
+    written.clear()
+    with pytest.raises(OSError, match=r"synthetic corpus: cannot write .*\.wav: Error opening"):
+        synth.generate_corpus(root, **kwargs)
+    assert not list(root.rglob("*.partial"))
+
+    monkeypatch.setattr(synth.sf, "write", real_write)  # room again: the run resumes
+    done = synth.generate_corpus(root, **kwargs)
+    assert len(list(root.rglob("*.wav"))) == done["num_utterances"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
