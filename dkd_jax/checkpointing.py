@@ -12,7 +12,10 @@ run is restored for evaluation belong to ``run_dir``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -71,26 +74,29 @@ class Checkpointer:
         state = jax.device_get(state)
         if step in self._manager.all_steps():
             self._manager.delete(step)
-        try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
-                ),
-                force=True,
-            )
-            self._manager.wait_until_finished()
-        except OSError as e:
-            if e.filename is None:
-                raise OSError(e.errno, e.strerror or str(e), str(self.directory)) from e
-            raise
-        except Exception as e:  # orbax may wrap the OSError of a failed write
-            cause = _os_error_in(e)
-            if cause is None:
-                raise
-            raise OSError(
-                cause.errno, cause.strerror or str(cause), cause.filename or str(self.directory)
-            ) from e
+        _drop_late_reads_into_closed_loops()
+        with _orbax_errors_held() as held:
+            try:
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+                    ),
+                    force=True,
+                )
+                self._manager.wait_until_finished()
+            except Exception as e:  # orbax wraps tensorstore's failed writes in a ValueError
+                cause = _os_error_in(e)
+                if cause is None:
+                    raise
+                held.drop()  # the OSError below says it; orbax logged it with tracebacks
+                if isinstance(e, OSError) and e.filename is not None:
+                    raise
+                raise OSError(
+                    cause.errno,
+                    cause.strerror or str(cause),
+                    cause.filename or str(self.directory),
+                ) from e
 
     def restore(self, step: int | None = None, *, target: Any = None) -> tuple[Any, dict]:
         """Restores (state, meta) of ``step`` (default the latest).
@@ -131,16 +137,19 @@ class Checkpointer:
 
 
 def _drop_late_reads_into_closed_loops() -> None:
-    """Silences the reads a failed restore abandons (installed once, before a first restore).
+    """Silences the I/O a failed restore or save abandons (installed once, before the first).
 
-    orbax restores on an asyncio loop that it closes as soon as one read fails; tensorstore
-    still completes the other reads it had started, and each completion then tries to schedule
-    a callback on the closed loop. Python reports every such attempt as an unraisable
+    orbax reads and writes on an asyncio loop that it closes as soon as one operation fails;
+    tensorstore still completes the others it had started, and each completion then tries to
+    schedule a callback on the closed loop. Python reports every such attempt as an unraisable
     ``RuntimeError: Event loop is closed`` traceback on stderr, after the caller's one-line error
-    (three of them for a truncated state file), and some may come before the error reaches
-    the caller: hence before, not after, the restore. Only exactly those reports are dropped:
-    that error, raised inside ``call_soon_threadsafe``; everything else reaches the previous
-    hook.
+    (three of them for a truncated state file, more for a save on a full disk), and some may
+    come before the error reaches the caller: hence before, not after, the operation. A failed
+    write also leaves tasks whose error nobody retrieved, which asyncio logs ("Task exception
+    was never retrieved", with a traceback) when they are collected, often at exit. Only
+    exactly those reports are dropped: that RuntimeError raised inside
+    ``call_soon_threadsafe``, and never-retrieved task errors raised in orbax that carry an OS
+    error code (the save reported it as an ``OSError``); everything else is reported as before.
     """
     global _late_reads_hook_installed
     with _late_reads_lock:
@@ -153,7 +162,23 @@ def _drop_late_reads_into_closed_loops() -> None:
                 previous(unraisable)
 
         sys.unraisablehook = hook
+        logging.getLogger("asyncio").addFilter(_abandoned_write_filter)
         _late_reads_hook_installed = True
+
+
+def _abandoned_write_filter(record: logging.LogRecord) -> bool:
+    """False for asyncio's report of an orbax write task whose OS error was never retrieved."""
+    if not str(record.msg).startswith("Task exception was never retrieved"):
+        return True
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or not _OS_ERROR_CODE.search(str(exc)):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
 
 
 _late_reads_hook_installed = False
@@ -175,14 +200,81 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
 def _os_error_in(e: BaseException) -> OSError | None:
+    """The OS error behind a failed save: an ``OSError`` in the exception chain, or the
+    ``[os_error_code='N']`` of a tensorstore error (a ``ValueError`` such as
+    ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``) as an
+    ``OSError`` without a file name."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError):
             return e
+        code = _OS_ERROR_CODE.search(str(e))
+        if code:
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number))
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+class _HeldOrbaxErrors(logging.Filter):
+    """Holds back the ERROR records that orbax's writer threads log (with a traceback each)
+    while a save is in progress: when the save fails with an OS error, :meth:`Checkpointer.save`
+    raises that error in one line and the held records are dropped; otherwise they are logged
+    as they would have been. Shared by concurrent saves (``experiment --jobs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.saves = 0
+        self.records: list[logging.LogRecord] = []
+        self.dropping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_dkd_released", False):
+            return True
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        with self.lock:
+            self.records.append(record)
+        return False
+
+    def drop(self) -> None:
+        with self.lock:
+            self.dropping = True
+
+
+_HELD_ORBAX_ERRORS = _HeldOrbaxErrors()
+_ORBAX_LOGGER = "absl"  # orbax logs through absl.logging, whose Python logger is "absl"
+
+
+@contextlib.contextmanager
+def _orbax_errors_held():
+    held = _HELD_ORBAX_ERRORS
+    logger = logging.getLogger(_ORBAX_LOGGER)
+    with held.lock:
+        if held.saves == 0:
+            logger.addFilter(held)
+        held.saves += 1
+    try:
+        yield held
+    finally:
+        with held.lock:
+            held.saves -= 1
+            if held.dropping:
+                held.records.clear()
+                held.dropping = False
+            release, last = held.records, held.saves == 0
+            if last:
+                held.records = []
+                logger.removeFilter(held)
+        for record in release if last else []:
+            record._dkd_released = True
+            logger.handle(record)
 
 
 def describe_error(e: BaseException) -> str:

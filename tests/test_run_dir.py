@@ -8,6 +8,7 @@ of the same config: same parameters bit for bit, same metrics.jsonl.
 import asyncio
 import errno
 import json
+import logging
 import os
 import platform
 import shutil
@@ -307,6 +308,102 @@ def test_only_the_abandoned_reads_of_a_failed_restore_are_silenced(monkeypatch):
     for u in (late, elsewhere, other):
         sys.unraisablehook(u)
     assert seen == [elsewhere, other]
+
+
+_FAILING_SAVE = """
+import resource, signal, sys
+import numpy as np
+from dkd_jax import checkpointing
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+ckpt = checkpointing.Checkpointer(sys.argv[1], max_to_keep=2)
+ckpt.save(1, {"w": np.zeros(3, np.float32)}, {"epoch": 0})
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+rng = np.random.default_rng(0)
+state = {f"w{i}": rng.standard_normal((64, 1024)).astype(np.float32) for i in range(4)}
+try:
+    ckpt.save(2, state, {"epoch": 1})
+except OSError as e:
+    print(f"{e.errno} {e.filename} {e.strerror}")
+print(ckpt.all_steps())
+"""
+
+
+def test_a_failed_write_in_a_save_is_one_os_error_and_nothing_else(tmp_path):
+    # A real failure inside tensorstore (a file size limit stands in for a full disk: both are
+    # a write(2) error, ENOSPC or EFBIG). orbax wraps it in a ValueError and logs it, with
+    # tracebacks, from its writer threads; abandoned writes print "Event loop is closed"
+    # tracebacks and, at exit, "Task exception was never retrieved" (hundreds of lines before
+    # and after the command line's one-line error, on a full disk in the demo).
+    directory = tmp_path / "checkpoints"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAILING_SAVE, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"{errno.EFBIG} {directory} {os.strerror(errno.EFBIG)}",
+        "[1]",  # the complete checkpoint is kept; the failed one is not a step
+    ]
+    assert proc.stderr == ""
+
+
+def test_orbax_errors_held_during_a_save_are_dropped_only_when_it_fails(monkeypatch):
+    logger = logging.getLogger("absl")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+
+    def record(msg, path="/site-packages/orbax/checkpoint/_src/futures/future.py"):
+        return logger.makeRecord("absl", logging.ERROR, path, 1, msg, (), None)
+
+    try:
+        with checkpointing._orbax_errors_held():  # a save that succeeds: logged as before
+            logger.handle(record("kept"))
+            logger.handle(record("not orbax", path="/elsewhere/mine.py"))
+            assert [r.msg for r in seen] == ["not orbax"]
+        assert [r.msg for r in seen] == ["not orbax", "kept"]
+        seen.clear()
+        with checkpointing._orbax_errors_held() as outer:  # two concurrent saves
+            with checkpointing._orbax_errors_held() as inner:
+                logger.handle(record("the failed save's"))
+                inner.drop()  # it raised an OSError that says it
+            logger.handle(record("the other save's"))
+            assert seen == []
+        assert [r.msg for r in seen] == ["the other save's"]
+        assert outer.saves == 0 and not logger.filters
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_abandoned_write_reports_are_the_only_asyncio_records_dropped():
+    def report(exc_text, path):
+        try:
+            exec(compile("raise ValueError(text)", path, "exec"), {"text": exc_text})
+        except ValueError as e:
+            exc = e
+        return logging.LogRecord(
+            "asyncio",
+            logging.ERROR,
+            path,
+            1,
+            "Task exception was never retrieved\nfuture: x",
+            (),
+            (ValueError, exc, exc.__traceback__),
+        )
+
+    code = "RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']"
+    orbax = "/site-packages/orbax/checkpoint/_src/serialization/type_handlers.py"
+    assert not checkpointing._abandoned_write_filter(report(code, orbax))
+    assert checkpointing._abandoned_write_filter(report(code, "/elsewhere/mine.py"))
+    assert checkpointing._abandoned_write_filter(report("another error", orbax))
+    other = logging.LogRecord("asyncio", logging.ERROR, orbax, 1, "slow callback", (), None)
+    assert checkpointing._abandoned_write_filter(other)
 
 
 # --------------------------------------------------------------------------------------------
