@@ -174,6 +174,23 @@ def _print_result(summary: dict, exp_dir: Path) -> None:
         "tensorboard/"
     )
     print(f"      TensorBoard: tensorboard --logdir {exp_dir}")
+    for line in _next_steps(summary, exp_dir):
+        print(f"      {line}")
+
+
+def _next_steps(summary: dict, exp_dir: Path) -> list[str]:
+    """What to try next with the distilled student (the first DKD run of the demo)."""
+    dkd = [r["workdir"] for r in summary["runs"] if r["model"] == "dkd"]
+    if not dkd:
+        return []
+    run = exp_dir / dkd[0]
+    return [
+        "next:",
+        f"  predict audio files: python eval.py predict --workdir {run} a.wav b.wav",
+        f"  export the student:  python -m dkd_jax.export --workdir {run} --out student_onnx",
+        "                       then python eval.py predict --model student_onnx --stream a.wav",
+        "  your own corpus:     README, 'Bringing your own corpus' (a CSV manifest)",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

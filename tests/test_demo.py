@@ -28,6 +28,10 @@ def test_demo_stages_and_resume(tmp_path, capsys):
     for model in ("teacher", "student_dkd", "student_ce"):
         assert (exp_dir / "fold0-seed0" / model / run_dir.RESULTS_FILE).exists()
     assert (exp_dir / "confusion_dkd.png").exists()
+    # The closing lines point at the distilled student's run, which exists.
+    student = exp_dir / "fold0-seed0" / "student_dkd"
+    assert f"python eval.py predict --workdir {student} a.wav" in text
+    assert f"python -m dkd_jax.export --workdir {student} --out student_onnx" in text
     # Second run: corpus, prep and the finished fold are reused, nothing retrains.
     again = demo.run_demo(out, folds=(0,), progress=False, corpus_size="tiny", preset="tiny")
     text = capsys.readouterr().out
