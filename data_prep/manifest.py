@@ -27,6 +27,9 @@ skipped and listed with the row they repeat). Two rows with the same utterance i
 error naming both rows, and so is a speaker in two sessions (leave-one-session-out would test on
 a speaker it trained on).
 
+Audio files in the folders of the rows' files that no row names get a warning (counted, the
+first few named): a manifest that misses recordings would otherwise train on less, silently.
+
 The file must be UTF-8 text (a byte-order mark is fine); a field holding a line break, which
 is almost always a quote that is never closed and would swallow the rows after it, is an error
 naming the line. Messages give manifest line numbers, blank lines counted.
@@ -46,7 +49,15 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 
-from data_prep.sources import PrepError, Scan, Utterance, classes_list, skip_entry
+from data_prep.sources import (
+    AUDIO_EXTENSIONS,
+    PrepError,
+    Scan,
+    Utterance,
+    classes_list,
+    printable,
+    skip_entry,
+)
 
 REQUIRED_COLUMNS = ("path", "label", "speaker")
 OPTIONAL_COLUMNS = ("session", "gender", "utterance_id")
@@ -412,6 +423,38 @@ def _warn_case_twins(manifest: str, rows: list[_Row]) -> None:
         )
 
 
+def _warn_unlisted_audio(manifest: str, listed: set[str]) -> None:
+    """Audio files in the folders of the manifest's rows that no row names (whatever its label).
+
+    A manifest made from an older listing, or cut off while being written, drops recordings
+    without a word: the corpus looks complete and trains on less. Only the folders that hold a
+    listed file are looked at (never a whole tree), and only audio that data_prep reads."""
+    unlisted = []
+    for folder in sorted({os.path.dirname(p) for p in listed}):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue  # the rows' own files then fail with their reason
+        for name in names:
+            full = os.path.join(folder, name)
+            if name.startswith(".") or not name.lower().endswith(AUDIO_EXTENSIONS):
+                continue
+            if full not in listed and os.path.isfile(full):
+                unlisted.append(full)
+    if unlisted:
+        base = os.path.dirname(manifest)
+        shown = ", ".join(printable(os.path.relpath(p, base)) for p in unlisted[:_MAX_LISTED])
+        more = f" and {len(unlisted) - _MAX_LISTED} more" if len(unlisted) > _MAX_LISTED else ""
+        log.warning(
+            "warning: %s: %d audio file(s) beside the listed ones are in no row (%s%s) and are "
+            "not prepared; add them to the manifest if they belong to the corpus",
+            manifest,
+            len(unlisted),
+            shown,
+            more,
+        )
+
+
 def _check_speaker_sessions(manifest: str, rows: list[_Row]) -> None:
     """Every speaker in one session: leave-one-session-out must never test on a speaker it
     trained on (an empty session cell means the speaker's own id, which another row of the
@@ -482,8 +525,9 @@ def scan_csv(
     mapping = parse_label_map(label_map)
     exclude = parse_label_list(exclude_labels)
     _check_label_options(mapping, exclude, classes)
+    raw = list(_read_rows(manifest))
     rows, skipped, excluded = _resolve_labels(
-        manifest, _read_rows(manifest), classes, mapping, set(exclude), ignore_unknown_labels
+        manifest, raw, classes, mapping, set(exclude), ignore_unknown_labels
     )
     rows, pairs, more_skipped = _find_duplicates(manifest, rows)
     skipped += more_skipped
@@ -496,6 +540,7 @@ def scan_csv(
     _check_ids(manifest, rows)
     _check_speaker_sessions(manifest, rows)
     _warn_case_twins(manifest, rows)
+    _warn_unlisted_audio(manifest, {row["full"] for _, row in raw if row["path"]})
     utterances = [
         Utterance(
             utterance_id=r.utterance_id,

@@ -139,7 +139,8 @@ _EMODB_NAME = re.compile(r"^(\d\d)([a-z]\d\d)([A-Z])([a-z])$")
 _LABEL_LINE = re.compile(
     r"^\[\s*(\d+(?:\.\d*)?)\s*-\s*(\d+(?:\.\d*)?)\s*\]\s+(\S+)\s+(\S+)\s+\[([^\]]*)\]\s*$"
 )
-_AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+"""Audio file name endings that the corpus readers take (any letter case)."""
 
 
 def _hidden(name: str) -> bool:

@@ -388,6 +388,28 @@ def test_speaker_ids_differing_only_in_case_are_warned_about(tmp_path, caplog):
     ]
 
 
+def test_audio_files_that_no_row_names_are_warned_about(tmp_path, caplog):
+    files = {f"a/{i}.wav": 2.1 for i in range(8)} | {"a/x.FLAC": 2.1, "b/y.ogg": 2.1}
+    rows = [("a/0.wav", "sad", "s1"), ("a/1.wav", "fear", "s1"), ("b/../a/2.wav", "angry", "s2")]
+    path = _write(tmp_path / "c", rows, files)
+    (tmp_path / "c" / "a" / "._3.wav").write_bytes(b"AppleDouble")  # hidden: not audio
+    (tmp_path / "c" / "a" / "notes.txt").write_text("not audio")
+    (tmp_path / "c" / "a" / "sub.wav").mkdir()  # a folder named like audio
+    with caplog.at_level("WARNING", logger="data_prep"):
+        scan = manifest.scan_csv(path, exclude_labels="fear")
+    assert len(scan.utterances) == 2 and scan.excluded == {"label:fear": 1}  # listed: not warned
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: 6 audio file(s) beside the listed ones are in no row (a/3.wav, "
+        "a/4.wav, a/5.wav, a/6.wav, a/7.wav and 1 more) and are not prepared; add them to the "
+        "manifest if they belong to the corpus"
+    ]  # b/ holds no listed file: never looked at (nor the manifest's whole tree)
+    caplog.clear()
+    complete = [(f"a/{i}.wav", "sad", "s1") for i in range(8)] + [("a/x.FLAC", "sad", "s1")]
+    with caplog.at_level("WARNING", logger="data_prep"):
+        manifest.scan_csv(_write(tmp_path / "c", complete))
+    assert caplog.records == []
+
+
 def test_a_wav_cut_short_of_its_header_is_kept_and_said(tmp_path):
     files = {"a.wav": 2.1, "b.wav": 2.6}
     path = _write(tmp_path / "c", [("a.wav", "sad", "x"), ("b.wav", "angry", "y")], files)
