@@ -190,6 +190,21 @@ FEATURE_PRESETS: dict[str, FeatureConfig] = {
 # --------------------------------------------------------------------------------------------
 
 
+def check_audio_path(path: str | os.PathLike) -> None:
+    """Raises :class:`AudioError` for what libsndfile would report badly: a missing or
+    unreadable path ("System error"), a folder or an empty file ("Format not recognised")."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise AudioError(path, f"cannot open file ({e.strerror or e})", "unreadable") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise AudioError(path, "is a folder, not an audio file", "unreadable")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        raise AudioError(path, "file is empty (0 bytes)", "empty")
+
+
 def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
     """Reads an audio file as mono float32 at ``sample_rate``.
 
@@ -211,11 +226,7 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
     import soundfile as sf
 
     path = os.fspath(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise AudioError(path, "file is empty (0 bytes)", "empty")
-    except OSError as e:
-        raise AudioError(path, f"cannot open file ({e.strerror or e})", "unreadable") from None
+    check_audio_path(path)
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError

@@ -363,6 +363,10 @@ def file_blocks(
 
     path = os.fspath(path)
     try:
+        audio.check_audio_path(path)
+    except audio.AudioError as e:
+        raise DeployError(str(e)) from None
+    try:
         f = sf.SoundFile(path)
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError
         raise DeployError(f"{path}: not a readable audio file ({e})") from None

@@ -109,6 +109,23 @@ def test_stream_rejects_empty_and_finished_streams():
         fe.push(np.zeros(10, np.float32))
 
 
+def test_file_paths_that_are_no_audio_are_named_like_the_whole_file_path(tmp_path):
+    # libsndfile says "System error" for a missing file and "Format not recognised" for a
+    # folder or an empty file; streaming used to pass that on, predicting whole files did not.
+    (tmp_path / "empty.wav").write_bytes(b"")
+    cases = {
+        tmp_path / "missing.wav": "cannot open file (No such file or directory)",
+        tmp_path: "is a folder, not an audio file",
+        tmp_path / "empty.wav": "file is empty (0 bytes)",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(deploy.DeployError) as streamed:
+            next(streaming.file_blocks(path, sample_rate=16000))
+        with pytest.raises(audio.AudioError) as whole:
+            audio.load_audio(path, sample_rate=16000)
+        assert str(streamed.value) == str(whole.value) == f"{path}: {reason}"
+
+
 def test_stream_rejects_non_finite_stereo_and_a_zero_hop():
     fc = audio.FEATURE_PRESETS["logmel40"]
     fe = streaming.StreamingFrontEnd(fc)
