@@ -470,7 +470,8 @@ def export_run(
 
     Args:
         workdir: a training workdir.
-        out_dir: the folder to write (created; must be empty unless ``overwrite``).
+        out_dir: the folder to write (created; new or empty, or holding an earlier export
+            to replace with ``overwrite``).
         step, best: which checkpoint (default: the latest).
         formats: any of ``FORMATS``.
         opset: ONNX opset.
@@ -481,7 +482,8 @@ def export_run(
         The ``model.json`` dict that was written.
 
     Raises:
-        ExportError: bad arguments, missing run files or extra, or a non-empty ``out_dir``.
+        ExportError: bad arguments, missing run files or extra, an ``out_dir`` that is a file
+            or holds other files, or an earlier export without ``overwrite``.
     """
     if int(opset) < MIN_OPSET:
         raise ExportError(f"--opset: jax2onnx 0.13 needs opset >= {MIN_OPSET}, got {opset}")
@@ -492,8 +494,7 @@ def export_run(
     if "onnx" in formats:
         _onnx_modules()  # fail before the slow part
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: not empty (pass --overwrite to replace an earlier export)")
+    _check_out_dir(out, overwrite=overwrite)
     run = restore(workdir, step=step, best=best)
     card = model_card(run, workdir, best=best)
     fn = inference_function(run.model, run.variables)
@@ -513,6 +514,22 @@ def export_run(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return card
+
+
+def _check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export with
+    ``overwrite``; never into a folder of other files (``--overwrite`` would mix them)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    if not out.exists() or not any(p.name != STAGE_DIR for p in out.iterdir()):
+        return  # new, empty, or left by an export that was stopped before its first file
+    if not (out / CARD_FILE).is_file():
+        raise ExportError(
+            f"{out}: not empty and holds no earlier export ({CARD_FILE} missing); choose an "
+            "empty or new folder"
+        )
+    if not overwrite:
+        raise ExportError(f"{out}: holds an earlier export (pass --overwrite to replace it)")
 
 
 def _write_formats(card, fn, shape, out: Path, formats, opset, reference, x) -> dict[str, Any]:

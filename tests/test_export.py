@@ -222,7 +222,7 @@ def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys, monkeyp
     assert export.main(argv) == 0
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.stablehlo"]
-    assert "not empty" in _one_error_line(capsys, export.main(argv))
+    assert "holds an earlier export (pass --overwrite" in _one_error_line(capsys, export.main(argv))
     (out / "model.onnx").write_bytes(b"stale")  # --overwrite leaves no stale file behind
     assert export.main([*argv, "--overwrite"]) == 0
     capsys.readouterr()
@@ -238,6 +238,19 @@ def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys, monkeyp
     assert err.endswith(f"{export.STAGE_DIR}/model.stablehlo: No space left on device")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no stage left
     monkeypatch.undo()
+    # A folder of other files is never written into, --overwrite or not; nor is a file.
+    other = tmp_path / "corpus"
+    other.mkdir()
+    (other / "a.wav").write_bytes(b"RIFF")
+    for extra in ([], ["--overwrite"]):
+        err = _one_error_line(capsys, export.main([*argv[:2], "--out", str(other), *extra]))
+        assert err.endswith(
+            f"{other}: not empty and holds no earlier export (model.json "
+            "missing); choose an empty or new folder"
+        )
+    assert [p.name for p in other.iterdir()] == ["a.wav"]
+    err = _one_error_line(capsys, export.main([*argv[:2], "--out", str(other / "a.wav")]))
+    assert err.endswith(f"{other / 'a.wav'}: exists and is not a folder")
     err = _one_error_line(capsys, export.main(["--workdir", str(tmp_path / "nope"), "--out", "x"]))
     assert "no such run directory" in err
     bad = ["--workdir", str(run_dir), "--out", str(tmp_path / "o2")]
