@@ -18,7 +18,11 @@ Complements ``bench/compare_torch.py`` (which times whole steps): every piece is
   computed in training: their input is the data), plus what ``conv_algorithm="taps"`` replaces
   (``dkd_jax.conv_taps``): ``jax_taps_forward`` of the one-channel first convolutions and
   ``jax_taps_dw`` of the 3×3 stages; ``conv_totals_ms`` sums them per side;
-* ``*_taps``: the student pieces with ``conv_algorithm="taps"``, against the same PyTorch code.
+* ``*_taps``: the student pieces with ``conv_algorithm="taps"``, against the same PyTorch code;
+* ``bn_*_relu_*``: BatchNorm in training mode + ReLU, forward and backward, on each
+  convolution's output shape; ``bn_relu_totals_ms`` sums them per side.
+
+``--pieces`` picks some of ``student``, ``pools``, ``convs``, ``bn`` (default all).
 
 The thread budget is fixed before JAX/PyTorch are imported, as in ``compare_torch.py``: with
 ``--threads`` below the cores available the process is pinned to that many cores, and one thread
@@ -26,6 +30,7 @@ adds ``--xla_cpu_multi_thread_eigen=false`` (``--xla-flags`` appends flags to tr
 Prints JSON; writes it only with ``--out``.
 
   python bench/step_breakdown.py --threads 1 --shape 26x63 --batch 256
+  python bench/step_breakdown.py --threads 1 --shape 40x200 --batch 256 --pieces bn
 """
 
 from __future__ import annotations
@@ -314,6 +319,72 @@ def _conv_pieces(shape, batch):
     return out
 
 
+def _bn_relu_pieces(shape, batch):
+    """BatchNorm (training mode: batch statistics, running averages updated) + ReLU, forward
+    and backward (input, scale and bias gradients), on every convolution's output shape, as the
+    trunk computes it after each convolution: JAX (``flax.linen.BatchNorm``, as ``models``
+    builds it) against PyTorch (``F.batch_norm(training=True)``)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from dkd_jax import models
+
+    hw = _first_conv_output(shape)
+    maps = [(f"bn_{name}", hw, models.FIRST_CONV_CHANNELS) for name in models.FIRST_CONVS]
+    for name, features, pool in models.STAGES:
+        maps.append((f"bn_{name}", hw, features))
+        hw = (hw[0] // 2, hw[1] // 2) if pool else hw
+    rng = np.random.default_rng(3)
+    out = {}
+    for name, (h, w), c in maps:
+        x = rng.normal(size=(batch, h, w, c)).astype(np.float32)
+        g = (0.01 * rng.normal(size=x.shape)).astype(np.float32)
+        bn = nn.BatchNorm(
+            use_running_average=False, momentum=models._BN_MOMENTUM, epsilon=models._BN_EPSILON
+        )
+        variables = bn.init(jax.random.key(0), jnp.zeros((1, h, w, c)))
+
+        def loss(p, x, g, bn=bn, stats=variables["batch_stats"]):
+            y, updated = bn.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+            return (nn.relu(y) * g).sum(), updated
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+        args = (variables["params"], jnp.asarray(x), jnp.asarray(g))
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).requires_grad_(True)
+        gt = torch.from_numpy(np.ascontiguousarray(g.transpose(0, 3, 1, 2)))
+        weight = torch.ones(c, requires_grad=True)
+        bias = torch.zeros(c, requires_grad=True)
+        mean, var = torch.zeros(c), torch.ones(c)
+
+        def torch_grad(xt=xt, gt=gt, weight=weight, bias=bias, mean=mean, var=var):
+            y = F.batch_norm(
+                xt, mean, var, weight, bias, True, 1 - models._BN_MOMENTUM, models._BN_EPSILON
+            )
+            (F.relu(y) * gt).sum().backward()
+            xt.grad = weight.grad = bias.grad = None
+
+        out[f"{name}_relu_{h}x{w}x{c}"] = {
+            "jax": lambda f=grad, a=args: jax.block_until_ready(f(*a)),
+            "torch": torch_grad,
+        }
+    return out
+
+
+PIECES = ("student", "pools", "convs", "bn")
+
+
+def _pieces_arg(text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",")]
+    unknown = sorted(set(parts) - set(PIECES))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(PIECES)}, got {text!r}")
+    return [part for part in PIECES if part in parts]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -321,6 +392,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=5, help="timed calls per piece (median)")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX side")
+    p.add_argument(
+        "--pieces",
+        type=_pieces_arg,
+        default=list(PIECES),
+        help=f"which pieces to time, comma-separated (default all: {','.join(PIECES)})",
+    )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     shape = args.shape
@@ -344,15 +421,27 @@ def main(argv=None) -> int:
         "load_before": list(os.getloadavg()),
         "pieces_ms": {},
     }
-    for name, (jax_fn, torch_fn) in _student_pieces(shape, args.batch).items():
-        j, t = _median_ms(jax_fn, args.iters), _median_ms(torch_fn, args.iters)
-        report["pieces_ms"][name] = {"jax": j, "torch": t, "torch_over_jax": round(t / j, 3)}
-        print(f"{name}: jax {j} ms, torch {t} ms", file=sys.stderr, flush=True)
-    pieces = {**_pool_pieces(shape, args.batch), **_conv_pieces(shape, args.batch)}
+    report["pieces"] = args.pieces
+    if "student" in args.pieces:
+        for name, (jax_fn, torch_fn) in _student_pieces(shape, args.batch).items():
+            j, t = _median_ms(jax_fn, args.iters), _median_ms(torch_fn, args.iters)
+            report["pieces_ms"][name] = {"jax": j, "torch": t, "torch_over_jax": round(t / j, 3)}
+            print(f"{name}: jax {j} ms, torch {t} ms", file=sys.stderr, flush=True)
+    builders = {"pools": _pool_pieces, "convs": _conv_pieces, "bn": _bn_relu_pieces}
+    pieces = {}
+    for part, build in builders.items():
+        if part in args.pieces:
+            pieces.update(build(shape, args.batch))
     for name, variants in pieces.items():
         report["pieces_ms"][name] = {k: _median_ms(fn, args.iters) for k, fn in variants.items()}
         print(f"{name}: {report['pieces_ms'][name]}", file=sys.stderr, flush=True)
-    report["conv_totals_ms"] = _conv_totals(report["pieces_ms"])
+    if "convs" in args.pieces:
+        report["conv_totals_ms"] = _conv_totals(report["pieces_ms"])
+    if "bn" in args.pieces:
+        bn = [v for k, v in report["pieces_ms"].items() if k.startswith("bn_")]
+        report["bn_relu_totals_ms"] = {
+            side: round(sum(v[side] for v in bn), 2) for side in ("jax", "torch")
+        }
     report["load_after"] = list(os.getloadavg())
     return benchjson.emit(report, args.out)
 

@@ -8,6 +8,7 @@ checks that each ``module.name`` it uses on a ``dkd_jax`` / ``data_prep`` module
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import importlib.util
@@ -176,6 +177,14 @@ def test_step_breakdown_appends_the_flags_to_try(threads, env_flags, extra, expe
     module._pin(threads, extra)
     assert module.os.environ["XLA_FLAGS"] == expected
     assert pinned == ([[0]] if threads == 1 else [])
+
+
+def test_step_breakdown_pieces_are_picked_by_name(monkeypatch):
+    module = _bench("step_breakdown", monkeypatch)
+    assert module._pieces_arg("bn, convs") == ["convs", "bn"]  # in the report's order
+    for bad in ("bn,attention", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="choose from student,pools"):
+            module._pieces_arg(bad)
 
 
 def test_cpu_flags_reports_speed_and_bits_against_the_default(monkeypatch, capsys):
