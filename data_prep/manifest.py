@@ -55,6 +55,7 @@ from data_prep.sources import (
     Scan,
     Utterance,
     classes_list,
+    hidden,
     printable,
     skip_entry,
 )
@@ -437,7 +438,7 @@ def _warn_unlisted_audio(manifest: str, listed: set[str]) -> None:
             continue  # the rows' own files then fail with their reason
         for name in names:
             full = os.path.join(folder, name)
-            if name.startswith(".") or not name.lower().endswith(AUDIO_EXTENSIONS):
+            if hidden(name) or not name.lower().endswith(AUDIO_EXTENSIONS):
                 continue
             if full not in listed and os.path.isfile(full):
                 unlisted.append(full)

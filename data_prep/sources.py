@@ -143,7 +143,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 """Audio file name endings that the corpus readers take (any letter case)."""
 
 
-def _hidden(name: str) -> bool:
+def hidden(name: str) -> bool:
     """AppleDouble (``._x``) and other dot files."""
     return name.startswith(".")
 
@@ -344,7 +344,7 @@ class _IemocapReader:
         label_files = sorted(
             n
             for n in os.listdir(emo_dir)
-            if n.endswith(".txt") and not _hidden(n) and os.path.isfile(os.path.join(emo_dir, n))
+            if n.endswith(".txt") and not hidden(n) and os.path.isfile(os.path.join(emo_dir, n))
         )
         for name in label_files:
             entries, bad = parse_emo_evaluation(os.path.join(emo_dir, name))
@@ -427,10 +427,10 @@ class _IemocapReader:
             return
         for dialog in sorted(os.listdir(wav_root)):
             ddir = os.path.join(wav_root, dialog)
-            if _hidden(dialog) or not os.path.isdir(ddir):
+            if hidden(dialog) or not os.path.isdir(ddir):
                 continue
             for name in sorted(os.listdir(ddir)):
-                if _hidden(name) or not name.lower().endswith(".wav"):
+                if hidden(name) or not name.lower().endswith(".wav"):
                     continue
                 if name[:-4] not in self.labelled:
                     self.skipped.append(
@@ -454,10 +454,10 @@ def _emodb_subfolder_wavs(root: str, folder: str) -> list[dict]:
     counted and named."""
     out = []
     for dirpath, dirnames, files in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not hidden(d))
         if dirpath == folder:
             continue
-        for name in sorted(f for f in files if f.lower().endswith(".wav") and not _hidden(f)):
+        for name in sorted(f for f in files if f.lower().endswith(".wav") and not hidden(f)):
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             out.append(
                 skip_entry(rel, "subfolder", f"in a subfolder: EmoDB is read from {folder} only")
@@ -488,9 +488,7 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
         raise PrepError(f"classes {unknown} are not EmoDB emotions; choose from {sorted(known)}")
 
     def wavs(folder):
-        return sorted(
-            n for n in os.listdir(folder) if n.lower().endswith(".wav") and not _hidden(n)
-        )
+        return sorted(n for n in os.listdir(folder) if n.lower().endswith(".wav") and not hidden(n))
 
     folder = root
     if not wavs(folder) and os.path.isdir(os.path.join(root, "wav")):

@@ -37,6 +37,7 @@ import functools
 import math
 import os
 import re
+import stat
 from typing import Any
 
 import numpy as np
@@ -193,8 +194,6 @@ FEATURE_PRESETS: dict[str, FeatureConfig] = {
 def check_audio_path(path: str | os.PathLike) -> None:
     """Raises :class:`AudioError` for what libsndfile would report badly: a missing or
     unreadable path ("System error"), a folder or an empty file ("Format not recognised")."""
-    import stat
-
     try:
         info = os.stat(path)
     except OSError as e:

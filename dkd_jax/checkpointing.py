@@ -268,11 +268,11 @@ def _orbax_errors_held():
             if held.dropping:
                 held.records.clear()
                 held.dropping = False
-            release, last = held.records, held.saves == 0
-            if last:
-                held.records = []
+            release = []
+            if held.saves == 0:  # the last save out logs what no failed save accounted for
+                release, held.records = held.records, []
                 logger.removeFilter(held)
-        for record in release if last else []:
+        for record in release:
             record._dkd_released = True
             logger.handle(record)
 
