@@ -53,6 +53,11 @@ _STAGES += (("conv5", 64, 80, False),)
 _BN_MOMENTUM = 0.1
 _BN_EPS = 1e-5
 
+#: Names the forward's pieces for ``torch.profiler`` (``bench/profile_step.py``), with the
+#: names that dkd-jax's HLO metadata gives the same pieces. Outside a profile a scope costs
+#: about a microsecond; 20 per forward against steps of milliseconds.
+_scope = torch.profiler.record_function
+
 
 class TorchMACNN(nn.Module):
     """Head-fusion MACNN in PyTorch (NCHW).
@@ -78,23 +83,34 @@ class TorchMACNN(nn.Module):
         self.classifier = nn.Linear(hidden, num_classes)
 
     def _block(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        bn = getattr(self, "bn" + name[4:])
-        return F.relu(bn(getattr(self, name)(x)))
+        bn_name = "bn" + name[4:]
+        with _scope(name):
+            x = getattr(self, name)(x)
+        with _scope(bn_name):
+            x = getattr(self, bn_name)(x)
+        with _scope("relu"):
+            return F.relu(x)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``[batch, freq, time]`` features → ``[batch, num_classes]`` logits."""
         x = features.unsqueeze(1)
-        x = torch.cat([self._block(x, "conv1a"), self._block(x, "conv1b")], dim=1)
+        first = [self._block(x, "conv1a"), self._block(x, "conv1b")]
+        with _scope("concatenate"):
+            x = torch.cat(first, dim=1)
         for name, _, _, pool in _STAGES:
             x = self._block(x, name)
             if pool:
-                x = F.max_pool2d(x, 2)
+                with _scope("max_pool"):
+                    x = F.max_pool2d(x, 2)
         b, _, h, w = x.shape
         shape = (b, self.heads, self.hidden, h, w)
-        q, k, v = (proj(x).view(shape) for proj in (self.query, self.key, self.value))
-        heads = torch.softmax(q * k, dim=2) * v
-        embedding = F.relu(heads).mean(dim=(1, 3, 4))
-        return self.classifier(embedding)
+        with _scope("head_fusion"):
+            q, k, v = (proj(x).view(shape) for proj in (self.query, self.key, self.value))
+            heads = torch.softmax(q * k, dim=2) * v
+        with _scope("embedding"):
+            embedding = F.relu(heads).mean(dim=(1, 3, 4))
+        with _scope("classifier"):
+            return self.classifier(embedding)
 
 
 def build(preset: str, num_classes: int = 4) -> TorchMACNN:
@@ -240,7 +256,9 @@ def make_optimizer(model: nn.Module, *, lr=1e-3, weight_decay=1e-6, b1=0.9, b2=0
 def ce_step(model, optimizer, features, labels) -> torch.Tensor:
     """One cross-entropy training step (train-mode BatchNorm); returns the detached mean loss."""
     model.train()
-    loss = F.cross_entropy(model(features), labels)
+    logits = model(features)
+    with _scope("loss"):
+        loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -393,10 +393,11 @@ class MACNN(nn.Module):
                 # settings, a CPU speed choice, take the strided-slice pool in inference too
                 # (faster on CPU: bench/conv_algorithms.py --op inference).
                 fast_pool = train or self.conv_algorithm != "xla"
-                if fast_pool and jax.default_backend() == "cpu":
-                    x = max_pool_2x2(x)
-                else:
-                    x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+                with jax.named_scope("max_pool"):  # names the ops in profiles (no numerics)
+                    if fast_pool and jax.default_backend() == "cpu":
+                        x = max_pool_2x2(x)
+                    else:
+                        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
 
         if self.attention == "head_fusion":
             heads = HeadFusionAttention(
@@ -408,7 +409,8 @@ class MACNN(nn.Module):
             )(x)
             # Concatenating the heads along height, ReLU and global average pooling == the mean
             # over heads and positions of ReLU(O_i): one reduction over (H, W, heads).
-            embedding = jnp.mean(nn.relu(heads).astype(jnp.float32), axis=(1, 2, 3))
+            with jax.named_scope("embedding"):
+                embedding = jnp.mean(nn.relu(heads).astype(jnp.float32), axis=(1, 2, 3))
         else:
             features = self.attention_heads * self.attention_hidden
             kernel_init, bias_init = layer_initializers(self.init_scheme, x.shape[-1])
