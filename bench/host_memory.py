@@ -12,6 +12,8 @@ is then the logits' sum).
   python bench/host_memory.py                     # teacher and student, batch 32, 26x63 MFCC
   python bench/host_memory.py --models student --op inference --steps 100
   python bench/host_memory.py --models teacher --batch 256 --out bench/results/x.json
+  python bench/host_memory.py --models student --batch 256 --shape 40x200 --steps 3 \
+      --settings trim1g,configured   # the trim threshold: 1 GiB (before) against off (now)
 
 Prints JSON (medians per model and setting, the ratios, the load average); writes it only with
 ``--out``.
@@ -32,7 +34,10 @@ from pathlib import Path
 import benchjson  # bench/ (this script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ("default", "configured")
+#: ``--settings`` choices: glibc's defaults, ``host_memory.configure()``, and that with the
+#: 1 GiB trim threshold it had before trimming was turned off (to measure that change).
+SETTINGS = ("default", "configured", "trim1g")
+_TRIM_1G = 1 << 30
 
 
 def child(model_name: str, batch: int, shape: tuple[int, int], steps: int, op: str) -> dict:
@@ -43,6 +48,13 @@ def child(model_name: str, batch: int, shape: tuple[int, int], steps: int, op: s
     from dkd_jax import host_memory
 
     state = host_memory.configure()  # DKD_JAX_MALLOC=default makes this a no-op
+    if os.environ.get("BENCH_TRIM_THRESHOLD"):  # the "trim1g" setting
+        import ctypes
+
+        value = int(os.environ["BENCH_TRIM_THRESHOLD"])
+        if ctypes.CDLL(None).mallopt(-1, value) != 1:  # M_TRIM_THRESHOLD
+            sys.exit("bench/host_memory.py: mallopt(M_TRIM_THRESHOLD) refused")
+        state = {**state, "settings": {**state["settings"], "M_TRIM_THRESHOLD": value}}
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,17 +121,20 @@ def _run_child(setting: str, model: str, args) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every child compiles
+    env.pop("BENCH_TRIM_THRESHOLD", None)
     if setting == "default":
         env["DKD_JAX_MALLOC"] = "default"
     else:
         env.pop("DKD_JAX_MALLOC", None)
+    if setting == "trim1g":
+        env["BENCH_TRIM_THRESHOLD"] = str(_TRIM_1G)
     cmd = [sys.executable, __file__, "--child", model, "--batch", str(args.batch)]
     cmd += ["--shape", "x".join(map(str, args.shape)), "--steps", str(args.steps), "--op", args.op]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"bench/host_memory.py: the {setting} child failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if result["host_memory"]["applied"] != (setting == "configured"):
+    if result["host_memory"]["applied"] != (setting != "default"):
         sys.exit(f"bench/host_memory.py: {setting} child: {result['host_memory']} (glibc only)")
     return result
 
@@ -131,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", type=benchjson.shape_arg, default=(26, 63), help="freq x time")
     p.add_argument("--steps", type=int, default=30, help="timed steps per child")
     p.add_argument("--op", choices=("train", "inference"), default="train", help="what a step is")
-    p.add_argument("--rounds", type=int, default=3, help="default/configured pairs per model")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model")
+    p.add_argument(
+        "--settings",
+        default="default,configured",
+        help=f"allocator settings to compare, the first is the baseline (of {', '.join(SETTINGS)})",
+    )
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--child", dest="child_model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = args.shape
+    settings = [s for s in args.settings.split(",") if s]
+    if len(settings) < 2 or len(set(settings)) != len(settings) or set(settings) - set(SETTINGS):
+        p.error(f"--settings: two or more different names of {', '.join(SETTINGS)}")
     if args.child_model:
         print(json.dumps(child(args.child_model, args.batch, shape, args.steps, args.op)))
         return 0
@@ -147,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         "shape": list(shape),
         "steps": args.steps,
         "rounds": args.rounds,
+        "settings": settings,
         "cpu_count": os.cpu_count(),
         "load_before": list(os.getloadavg()),
         "models": {},
     }
     for name in [m for m in args.models.split(",") if m]:
-        runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+        runs: dict[str, list[dict]] = {s: [] for s in settings}
         for r in range(args.rounds):
-            for setting in SETTINGS:  # interleaved: default, configured, default, ...
+            for setting in settings:  # interleaved: default, configured, default, ...
                 runs[setting].append(_run_child(setting, name, args))
                 print(f"{name} round {r + 1} {setting}: {runs[setting][-1]}", file=sys.stderr)
         medians = {
@@ -169,17 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                     "max_rss_mib",
                 )
             }
-            for s in SETTINGS
+            for s in settings
         }
-        losses = {run["last_loss"] for s in SETTINGS for run in runs[s]}
+        losses = {run["last_loss"] for s in settings for run in runs[s]}
+        base, other = settings[0], settings[1]
         report["models"][name] = {
             "median": medians,
-            "speedup_step": round(
-                medians["default"]["step_ms"] / medians["configured"]["step_ms"], 3
-            ),
-            "speedup_compile": round(
-                medians["default"]["compile_s"] / medians["configured"]["compile_s"], 3
-            ),
+            # the first setting's median over the second's (> 1: the second is faster)
+            "speedup_step": round(medians[base]["step_ms"] / medians[other]["step_ms"], 3),
+            "speedup_compile": round(medians[base]["compile_s"] / medians[other]["compile_s"], 3),
             "identical_last_loss": len(losses) == 1,
             "runs": runs,
         }

@@ -317,3 +317,23 @@ def test_cpu_model_names_the_cpu_and_its_vector_extensions(tmp_path, monkeypatch
     assert benchjson.cpu_model(str(info)) == "Some ARM core"
     missing = benchjson.cpu_model(str(tmp_path / "absent"))
     assert missing and "(" not in missing  # platform's name, without extensions
+
+
+@pytest.mark.parametrize(
+    "setting, malloc, trim",
+    [("default", "default", None), ("configured", None, None), ("trim1g", None, str(1 << 30))],
+)
+def test_host_memory_children_get_their_allocator_setting(setting, malloc, trim, monkeypatch):
+    module = _bench("host_memory", monkeypatch)
+    seen = {}
+
+    def fake_run(cmd, *, env, **_):
+        seen.update(env)
+        line = json.dumps({"host_memory": {"applied": setting != "default"}})
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"{line}\n")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    monkeypatch.setenv("BENCH_TRIM_THRESHOLD", "123")  # a stray value never leaks to a child
+    args = argparse.Namespace(batch=4, shape=(26, 63), steps=1, op="train")
+    module._run_child(setting, "student", args)
+    assert seen.get("DKD_JAX_MALLOC") == malloc and seen.get("BENCH_TRIM_THRESHOLD") == trim

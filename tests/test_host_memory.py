@@ -33,7 +33,7 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-size = 64 << 20
+size = int(sys.argv[2]) << 20
 faults = []
 for _ in range(2):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -45,12 +45,12 @@ print(json.dumps({"state": state, "faults": faults}))
 """
 
 
-def _child(env_value):
+def _child(env_value, mib=64):
     env = {"PATH": "/usr/bin:/bin"}
     if env_value is not None:
         env["DKD_JAX_MALLOC"] = env_value
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(ROOT)],
+        [sys.executable, "-c", _CHILD, str(ROOT), str(mib)],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -67,7 +67,7 @@ def test_configured_process_reuses_a_large_freed_block_without_faulting_it_again
     assert configured["state"]["settings"] == {
         "M_ARENA_MAX": 1,
         "M_MMAP_MAX": 0,
-        "M_TRIM_THRESHOLD": host_memory.TRIM_THRESHOLD_BYTES,
+        "M_TRIM_THRESHOLD": -1,  # trimming off
     }
     first, second = configured["faults"]
     assert first >= 16  # the first use faults fresh memory in (16,384 pages; 32 huge pages)
@@ -77,6 +77,26 @@ def test_configured_process_reuses_a_large_freed_block_without_faulting_it_again
     assert default["state"] == {"applied": False, "reason": "DKD_JAX_MALLOC=default"}
     first, second = default["faults"]
     assert first >= 16 and second >= first // 2  # glibc's default: mmap'ed, unmapped, again
+
+
+def _available_mib():
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.skipif(_available_mib() < 4096, reason="needs 4 GiB of free memory")
+def test_a_block_larger_than_a_gibibyte_is_not_faulted_in_again():
+    """A training step's buffers at batch 256 on 40×200 exceed 1 GiB; the trim threshold that
+    was 1 GiB let glibc unmap such a block on free, and every step faulted it in again."""
+    first, second = _child(None, mib=1280)["faults"]
+    assert first >= 320  # 327,680 pages; 640 huge pages
+    assert second <= first // 10
 
 
 class _Called(Exception):
