@@ -425,13 +425,10 @@ def kernel_shapes(variables) -> dict[tuple[int, ...], str]:
     }
 
 
-def _median_ms(run, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return round(1e3 * statistics.median(times), 1)
+def _step_ms(run) -> float:
+    t0 = time.perf_counter()
+    run()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def run(args, threads: dict, dump_dir: str) -> dict:
@@ -453,8 +450,8 @@ def run(args, threads: dict, dump_dir: str) -> dict:
     # ones: the first steps of a process may still be growing its heap).
     plain = {"ours": [], "theirs": []}
     for _ in range(args.steps):
-        plain["ours"].append(_median_ms(ours.run, 1))
-        plain["theirs"].append(_median_ms(theirs.run, 1))
+        plain["ours"].append(_step_ms(ours.run))
+        plain["theirs"].append(_step_ms(theirs.run))
     report = {
         "benchmark": f"bench/{PROG}.py",
         "op": args.op,
@@ -465,8 +462,8 @@ def run(args, threads: dict, dump_dir: str) -> dict:
         "threads": threads,
         "cpu": benchjson.cpu_model(),
         "step_ms": {
-            "ours_unprofiled_median": statistics.median(plain["ours"]),
-            "theirs_unprofiled_median": statistics.median(plain["theirs"]),
+            "ours_unprofiled_median": round(statistics.median(plain["ours"]), 1),
+            "theirs_unprofiled_median": round(statistics.median(plain["theirs"]), 1),
             "ours_profiled": mine["profiled_step_ms"],
             "theirs_profiled": yours["profiled_step_ms"],
         },
