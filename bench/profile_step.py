@@ -16,9 +16,12 @@ the pieces add up to the step and include what only happens inside it (layout co
   metrics). XLA's layout pass drops the metadata of the convolutions it rewrites into kernel
   gradients: those are found by their fused convolution and the layer by their kernel's shape,
   and the batch-last copies that feed them (``transpose`` copies without metadata) are counted
-  as ``layout copies`` under ``backward``. A convolution's backward is split further into
-  ``dx`` (with the bias gradient) and ``dw`` (kernel gradient: a convolution with the kernel's
-  shape, with or without metadata, or the ``while`` loop of ``conv_algorithm="taps"``).
+  as ``layout copies`` under ``backward``. A fusion that spans layers counts under the layer of
+  its metadata (its root's): in inference XLA fuses the last BatchNorm, the attention and the
+  mean into one kernel, which then counts as ``embedding``. A convolution's backward is split
+  further into ``dx`` (with the bias gradient) and ``dw`` (kernel gradient: a convolution with
+  the kernel's shape, with or without metadata, or the ``while`` loop of
+  ``conv_algorithm="taps"``).
 * PyTorch: ``--steps`` calls under ``torch.profiler``; each op's self CPU time goes to the
   innermost named scope (``bench/torch_macnn.py`` names its forward's pieces with the same
   layer names), a backward op to the scope of the forward op that created it (autograd's
@@ -230,12 +233,14 @@ def _trace_events(trace_dir: str) -> list[tuple[str, float, float]]:
 
 
 def _step_module(dump_dir: str, names: set[str]) -> tuple[dict, dict, str]:
-    """The dumped optimized module whose instruction names cover the profiled events best."""
+    """The dumped optimized module whose instruction names cover the profiled events best; of
+    equals, the last compiled (XLA numbers its dumps in compile order: the model's ``init``
+    holds the same forward ops as the inference function compiled after it)."""
     best = None
-    for path in Path(dump_dir).glob("*after_optimizations.txt"):
+    for path in sorted(Path(dump_dir).glob("*after_optimizations.txt")):
         instructions, computations = parse_hlo(path.read_text())
         score = len(names & instructions.keys())
-        if best is None or score > best[0]:
+        if best is None or score >= best[0]:
             best = (score, instructions, computations, path.name)
     if best is None:
         raise SystemExit(f"{PROG}: error: XLA dumped no optimized module into {dump_dir}")
