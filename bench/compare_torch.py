@@ -382,7 +382,7 @@ def _torch(device: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _configure_threads(threads: int, device: str, extra_xla_flags: str) -> dict:
+def configure_threads(threads: int, device: str, extra_xla_flags: str) -> dict:
     """Sets the environment and affinity of this process; must run before JAX/torch import."""
     cores = sorted(os.sched_getaffinity(0))
     pinned = None
@@ -436,7 +436,7 @@ def _versions(device: str) -> dict:
 
 def child(args) -> dict:
     """Runs every case under one thread budget and returns its JSON."""
-    threads = _configure_threads(args.threads_child, args.device, args.xla_flags)
+    threads = configure_threads(args.threads_child, args.device, args.xla_flags)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from dkd_jax import host_memory
 

@@ -262,7 +262,7 @@ def profile_ours(
         events = _trace_events(trace_dir)
     instructions, computations, module = _step_module(dump_dir, {e[0] for e in events})
     table: dict[tuple[str, str], float] = collections.Counter()
-    per_instruction = collections.Counter()
+    per_instruction = {}  # name: (ns per step, (layer, direction))
     unattributed = collections.Counter()
     for name, ns in median_per_step(events, steps).items():
         if name not in instructions:
@@ -270,8 +270,9 @@ def profile_ours(
             continue
         key = jax_attribution(name, instructions, computations, kernels, training=training)
         table[key] += ns
-        per_instruction[name] += ns
+        per_instruction[name] = (ns, key)
     scale = 1e-6  # ns → ms (already per step)
+    costliest = sorted(per_instruction.items(), key=lambda item: -item[1][0])[:top_n]
     top = [
         {
             "instruction": name,
@@ -280,10 +281,7 @@ def profile_ours(
             "shape": instructions[name][0].split("{")[0],
             "ms": round(ns * scale, 1),
         }
-        for name, ns in per_instruction.most_common(top_n)
-        for layer, direction in [
-            jax_attribution(name, instructions, computations, kernels, training=training)
-        ]
+        for name, (ns, (layer, direction)) in costliest
     ]
     return {
         "module": module,
@@ -505,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_before = [round(v, 2) for v in os.getloadavg()]
     # Before JAX starts: the thread budget, and the optimized HLO for the metadata.
-    threads = compare_torch._configure_threads(args.threads, "cpu", "")
+    threads = compare_torch.configure_threads(args.threads, "cpu", "")
     with tempfile.TemporaryDirectory(prefix="dkd_jax_hlo_") as dump_dir:
         os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
         from dkd_jax import host_memory
