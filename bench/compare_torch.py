@@ -9,6 +9,8 @@ same weights (the Flax initialisation ported to PyTorch, ``bench/torch_macnn.py`
 * ``dkd``: a distillation step: the frozen teacher's (8 heads × 256) eval-mode forward, the
   student's forward/backward on CE + ramp·DKD (α 1, β 8, T 4, ramp 1/5 as in the first epoch)
   and an Adam update;
+* ``teacher_ce`` (only with ``--ops``): the same cross-entropy step for the teacher (8 heads ×
+  256), which trains every fold's teacher (the largest part of the demo's time);
 * ``inference``: student eval-mode logits of one batch, host arrays in and out (the weights
   already on the device on both sides: dkd-jax's replicated once, as its evaluation does).
 
@@ -72,7 +74,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "compare_torch"
 SHAPES = {"mfcc26": (26, 63), "logmel40": (40, 200)}
-OPS = ("ce", "dkd", "inference")
+OPS = ("ce", "dkd", "inference", "teacher_ce")
+DEFAULT_OPS = ("ce", "dkd", "inference")  # the issue's grid; teacher_ce on request
 STEPS_PER_EPOCH = 1000  # the DKD ramp is then 1/warmup_epochs = 0.2 for every timed step
 
 
@@ -107,11 +110,11 @@ def build_ours(
     """dkd-jax's own step for one case, built through its public training functions.
 
     Args:
-      op: "ce", "dkd" or "inference".
+      op: "ce", "dkd", "inference" or "teacher_ce" (the trained model is then the teacher).
       features: [B, F, T] float32 host batch; labels: [B] int32.
-      seed: initialisation seed of the student (and, + 1, the teacher).
+      seed: initialisation seed of the trained model (and, + 1, the frozen teacher).
       devices: JAX devices of the step (default: the first local device).
-      conv_algorithm: the student's ``model.student.conv_algorithm`` ("xla", "taps_forward" or
+      conv_algorithm: the trained model's ``conv_algorithm`` ("xla", "taps_forward" or
         "taps").
 
     Returns:
@@ -125,20 +128,19 @@ def build_ours(
     from dkd_jax import distributed, eval_lib, models, objective, train_state, train_step
 
     cfg = config_lib.get_config("default")
-    cfg.model.student.conv_algorithm = conv_algorithm
+    trained = cfg.model.teacher if op == "teacher_ce" else cfg.model.student
+    trained.conv_algorithm = conv_algorithm  # a frozen (DKD) teacher keeps the default
     devices = tuple(devices or jax.local_devices()[:1])
     shape = tuple(features.shape[1:])
-    student = models.create_model(
-        cfg.model.student, num_classes=4, batch_norm_axis_name=distributed.AXIS
-    )
+    model = models.create_model(trained, num_classes=4, batch_norm_axis_name=distributed.AXIS)
     teacher = models.create_model(cfg.model.teacher, num_classes=4) if op == "dkd" else None
     spec = train_step.StepSpec(
         teacher="live" if op == "dkd" else "none",
         augment=dataclasses.astuple(cfg.augment),
         num_classes=4,
     )
-    fns = train_step.make_train_functions(student, teacher, cfg.optim, spec, devices)
-    state = train_state.create_train_state(jax.random.PRNGKey(seed), student, fns.tx, shape)
+    fns = train_step.make_train_functions(model, teacher, cfg.optim, spec, devices)
+    state = train_state.create_train_state(jax.random.PRNGKey(seed), model, fns.tx, shape)
     t_vars = None
     if teacher is not None:
         t_vars = train_state.init_variables(jax.random.PRNGKey(seed + 1), teacher, shape)
@@ -221,25 +223,26 @@ def build_theirs(op: str, features, labels, ours: Side, *, device: str) -> Side:
     cfg = config_lib.get_config("default")
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    student = tm.load_flax_variables(tm.build("student"), ours.variables()).to(dev)
+    trained = "teacher" if op == "teacher_ce" else "student"
+    model = tm.load_flax_variables(tm.build(trained), ours.variables()).to(dev)
     if op == "inference":
         out = {}
 
         def predict():
             x = torch.from_numpy(features).to(dev)
-            out["logits"] = tm.predict(student, x).cpu().numpy()
+            out["logits"] = tm.predict(model, x).cpu().numpy()
 
         nan = float("nan")
         return Side(
             predict,
             lambda: nan,
-            lambda: tm.flax_variables(student),
+            lambda: tm.flax_variables(model),
             logits=lambda: out.get("logits"),
         )
     x, y = torch.from_numpy(features).to(dev), torch.from_numpy(labels.astype(np.int64)).to(dev)
     o = cfg.optim
     opt = tm.make_optimizer(
-        student, lr=o.learning_rate, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps
+        model, lr=o.learning_rate, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps
     )
     teacher = None
     if op == "dkd":
@@ -250,17 +253,17 @@ def build_theirs(op: str, features, labels, ours: Side, *, device: str) -> Side:
 
     def step():
         if teacher is None:
-            box["loss"] = tm.ce_step(student, opt, x, y)
+            box["loss"] = tm.ce_step(model, opt, x, y)
         else:
             ramp = tm.kd_ramp(box["step"], kd.warmup_epochs, STEPS_PER_EPOCH)
             box["loss"] = tm.dkd_step(
-                student, teacher, opt, x, y, ramp=ramp, ce_weight=kd.ce_weight,
+                model, teacher, opt, x, y, ramp=ramp, ce_weight=kd.ce_weight,
                 alpha=kd.alpha, beta=kd.beta, temperature=kd.temperature,
             )  # fmt: skip
         box["step"] += 1
         sync()
 
-    return Side(step, lambda: float(box["loss"]), lambda: tm.flax_variables(student))
+    return Side(step, lambda: float(box["loss"]), lambda: tm.flax_variables(model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,7 +555,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_csv(int), help="thread budgets (default: 1 and all cores)")
     p.add_argument("--shapes", type=_csv(str, SHAPES), default=list(SHAPES))
     p.add_argument("--batches", type=_csv(int), help="default 32,256 (gpu: 32,256,1024)")
-    p.add_argument("--ops", type=_csv(str, OPS), default=list(OPS))
+    p.add_argument(
+        "--ops",
+        type=_csv(str, OPS),
+        default=list(DEFAULT_OPS),
+        help=f"of {','.join(OPS)} (default {','.join(DEFAULT_OPS)})",
+    )
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     p.add_argument("--steps", type=int, help="timed steps per side per round (default 10)")
     p.add_argument("--warmup", type=int, help="untimed steps after the first call (default 2)")
@@ -568,7 +576,8 @@ def _parser() -> argparse.ArgumentParser:
         "--conv-algorithm",
         choices=("xla", "taps_forward", "taps"),
         default="xla",
-        help="dkd-jax student's model.student.conv_algorithm (README: Speed against PyTorch)",
+        help="conv_algorithm of dkd-jax's trained model (the student; the teacher in "
+        "teacher_ce) (README: Speed against PyTorch)",
     )
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument(

@@ -480,7 +480,7 @@ def run(args, threads: dict, dump_dir: str) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--op", choices=("ce", "inference"), default="ce")
+    p.add_argument("--op", choices=("ce", "teacher_ce", "inference"), default="ce")
     p.add_argument("--shape", type=benchjson.shape_arg, default=(40, 200), help="FREQxTIME")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)

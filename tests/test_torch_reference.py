@@ -214,3 +214,16 @@ def test_inference_sides_agree():
     assert np.isnan(ours.loss()) and np.isnan(theirs.loss())
     assert ours.logits().shape == (5, 4)
     np.testing.assert_allclose(theirs.logits(), ours.logits(), atol=1e-5, rtol=0)
+
+
+def test_teacher_ce_sides_train_the_same_teacher():
+    """``teacher_ce`` trains the teacher (8 heads × 256) on both sides, from the same weights;
+    its step is the CE step's code (test_one_dkd_step_matches_ours) on the teacher's layers
+    (test_train_logits_and_batch_stats_match_flax[teacher])."""
+    x, y = batch(n=4, seed=7)
+    ours = compare_torch.build_ours("teacher_ce", x, y, devices=jax.local_devices()[:1])
+    theirs = compare_torch.build_theirs("teacher_ce", x, y, ours, device="cpu")
+    mine = ours.variables()
+    assert mine["params"]["head_fusion"]["query"]["kernel"].shape == (80, 8, 256)
+    assert ours.teacher_variables is None  # no frozen teacher: the teacher is the trained model
+    jax.tree.map(np.testing.assert_array_equal, theirs.variables(), mine)
