@@ -34,6 +34,23 @@ training command lines use it (training is steps); ``eval.py`` does not, and nei
 test suite (it is compiles: ``tests/conftest.py`` sets ``DKD_JAX_MALLOC=default``;
 ``tests/test_train_lib.py`` took 78–82 s, and 100–106 s with the setting).
 
+The price in memory, and the watchdog. A heap that is never trimmed keeps every freed buffer,
+and when the next step's buffers come in another order they do not fit in the holes: a teacher
+CE step at batch 256 on 40×200 log-mels held 17.9 GiB after its second step against 9.6 GiB with
+glibc's defaults (at about twice the speed: 6.4-7.1 s per step in a probe, 12.7 s with the
+defaults), and a benchmark child doing the same grew past 24 GiB and was killed by the kernel.
+So :func:`configure` also starts a watchdog thread: once the process's resident set exceeds
+:data:`RELAX_FRACTION` (a third) of the memory it may use (RAM, or a smaller cgroup limit),
+:func:`relax` maps large blocks per use again, as glibc's defaults do, says so in one line on
+stderr, and from then on the watchdog gives the heap's free memory back whenever the process is
+past that share (``malloc_trim``, at most once a second). A process forked from a configured one
+(a ``data_prep`` worker) runs no watchdog, so it starts relaxed (``os.register_at_fork``).
+The same step then peaked at 9.2 GiB (13.1 s per step against 13.5 with the defaults, the same
+loss bit for bit; ``python bench/host_memory.py --models teacher --batch 256 --shape 40x200
+--steps 4 --rounds 1 --settings default,configured``,
+``bench/results/host_memory_cpu_teacher_b256_40x200_watchdog.json``). The demo (2.3 GiB) and
+every batch-32 run stay far below the share and keep the whole gain.
+
 The training command lines (``train.py``, ``python -m dkd_jax.experiment``, the demo) and the
 benchmarks call it first, before JAX runs anything: called late, it loses most of its effect
 (threads that have already allocated keep their arenas, and glibc hands those arenas to new
@@ -47,9 +64,13 @@ import ctypes
 import os
 import platform
 import sys
+import threading
+import time
+from pathlib import Path
 
 #: ``mallopt`` parameters (glibc ``malloc.h``).
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 #: ``M_TRIM_THRESHOLD`` value: -1 turns glibc's trimming of the heap top off (``mallopt(3)``),
@@ -58,16 +79,30 @@ _M_ARENA_MAX = -8
 TRIM_THRESHOLD = -1
 #: The environment variable that turns :func:`configure` off (value ``default``).
 ENV_VAR = "DKD_JAX_MALLOC"
+#: The share of the memory this process may use (RAM, or a smaller cgroup limit) above which
+#: the watchdog of :func:`configure` relaxes the setting (:func:`relax`).
+RELAX_FRACTION = 1 / 3
+#: What :func:`relax` restores: glibc's own limits once its dynamic threshold has grown (blocks
+#: above 32 MiB mapped per use, freed heap above 64 MiB given back) and its default map count.
+RELAXED = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 64 << 20, "M_MMAP_MAX": 65536}
+_POLL_SECONDS = 0.2
+_TRIM_SECONDS = 1.0
 
 _state: dict[str, object] | None = None
 
 
-def configure() -> dict[str, object]:
-    """Applies the allocator settings once per process (later calls return the first result).
+def configure(*, relax_above: int | None = None) -> dict[str, object]:
+    """Applies the allocator settings once per process (later calls return the first result),
+    and starts the watchdog that relaxes them when the process grows large (module docstring).
+
+    Args:
+      relax_above: resident bytes above which the watchdog calls :func:`relax` (default:
+        :data:`RELAX_FRACTION` of :func:`memory_limit`; tests pass a small value).
 
     Returns:
-      ``{"applied": bool, "reason": str}``; when applied, also the settings. Benchmarks record
-      it next to their numbers.
+      ``{"applied": bool, "reason": str}``; when applied, also the settings and the watchdog's
+      ``relax_above`` (and, once it acted, ``relaxed``). Benchmarks record it next to their
+      numbers.
     """
     global _state
     if _state is not None:
@@ -95,4 +130,109 @@ def configure() -> dict[str, object]:
         "reason": f"mallopt refused {refused}" if refused else "glibc mallopt",
         "settings": {name: value for name, (_, value) in settings.items()},
     }
+    limit = f"{RELAX_FRACTION:.0%} of the memory this process may use"
+    if relax_above is None:
+        relax_above = int(RELAX_FRACTION * memory_limit())
+    else:
+        limit = "the limit it was given"
+    if refused:
+        return _state
+    _state["relax_above"] = relax_above
+    # A forked child (a data_prep worker) inherits the setting but not the watchdog thread.
+    os.register_at_fork(after_in_child=_relax_in_child)
+    threading.Thread(
+        target=_watch, args=(relax_above, limit), name="dkd_jax.host_memory", daemon=True
+    ).start()
     return _state
+
+
+def _relax_in_child() -> None:
+    _set(RELAXED)
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, or a smaller cgroup (container) limit: the
+    process's own cgroup v2 (from ``/proc/self/cgroup``), the root one, or cgroup v1's."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    paths = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::/") and line.strip() != "0::/":
+                paths.insert(0, f"/sys/fs/cgroup{line[3:].strip()}/memory.max")
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit; v1's "none" is a huge number
+            limit = min(limit, int(text))
+    return limit
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def relax() -> bool:
+    """Gives large blocks back to ``mmap`` and the heap's free memory back to the kernel.
+
+    Called by the watchdog when the process outgrows its share of memory: from then on the
+    process's peak stays near glibc's default (large buffers are mapped and faulted in per
+    use again, so CPU steps lose what the setting gained). Values stay bit for bit the same.
+    Returns whether glibc accepted every setting.
+    """
+    ok = _set(RELAXED)
+    libc = ctypes.CDLL(None)
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    libc.malloc_trim(0)
+    return ok
+
+
+def _set(values: dict[str, int]) -> bool:
+    """``mallopt`` for each named parameter; whether glibc accepted them all."""
+    libc = ctypes.CDLL(None)
+    libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    params = {
+        "M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD,
+        "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD,
+        "M_MMAP_MAX": _M_MMAP_MAX,
+    }
+    return all([libc.mallopt(params[name], value) == 1 for name, value in values.items()])
+
+
+def _watch(relax_above: int, limit: str) -> None:
+    """Polls the resident set. Past ``relax_above`` the first time: relaxes the setting and says
+    so; from then on, every second the process is past it, gives the heap's free memory back
+    (``malloc_trim``): the blocks freed inside the heap before the relaxation would otherwise
+    stay resident beside the mapped ones that replace them."""
+    libc = ctypes.CDLL(None)
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    try:
+        while (resident := resident_bytes()) <= relax_above:
+            time.sleep(_POLL_SECONDS)
+        ok = relax()
+        assert _state is not None
+        _state["relaxed"] = {"resident_bytes": resident, "accepted": ok}
+        gib = 1 << 30
+        done = (
+            "large buffers are mapped per use again (bounded memory, slower CPU steps)"
+            if ok
+            else "glibc refused to map large buffers per use again; freed memory is trimmed"
+        )
+        print(
+            f"dkd_jax.host_memory: this process holds {resident / gib:.2f} GiB, over "
+            f"{relax_above / gib:.2f} GiB ({limit}); {done}. {ENV_VAR}=default keeps glibc's "
+            "defaults from the start.",
+            file=sys.stderr,
+            flush=True,
+        )
+        while True:
+            time.sleep(_TRIM_SECONDS)
+            if resident_bytes() > relax_above:
+                libc.malloc_trim(0)
+    except OSError:  # no /proc: nothing to watch
+        return
