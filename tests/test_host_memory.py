@@ -25,25 +25,34 @@ from dkd_jax.experiment import cli as experiment_cli
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
-_CHILD = r"""
-import ctypes, json, resource, sys
+_PRELUDE = r"""
+import ctypes, json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from dkd_jax import host_memory
-state = host_memory.configure()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-size = int(sys.argv[2]) << 20
-faults = []
-for _ in range(2):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(size)
-    ctypes.memset(block, 1, size)
-    libc.free(block)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"state": state, "faults": faults}))
+
+
+def faults_of_two_uses(size):
+    faults = []
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
 """
+
+_CHILD = (
+    _PRELUDE
+    + r"""
+state = host_memory.configure()
+print(json.dumps({"state": state, "faults": faults_of_two_uses(int(sys.argv[2]) << 20)}))
+"""
+)
 
 
 def _child(env_value, mib=64):
@@ -130,16 +139,11 @@ def test_eval_leaves_the_allocator_alone(monkeypatch, tmp_path):
     assert eval_cli.main(["--workdir", str(tmp_path / "missing")]) == 2
 
 
-_WATCH_CHILD = r"""
-import ctypes, json, sys, time
-sys.path.insert(0, sys.argv[1])
-from dkd_jax import host_memory
+_WATCH_CHILD = (
+    _PRELUDE
+    + r"""
 MiB = 1 << 20
 state = host_memory.configure(relax_above=256 * MiB)
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 
 
 class MallInfo2(ctypes.Structure):  # glibc >= 2.33; hblkhd: bytes in mmap'ed blocks
@@ -182,6 +186,7 @@ libc.free(third)
 print(json.dumps({"state": state, "relaxed": relaxed, "trimmed": trimmed, "after": rss(),
                   "first_mapped": first_mapped, "third_mapped": third_mapped}))
 """
+)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
@@ -214,31 +219,18 @@ def test_a_process_past_its_memory_share_relaxes_the_setting_and_gives_the_heap_
     assert "mapped per use again" in message[0] and "DKD_JAX_MALLOC=default" in message[0]
 
 
-_FORK_CHILD = r"""
-import ctypes, json, os, sys
-sys.path.insert(0, sys.argv[1])
-from dkd_jax import host_memory
+_FORK_CHILD = (
+    _PRELUDE
+    + r"""
 host_memory.configure()
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 read, write = os.pipe()
 if os.fork() == 0:  # a worker: the setting is relaxed in it (no watchdog runs there)
-    size = 64 << 20
-    faults = []
-    import resource
-    for _ in range(2):
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(size)
-        ctypes.memset(block, 1, size)
-        libc.free(block)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
-    os.write(write, json.dumps(faults).encode())
+    os.write(write, json.dumps(faults_of_two_uses(64 << 20)).encode())
     os._exit(0)
 os.wait()
 print(os.read(read, 1000).decode())
 """
+)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
