@@ -69,10 +69,7 @@ import time
 from pathlib import Path
 
 #: ``mallopt`` parameters (glibc ``malloc.h``).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
+_PARAMS = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3, "M_MMAP_MAX": -4, "M_ARENA_MAX": -8}
 #: ``M_TRIM_THRESHOLD`` value: -1 turns glibc's trimming of the heap top off (``mallopt(3)``),
 #: so freed memory of any size stays mapped for the next step. A byte threshold (1 GiB before)
 #: lets the largest buffers, those of big batches, be unmapped and faulted in every step.
@@ -113,30 +110,23 @@ def configure(*, relax_above: int | None = None) -> dict[str, object]:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         _state = {"applied": False, "reason": f"not glibc ({sys.platform})"}
         return _state
+    wanted = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": TRIM_THRESHOLD}
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        refused = _mallopt(wanted)
     except (OSError, AttributeError) as e:
         _state = {"applied": False, "reason": f"mallopt unavailable: {e}"}
         return _state
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    settings = {
-        "M_ARENA_MAX": (_M_ARENA_MAX, 1),
-        "M_MMAP_MAX": (_M_MMAP_MAX, 0),
-        "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-    }
-    refused = [name for name, (param, value) in settings.items() if mallopt(param, value) != 1]
     _state = {
         "applied": not refused,
         "reason": f"mallopt refused {refused}" if refused else "glibc mallopt",
-        "settings": {name: value for name, (_, value) in settings.items()},
+        "settings": wanted,
     }
-    limit = f"{RELAX_FRACTION:.0%} of the memory this process may use"
-    if relax_above is None:
-        relax_above = int(RELAX_FRACTION * memory_limit())
-    else:
-        limit = "the limit it was given"
     if refused:
         return _state
+    limit = "the limit it was given"
+    if relax_above is None:
+        limit = f"{RELAX_FRACTION:.0%} of the memory this process may use"
+        relax_above = int(RELAX_FRACTION * memory_limit())
     _state["relax_above"] = relax_above
     # A forked child (a data_prep worker) inherits the setting but not the watchdog thread.
     os.register_at_fork(after_in_child=_relax_in_child)
@@ -147,7 +137,7 @@ def configure(*, relax_above: int | None = None) -> dict[str, object]:
 
 
 def _relax_in_child() -> None:
-    _set(RELAXED)
+    _mallopt(RELAXED)
 
 
 def memory_limit() -> int:
@@ -185,23 +175,22 @@ def relax() -> bool:
     use again, so CPU steps lose what the setting gained). Values stay bit for bit the same.
     Returns whether glibc accepted every setting.
     """
-    ok = _set(RELAXED)
-    libc = ctypes.CDLL(None)
-    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
-    libc.malloc_trim(0)
+    ok = not _mallopt(RELAXED)
+    _malloc_trim()
     return ok
 
 
-def _set(values: dict[str, int]) -> bool:
-    """``mallopt`` for each named parameter; whether glibc accepted them all."""
-    libc = ctypes.CDLL(None)
-    libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    params = {
-        "M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD,
-        "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD,
-        "M_MMAP_MAX": _M_MMAP_MAX,
-    }
-    return all([libc.mallopt(params[name], value) == 1 for name, value in values.items()])
+def _mallopt(values: dict[str, int]) -> list[str]:
+    """``mallopt`` for each named parameter; the names glibc refused."""
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return [name for name, value in values.items() if mallopt(_PARAMS[name], value) != 1]
+
+
+def _malloc_trim() -> None:
+    trim = ctypes.CDLL(None).malloc_trim
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    trim(0)
 
 
 def _watch(relax_above: int, limit: str) -> None:
@@ -209,8 +198,6 @@ def _watch(relax_above: int, limit: str) -> None:
     so; from then on, every second the process is past it, gives the heap's free memory back
     (``malloc_trim``): the blocks freed inside the heap before the relaxation would otherwise
     stay resident beside the mapped ones that replace them."""
-    libc = ctypes.CDLL(None)
-    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
     try:
         while (resident := resident_bytes()) <= relax_above:
             time.sleep(_POLL_SECONDS)
@@ -233,6 +220,6 @@ def _watch(relax_above: int, limit: str) -> None:
         while True:
             time.sleep(_TRIM_SECONDS)
             if resident_bytes() > relax_above:
-                libc.malloc_trim(0)
+                _malloc_trim()
     except OSError:  # no /proc: nothing to watch
         return
