@@ -9,12 +9,23 @@ persistent compilation cache) with the number of compile requests and cache hits
 prints the JSON (totals, per module, the ``--suite-profile-top`` tests of most CPU) after
 pytest's summary, and writes it to ``--suite-profile-out`` when given. Listeners are registered
 at the first test, after ``tests/conftest.py`` has set up JAX's environment.
+
+``--suite-profile-compiles`` also logs every backend compile of the pytest process (module name,
+seconds, test) and groups them by *program*: the StableHLO without the module's name and source
+locations, together with the compile options. A program compiled more than once is a compile the
+suite could share: the same function under two names (the persistent cache keys on the name),
+or a cache entry that was not written. The report lists those (``compiles.repeated``) and the
+names that cost the most. It wraps ``jax._src.compiler.backend_compile_and_load`` (a private
+function, the one place where the compiled module is at hand) and refuses to start when a jax
+release no longer has it.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import re
 import resource
 import time
 
@@ -56,12 +67,18 @@ class SuiteProfile:
         self.start_cpu = cpu_seconds()
         self.start_wall = time.perf_counter()
         self.load_before = os.getloadavg()
+        self.compile_log: CompileLog | None = None
 
     def listen(self) -> None:
         if self.listening:
             return
         import jax
 
+        if self.compile_log is not None:
+            try:
+                self.compile_log.install()
+            except RuntimeError as e:
+                pytest.exit(str(e), returncode=pytest.ExitCode.USAGE_ERROR)
         jax.monitoring.register_event_duration_secs_listener(self.on_duration)
         jax.monitoring.register_event_listener(self.on_event)
         self.listening = True
@@ -77,6 +94,8 @@ class SuiteProfile:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):
         self.current = row = dict.fromkeys(_FIELDS, 0.0)
+        if self.compile_log is not None:
+            self.compile_log.test = item.nodeid
         own0, kids0 = cpu_seconds()
         t0 = time.perf_counter()
         yield
@@ -86,6 +105,8 @@ class SuiteProfile:
         )
         self.tests[item.nodeid] = row
         self.current = None
+        if self.compile_log is not None:
+            self.compile_log.test = None
 
     def pytest_runtest_setup(self, item):
         self.listen()
@@ -102,6 +123,79 @@ class SuiteProfile:
                 "loadavg_before_after": [self.load_before, os.getloadavg()],
             },
         )
+
+
+class CompileLog:
+    """Every backend compile of this process with its program fingerprint (see the module doc)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.test: str | None = None
+        self._restore = None
+
+    def install(self) -> None:
+        from jax._src import compiler
+
+        original = getattr(compiler, "backend_compile_and_load", None)
+        if original is None:
+            raise RuntimeError(
+                "--suite-profile-compiles: this jax has no "
+                "jax._src.compiler.backend_compile_and_load to wrap"
+            )
+
+        def logged(backend, module, executable_devices, options, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = original(backend, module, executable_devices, options, *args, **kwargs)
+            self.record(module, options, time.perf_counter() - t0)
+            return out
+
+        compiler.backend_compile_and_load = logged
+        self._restore = lambda: setattr(compiler, "backend_compile_and_load", original)
+
+    def uninstall(self) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+    def record(self, module, options, seconds: float) -> None:
+        text = module.operation.get_asm(enable_debug_info=False)
+        match = re.search(r"module @([\w.$-]+)", text)
+        name = match.group(1) if match else "?"
+        program = hashlib.sha256(re.sub(r"module @[\w.$-]+", "module @_", text, count=1).encode())
+        program.update(options.SerializeAsString())
+        self.rows.append(
+            {"test": self.test, "name": name, "seconds": seconds, "program": program.hexdigest()}
+        )
+
+
+def summarize_compiles(rows: list[dict], *, top: int) -> dict:
+    """Compiles per module name (the ``top`` costliest) and the programs compiled more than once,
+    with the seconds their repeats cost. Pure: it takes :class:`CompileLog` rows."""
+    names: dict[str, dict] = collections.defaultdict(lambda: {"count": 0, "seconds": 0.0})
+    programs: dict[str, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        names[row["name"]]["count"] += 1
+        names[row["name"]]["seconds"] += row["seconds"]
+        programs[row["program"]].append(row)
+    repeated = [
+        {
+            "names": sorted({r["name"] for r in group}),
+            "tests": sorted({r["test"] or "(outside a test)" for r in group}),
+            "count": len(group),
+            "repeat_seconds": sum(r["seconds"] for r in group[1:]),
+        }
+        for group in programs.values()
+        if len(group) > 1
+    ]
+    repeated.sort(key=lambda r: -r["repeat_seconds"])
+    return {
+        "count": len(rows),
+        "seconds": sum(r["seconds"] for r in rows),
+        "programs": len(programs),
+        "repeat_seconds": sum(r["repeat_seconds"] for r in repeated),
+        "repeated": repeated[:top],
+        "by_name": dict(sorted(names.items(), key=lambda kv: -kv[1]["seconds"])[:top]),
+    }
 
 
 def summarize(tests: dict[str, dict[str, float]], *, top: int, totals: dict) -> dict:
@@ -136,14 +230,31 @@ def pytest_addoption(parser):
     group = parser.getgroup("suite_profile")
     group.addoption("--suite-profile-out", help="also write the JSON here")
     group.addoption("--suite-profile-top", type=int, default=30, help="costliest tests listed")
+    group.addoption(
+        "--suite-profile-compiles",
+        action="store_true",
+        help="log every backend compile and report the programs compiled more than once",
+    )
 
 
 def pytest_configure(config):
-    config.pluginmanager.register(SuiteProfile(), "suite_profile_collector")
+    profile = SuiteProfile()
+    if config.getoption("suite_profile_compiles"):
+        profile.compile_log = CompileLog()
+    config.pluginmanager.register(profile, "suite_profile_collector")
+
+
+def pytest_unconfigure(config):
+    profile = config.pluginmanager.get_plugin("suite_profile_collector")
+    if profile is not None and profile.compile_log is not None:
+        profile.compile_log.uninstall()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     profile = config.pluginmanager.get_plugin("suite_profile_collector")
-    report = profile.report(config.getoption("suite_profile_top"))
+    top = config.getoption("suite_profile_top")
+    report = profile.report(top)
+    if profile.compile_log is not None:
+        report["compiles"] = summarize_compiles(profile.compile_log.rows, top=top)
     terminalreporter.write_sep("=", "suite profile")
     benchjson.emit(report, config.getoption("suite_profile_out"))

@@ -269,7 +269,8 @@ def test_suite_profile_sums_per_module_and_ranks_tests_by_cpu(monkeypatch):
 
 def test_suite_profile_plugin_counts_compiles_and_child_processes(tmp_path):
     """The plugin in a real pytest run (its own process): a jitted function's compile lands on
-    its test, a child process's CPU on the test that waited for it."""
+    its test, a child process's CPU on the test that waited for it, and the same program compiled
+    under two names is reported as repeated (the persistent cache keys on the name)."""
     (tmp_path / "test_inner.py").write_text(
         "import subprocess, sys\n"
         "import jax, jax.numpy as jnp\n"
@@ -277,13 +278,20 @@ def test_suite_profile_plugin_counts_compiles_and_child_processes(tmp_path):
         "    assert float(jax.jit(lambda x: jnp.sin(x) * 2)(1.0)) > 0\n"
         "def test_child():\n"
         "    subprocess.run([sys.executable, '-c', 'sum(range(3 * 10**7))'], check=True)\n"
+        "def cube_a(x):\n"
+        "    return jnp.cos(x) ** 3\n"
+        "def cube_b(x):\n"
+        "    return jnp.cos(x) ** 3\n"
+        "def test_same_program_twice():\n"
+        "    assert float(jax.jit(cube_a)(0.5)) == float(jax.jit(cube_b)(0.5))\n"
+        "    jax.jit(cube_a)(jnp.ones(3))  # another shape: another program\n"
     )
     out = tmp_path / "profile.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # nothing served from the suite's cache
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "suite_profile", "-p", "no:cacheprovider"]
     proc = subprocess.run(
-        [*cmd, "--suite-profile-out", str(out), "test_inner.py"],
+        [*cmd, "--suite-profile-out", str(out), "--suite-profile-compiles", "test_inner.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -296,7 +304,14 @@ def test_suite_profile_plugin_counts_compiles_and_child_processes(tmp_path):
         and rows["test_child"]["compile_requests"] == 0
     )
     assert rows["test_child"]["child_cpu_s"] > 0.2 and rows["test_compiles"]["child_cpu_s"] < 0.05
-    assert report["totals"]["tests"] == 2
+    assert report["totals"]["tests"] == 3
+    compiles = report["compiles"]
+    assert compiles["by_name"]["jit_cube_a"]["count"] == 2
+    assert compiles["programs"] < compiles["count"]
+    [repeated] = [r for r in compiles["repeated"] if "jit_cube_a" in r["names"]]
+    assert repeated["names"] == ["jit_cube_a", "jit_cube_b"] and repeated["count"] == 2
+    assert repeated["tests"] == ["test_inner.py::test_same_program_twice"]
+    assert compiles["repeat_seconds"] >= repeated["repeat_seconds"] > 0
 
 
 def test_cpu_model_names_the_cpu_and_its_vector_extensions(tmp_path, monkeypatch):
