@@ -519,7 +519,8 @@ def scan_csv(
     """
     manifest = os.path.abspath(os.fspath(manifest))
     if not os.path.isfile(manifest):
-        raise PrepError(f"manifest {manifest} does not exist")
+        what = "is a folder, not a CSV file" if os.path.isdir(manifest) else "does not exist"
+        raise PrepError(f"manifest {manifest} {what}")
     if duplicates not in DUPLICATE_POLICIES:
         raise PrepError(f"duplicates must be one of {DUPLICATE_POLICIES}, got {duplicates!r}")
     classes = classes_list(classes)

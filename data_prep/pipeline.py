@@ -307,6 +307,27 @@ def _completed_shards(out_dir: str, state_dir: str, num_shards: int) -> dict:
     return done
 
 
+def _damaged_shards(out_dir: str, metadata: dict) -> list[str]:
+    """The shards of a finished prep run that are missing or whose sizes no longer add up to
+    what ``metadata.json`` recorded per split (a cheap check: contents are verified by the
+    reader's CRCs)."""
+    problems = []
+    splits = metadata.get("splits")
+    for name, info in (splits if isinstance(splits, dict) else {}).items():
+        files = info.get("files", []) if isinstance(info, dict) else []
+        paths = [os.path.join(out_dir, f) for f in files if isinstance(f, str)]
+        missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+        if missing:
+            problems.extend(f"{f} is missing" for f in missing)
+            continue
+        size = sum(os.path.getsize(p) for p in paths)
+        if size != info.get("num_bytes", size):
+            problems.append(
+                f"the {name} shards hold {size} bytes, metadata.json says {info['num_bytes']}"
+            )
+    return problems
+
+
 def _claim_out_dir(
     out_dir: str,
     identity: dict,
@@ -328,13 +349,15 @@ def _claim_out_dir(
     if os.path.exists(meta_path):
         try:
             previous, kind = _read_json(meta_path), "finished"
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
             previous, kind = {}, "unreadable"
     elif os.path.exists(state_path):
         try:
             previous, kind = _read_json(state_path), "interrupted"
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             previous, kind = {}, "unreadable"
+    if previous is not None and not isinstance(previous, dict):  # e.g. [] or null
+        previous, kind = {}, "unreadable"
     if previous is not None:
         if previous.get("fingerprint") == fingerprint and not overwrite:
             changed = input_files.changed(out_dir, meta_path, inputs) if kind == "finished" else []
@@ -345,7 +368,20 @@ def _claim_out_dir(
                     f"these files, but {len(changed)} of them changed after it was made "
                     f"({listed}); pass --overwrite (overwrite=True) to prepare them again"
                 )
+            damaged = _damaged_shards(out_dir, previous) if kind == "finished" else []
+            if damaged:
+                listed = "; ".join(damaged[:3]) + ("; ..." if len(damaged) > 3 else "")
+                raise PrepError(
+                    f"{out_dir} holds a finished prep run of these files, but its shards are "
+                    f"damaged ({listed}); pass --overwrite (overwrite=True) to prepare them again"
+                )
             return "done" if kind == "finished" else "resume"
+        if kind == "unreadable" and not overwrite:
+            damaged = meta_path if os.path.exists(meta_path) else state_path
+            raise PrepError(
+                f"{damaged} is unreadable (damaged?); pass --overwrite (overwrite=True) to "
+                "prepare the corpus again, or choose another --out folder"
+            )
         if not overwrite:
             raise PrepError(
                 f"{out_dir} holds a{'n' if kind[0] in 'aeiou' else ''} {kind} prep run with a "

@@ -599,7 +599,9 @@ def load_split(
     for j in chosen:
         path = os.path.join(prep_dir, info["files"][j])
         if not os.path.exists(path):
-            raise DataError(f"{path}: shard missing; re-run data_prep on this dir to rebuild it")
+            raise DataError(
+                f"{path}: shard missing; re-run data_prep with --overwrite to rebuild it"
+            )
         start = i
         for offset, payload in iter_records(path, verify=verify):
             try:

@@ -484,6 +484,40 @@ def test_overwrite_replaces_a_different_run(iemocap_root, tmp_path, capsys):
     ]
 
 
+def test_a_rerun_refuses_a_finished_prep_with_damaged_shards_until_overwrite(
+    iemocap_root, tmp_path, capsys
+):
+    """Rerunning data_prep on a prep whose shard was deleted or cut used to say "nothing to
+    do" (while train.py told the user to re-run data_prep); a damaged metadata.json used to be
+    reported as "a different configuration"."""
+    out = tmp_path / "o"
+    args = ["iemocap", "--root", iemocap_root, "--out", str(out), "--no-progress"]
+    assert cli.main([*args, "--workers", "1"]) == 0
+    capsys.readouterr()
+    meta = records.load_metadata(out)
+    train_shard = out / meta["splits"]["train"]["files"][0]
+    eval_shard = out / meta["splits"]["eval"]["files"][0]
+    original = train_shard.read_bytes()
+    train_shard.write_bytes(original[:-7])  # cut
+    eval_shard.unlink()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{eval_shard.name} is missing" in err and "the train shards hold" in err
+    assert f"metadata.json says {len(original)}" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(records.DataError, match="re-run data_prep with --overwrite"):
+        records.load_split(out, "eval")
+    for damaged in (b'{"format_version": ', b"[]", b"\xff\xfe{}"):  # cut, not an object, not UTF-8
+        (out / records.METADATA_FILE).write_bytes(damaged)
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{out / records.METADATA_FILE} is unreadable (damaged?)" in err, err
+        assert "Traceback" not in err
+    assert cli.main([*args, "--overwrite", "--workers", "1"]) == 0
+    assert train_shard.read_bytes() == original and eval_shard.is_file()
+    assert cli.main(args) == 0 and train_shard.read_bytes() == original  # intact: done
+
+
 # ---------------------------------------------------------------- metadata + end to end
 
 

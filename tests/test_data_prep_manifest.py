@@ -46,6 +46,13 @@ def _labelled(tmp_path):
 # ---------------------------------------------------------------- labels
 
 
+def test_a_manifest_that_is_a_folder_or_missing_is_named_as_such(tmp_path):
+    with pytest.raises(sources.PrepError, match="is a folder, not a CSV file"):
+        manifest.scan_csv(tmp_path)  # used to say "does not exist"
+    with pytest.raises(sources.PrepError, match="does not exist"):
+        manifest.scan_csv(tmp_path / "nope.csv")
+
+
 def test_unknown_labels_are_an_error_listing_each_with_its_count(tmp_path, capsys):
     path = _labelled(tmp_path)
     with pytest.raises(sources.PrepError) as info:
