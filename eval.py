@@ -21,6 +21,7 @@ forward ran 1.2-1.5x faster than on one device (README: Speed against PyTorch).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,7 +146,8 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
             path = (r["path"] or "").strip()
             if not path:
                 parser.error(f"--groups {args.groups}:{line}: the row names no path")
-            files.append(path)
+            # relative to the CSV's folder, as in data_prep's manifests (not the current one)
+            files.append(os.path.join(os.path.dirname(os.path.abspath(args.groups)), path))
             groups.append((r["speaker"] or "").strip() or None)
     return files, groups
 
@@ -182,6 +184,8 @@ def _check_predict_options(args, parser) -> None:
     ignored = [name for name in unused if given[name]]
     if ignored:
         parser.error(f"{', '.join(ignored)}: not used {why}")
+    if given["--step"] and given["--best"]:
+        parser.error("--step and --best: choose one checkpoint")
 
 
 def _json_target_problem(path: str) -> str | None:
@@ -245,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         return _predict_main(argv[1:])
-    args = _eval_parser().parse_args(argv)
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    if args.step is not None and args.best:
+        parser.error("--step and --best: choose one checkpoint")
     if not _use_cpu_devices(args):
         return 2
     from dkd_jax import eval_lib, jsonio, records, run_dir

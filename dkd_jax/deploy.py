@@ -66,7 +66,12 @@ def load_card(model_dir: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(model_dir) / CARD_FILE
     if not path.exists():
-        raise DeployError(f"{path}: missing (not a folder written by python -m dkd_jax.export)")
+        run_files = ("config.json", "split.json")
+        is_run = all((Path(model_dir) / name).is_file() for name in run_files)
+        hint = "; it is a training run: use --workdir, or export it first" if is_run else ""
+        raise DeployError(
+            f"{path}: missing (not a folder written by python -m dkd_jax.export{hint})"
+        )
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

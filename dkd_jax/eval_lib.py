@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -529,11 +530,16 @@ def write_run_results(
 
 
 def restore(workdir: str | os.PathLike, *, step: int | None, best: bool) -> run_dir.RestoredRun:
-    """``run_dir.restore_run`` with its problems as :class:`EvalError`."""
+    """``run_dir.restore_run`` with its problems as :class:`EvalError`; a run whose training
+    did not finish is restored with a warning on stderr (``run_dir.unfinished_warning``)."""
     try:
-        return run_dir.restore_run(workdir, step=step, best=best)
+        run = run_dir.restore_run(workdir, step=step, best=best)
     except run_dir.RunDirError as e:
         raise EvalError(str(e)) from None
+    warning = run_dir.unfinished_warning(workdir)
+    if warning:
+        print(f"eval.py: warning: {warning}", file=sys.stderr)
+    return run
 
 
 def _check_same_data(run, metadata: dict[str, Any], data_dir: str) -> None:
@@ -620,7 +626,7 @@ def evaluate_run(
         cfg=run.config,
         split=split,
         step=run.step,
-        checkpoint="best-by-validation" if best else "latest",
+        checkpoint="best-by-validation" if best else ("latest" if step is None else f"step {step}"),
         num_segments=len(eval_set),
         data_dir=data_dir,
         content_hash=metadata["content_hash"],
@@ -628,6 +634,8 @@ def evaluate_run(
         mode=mode,
     )
     results["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    # False: scored from a partly trained run (the experiment runner then trains it on).
+    results["training_finished"] = run_dir.training_progress(workdir)["finished"]
     if write and jax.process_index() == 0:
         with run_dir.locked(workdir, "eval.py"):
             write_run_results(workdir, results, scores, mode=mode, plot=plot)

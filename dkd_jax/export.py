@@ -97,9 +97,13 @@ def restore(workdir: str | os.PathLike, *, step: int | None = None, best: bool =
     from dkd_jax import run_dir
 
     try:
-        return run_dir.restore_run(workdir, step=step, best=best)
+        run = run_dir.restore_run(workdir, step=step, best=best)
     except run_dir.RunDirError as e:
         raise ExportError(str(e)) from None
+    warning = run_dir.unfinished_warning(workdir)
+    if warning:
+        print(f"{_PROG}: warning: {warning}", file=sys.stderr)
+    return run
 
 
 def inference_function(model, variables: dict[str, Any]) -> Callable:

@@ -367,12 +367,74 @@ def write_normalization(workdir: str | os.PathLike, normalization: Mapping) -> P
     return jsonio.write_text(Path(workdir) / NORMALIZATION_FILE, json.dumps(normalization) + "\n")
 
 
-def load_normalization(workdir: str | os.PathLike) -> dict[str, Any]:
-    """The run's normalisation; ``{"mode": "none"}`` when the run has none recorded."""
+def normalization_problem(
+    normalization: Any, *, mode: str | None = None, num_bins: int | None = None
+) -> str | None:
+    """What makes a stored normalisation unusable (None when nothing does). Pure.
+
+    Checks that it is an object whose ``mode`` is ``mode`` (what the run's config says, when
+    given), and that every stored pair of statistics (the "global" ones, each training speaker's
+    with "speaker") holds one finite mean and one finite, positive std per band: ``num_bins``
+    bands when given. ("utterance" stores none: each input's own statistics are used.)
+    """
+    if not isinstance(normalization, Mapping):
+        return "not a JSON object"
+    stored = normalization.get("mode")
+    if mode is not None and stored != mode:
+        return f"mode {stored!r}, but the run's config.json says data.normalization={mode!r}"
+    if stored == "global":
+        stats: Mapping[str, Any] = {"": normalization}
+    elif stored == "speaker":
+        stats = normalization.get("groups")
+        if not isinstance(stats, Mapping):
+            return "mode 'speaker' without the training speakers' statistics ('groups')"
+    else:
+        return None
+    for name, entry in stats.items():
+        where = f"speaker {name!r}: " if name else ""
+        if not isinstance(entry, Mapping):
+            return f"{where}not an object"
+        bands = num_bins
+        for key in ("mean", "std"):
+            try:
+                values = np.asarray(entry[key], np.float64)
+            except KeyError:
+                return f"{where}no {key!r}"
+            except (TypeError, ValueError):
+                return f"{where}{key!r} is not a list of numbers"
+            bands = values.size if bands is None else bands
+            if values.shape != (bands,) or bands == 0:
+                return f"{where}{key!r} has shape {list(values.shape)}, expected [{bands}] (bands)"
+            if not np.isfinite(values).all() or (key == "std" and (values <= 0).any()):
+                what = "finite" if key == "mean" else "finite and positive"
+                return f"{where}{key!r} holds values that are not {what}"
+    return None
+
+
+def load_normalization(
+    workdir: str | os.PathLike, *, mode: str | None = None, num_bins: int | None = None
+) -> dict[str, Any]:
+    """The run's normalisation (``normalization.json``), checked by :func:`normalization_problem`.
+
+    ``mode``: what the run's config says. A missing file means "none" only when the config
+    says so (or ``mode`` is not given); a run trained with normalisation cannot be scored
+    without its statistics, so RunDirError names the file instead, as it does for a
+    file that is unreadable or fails the checks.
+    """
     path = Path(workdir) / NORMALIZATION_FILE
     if not path.exists():
-        return {"mode": "none"}
-    return _read_json(path, what="normalisation file")
+        if mode in (None, "none"):
+            return {"mode": "none"}
+        raise RunDirError(
+            f"{path}: missing, but the run's config.json says data.normalization={mode!r}; "
+            "without the training statistics every input would be scored unnormalised "
+            "(restore the file, or retrain the run)"
+        )
+    normalization = _read_json(path, what="normalisation file")
+    problem = normalization_problem(normalization, mode=mode, num_bins=num_bins)
+    if problem:
+        raise RunDirError(f"{path}: {problem} (restore the file, or retrain the run)")
+    return normalization
 
 
 def write_teacher(workdir: str | os.PathLike, record: Mapping[str, Any]) -> Path:
@@ -398,6 +460,60 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+def training_progress(workdir: str | os.PathLike) -> dict[str, Any]:
+    """How far a run's training got, from ``metrics.jsonl``: ``{"finished", "step",
+    "total_steps"}``. ``finished`` is True once training logged its "final" record (after its
+    last "start"), False before, and None when the file is missing (nothing is known);
+    ``step`` is the last step logged, ``total_steps`` the one the last "start" planned."""
+    records = read_metrics(workdir)
+    if not records:
+        return {"finished": None, "step": None, "total_steps": None}
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    tail = records[starts[-1] :] if starts else records
+    steps = [r["step"] for r in tail if isinstance(r.get("step"), int)]
+    total = tail[0].get("total_steps") if starts else None
+    return {
+        "finished": any(r.get("event") == "final" for r in tail),
+        "step": max(steps) if steps else None,
+        "total_steps": total if isinstance(total, int) else None,
+    }
+
+
+def unfinished_warning(workdir: str | os.PathLike) -> str | None:
+    """A one-line warning when the run's training did not finish (killed, or still running):
+    its checkpoints are then those of a partly trained model. None for a finished run, or when
+    ``metrics.jsonl`` says nothing."""
+    progress = training_progress(workdir)
+    if progress["finished"] is not False:
+        return None
+    step, total = progress["step"], progress["total_steps"]
+    if step is not None and total and step >= total:
+        return (
+            f"{workdir}: training reached its last step ({total}) but did not log its end "
+            "(stopped during the final evaluation?); run the same train.py command again to "
+            "complete it"
+        )
+    where = f"at step {step} of {total}" if step is not None and total else "before its end"
+    return (
+        f"{workdir}: training stopped {where} (metrics.jsonl has no final record): this is a "
+        "partly trained model (unless it is still training); resume it by running the same "
+        "train.py command again"
+    )
+
+
+def not_final_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str | None:
+    """Why a run's ``results.json`` does not score its finished, last model (None when it
+    does, or when the files say nothing): ``eval.py`` on a partly trained run, or with
+    ``--step`` / ``--best``. The experiment runner retrains (resumes) such a run; summaries
+    refuse it."""
+    checkpoint = results.get("checkpoint", "latest")
+    if checkpoint != "latest":
+        return f"results.json scores the {checkpoint} checkpoint, not the last one"
+    if results.get("training_finished") is False or training_progress(workdir)["finished"] is False:
+        return "results.json scores a partly trained model (training did not finish)"
+    return None
 
 
 class MetricsWriter:
@@ -651,6 +767,39 @@ class RestoredRun:
     split: protocols.Split | None = None
 
 
+def _variables_mismatch(model: Any, variables: dict, data_info: Mapping[str, Any]) -> str | None:
+    """The first parameter or statistic whose name or shape differs between restored
+    ``variables`` and what ``model`` builds for the run's segments (None: they fit; also when
+    split.json records no segment shape). Shapes only: ``jax.eval_shape`` runs no computation."""
+    import jax
+    from flax import traverse_util
+
+    shape = data_info.get("segment_shape")
+    if not (isinstance(shape, list) and len(shape) == 2):
+        return None
+    x = jax.ShapeDtypeStruct((1, *shape, 1), np.float32)
+    expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    want = traverse_util.flatten_dict({k: expected.get(k, {}) for k in variables}, sep="/")
+    have = traverse_util.flatten_dict(variables, sep="/")
+    for name in sorted(want.keys() | have.keys()):
+        if name not in have:
+            return f"{name} is missing from the checkpoint"
+        if name not in want:
+            return f"the checkpoint holds {name}, which the model has not"
+        if tuple(np.shape(have[name])) != tuple(want[name].shape):
+            return (
+                f"{name} has shape {tuple(np.shape(have[name]))}, the model expects "
+                f"{tuple(want[name].shape)}"
+            )
+    return None
+
+
+def _num_bins(data_info: Mapping[str, Any]) -> int | None:
+    shape = data_info.get("segment_shape")
+    ok = isinstance(shape, list) and shape and isinstance(shape[0], int)
+    return int(shape[0]) if ok else None
+
+
 def restore_run(
     workdir: str | os.PathLike, *, step: int | None = None, best: bool = False
 ) -> RestoredRun:
@@ -675,6 +824,9 @@ def restore_run(
         raise RunDirError(f"{workdir}: {what}")
     cfg = load_config(workdir)
     split, data_info = load_split(workdir)
+    normalization = load_normalization(
+        workdir, mode=cfg.data.normalization, num_bins=_num_bins(data_info)
+    )
     num_classes = len(data_info.get("label_names", [])) or 4
     role = cfg.model.role
     model = models.create_model(getattr(cfg.model, role), num_classes=num_classes)
@@ -688,6 +840,13 @@ def restore_run(
         chosen = step if step is not None else (steps[-1] if steps else None)
         if chosen is None or chosen not in steps:
             want = "" if step is None else f" at step {step}"
+            if not steps:  # killed before its first save, or every one moved aside
+                damaged = workdir / DAMAGED_DIR
+                if damaged.is_dir() and any(damaged.iterdir()):
+                    why = f"the damaged ones were moved to {damaged}; retrain with --overwrite"
+                else:
+                    why = "training stopped before its first save: run the train.py command again"
+                raise CheckpointError(f"{directory}: no checkpoint; {why}")
             raise CheckpointError(f"{directory}: no checkpoint{want}; have {steps}")
         try:
             state, meta = ckpt.restore(chosen)
@@ -701,12 +860,18 @@ def restore_run(
     finally:
         ckpt.close()
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    mismatch = _variables_mismatch(model, variables, data_info)
+    if mismatch:
+        raise CheckpointError(
+            f"{directory / str(chosen)}: the checkpoint does not fit the model that "
+            f"{workdir / CONFIG_FILE} describes ({mismatch}); was config.json edited?"
+        )
     return RestoredRun(
         config=cfg,
         model=model,
         variables=variables,
         step=int(meta.get("step", state["step"])),
-        normalization=load_normalization(workdir),
+        normalization=normalization,
         data_info=data_info,
         checkpoint=str(directory / str(chosen)),
         split=split,

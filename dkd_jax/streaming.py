@@ -290,8 +290,8 @@ class StreamPredictor:
     """
 
     def __init__(self, model: OnnxClassifier, *, smoothing_seconds: float = 1.0):
-        if smoothing_seconds < 0:
-            raise DeployError(f"--smooth must be ≥ 0 seconds, got {smoothing_seconds}")
+        if not (math.isfinite(smoothing_seconds) and smoothing_seconds >= 0):
+            raise DeployError(f"--smooth must be ≥ 0 seconds (finite), got {smoothing_seconds}")
         self.model = model
         self.front_end = StreamingFrontEnd(model.features)
         hop = self.front_end.hop_seconds
@@ -397,6 +397,10 @@ def pcm_blocks(
     """Mono float32 blocks at ``sample_rate`` of raw little-endian 16-bit PCM from ``stream``."""
     if rate <= 0 or channels <= 0:
         raise DeployError(f"--rate and --channels must be positive, got {rate} and {channels}")
+    if rate < audio.MIN_SAMPLE_RATE:  # as files declaring such a rate are refused
+        raise DeployError(
+            f"--rate {rate}: below {audio.MIN_SAMPLE_RATE} Hz (in Hz: 16000, not 16?)"
+        )
     frame_bytes = 2 * channels
     block = max(1, round(block_seconds * rate)) * frame_bytes
     resampler = _resampler(rate, sample_rate)

@@ -311,6 +311,9 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     except run_dir.RunDirError as e:
         raise TeacherMismatchError(f"cannot use teacher {tdir}: {e}") from None
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
+    warning = run_dir.unfinished_warning(tdir)
+    if warning:
+        print(f"warning: the teacher {warning}", file=sys.stderr)
     if restored.config.model.role != "teacher":
         print(
             f"note: {tdir} trained a {restored.config.model.role}; using it as the teacher",
@@ -683,6 +686,7 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
         )
         results["train_seconds"] = round(seconds, 3)
         results["compile_seconds"] = round(clock.compile_seconds, 3)
+        results["training_finished"] = True  # written after the "final" record
         eval_lib.write_run_results(run.workdir, results, scores)
     return result
 

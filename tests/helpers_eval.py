@@ -60,4 +60,7 @@ def speaker_normalised_copy(run_path: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "speaker_run"
     shutil.copytree(run_path, copy)
     (copy / run_dir.NORMALIZATION_FILE).write_text(json.dumps({"mode": "speaker", "groups": {}}))
+    config = json.loads((copy / run_dir.CONFIG_FILE).read_text())
+    config["data"]["normalization"] = "speaker"  # the file and the config agree (restore_run)
+    (copy / run_dir.CONFIG_FILE).write_text(json.dumps(config))
     return copy

@@ -266,7 +266,7 @@ def test_cli_stream_file_and_stdin_without_jax(tmp_path):
             assert a["prediction"] == b["prediction"]
 
 
-def test_cli_model_errors_are_one_line(model_dir, tmp_path, capsys):
+def test_cli_model_errors_are_one_line(run_dir, model_dir, tmp_path, capsys):
     rc = eval_cli.main(["predict", "--model", str(tmp_path / "nope"), "a.wav"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("eval.py: error: ") and "model.json" in err
@@ -280,6 +280,9 @@ def test_cli_model_errors_are_one_line(model_dir, tmp_path, capsys):
         eval_cli.main(["predict", "--model", str(model_dir), "--workdir", "w", "a.wav"])
     with pytest.raises(SystemExit):
         eval_cli.main(["predict", "--workdir", "w", "--stream", "-"])
+    rc = eval_cli.main(["predict", "--model", str(run_dir), "a.wav"])  # a run, not an export
+    err = capsys.readouterr().err
+    assert rc == 2 and "it is a training run: use --workdir, or export it first" in err
 
 
 def _card_variants(model):
@@ -333,6 +336,12 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(tmp_path,
     with pytest.raises(SystemExit):
         eval_cli.main(["predict", "--workdir", str(tmp_path), str(wav), "--threads", "2"])
     assert "--threads: not used with --workdir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # used to take the best checkpoint in silence
+        eval_cli.main(["predict", "--workdir", str(tmp_path), str(wav), "--step", "4", "--best"])
+    assert "--step and --best: choose one checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--workdir", str(tmp_path), "--step", "4", "--best"])
+    assert "--step and --best: choose one checkpoint" in capsys.readouterr().err
     groups = tmp_path / "groups.csv"
     groups.write_text(f"path,speaker\n{wav},s1\n,s2\n")
     with pytest.raises(SystemExit):  # was: ": cannot open file", no CSV or row named

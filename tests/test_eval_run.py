@@ -6,6 +6,7 @@ normalisation, so the references below must apply the stored training statistics
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -177,6 +178,89 @@ def test_eval_cli_errors_are_one_line(run_path, tiny_prep_dir, tmp_path, capsys)
     assert rc == 2 and "content hash" in err and "Traceback" not in err
 
 
+def test_a_run_without_its_normalisation_statistics_is_refused(run_path, tmp_path, capsys):
+    """Deleted or damaged normalization.json of a run trained with "global": one line naming
+    the file (it used to score unnormalised features, or end in a KeyError / broadcast error)."""
+    from dkd_jax import export
+
+    work = tmp_path / "run"
+    shutil.copytree(run_path, work)
+    norm_file = work / run_dir.NORMALIZATION_FILE
+    stats = json.loads(norm_file.read_text())
+    bands = len(stats["mean"])
+    damaged = {
+        "missing": None,
+        "no 'mean'": {"mode": "global", "std": stats["std"]},
+        f"'mean' has shape [5], expected [{bands}]": {**stats, "mean": [0.0] * 5},
+        "'std' holds values that are not finite and positive": {**stats, "std": [0.0] * bands},
+    }
+    for message, content in damaged.items():
+        if content is None:
+            norm_file.unlink()
+        else:
+            norm_file.write_text(json.dumps(content))
+        rc = eval_cli.main(["--workdir", str(work), "--no-write"])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(norm_file) in err and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        with pytest.raises(export.ExportError, match=re.escape(message)):
+            export.restore(work)
+
+
+def test_a_config_that_no_longer_fits_the_checkpoint_is_one_line(run_path, tmp_path, capsys):
+    """config.json edited after training (here the student's attention width): the restore
+    names the checkpoint and the first differing parameter (it used to end in a traceback of
+    flax's ScopeParamShapeError when the model was applied)."""
+    work = tmp_path / "run"
+    shutil.copytree(run_path, work)
+    config = json.loads((work / run_dir.CONFIG_FILE).read_text())
+    role = config["model"]["role"]
+    config["model"][role]["attention_hidden"] *= 2
+    (work / run_dir.CONFIG_FILE).write_text(json.dumps(config))
+    rc = eval_cli.main(["--workdir", str(work), "--no-write"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the checkpoint does not fit the model" in err and "has shape" in err
+    assert "params/classifier/kernel has shape (4, 4), the model expects (8, 4)" in err, err
+    assert "was config.json edited?" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    config["model"][role]["attention_hidden"] //= 2  # back as trained: restores
+    (work / run_dir.CONFIG_FILE).write_text(json.dumps(config))
+    assert run_dir.restore_run(work).step > 0
+
+
+def test_scoring_an_unfinished_run_warns_and_the_runner_trains_it_on(run_path, tmp_path, capsys):
+    """A run killed mid-training (metrics.jsonl without its final record): eval.py scores it
+    with a warning and records training_finished: false, and the experiment runner no longer
+    counts such a run as finished (it used to skip it, reporting the partly trained model)."""
+    from dkd_jax.experiment import spec as experiment_spec
+
+    cfg = run_dir.load_config(run_path)
+    assert experiment_spec.is_finished(run_path, cfg)
+    work = tmp_path / "run"
+    shutil.copytree(run_path, work)
+    records_ = run_dir.read_metrics(work)
+    total = records_[0]["total_steps"]
+    kept = [r for r in records_ if r["event"] != "final" and r.get("step", 0) <= total // 2]
+    (work / run_dir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert eval_cli.main(["--workdir", str(work)]) == 0
+    err = capsys.readouterr().err
+    assert f"eval.py: warning: {work}: training stopped at step {total // 2} of {total}" in err
+    results = json.loads((work / run_dir.RESULTS_FILE).read_text())
+    assert results["training_finished"] is False
+    assert not experiment_spec.is_finished(work, cfg)
+    finished = json.loads((run_path / run_dir.RESULTS_FILE).read_text())
+    assert finished["training_finished"] is True
+    assert run_dir.not_final_results(run_path, finished) is None
+    assert "partly trained" in run_dir.not_final_results(work, results)
+    for checkpoint in ("best-by-validation", "step 4"):  # eval.py --best / --step 4
+        problem = run_dir.not_final_results(run_path, {**finished, "checkpoint": checkpoint})
+        assert problem == f"results.json scores the {checkpoint} checkpoint, not the last one"
+    # A run killed during its final evaluation: every step done, no "final" record.
+    done = [r for r in records_ if r["event"] != "final"]
+    (work / run_dir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in done))
+    assert f"training reached its last step ({total}) but" in run_dir.unfinished_warning(work)
+
+
 @pytest.fixture(scope="module")
 def wav_files(tiny_corpus_dir, tiny_prep_dir, tmp_path_factory):
     """Odd-format copies of one real corpus utterance, plus broken files."""
@@ -315,6 +399,20 @@ def test_predict_groups_normalise_one_speakers_files_together(
     )
     via_csv = json.loads((tmp_path / "p.json").read_text())
     assert [f["probabilities"] for f in via_csv["files"]] == [
+        f["probabilities"] for f in grouped["files"]
+    ]
+    # Paths relative to the CSV's own folder (as in data_prep manifests), not the current one
+    folder = tmp_path / "listed"
+    folder.mkdir()
+    for name, src in zip(("a.wav", "b.wav"), pair, strict=True):
+        shutil.copy(src, folder / name)
+    (folder / "groups.csv").write_text("path,speaker\na.wav,spk\nb.wav,spk\n")
+    json_out = tmp_path / "rel.json"
+    assert (
+        eval_cli.main([*argv, "--groups", str(folder / "groups.csv"), "--json", str(json_out)]) == 0
+    )
+    relative = json.loads(json_out.read_text())
+    assert [f["probabilities"] for f in relative["files"]] == [
         f["probabilities"] for f in grouped["files"]
     ]
     with pytest.raises(SystemExit):

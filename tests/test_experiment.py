@@ -250,6 +250,25 @@ def test_summarize_refuses_a_damaged_results_file_instead_of_dropping_the_run(
         err = capsys.readouterr().err
         assert err.startswith(f"experiment: error: {results}: {message}")
         assert not (tmp_path / experiment.SUMMARY_JSON).exists()  # nothing overwritten
+    # Readable results of a partly trained model (eval.py on a killed run, or --step/--best):
+    # refused too, naming the run (they used to be averaged into the summary).
+    valid = {
+        "wa": 0.5,
+        "ua": 0.5,
+        "num_utterances": 4,
+        "confusion_matrix": [[2]],
+        "label_names": ["a"],
+    }
+    for extra, message in (
+        ({"training_finished": False}, "partly trained model"),
+        ({"checkpoint": "best-by-validation"}, "the best-by-validation checkpoint, not the last"),
+    ):
+        results.write_text(json.dumps({**valid, **extra}))
+        assert experiment.main(["summarize", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"experiment: error: {results.parent}: results.json scores ")
+        assert message in err and "run the experiment command again" in err
+        assert not (tmp_path / experiment.SUMMARY_JSON).exists()
 
 
 def _load_or_write(exp_dir):

@@ -189,6 +189,71 @@ def test_read_metrics_skips_cut_lines_and_writer_drops_records_after_resume(tmp_
     assert run_dir.read_metrics(tmp_path / "nothing") == []
 
 
+def test_training_progress_reads_the_last_start_and_the_final_record(tmp_path):
+    assert run_dir.training_progress(tmp_path) == {
+        "finished": None, "step": None, "total_steps": None
+    }  # fmt: skip
+    assert run_dir.unfinished_warning(tmp_path) is None  # nothing known: no warning
+    w = run_dir.MetricsWriter(tmp_path, enabled=True, resume_step=0)
+    w.log({"event": "start", "step": 0, "total_steps": 12})
+    for step in (1, 2, 3, 4):
+        w.log({"event": "train", "step": step})
+    w.log({"event": "eval", "step": 4, "split": "test"})
+    w.close()
+    progress = run_dir.training_progress(tmp_path)
+    assert progress == {"finished": False, "step": 4, "total_steps": 12}
+    warning = run_dir.unfinished_warning(tmp_path)
+    assert "training stopped at step 4 of 12" in warning and str(tmp_path) in warning
+    w = run_dir.MetricsWriter(tmp_path, enabled=True, resume_step=4)  # resumed to the end
+    w.log({"event": "train", "step": 12})
+    w.log({"event": "final", "step": 12})
+    w.close()
+    assert run_dir.training_progress(tmp_path) == {
+        "finished": True, "step": 12, "total_steps": 12
+    }  # fmt: skip
+    assert run_dir.unfinished_warning(tmp_path) is None
+
+
+def _stats(bands, **changes):
+    return {"mode": "global", "mean": [0.5] * bands, "std": [2.0] * bands, **changes}
+
+
+@pytest.mark.parametrize(
+    "normalization, kwargs, message",
+    [
+        (_stats(3), {"mode": "global", "num_bins": 3}, None),
+        ({"mode": "utterance"}, {"mode": "utterance"}, None),
+        ({"mode": "speaker", "groups": {"s1": _stats(2)}}, {"num_bins": 2}, None),
+        ([1, 2], {}, "not a JSON object"),
+        (_stats(3), {"mode": "speaker"}, "the run's config.json says data.normalization='speaker'"),
+        ({"mode": "global", "std": [1.0]}, {}, "no 'mean'"),
+        (_stats(3, mean="abc"), {}, "'mean' is not a list of numbers"),
+        (_stats(5), {"num_bins": 26}, "'mean' has shape [5], expected [26]"),
+        (_stats(3, std=[1.0, 1.0]), {}, "'std' has shape [2], expected [3]"),
+        (_stats(2, std=[1.0, 0.0]), {}, "'std' holds values that are not finite and positive"),
+        (_stats(2, std=[1.0, -1.0]), {}, "not finite and positive"),
+        (_stats(2, mean=[0.0, float("nan")]), {}, "'mean' holds values that are not finite"),
+        ({"mode": "global", "mean": [], "std": []}, {}, "expected [0]"),
+        ({"mode": "speaker"}, {}, "without the training speakers' statistics"),
+        ({"mode": "speaker", "groups": {"s1": _stats(2, std=[1, 0])}}, {}, "speaker 's1': 'std'"),
+    ],
+)
+def test_normalization_problem_names_what_is_wrong(normalization, kwargs, message):
+    problem = run_dir.normalization_problem(normalization, **kwargs)
+    assert problem is None if message is None else message in problem
+
+
+def test_a_missing_normalization_file_is_none_only_when_the_config_says_so(tmp_path):
+    assert run_dir.load_normalization(tmp_path) == {"mode": "none"}
+    assert run_dir.load_normalization(tmp_path, mode="none") == {"mode": "none"}
+    with pytest.raises(run_dir.RunDirError, match=r"normalization\.json: missing, but the run's"):
+        run_dir.load_normalization(tmp_path, mode="global")
+    (tmp_path / run_dir.NORMALIZATION_FILE).write_text(json.dumps(_stats(4)))
+    assert run_dir.load_normalization(tmp_path, mode="global", num_bins=4) == _stats(4)
+    with pytest.raises(run_dir.RunDirError, match=r"'mean' has shape \[4\], expected \[26\]"):
+        run_dir.load_normalization(tmp_path, mode="global", num_bins=26)
+
+
 def test_json_files_are_written_atomically_and_converted(tmp_path):
     path = jsonio.write_json(
         tmp_path / "x.json", {"a": np.float32(1.5), "b": np.arange(2), "c": float("nan")}
@@ -258,6 +323,17 @@ def test_no_readable_checkpoint_is_one_line_naming_the_directory(
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith(f"train.py: error: {wd / run_dir.CHECKPOINT_DIR}: no readable")
+
+
+def test_a_run_killed_before_its_first_save_says_so(reference, tmp_path, capsys):
+    ref, _ = reference
+    wd = _copy_run(ref, tmp_path / "run")
+    for step_dir in (wd / run_dir.CHECKPOINT_DIR).iterdir():
+        shutil.rmtree(step_dir)
+    assert eval_cli.main(["--workdir", str(wd), "--no-write"]) == 2
+    err = capsys.readouterr().err
+    assert f"{wd / run_dir.CHECKPOINT_DIR}: no checkpoint; training stopped before its" in err
+    assert "run the train.py command again" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_names_a_damaged_checkpoint_and_suggests_another_step(reference, tmp_path, capsys):

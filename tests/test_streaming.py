@@ -205,8 +205,9 @@ def test_moving_average_follows_its_formula(band_model):
         np.testing.assert_allclose([r["smoothed"][n] for n in names], ema, rtol=1e-12)
     off = list(streaming.stream_rows(model, [wave], smoothing_seconds=0.0))
     assert all(r["smoothed"] == r["probabilities"] for r in off)
-    with pytest.raises(deploy.DeployError, match="smooth"):
-        streaming.StreamPredictor(model, smoothing_seconds=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):  # nan and inf used to pass
+        with pytest.raises(deploy.DeployError, match="smooth"):
+            streaming.StreamPredictor(model, smoothing_seconds=bad)
 
 
 def test_pcm_blocks_decode_and_resample():
@@ -228,3 +229,6 @@ def test_pcm_blocks_decode_and_resample():
     np.testing.assert_allclose(resampled[inner], whole[inner], atol=1e-3)
     with pytest.raises(deploy.DeployError, match="positive"):
         next(streaming.pcm_blocks(io.BytesIO(b""), rate=0, sample_rate=16000))
+    # --rate 10 used to turn 3 s of audio into 4,800 s of windows; file headers refuse it too
+    with pytest.raises(deploy.DeployError, match="--rate 10: below 1000 Hz"):
+        next(streaming.pcm_blocks(io.BytesIO(stereo), rate=10, sample_rate=16000))

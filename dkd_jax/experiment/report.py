@@ -104,6 +104,11 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
             raise ExperimentError(str(e)) from None
         if res is None:
             continue
+        problem = run_dir.not_final_results(workdir, res)
+        if problem:  # a summary must not average it in, nor drop it in silence
+            raise ExperimentError(
+                f"{workdir}: {problem}; run the experiment command again to finish (or re-score) it"
+            )
         best = best_epoch_scores(workdir)
         val = validation_scores(workdir)
         rows.append(

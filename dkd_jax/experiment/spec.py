@@ -292,9 +292,12 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_finished(workdir: str | os.PathLike, cfg: config_lib.Config) -> bool:
-    """True when ``workdir`` holds a ``results.json`` evaluated for this same training config."""
+    """True when ``workdir`` holds a ``results.json`` evaluated for this same training config,
+    of its finished, last model (``run_dir.not_final_results``: ``eval.py`` on a killed run, or
+    with ``--step`` / ``--best``, writes other results; the runner then resumes the run, which
+    for a finished one only scores its last checkpoint again)."""
     results = run_dir.read_results(workdir)
-    if results is None:
+    if results is None or run_dir.not_final_results(workdir, results):
         return False
     stored = results.get("config")
     if not isinstance(stored, dict):
