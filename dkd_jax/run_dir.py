@@ -234,6 +234,7 @@ def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> It
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"{workdir}: exists and is not a directory")
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     path = (workdir / LOCK_FILE).absolute()
     key = str(path)
@@ -254,6 +255,9 @@ def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> It
             os.ftruncate(fd, 0)
             path.unlink()
         os.close(fd)
+        if created:  # e.g. a bad --config.data.fold refused before any file: leave no empty dir
+            with contextlib.suppress(OSError):
+                workdir.rmdir()  # only when empty
 
 
 # --------------------------------------------------------------------------------------------

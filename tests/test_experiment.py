@@ -314,8 +314,9 @@ def test_make_spec_defaults_and_errors(tiny_prep_dir):
         experiment.make_spec(
             data=tiny_prep_dir, protocol="loso", overrides=["train.compilation_cache_dir=/c"]
         )
-    with pytest.raises(experiment.ExperimentError, match="bad --students"):
-        experiment.make_spec(data=tiny_prep_dir, protocol="loso", students=("dkd", "xx"))
+    for students in (("dkd", "xx"), ()):  # () is what --students "" gives
+        with pytest.raises(experiment.ExperimentError, match="bad --students"):
+            experiment.make_spec(data=tiny_prep_dir, protocol="loso", students=students)
     with pytest.raises(experiment.ExperimentError, match="unknown"):
         experiment.make_spec(data=tiny_prep_dir, protocol="loso", overrides=["kd.nope=1"])
     with pytest.raises(experiment.ExperimentError, match="--folds applies to loso"):

@@ -142,6 +142,27 @@ def test_train_cli_on_a_locked_workdir_is_one_line(tmp_path, tiny_prep_dir, caps
     assert not (wd / run_dir.CONFIG_FILE).exists()  # nothing was written into the held workdir
 
 
+def test_a_workdir_the_lock_created_is_removed_again_when_nothing_was_written(
+    tmp_path, tiny_prep_dir, capsys
+):
+    """A run refused before writing anything (a fold out of range) used to leave an empty
+    workdir behind; a workdir that existed before, or got files, stays."""
+    with run_dir.locked(tmp_path / "new", "probe"):
+        assert (tmp_path / "new").is_dir()
+    assert not (tmp_path / "new").exists()
+    with run_dir.locked(tmp_path / "written", "probe"):
+        (tmp_path / "written" / "config.json").write_text("{}")
+    assert (tmp_path / "written" / "config.json").is_file()
+    (tmp_path / "mine").mkdir()
+    with run_dir.locked(tmp_path / "mine", "probe"):
+        pass
+    assert (tmp_path / "mine").is_dir()
+    workdir = tmp_path / "bad_fold"
+    rc = train_cli.main([*_cli_args(tiny_prep_dir, workdir), "--config.data.fold=7"])
+    assert rc == 2 and "fold 7 out of range" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

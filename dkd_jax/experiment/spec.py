@@ -191,7 +191,8 @@ def make_spec(
             raise ExperimentError(f"unknown preset {name!r}; known: {sorted(config_lib.PRESETS)}")
     students = tuple(students)
     bad = [s for s in students if s not in STUDENT_LOSSES]
-    if bad or len(set(students)) != len(students):
+    # none at all (--students ""): used to run the teachers alone without a word
+    if bad or not students or len(set(students)) != len(students):
         raise ExperimentError(
             f"bad --students {','.join(students)!r}: choose distinct names from "
             f"{', '.join(STUDENT_LOSSES)}"
