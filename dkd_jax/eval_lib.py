@@ -626,7 +626,7 @@ def evaluate_run(
         cfg=run.config,
         split=split,
         step=run.step,
-        checkpoint="best-by-validation" if best else ("latest" if step is None else f"step {step}"),
+        checkpoint=run.checkpoint_label(best=best),
         num_segments=len(eval_set),
         data_dir=data_dir,
         content_hash=metadata["content_hash"],

@@ -359,9 +359,8 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
         raise ExportError(str(e)) from None
     if res is None:
         return None
-    same = res.get("step") == step and res.get("checkpoint", "latest") == (
-        "best-by-validation" if best else "latest"
-    )
+    res_best = res.get("checkpoint") == "best-by-validation"
+    same = res.get("step") == step and res_best == best
     return {
         "wa": res.get("wa"),
         "ua": res.get("ua"),
@@ -391,7 +390,7 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
         workdir: the run directory (for ``results.json``).
         best: whether the best-by-validation checkpoint was restored.
     """
-    from dkd_jax import audio, models
+    from dkd_jax import audio, models, run_dir
 
     workdir = Path(workdir)
     fc_dict = run.data_info.get("feature_config")
@@ -437,7 +436,8 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
         "source": {
             "workdir": os.path.abspath(workdir),
             "step": int(run.step),
-            "checkpoint": "best-by-validation" if best else "latest",
+            "checkpoint": run.checkpoint_label(best=best),
+            "training_finished": run_dir.training_progress(workdir)["finished"],
             "config_hash": config_hash(run.config),
             "data_content_hash": run.data_info.get("content_hash"),
         },

@@ -759,6 +759,8 @@ class RestoredRun:
       data_info: content hash, feature config, label names of the training data (split.json).
       checkpoint: the checkpoint directory that was read.
       split: the run's train/validation/test utterances (split.json), when read from a workdir.
+      is_latest: the restored checkpoint is the newest of its directory (what ``results.json``
+        and ``model.json`` call "latest"; ``--step`` of an older one: False).
     """
 
     config: config_lib.Config
@@ -769,6 +771,13 @@ class RestoredRun:
     data_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: str = ""
     split: protocols.Split | None = None
+    is_latest: bool = True
+
+    def checkpoint_label(self, *, best: bool) -> str:
+        """ "best-by-validation", "latest", or "step N" (an older checkpoint)."""
+        if best:
+            return "best-by-validation"
+        return "latest" if self.is_latest else f"step {self.step}"
 
 
 def _variables_mismatch(model: Any, variables: dict, data_info: Mapping[str, Any]) -> str | None:
@@ -879,4 +888,5 @@ def restore_run(
         data_info=data_info,
         checkpoint=str(directory / str(chosen)),
         split=split,
+        is_latest=chosen == steps[-1],
     )

@@ -97,6 +97,13 @@ def test_evaluate_run_probs_mode_and_step(run_path, restored):
     assert res["num_utterances"] == logits_mode["num_utterances"]
     with pytest.raises(eval_lib.EvalError, match="no checkpoint at step 999"):
         eval_lib.evaluate_run(run_path, step=999, write=False, verbose=False)
+    assert res["checkpoint"] == logits_mode["checkpoint"] == "latest"
+    steps = sorted(int(p.name) for p in (run_path / run_dir.CHECKPOINT_DIR).iterdir())
+    again = eval_lib.evaluate_run(run_path, step=steps[-1], write=False, verbose=False)
+    assert again["checkpoint"] == "latest"  # --step of the newest checkpoint is the latest
+    assert len(steps) > 1  # an older one is named by its step (it used to say "latest")
+    older = eval_lib.evaluate_run(run_path, step=steps[0], write=False, verbose=False)
+    assert older["checkpoint"] == f"step {steps[0]}" and older["step"] == steps[0]
 
 
 def test_eval_cli_writes_results_and_plot(run_path, tmp_path, capsys):

@@ -177,6 +177,7 @@ def test_export_run_writes_a_self_contained_folder(run_dir, tiny_prep_dir, tmp_p
     tol = TINY_REL * _final_layer_scale(run.model, run.variables, noise)
     src = card["source"]
     assert src["step"] == run.step and src["checkpoint"] == "latest"
+    assert src["training_finished"] is True  # False for an export of a partly trained run
     digest = hashlib.sha256((run_dir / "config.json").read_bytes()).hexdigest()
     assert src["config_hash"] == "sha256:" + digest
     assert src["data_content_hash"] == meta["content_hash"]
