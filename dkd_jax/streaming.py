@@ -472,6 +472,43 @@ def format_stream_row(row: dict[str, Any], names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+class _StreamWatch:
+    """Passes a stream's blocks on, counting the samples and whether they all had one value,
+    for the warnings file mode gives (``predict.input_warnings``) once the stream has ended."""
+
+    def __init__(self, blocks: Iterable[np.ndarray]):
+        self.blocks = blocks
+        self.samples = 0
+        self.low = math.inf
+        self.high = -math.inf
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for block in self.blocks:
+            if block.size:
+                self.samples += block.shape[0]
+                self.low = min(self.low, float(block.min()))
+                self.high = max(self.high, float(block.max()))
+            yield block
+
+    def warnings(self, source: str, sample_rate: int) -> list[str]:
+        """Too short to say much, or digital silence (every sample the same)."""
+        from dkd_jax.predict import MIN_RELIABLE_SECONDS
+
+        out = []
+        seconds = self.samples / sample_rate
+        if seconds < MIN_RELIABLE_SECONDS:
+            out.append(
+                f"{source}: only {seconds:.3f} s of audio (under {MIN_RELIABLE_SECONDS} s): "
+                "its predictions say little"
+            )
+        if self.samples and self.low == self.high:
+            out.append(
+                f"{source}: silent: every sample the same (digital silence): its predictions "
+                "say nothing"
+            )
+        return out
+
+
 def stream_cli(args) -> int:
     """``eval.py predict --model DIR --stream PATH|-``: one line per evaluation hop; returns the
     exit status. ``args`` is eval.py's parsed predict namespace (model, stream, rate, channels,
@@ -493,9 +530,15 @@ def stream_cli(args) -> int:
             blocks = file_blocks(args.stream, sample_rate=rate)
         names = model.label_names
         source = "<stdin>" if args.stream == "-" else os.fspath(args.stream)
+        cut = None if args.stream == "-" else audio.truncation_note(args.stream)
+        if cut:  # as file mode warns (a stream cannot wait for its end to say it)
+            print(
+                f"eval.py: warning: {source}: {cut}: predicted from what is there", file=sys.stderr
+            )
+        watch = _StreamWatch(blocks)
         try:
             smooth = 1.0 if args.smooth is None else args.smooth
-            for i, row in enumerate(stream_rows(model, blocks, smoothing_seconds=smooth)):
+            for i, row in enumerate(stream_rows(model, watch, smoothing_seconds=smooth)):
                 if i == 0 and not args.jsonl:  # only once there is a row: an input refused
                     print(format_stream_header(names), flush=True)  # at once prints nothing
                 print(json.dumps(row) if args.jsonl else format_stream_row(row, names), flush=True)
@@ -503,6 +546,8 @@ def stream_cli(args) -> int:
             if str(e).startswith(f"{source}: "):
                 raise
             raise DeployError(f"{source}: {e}") from None
+        for warning in watch.warnings(source, rate):
+            print(f"eval.py: warning: {warning}", file=sys.stderr)
     except (DeployError, audio.AudioError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # e.g. piped into `head`
             sys.stderr.close()

@@ -429,6 +429,17 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     assert eval_cli.main(["predict", "--model", model, *paths]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [f"eval.py: warning: {w}" for w in pred["warnings"]]
+    # --stream warns alike (it used to say nothing): at its end, and a cut file at its start
+    expected = {
+        paths[0]: [f"{paths[0]}: only 0.010 s of audio (under 0.25 s): its predictions say little"],
+        paths[1]: [f"{paths[1]}: silent: every sample the same (digital silence): its "
+                   "predictions say nothing"],
+        paths[2]: [],
+    }  # fmt: skip
+    for path, warnings in expected.items():
+        assert eval_cli.main(["predict", "--model", model, "--stream", path]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"eval.py: warning: {w}" for w in warnings]
     cut = tmp_path / "cut.wav"  # a copy cut short: 1 s declared, 0.25 s present
     sf.write(cut, files["speechlike.wav"], 16000, subtype="PCM_16")
     cut.write_bytes(cut.read_bytes()[: 44 + 2 * 4000])
@@ -437,6 +448,8 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
         f"{cut}: the header declares 1.00 s of audio but the file holds 0.25 s (cut short?): "
         "predicted from what is there"
     ]
+    assert eval_cli.main(["predict", "--model", model, "--stream", str(cut)]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"eval.py: warning: {pred['warnings'][0]}"]
     assert audio.truncation_note(tmp_path / "speechlike.wav") is None
     data = bytearray(cut.read_bytes())
     data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a WAV streamed to a pipe: size unknown
