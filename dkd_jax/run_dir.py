@@ -289,10 +289,11 @@ def prepare_workdir(
     A workdir with a ``config.json`` of another config (apart from the
     :data:`RESUME_COMPATIBLE` fields) is refused; with ``overwrite`` its run files are deleted
     first (only when ``clear``: process 0 of a multi-host run). Checkpoints without a config
-    are refused too (whose would they be?).
+    are refused too (whose would they be?), and so is a folder holding files that are not a
+    run's (hidden ones aside) unless ``overwrite``: the run's files would land among them.
 
     Raises:
-      WorkdirError: the workdir holds another run.
+      WorkdirError: the workdir holds another run, or other files.
     """
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -313,6 +314,18 @@ def prepare_workdir(
     if (workdir / CHECKPOINT_DIR).exists():
         raise WorkdirError(
             f"{workdir} has checkpoints but no config.json; use --overwrite to replace them"
+        )
+    run_names = {*_RUN_FILES, *_RUN_DIRS, DAMAGED_DIR}
+    foreign = sorted(
+        name
+        for name in (os.listdir(workdir) if workdir.is_dir() else [])
+        if name not in run_names and not name.startswith(".")  # .lock, .DS_Store, ...
+    )
+    if foreign:  # e.g. --workdir . in a source tree: the run's files would land among them
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise WorkdirError(
+            f"{workdir} is not empty and holds no run ({listed}); use a new or empty "
+            "--workdir, or --overwrite to train there anyway (files that are not a run's are kept)"
         )
     return False
 

@@ -163,6 +163,27 @@ def test_a_workdir_the_lock_created_is_removed_again_when_nothing_was_written(
     assert not workdir.exists()
 
 
+def test_a_folder_of_other_files_is_refused_unless_overwrite(tmp_path, tiny_prep_dir, capsys):
+    """--workdir . in a source tree used to train into it without a word."""
+    workdir = tmp_path / "src"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    (workdir / ".hidden").write_text("")  # hidden files do not count
+    cfg = _config(tiny_prep_dir)
+    with pytest.raises(run_dir.WorkdirError, match=r"is not empty and holds no run \(notes\.txt\)"):
+        run_dir.prepare_workdir(workdir, cfg, overwrite=False)
+    assert run_dir.prepare_workdir(workdir, cfg, overwrite=True) is False
+    assert (workdir / "notes.txt").read_text() == "mine"  # --overwrite keeps it
+    (workdir / "notes.txt").unlink()
+    for name in (run_dir.TENSORBOARD_DIR, run_dir.DAMAGED_DIR):  # what a run leaves: fine
+        (workdir / name).mkdir()
+    assert run_dir.prepare_workdir(workdir, cfg, overwrite=False) is False
+    (workdir / "notes.txt").write_text("mine")
+    rc = train_cli.main(_cli_args(tiny_prep_dir, workdir))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not empty and holds no run (notes.txt)" in err
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
