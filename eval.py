@@ -184,7 +184,12 @@ def _check_predict_options(args, parser) -> None:
     ignored = [name for name in unused if given[name]]
     if ignored:
         parser.error(f"{', '.join(ignored)}: not used {why}")
-    if given["--step"] and given["--best"]:
+    _one_checkpoint(args, parser)
+
+
+def _one_checkpoint(args, parser) -> None:
+    """Refuses --step with --best (the best checkpoint used to be taken in silence)."""
+    if args.step is not None and args.best:
         parser.error("--step and --best: choose one checkpoint")
 
 
@@ -251,8 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _predict_main(argv[1:])
     parser = _eval_parser()
     args = parser.parse_args(argv)
-    if args.step is not None and args.best:
-        parser.error("--step and --best: choose one checkpoint")
+    _one_checkpoint(args, parser)
     if not _use_cpu_devices(args):
         return 2
     from dkd_jax import eval_lib, jsonio, records, run_dir

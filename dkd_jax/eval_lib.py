@@ -531,14 +531,13 @@ def write_run_results(
 
 def restore(workdir: str | os.PathLike, *, step: int | None, best: bool) -> run_dir.RestoredRun:
     """``run_dir.restore_run`` with its problems as :class:`EvalError`; a run whose training
-    did not finish is restored with a warning on stderr (``run_dir.unfinished_warning``)."""
+    did not finish is restored with its warning on stderr (``RestoredRun.warning``)."""
     try:
         run = run_dir.restore_run(workdir, step=step, best=best)
     except run_dir.RunDirError as e:
         raise EvalError(str(e)) from None
-    warning = run_dir.unfinished_warning(workdir)
-    if warning:
-        print(f"eval.py: warning: {warning}", file=sys.stderr)
+    if run.warning:
+        print(f"eval.py: warning: {run.warning}", file=sys.stderr)
     return run
 
 
@@ -635,7 +634,7 @@ def evaluate_run(
     )
     results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     # False: scored from a partly trained run (the experiment runner then trains it on).
-    results["training_finished"] = run_dir.training_progress(workdir)["finished"]
+    results["training_finished"] = run.training["finished"]
     if write and jax.process_index() == 0:
         with run_dir.locked(workdir, "eval.py"):
             write_run_results(workdir, results, scores, mode=mode, plot=plot)

@@ -100,9 +100,8 @@ def restore(workdir: str | os.PathLike, *, step: int | None = None, best: bool =
         run = run_dir.restore_run(workdir, step=step, best=best)
     except run_dir.RunDirError as e:
         raise ExportError(str(e)) from None
-    warning = run_dir.unfinished_warning(workdir)
-    if warning:
-        print(f"{_PROG}: warning: {warning}", file=sys.stderr)
+    if run.warning:
+        print(f"{_PROG}: warning: {run.warning}", file=sys.stderr)
     return run
 
 
@@ -390,7 +389,7 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
         workdir: the run directory (for ``results.json``).
         best: whether the best-by-validation checkpoint was restored.
     """
-    from dkd_jax import audio, models, run_dir
+    from dkd_jax import audio, models
 
     workdir = Path(workdir)
     fc_dict = run.data_info.get("feature_config")
@@ -437,7 +436,7 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
             "workdir": os.path.abspath(workdir),
             "step": int(run.step),
             "checkpoint": run.checkpoint_label(best=best),
-            "training_finished": run_dir.training_progress(workdir)["finished"],
+            "training_finished": run.training["finished"],
             "config_hash": config_hash(run.config),
             "data_content_hash": run.data_info.get("content_hash"),
         },

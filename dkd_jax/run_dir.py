@@ -498,11 +498,13 @@ def training_progress(workdir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def unfinished_warning(workdir: str | os.PathLike) -> str | None:
+def unfinished_warning(
+    workdir: str | os.PathLike, progress: Mapping[str, Any] | None = None
+) -> str | None:
     """A one-line warning when the run's training did not finish (killed, or still running):
     its checkpoints are then those of a partly trained model. None for a finished run, or when
-    ``metrics.jsonl`` says nothing."""
-    progress = training_progress(workdir)
+    ``metrics.jsonl`` says nothing. ``progress``: :func:`training_progress`, when already read."""
+    progress = training_progress(workdir) if progress is None else progress
     if progress["finished"] is not False:
         return None
     step, total = progress["step"], progress["total_steps"]
@@ -774,6 +776,8 @@ class RestoredRun:
       split: the run's train/validation/test utterances (split.json), when read from a workdir.
       is_latest: the restored checkpoint is the newest of its directory (what ``results.json``
         and ``model.json`` call "latest"; ``--step`` of an older one: False).
+      training: :func:`training_progress` of the run (``training["finished"]``).
+      warning: :func:`unfinished_warning` (None for a finished run), for the caller to print.
     """
 
     config: config_lib.Config
@@ -785,6 +789,10 @@ class RestoredRun:
     checkpoint: str = ""
     split: protocols.Split | None = None
     is_latest: bool = True
+    training: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"finished": None, "step": None, "total_steps": None}
+    )
+    warning: str | None = None
 
     def checkpoint_label(self, *, best: bool) -> str:
         """ "best-by-validation", "latest", or "step N" (an older checkpoint)."""
@@ -800,8 +808,8 @@ def _variables_mismatch(model: Any, variables: dict, data_info: Mapping[str, Any
     import jax
     from flax import traverse_util
 
-    shape = data_info.get("segment_shape")
-    if not (isinstance(shape, list) and len(shape) == 2):
+    shape = _segment_shape(data_info)
+    if shape is None:
         return None
     x = jax.ShapeDtypeStruct((1, *shape, 1), np.float32)
     expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -820,10 +828,11 @@ def _variables_mismatch(model: Any, variables: dict, data_info: Mapping[str, Any
     return None
 
 
-def _num_bins(data_info: Mapping[str, Any]) -> int | None:
+def _segment_shape(data_info: Mapping[str, Any]) -> tuple[int, int] | None:
+    """split.json's ``[bands, frames]`` of the run's segments (None when not recorded)."""
     shape = data_info.get("segment_shape")
-    ok = isinstance(shape, list) and shape and isinstance(shape[0], int)
-    return int(shape[0]) if ok else None
+    ok = isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) for n in shape)
+    return (shape[0], shape[1]) if ok else None
 
 
 def restore_run(
@@ -850,8 +859,9 @@ def restore_run(
         raise RunDirError(f"{workdir}: {what}")
     cfg = load_config(workdir)
     split, data_info = load_split(workdir)
+    shape = _segment_shape(data_info)
     normalization = load_normalization(
-        workdir, mode=cfg.data.normalization, num_bins=_num_bins(data_info)
+        workdir, mode=cfg.data.normalization, num_bins=shape[0] if shape else None
     )
     num_classes = len(data_info.get("label_names", [])) or 4
     role = cfg.model.role
@@ -886,6 +896,7 @@ def restore_run(
     finally:
         ckpt.close()
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    progress = training_progress(workdir)
     mismatch = _variables_mismatch(model, variables, data_info)
     if mismatch:
         raise CheckpointError(
@@ -902,4 +913,6 @@ def restore_run(
         checkpoint=str(directory / str(chosen)),
         split=split,
         is_latest=chosen == steps[-1],
+        training=progress,
+        warning=unfinished_warning(workdir, progress),
     )

@@ -311,9 +311,8 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     except run_dir.RunDirError as e:
         raise TeacherMismatchError(f"cannot use teacher {tdir}: {e}") from None
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
-    warning = run_dir.unfinished_warning(tdir)
-    if warning:
-        print(f"warning: the teacher {warning}", file=sys.stderr)
+    if restored.warning:
+        print(f"warning: the teacher {restored.warning}", file=sys.stderr)
     if restored.config.model.role != "teacher":
         print(
             f"note: {tdir} trained a {restored.config.model.role}; using it as the teacher",
