@@ -201,6 +201,8 @@ def _json_target_problem(path: str) -> str | None:
     parent = target.parent
     if not parent.is_dir():
         return f"{parent}: {'not a folder' if parent.exists() else 'no such folder'}"
+    if not os.access(parent, os.W_OK | os.X_OK):  # the file is written beside, then renamed
+        return f"{parent}: this user may not write into it (Permission denied)"
     return None
 
 

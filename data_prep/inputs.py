@@ -42,11 +42,14 @@ def write_digests(out_dir: str, utterances: Iterable) -> None:
 def changed(out_dir: str, marker: str, inputs: Iterable[tuple[str, str]]) -> list[str]:
     """The inputs ((shown path, path) pairs) whose bytes differ from those recorded in
     ``out_dir``. Only files modified after ``marker`` (the prep's metadata.json) are hashed; a
-    prep without ``INPUTS_FILE`` (made by an earlier version) is taken as is."""
+    prep without ``INPUTS_FILE`` (made by an earlier version) is taken as is. Raises
+    ``PermissionError`` when ``INPUTS_FILE`` or an input cannot be read by this user."""
     try:
         with open(os.path.join(out_dir, INPUTS_FILE), encoding="utf-8") as f:
             digests = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f if line.strip())
         since = os.stat(marker).st_mtime_ns
+    except PermissionError:
+        raise  # the check cannot be made: not the same as a prep without the file
     except (OSError, ValueError):
         return []
     out = []
@@ -54,6 +57,8 @@ def changed(out_dir: str, marker: str, inputs: Iterable[tuple[str, str]]) -> lis
         try:
             if os.stat(path).st_mtime_ns > since and file_sha256(path) != digests.get(shown):
                 out.append(shown)
+        except PermissionError:
+            raise  # unreadable, not changed: the caller names the file
         except OSError:
             out.append(shown)
     return out

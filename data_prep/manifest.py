@@ -434,6 +434,14 @@ def _warn_unlisted_audio(manifest: str, listed: set[str]) -> None:
     for folder in sorted({os.path.dirname(p) for p in listed}):
         try:
             names = sorted(os.listdir(folder))
+        except PermissionError:  # the rows' files may still be readable by name
+            log.warning(
+                "warning: %s: cannot list %s (Permission denied), so audio files there that no "
+                "row names are not looked for",
+                manifest,
+                printable(folder),
+            )
+            continue
         except OSError:
             continue  # the rows' own files then fail with their reason
         for name in names:

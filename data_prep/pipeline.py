@@ -176,6 +176,28 @@ def scan(source: str, **source_options) -> Scan:
         raise PrepError(f"bad options for source {source!r}: {e}") from None
 
 
+def _refuse_unreadable(utts) -> None:
+    """Stops before any work when this user may not read some of the audio (``PrepError``
+    naming them). Such a file is not a bad recording, to be skipped and counted like a cut
+    one: the run would silently train on less until the permissions are fixed. Other open
+    errors are left to the workers, which skip the file with its reason."""
+    denied = []
+    for u in utts:
+        try:
+            with open(u.path, "rb"):
+                pass
+        except PermissionError:
+            denied.append(u.path)
+        except OSError:
+            continue
+    if denied:
+        listed = ", ".join(denied[:3]) + (", ..." if len(denied) > 3 else "")
+        raise PrepError(
+            f"{len(denied)} audio file(s) cannot be read by this user (Permission denied): "
+            f"{listed}; fix their permissions, or run data_prep as a user who may read them"
+        )
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -262,6 +284,7 @@ def prepare(
     utts = found.utterances
     if not utts:
         raise PrepError(_nothing_left_message(root_value, found, 0, []))
+    _refuse_unreadable(utts)
     if num_shards is None:
         num_shards = min(MAX_SHARDS, max(1, math.ceil(len(utts) / UTTERANCES_PER_SHARD)))
     if int(num_shards) < 1:
@@ -310,7 +333,7 @@ def _completed_shards(out_dir: str, state_dir: str, num_shards: int) -> dict:
 def _damaged_shards(out_dir: str, metadata: dict) -> list[str]:
     """The shards of a finished prep run that are missing or whose sizes no longer add up to
     what ``metadata.json`` recorded per split (a cheap check: contents are verified by the
-    reader's CRCs)."""
+    reader's CRCs). Raises the ``OSError`` of a shard that exists but cannot be opened."""
     problems = []
     splits = metadata.get("splits")
     for name, info in (splits if isinstance(splits, dict) else {}).items():
@@ -320,6 +343,9 @@ def _damaged_shards(out_dir: str, metadata: dict) -> list[str]:
         if missing:
             problems.extend(f"{f} is missing" for f in missing)
             continue
+        for p in paths:  # one this user may not read is not damaged: raised as such
+            with open(p, "rb"):
+                pass
         size = sum(os.path.getsize(p) for p in paths)
         if size != info.get("num_bytes", size):
             problems.append(
@@ -349,11 +375,15 @@ def _claim_out_dir(
     if os.path.exists(meta_path):
         try:
             previous, kind = _read_json(meta_path), "finished"
+        except PermissionError:
+            raise  # not damaged: the CLI names the file and the reason
         except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
             previous, kind = {}, "unreadable"
     elif os.path.exists(state_path):
         try:
             previous, kind = _read_json(state_path), "interrupted"
+        except PermissionError:
+            raise
         except (OSError, ValueError):
             previous, kind = {}, "unreadable"
     if previous is not None and not isinstance(previous, dict):  # e.g. [] or null

@@ -227,6 +227,8 @@ def process_utterance(utt: Utterance) -> tuple:
             utt.path, cfg, hop_seconds=(cfg.train_hop_seconds, cfg.eval_hop_seconds)
         )
     except audio.AudioError as e:
+        if e.kind == audio.NO_ACCESS:  # permissions changed during the run: not a bad file
+            raise
         return ("skip", e.kind, e.reason)
     if segs.dropped:
         return (

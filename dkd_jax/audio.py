@@ -53,6 +53,11 @@ header on a 400-kB file would be resampled to 13 GB at 16 kHz)."""
 _SHORT = ("pad", "drop")
 
 
+#: :attr:`AudioError.kind` of a file that exists but that this user may not read (or whose
+#: folder it may not enter): fixed by permissions, not by a better file.
+NO_ACCESS = "no_access"
+
+
 class AudioError(ValueError):
     """An audio file that cannot be used, with the path and the reason.
 
@@ -60,7 +65,8 @@ class AudioError(ValueError):
       path: the file (str).
       reason: what is wrong with it, in words.
       kind: a short machine-readable category ("unreadable", "empty", "no_samples",
-        "non_finite", "bad_rate").
+        "non_finite", "bad_rate", or ``NO_ACCESS``: the file exists but this user may not
+        read it).
     """
 
     def __init__(self, path: Any, reason: str, kind: str = "unreadable"):
@@ -192,16 +198,28 @@ FEATURE_PRESETS: dict[str, FeatureConfig] = {
 
 
 def check_audio_path(path: str | os.PathLike) -> None:
-    """Raises :class:`AudioError` for what libsndfile would report badly: a missing or
-    unreadable path ("System error"), a folder or an empty file ("Format not recognised")."""
+    """Raises :class:`AudioError` for what libsndfile would report badly: a missing path or one
+    this user may not read (both "System error"), a folder or an empty file ("Format not
+    recognised"). A file that exists but may not be read is kind ``NO_ACCESS``: a setting of
+    the machine, not a bad recording (``data_prep`` stops on it instead of skipping it)."""
     try:
         info = os.stat(path)
     except OSError as e:
-        raise AudioError(path, f"cannot open file ({e.strerror or e})", "unreadable") from None
+        raise _open_error(path, e) from None
     if stat.S_ISDIR(info.st_mode):
         raise AudioError(path, "is a folder, not an audio file", "unreadable")
     if stat.S_ISREG(info.st_mode) and info.st_size == 0:
         raise AudioError(path, "file is empty (0 bytes)", "empty")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _open_error(path, e) from None
+
+
+def _open_error(path: str | os.PathLike, e: OSError) -> AudioError:
+    kind = NO_ACCESS if isinstance(e, PermissionError) else "unreadable"
+    return AudioError(path, f"cannot open file ({e.strerror or e})", kind)
 
 
 def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:

@@ -13,6 +13,7 @@ run is restored for evaluation belong to ``run_dir``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -47,6 +48,10 @@ class Checkpointer:
             # A reader must never delete the temporary directory of a save in progress.
             cleanup_tmp_directories=not read_only,
         )
+        if self.directory.is_dir():
+            # Fails in one line (PermissionError naming the folder) where orbax's own listing,
+            # in a cleanup thread when not read-only, would log tracebacks after the error.
+            os.listdir(self.directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -277,8 +282,40 @@ def _orbax_errors_held():
             logger.handle(record)
 
 
+#: The file and the reason at the end of a tensorstore error chain:
+#: ``... Failed to open: "/run/checkpoints/4/state/manifest.ocdbt": Permission denied
+#: [os_error_code='13'] [tensorstore_spec='{...}']`` (the error code is not always there).
+_TENSORSTORE_FILE = re.compile(r'"([^"]+)": ([^"\[]+?)\s*(?:\[|$)')
+_TENSORSTORE_STATUS = re.compile(r"^([A-Z_]+): ")
+#: Characters of an error's first line that :func:`describe_error` keeps.
+_DESCRIBED_CHARS = 300
+
+
 def describe_error(e: BaseException) -> str:
-    """One line for whatever a damaged checkpoint raised (type and first line, clipped)."""
+    """One line for whatever a damaged checkpoint raised: the type and the first line, or, for
+    a tensorstore error about a file, its status, the file and the reason (the full chain, with
+    its JSON spec, runs to thousands of characters and buries the file name)."""
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+    if not first:
+        return type(e).__name__
+    file_error = _TENSORSTORE_FILE.search(first) if _TENSORSTORE_STATUS.match(first) else None
+    if file_error:
+        status = _TENSORSTORE_STATUS.match(first)
+        prefix = f"{status.group(1)}: " if status else ""
+        return f"{type(e).__name__}: {prefix}{file_error.group(1)}: {file_error.group(2)}"
+    if len(first) > _DESCRIBED_CHARS:
+        first = first[:_DESCRIBED_CHARS] + "..."
+    return f"{type(e).__name__}: {first}"
+
+
+def permission_denied(e: BaseException) -> bool:
+    """Whether a failed read or write was refused by the file's permissions (a
+    ``PermissionError`` in the chain, or tensorstore's ``PERMISSION_DENIED`` / error code 13):
+    the checkpoint is then intact, only not readable by this user."""
+    cause = _os_error_in(e)
+    if cause is not None and (
+        isinstance(cause, PermissionError) or cause.errno in (errno.EACCES, errno.EPERM)
+    ):
+        return True
+    return str(e).startswith("PERMISSION_DENIED")

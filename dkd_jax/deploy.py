@@ -158,6 +158,11 @@ class OnnxClassifier:
         path = self.model_dir / self.card["files"]["onnx"]["path"]
         if not path.exists():
             raise DeployError(f"{path}: missing")
+        try:  # onnxruntime would say only "system error number 13"
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise DeployError(f"{path}: cannot read it ({e.strerror or e})") from None
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -353,12 +353,34 @@ def format_changes(changed: Mapping[str, tuple]) -> str:
 
 
 def clear_run(workdir: str | os.PathLike) -> None:
-    """Deletes a run's files (``--overwrite``); other files in the directory are kept."""
+    """Deletes a run's files (``--overwrite``); other files in the directory are kept.
+
+    Raises:
+      OSError: a file or folder of the run cannot be deleted (permissions), naming it: a run
+        left half cleared must not be trained into as if it were empty.
+    """
     workdir = Path(workdir)
     for name in _RUN_FILES:
         (workdir / name).unlink(missing_ok=True)
     for name in _RUN_DIRS:
-        shutil.rmtree(workdir / name, ignore_errors=True)
+        remove_tree(workdir / name)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """``shutil.rmtree`` of ``path`` if it exists; an ``OSError`` names the full path of what
+    could not be deleted (shutil's own names only the last component)."""
+
+    def fail(function, name, error):
+        if isinstance(error, FileNotFoundError):
+            return
+        raise type(error)(error.errno, error.strerror or str(error), name) from error
+
+    if not os.path.lexists(path):
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=fail)
+    else:
+        shutil.rmtree(path, onerror=lambda function, name, info: fail(function, name, info[1]))
 
 
 def write_split(workdir: str | os.PathLike, split: protocols.Split, data_info: Mapping) -> Path:
@@ -723,7 +745,8 @@ def restore_for_resume(
 
     Raises:
       CheckpointError: checkpoints exist but none is readable (the message names the directory
-        and each step's problem).
+        and each step's problem), or the newest one may not be read by this user (permissions:
+        nothing is moved).
     """
     problems = []
     for step in reversed(ckpt.all_steps()):
@@ -731,6 +754,11 @@ def restore_for_resume(
             return ckpt.restore(step, target=target)
         except Exception as e:  # orbax/tensorstore raise many types for a damaged file
             reason = checkpointing.describe_error(e)
+            if checkpointing.permission_denied(e):  # intact: never moved aside as damaged
+                raise CheckpointError(
+                    f"{ckpt.directory / str(step)}: this user may not read the checkpoint "
+                    f"({reason}); fix its permissions, or resume as the user who wrote it"
+                ) from None
             problems.append(f"step {step}: {reason}")
             where = ckpt.directory / str(step)
             if move_aside:

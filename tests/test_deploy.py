@@ -18,6 +18,7 @@ from pathlib import Path
 
 import helpers_eval
 import helpers_export
+import helpers_permissions
 import numpy as np
 import pytest
 import soundfile as sf
@@ -301,7 +302,7 @@ def _card_variants(model):
     yield "bands", {**card, "features": {**f, "n_mels": 64}}, "[N, 40, 200, 1] and gives 4"
 
 
-def test_bad_model_cards_are_one_line_errors_before_any_audio(tmp_path, capsys):
+def test_bad_model_cards_are_one_line_errors_before_any_audio(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     base = helpers_export.band_model_folder(tmp_path / "band")
     wav = tmp_path / "a.wav"
@@ -316,9 +317,16 @@ def test_bad_model_cards_are_one_line_errors_before_any_audio(tmp_path, capsys):
         assert rc == 2 and out == "", name  # was: tracebacks, some after the model loaded
         assert err.startswith(f"eval.py: error: {model}{os.sep}model.") and message in err, err
         assert len(err.strip().splitlines()) == 1
+    helpers_permissions.deny_open(monkeypatch, deploy, base / "model.onnx")
+    rc = eval_cli.main(["predict", "--model", str(base), str(wav)])
+    out, err = capsys.readouterr()  # was: "onnxruntime cannot load it (... error number 13)"
+    assert rc == 2 and out == ""
+    assert err == f"eval.py: error: {base / 'model.onnx'}: cannot read it (Permission denied)\n"
 
 
-def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(tmp_path, capsys):
+def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(
+    tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     model = str(helpers_export.band_model_folder(tmp_path / "band"))
     wav = tmp_path / "a.wav"
@@ -355,6 +363,12 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(tmp_path,
         rc = eval_cli.main(["predict", "--model", model, str(wav), "--json", str(target)])
         out, err = capsys.readouterr()  # was: the table, then a traceback
         assert rc == 2 and out == "" and err.strip().endswith(problem), err
+    monkeypatch.setattr(eval_cli.os, "access", lambda path, mode: False)  # a folder of mode 555
+    rc = eval_cli.main(["predict", "--model", model, str(wav), "--json", str(tmp_path / "p.json")])
+    out, err = capsys.readouterr()  # was: scored, then an error naming a temporary file
+    assert rc == 2 and out == ""
+    assert err.strip().endswith(f"{tmp_path}: this user may not write into it (Permission denied)")
+    monkeypatch.undo()
     # a target that fails only when written: the table stays, the error is one line
     pred = deploy.predict_files(model, [wav])
     blocker = tmp_path / "ro"

@@ -354,6 +354,32 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(
     _assert_same_run(ref, wd)
 
 
+def test_a_checkpoint_this_user_may_not_read_is_not_moved_aside_as_damaged(
+    reference, tiny_prep_dir, tmp_path, capsys, monkeypatch
+):
+    """It was moved to checkpoints_damaged/ and the user told to retrain with --overwrite."""
+    ref, steps = reference
+    wd = _copy_run(ref, tmp_path / "run")
+    newest = wd / run_dir.CHECKPOINT_DIR / str(steps[-1])
+    denied = (
+        f'PERMISSION_DENIED: Error reading local file "{newest}/state/manifest.ocdbt": Failed to '
+        f"open: \"{newest}/state/manifest.ocdbt\": Permission denied [os_error_code='13']"
+    )
+
+    def restore(self, step, target=None):
+        raise ValueError(denied)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "restore", restore)
+    rc = train_cli.main(_cli_args(tiny_prep_dir, wd))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"train.py: error: {newest}: this user may not read the checkpoint (ValueError: "
+        f"PERMISSION_DENIED: {newest}/state/manifest.ocdbt: Permission denied); fix its "
+        "permissions, or resume as the user who wrote it"
+    ]
+    assert newest.is_dir() and not (wd / run_dir.DAMAGED_DIR).exists()
+
+
 def test_no_readable_checkpoint_is_one_line_naming_the_directory(
     reference, tiny_prep_dir, tmp_path, capsys
 ):

@@ -1,0 +1,226 @@
+"""Files and folders this user may not read or change: named as such, never taken for damaged,
+changed or missing ones (a permission problem is fixed by ``chmod``, not by ``--overwrite``).
+
+Root ignores file modes, so the denials are simulated (:mod:`helpers_permissions`); each case
+was also run for real as an unprivileged user (README "Bad input").
+"""
+
+import errno
+import os
+import shutil
+
+import helpers_permissions as deny
+import helpers_prep
+import pytest
+import soundfile as sf
+
+import data_prep
+from data_prep import cli, inputs, manifest, pipeline, sources
+from dkd_jax import audio, checkpointing, records, run_dir
+
+_TENSORSTORE_DENIED = (
+    'PERMISSION_DENIED: Error opening "zarr" driver: Error reading "bad_step/.zarray" in OCDBT '
+    'database at local file "/r/checkpoints/4/state/": Error reading local file '
+    '"/r/checkpoints/4/state/manifest.ocdbt": Failed to open: '
+    '"/r/checkpoints/4/state/manifest.ocdbt": Permission denied{code} '
+    '[tensorstore_spec=\'{{"driver":"zarr","kvstore":{{"path":"/r/checkpoints/4/"}}}}\']'
+)
+
+
+@pytest.fixture(scope="module")
+def iemocap_root(tmp_path_factory):
+    return helpers_prep.write_iemocap_tree(tmp_path_factory.mktemp("iemocap"))
+
+
+@pytest.fixture(scope="module")
+def prepared(iemocap_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep")
+    data_prep.prepare("iemocap", root=iemocap_root, out_dir=out, workers=1, progress=False)
+    return out
+
+
+def _args(root, out):
+    return ["iemocap", "--root", str(root), "--out", str(out), "--no-progress", "--workers", "1"]
+
+
+def _utterance(path, rel_path):
+    return sources.Utterance(rel_path, path, rel_path, 0, "sad", "sad", "s", "1", "", "")
+
+
+def _one_wav(root):
+    """A recording that data_prep prepares (the tree also holds excluded ones)."""
+    return pipeline.scan("iemocap", root=root).utterances[0].path
+
+
+# ---------------------------------------------------------------- audio
+
+
+def test_an_unreadable_recording_is_no_access_not_a_bad_file(tmp_path, monkeypatch):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, helpers_prep.tone(1.0), 16000)
+    audio.check_audio_path(wav)  # readable: passes
+    deny.deny_open(monkeypatch, audio, wav)
+    with pytest.raises(audio.AudioError) as e:  # was: "not a readable audio file (System error)"
+        audio.load_audio(wav, sample_rate=16000)
+    assert e.value.kind == audio.NO_ACCESS
+    assert str(e.value) == f"{wav}: cannot open file (Permission denied)"
+    with pytest.raises(audio.AudioError) as e:
+        audio.check_audio_path(tmp_path / "missing.wav")
+    assert e.value.kind == "unreadable"  # missing: still a bad path, not a permission
+
+
+def test_data_prep_stops_on_unreadable_audio_instead_of_skipping_it(
+    iemocap_root, tmp_path, monkeypatch, capsys
+):
+    """It used to skip the file as "unreadable" and exit 0: a corpus silently smaller."""
+    wav = _one_wav(iemocap_root)
+    deny.deny_open(monkeypatch, pipeline, wav)
+    out = tmp_path / "o"
+    assert cli.main(_args(iemocap_root, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"data_prep: error: 1 audio file(s) cannot be read by this user (Permission denied): "
+        f"{wav}; fix their permissions, or run data_prep as a user who may read them"
+    )
+    assert not out.exists()  # refused before any work
+
+
+def test_a_worker_does_not_skip_a_file_whose_permissions_change_during_the_run(monkeypatch):
+    from data_prep import workers
+
+    def denied(path, cfg, **kwargs):
+        raise audio.AudioError(path, "cannot open file (Permission denied)", audio.NO_ACCESS)
+
+    monkeypatch.setattr(audio, "segment_audio", denied)
+    utt = _utterance("/c/u.wav", "u.wav")
+    monkeypatch.setitem(workers._state, "cfg", audio.FEATURE_PRESETS["mfcc26"])
+    monkeypatch.setitem(workers._state, "corpus", "c")
+    with pytest.raises(audio.AudioError, match="Permission denied"):
+        workers.process_utterance(utt)
+
+
+# ---------------------------------------------------------------- a finished prep, rerun
+
+
+@pytest.mark.parametrize("which", ["metadata", "shard", "inputs"])
+def test_a_rerun_names_an_unreadable_prep_file_not_a_damaged_one(
+    prepared, iemocap_root, monkeypatch, capsys, which
+):
+    """metadata.json was called "unreadable (damaged?)" with --overwrite suggested; an
+    unreadable shard gave "nothing to do" (exit 0); an unreadable inputs.sha256 skipped the
+    check for audio changed in place."""
+    meta = records.load_metadata(prepared)
+    assert cli.main(_args(iemocap_root, prepared)) == 0  # readable: nothing to do
+    capsys.readouterr()
+    path, module = {
+        "metadata": (prepared / records.METADATA_FILE, pipeline),
+        "shard": (prepared / meta["splits"]["eval"]["files"][0], pipeline),
+        "inputs": (prepared / inputs.INPUTS_FILE, inputs),
+    }[which]
+    deny.deny_open(monkeypatch, module, path)
+    assert cli.main(_args(iemocap_root, prepared)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"data_prep: error: {path}: Permission denied"
+
+
+def test_an_input_that_cannot_be_hashed_is_not_called_changed(tmp_path, monkeypatch):
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(b"RIFF")
+    marker = tmp_path / "metadata.json"
+    marker.write_text("{}")
+    inputs.write_digests(str(tmp_path), [_utterance(str(wav), "a.wav")])
+    os.utime(wav, ns=(os.stat(marker).st_mtime_ns + 10**9,) * 2)  # modified after the prep
+    assert inputs.changed(str(tmp_path), str(marker), [("a.wav", str(wav))]) == []
+    deny.deny_open(monkeypatch, inputs, wav)
+    with pytest.raises(PermissionError):  # was: listed as changed
+        inputs.changed(str(tmp_path), str(marker), [("a.wav", str(wav))])
+
+
+def test_a_folder_that_cannot_be_listed_is_said_when_looking_for_unlisted_audio(
+    tmp_path, monkeypatch, caplog
+):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name in ("a.wav", "extra.wav"):
+        sf.write(folder / name, helpers_prep.tone(2.1), 16000)
+    path = folder / "manifest.csv"
+    path.write_text("path,label,speaker\na.wav,sad,s1\n")
+    deny.deny_listdir(monkeypatch, folder)
+    with caplog.at_level("WARNING", logger="data_prep"):
+        scan = manifest.scan_csv(path)
+    assert len(scan.utterances) == 1
+    assert [r.getMessage() for r in caplog.records] == [  # was: nothing
+        f"warning: {path}: cannot list {folder} (Permission denied), so audio files there that "
+        "no row names are not looked for"
+    ]
+
+
+# ---------------------------------------------------------------- checkpoints and run folders
+
+
+@pytest.mark.parametrize("code", ["", " [os_error_code='13']"])
+def test_a_tensorstore_error_is_described_by_its_file_and_reason(code):
+    e = ValueError(_TENSORSTORE_DENIED.format(code=code))
+    assert checkpointing.describe_error(e) == (
+        "ValueError: PERMISSION_DENIED: /r/checkpoints/4/state/manifest.ocdbt: Permission denied"
+    )  # was: the first 200 characters, cut inside the file name
+    assert checkpointing.permission_denied(e)
+    cut = ValueError('DATA_LOSS: Error reading "/r/4/state/d/0": Unexpected end of file')
+    assert checkpointing.describe_error(cut) == (
+        "ValueError: DATA_LOSS: /r/4/state/d/0: Unexpected end of file"
+    )
+    assert not checkpointing.permission_denied(cut)
+    long = ValueError("x" * 1000)
+    assert checkpointing.describe_error(long) == f"ValueError: {'x' * 300}..."
+
+
+def test_permission_denied_finds_the_os_error_in_the_chain():
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/r/4")
+        except OSError as inner:
+            raise RuntimeError("restore failed") from inner
+    except RuntimeError as e:
+        assert checkpointing.permission_denied(e)
+    assert checkpointing.permission_denied(ValueError("x [os_error_code='1']"))  # EPERM
+    assert not checkpointing.permission_denied(ValueError("x [os_error_code='2']"))
+    assert not checkpointing.permission_denied(OSError(errno.ENOSPC, "No space left"))
+
+
+def test_a_checkpoint_folder_that_cannot_be_listed_is_one_error(tmp_path, monkeypatch):
+    """orbax's cleanup thread used to log 40 lines of tracebacks after the error."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    deny.deny_listdir(monkeypatch, folder)
+
+    def manager(*args, **kwargs):  # its cleanup thread is what logged the tracebacks
+        raise AssertionError("the orbax manager was built on a folder it cannot list")
+
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", manager)
+    with pytest.raises(PermissionError) as e:
+        checkpointing.Checkpointer(folder, max_to_keep=1)
+    assert e.value.filename == str(folder)
+
+
+def test_remove_tree_names_the_full_path_of_what_it_cannot_delete(tmp_path, monkeypatch):
+    """--overwrite used to ignore such failures; training then failed an epoch later on a file
+    named only by its last component."""
+    stuck = tmp_path / "run" / "checkpoints" / "4"
+    stuck.mkdir(parents=True)
+    (stuck / "_CHECKPOINT_METADATA").write_text("{}")
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith("_CHECKPOINT_METADATA"):
+            raise deny.permission_error(os.path.basename(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(PermissionError) as e:
+        run_dir.clear_run(tmp_path / "run")
+    assert e.value.filename == str(stuck / "_CHECKPOINT_METADATA")
+    monkeypatch.undo()
+    run_dir.remove_tree(tmp_path / "run" / "checkpoints")
+    run_dir.remove_tree(tmp_path / "run" / "checkpoints")  # gone: nothing to do
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    shutil.rmtree(tmp_path / "run")
