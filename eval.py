@@ -8,11 +8,12 @@ Thin command line over ``dkd_jax.eval_lib``::
     python eval.py predict --model EXPORT_DIR FILE.wav [...] | --stream FILE.wav|- [--rate HZ]
 
 The first form writes ``RUN_DIR/results.json`` (WA, UA, per-class scores, confusion matrix,
-counts, package versions, device, git commit, data hash, config) and ``RUN_DIR/confusion.png``,
-and prints the table. The second prints per-file (and with ``--segments`` per-window)
-probabilities; unreadable files are reported one line each on stderr (exit status 2). With
-``--model`` (a folder written by ``python -m dkd_jax.export``) the same runs on onnxruntime
-without importing JAX (``dkd_jax.deploy``); ``--stream`` prints one line per 0.4-s hop.
+counts, package versions, device, git commit, data hash, config), ``RUN_DIR/confusion.png`` and
+``RUN_DIR/utterance_scores.csv`` (one row per held-out utterance), and prints the table. The
+second prints per-file (and with ``--segments`` per-window) probabilities; unreadable files are
+reported one line each on stderr (exit status 2). With ``--model`` (a folder written by
+``python -m dkd_jax.export``) the same runs on onnxruntime without importing JAX
+(``dkd_jax.deploy``); ``--stream`` prints one line per 0.4-s hop.
 ``--cpu-devices N`` (JAX forms, CPU only) splits every batch over N JAX CPU devices, as
 ``train.py --cpu-devices`` trains: on 2 cores with ``conv_algorithm="taps"`` the student's
 forward ran 1.2-1.5x faster than on one device (README: Speed against PyTorch).
@@ -280,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     if not args.no_write:
-        print(f"wrote {args.workdir}/{run_dir.RESULTS_FILE} and {run_dir.CONFUSION_FILE}")
+        results, confusion, scores = (
+            os.path.join(args.workdir, name)
+            for name in (run_dir.RESULTS_FILE, run_dir.CONFUSION_FILE, run_dir.SCORES_FILE)
+        )
+        print(f"wrote {results}, {confusion} and {scores}")
     return 0
 
 

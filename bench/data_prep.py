@@ -6,7 +6,8 @@ shard writing, metadata), CPU seconds spent (this process and its workers), segm
 per second, peak resident memory of the main process and of the feature workers, and the read
 speed of ``dkd_jax.records.load_split`` (segments/s, CRCs verified).
 
-Inputs (generated once and cached in ``--corpus-dir``; generation is not timed):
+Inputs (generated once and cached in ``--corpus-dir``, by default the system's temporary folder,
+as ``dkd_bench_corpus_*``; generation is not timed):
   * ``--source synth``: the synthetic IEMOCAP-layout corpus of ``data_prep.synth``
     (``--size demo|iemocap``), prepared with the IEMOCAP reader;
   * ``--source csv``: the same corpus's four-class utterances resampled to ``--sample-rate``
@@ -113,6 +114,16 @@ def _csv_corpus(synth_root: str, root: str, sample_rate: int) -> str:
     return path
 
 
+def _holds_a_prep_run(folder: str) -> bool:
+    """A finished or interrupted prep run (its metadata.json or state folder) is in ``folder``."""
+    from data_prep import pipeline
+
+    return any(
+        os.path.exists(os.path.join(folder, name))
+        for name in (records.METADATA_FILE, pipeline.STATE_DIR)
+    )
+
+
 def _corpus(args) -> tuple[str, dict, str]:
     """(tag, prepare() source options, CLI arguments) of the benchmark corpus (generated)."""
     cache = args.corpus_dir or tempfile.gettempdir()
@@ -181,16 +192,25 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="default: data_prep's own default")
     p.add_argument("--mode", choices=("api", "cli"), default="api")
     p.add_argument("--corpus-dir", default=None, help="cache folder of the generated corpora")
-    p.add_argument("--prep-dir", default=None, help="prep dir (default: a temp dir, deleted)")
+    p.add_argument(
+        "--prep-dir",
+        default=None,
+        help="prep dir, kept (default: a temp dir, deleted); one holding an earlier prep run is "
+        "emptied first, one holding other files refused",
+    )
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
+    prep_dir = args.prep_dir
+    if prep_dir and os.path.isdir(prep_dir) and os.listdir(prep_dir):
+        if not _holds_a_prep_run(prep_dir):  # never delete a folder of the user's other files
+            p.error(f"--prep-dir {prep_dir}: not empty and holds no prep run; choose a new folder")
     t0 = time.perf_counter()
     tag, options, cli_args = _corpus(args)
     corpus_seconds = time.perf_counter() - t0
     out = args.prep_dir or tempfile.mkdtemp(prefix="dkd_bench_prep_")
     if os.path.exists(out) and os.listdir(out):
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # an earlier benchmark's prep: timed again from scratch
     if args.mode == "api":
         meta, wall, extra = _run_api(args, options, out)
     else:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of #13 as prepared commands for a lent GPU machine that has CUDA PyTorch and
-# JAX installed but cannot reach a package index (README, "Speed on a GPU").
+# JAX installed but cannot reach a package index (README, "Speed against PyTorch": its GPU paragraphs).
 #
 #   bash bench/device_checks.sh wheels     # HERE, once: the dkd-jax dependencies such a machine
 #                                          # lacks, as Python 3.12 wheels in .whl/ (git-ignored,

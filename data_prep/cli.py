@@ -7,7 +7,7 @@
       [--label-map anger=angry,joy=happy|map.json] [--exclude-labels fear,disgust]
       [--ignore-unknown-labels] [--duplicates error|keep-first]
   python -m data_prep synth --out CORPUS_DIR [--size demo|tiny|iemocap] [--seed N]
-      [--speaker-confound F]
+      [--speaker-confound F] [--manifest] [--workers N] [--no-progress]
 
 Feature/run options of the three corpus sources: ``--features logmel40|logmel64|logmel128|
 mfcc26``, ``--short pad|drop``, ``--workers N``, ``--shards N``, ``--overwrite``,
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.source == "synth":
             return _run_synth(args)
         cfg = dataclasses.replace(audio.FEATURE_PRESETS[args.features], short_utterances=args.short)
+        before = _metadata_stamp(args.out)
         meta = pipeline.prepare(
             args.source,
             out_dir=args.out,
@@ -254,8 +255,22 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepError, DataError, audio.AudioError, ValueError) as e:
         return _error(str(e))
     print(prep_summary(meta))
-    print(f"wrote {os.path.abspath(args.out)}")
+    if before is not None and _metadata_stamp(args.out) == before:
+        print(f"{os.path.abspath(args.out)} was already prepared: nothing written")
+    else:
+        print(f"wrote {os.path.abspath(args.out)}")
     return 0
+
+
+def _metadata_stamp(out_dir: str) -> tuple[int, int] | None:
+    """(inode, mtime) of the prep's metadata.json, None without one: a finished run rewrites it."""
+    from dkd_jax import records
+
+    try:
+        info = os.stat(os.path.join(out_dir, records.METADATA_FILE))
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
 
 
 if __name__ == "__main__":

@@ -352,3 +352,29 @@ def test_host_memory_children_get_their_allocator_setting(setting, malloc, trim,
     args = argparse.Namespace(batch=4, shape=(26, 63), steps=1, op="train")
     module._run_child(setting, "student", args)
     assert seen.get("DKD_JAX_MALLOC") == malloc and seen.get("BENCH_TRIM_THRESHOLD") == trim
+
+
+def test_bench_data_prep_never_deletes_a_prep_dir_of_other_files(tmp_path, capsys, monkeypatch):
+    """A non-empty --prep-dir used to be deleted whatever it held."""
+    module = _bench("data_prep", monkeypatch)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("refused before the corpus is generated")
+
+    monkeypatch.setattr(module, "_corpus", must_not_run)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--prep-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and (tmp_path / "notes.txt").read_text() == "mine"
+    assert f"--prep-dir {tmp_path}: not empty and holds no prep run" in capsys.readouterr().err
+    (tmp_path / "metadata.json").write_text("{}")  # an earlier benchmark's prep: reused
+    with pytest.raises(AssertionError, match="refused before the corpus"):
+        module.main(["--prep-dir", str(tmp_path)])
+
+
+def test_conv_algorithms_needs_two_rounds_for_its_quantiles(capsys, monkeypatch):
+    module = _bench("conv_algorithms", monkeypatch)
+    monkeypatch.setattr(module, "_configure", lambda *a: pytest.fail("ran with --rounds 1"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--rounds", "1"])  # used to fail after the compiles, in the quantiles
+    assert exit_info.value.code == 2 and "--rounds must be ≥ 2" in capsys.readouterr().err

@@ -513,9 +513,18 @@ def test_a_rerun_refuses_a_finished_prep_with_damaged_shards_until_overwrite(
         err = capsys.readouterr().err
         assert f"{out / records.METADATA_FILE} is unreadable (damaged?)" in err, err
         assert "Traceback" not in err
+    capsys.readouterr()
     assert cli.main([*args, "--overwrite", "--workers", "1"]) == 0
     assert train_shard.read_bytes() == original and eval_shard.is_file()
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out}")
     assert cli.main(args) == 0 and train_shard.read_bytes() == original  # intact: done
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(  # was: "wrote", with nothing written
+            f"{out} was already prepared: nothing written"
+        )
+    )
 
 
 # ---------------------------------------------------------------- metadata + end to end
