@@ -1208,6 +1208,10 @@ def _check_out_dir(root: Path, params: dict) -> None:
             continue
         try:
             found = json.loads(path.read_text())
+        except PermissionError as err:
+            raise ValueError(
+                f"synthetic corpus: cannot read {path} ({err.strerror}); fix its permissions"
+            ) from err
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"synthetic corpus: cannot read {path} ({err}); use an empty folder"

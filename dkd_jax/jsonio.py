@@ -50,6 +50,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except PermissionError as e:  # name the file meant, not the temporary one
+        if e.filename == str(tmp):
+            where = path.parent if not os.access(path.parent, os.W_OK | os.X_OK) else path
+            raise PermissionError(e.errno, e.strerror, str(where)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

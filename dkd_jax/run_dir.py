@@ -647,10 +647,15 @@ def split_name(results: dict[str, Any]) -> str | None:
 
 def read_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
     """``results.json`` of a run, or None when it is missing or damaged (not finished: the
-    runner retrains it). Readers that report results use :func:`load_results`."""
+    runner retrains it). Readers that report results use :func:`load_results`.
+
+    Raises:
+      OSError: the file exists but cannot be read (permissions): a finished run must not be
+        retrained, nor reported as different, because this user may not read its results.
+    """
     try:
         return load_results(workdir)
-    except (RunDirError, OSError):
+    except (RunDirError, FileNotFoundError, NotADirectoryError):
         return None
 
 

@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,35 @@ def enable_compilation_cache(cache_dir: str | os.PathLike) -> bool:
         return False
     path = Path(cache_dir)
     path.mkdir(parents=True, exist_ok=True)
+    problem = _unwritable(path)
+    if problem:  # JAX would warn once per program it cannot store, tracebacks included
+        if str(path.absolute()) not in _UNWRITABLE_CACHES:  # the runner and each run ask
+            _UNWRITABLE_CACHES.add(str(path.absolute()))
+            print(
+                f"warning: compilation cache {path} is not writable ({problem}); compiling "
+                "without it",
+                file=sys.stderr,
+            )
+        return False
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return True
+
+
+#: Caches already reported as not writable (one warning per folder and process).
+_UNWRITABLE_CACHES: set[str] = set()
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None when one can)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".write_test")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def train_and_evaluate(

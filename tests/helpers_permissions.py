@@ -41,3 +41,19 @@ def deny_listdir(monkeypatch, *folders) -> None:
         return real(path)
 
     monkeypatch.setattr(os, "listdir", guarded)
+
+
+def deny_path_reads(monkeypatch, *paths) -> None:
+    """``Path.read_bytes`` / ``Path.read_text`` raise ``PermissionError`` for ``paths``."""
+    import pathlib
+
+    denied = {os.path.abspath(p) for p in paths}
+    for name in ("read_bytes", "read_text"):
+        real = getattr(pathlib.Path, name)
+
+        def guarded(self, *args, _real=real, **kwargs):
+            if os.path.abspath(self) in denied:
+                raise permission_error(self)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, name, guarded)

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import helpers_eval
+import helpers_permissions as deny
 import numpy as np
 import pytest
 
@@ -100,6 +101,43 @@ def test_rerun_skips_finished_runs_and_resumes_missing_ones(exp, tiny_prep_dir):
     after = _results(exp_dir, key)
     for field in ("wa", "ua", "confusion_matrix", "step", "config"):
         assert after[field] == before[field]
+
+
+def test_results_this_user_may_not_read_stop_the_runner_instead_of_being_redone(
+    exp, tiny_prep_dir, tmp_path, monkeypatch
+):
+    """A run (or a baseline) whose results.json could not be read counted as not finished: the
+    runner trained it again and replaced the file, summarize dropped the baseline, and
+    reproduce reran the model and then reported MISMATCH."""
+    from dkd_jax.experiment import runner
+
+    exp_dir, summary, _ = exp
+    copy = tmp_path / "exp"
+    shutil.copytree(exp_dir, copy)
+    spec = helpers_eval.shared_spec(tiny_prep_dir)
+    trained = []
+    monkeypatch.setattr(runner, "execute_run", lambda plan, *a, **k: trained.append(plan.key))
+    for key in ("fold1-seed0/student_dkd", "fold0-seed0/baseline"):
+        path = copy / key / run_dir.RESULTS_FILE
+        with monkeypatch.context() as m:
+            deny.deny_path_reads(m, path)
+            with pytest.raises(PermissionError) as e:
+                experiment.run_experiment(copy, spec, progress=False, quiet=True)
+            assert e.value.filename == str(path) and trained == []
+            with pytest.raises(PermissionError):
+                experiment.write_summary(copy)
+            if key.endswith("baseline"):
+                continue
+            with pytest.raises(PermissionError):  # before any rerun
+                experiment.reproduce(
+                    copy, fold=1, model="dkd", scratch=tmp_path / "r", progress=False, quiet=True
+                )
+            assert trained == [] and not (tmp_path / "r").exists()
+    assert experiment.write_summary(copy)["models"] == summary["models"]  # readable again
+    deny.deny_listdir(monkeypatch, copy / "fold1-seed0")
+    with pytest.raises(PermissionError) as e:  # was: its runs left out of the summary
+        experiment.write_summary(copy)
+    assert e.value.filename == str(copy / "fold1-seed0")
 
 
 def test_changed_settings_are_refused(exp, tiny_prep_dir):

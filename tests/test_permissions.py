@@ -224,3 +224,69 @@ def test_remove_tree_names_the_full_path_of_what_it_cannot_delete(tmp_path, monk
     run_dir.remove_tree(tmp_path / "run" / "checkpoints")  # gone: nothing to do
     assert not (tmp_path / "run" / "checkpoints").exists()
     shutil.rmtree(tmp_path / "run")
+
+
+# ---------------------------------------------------------------- experiments, JSON, corpora
+
+
+def test_an_unwritable_compilation_cache_is_one_warning_not_one_per_program(
+    tmp_path, monkeypatch, capsys
+):
+    """JAX warned, with a traceback, for every program it could not store in EXP/.jax_cache."""
+    import jax
+
+    from dkd_jax import train_lib
+
+    monkeypatch.delenv(train_lib.CACHE_ENV, raising=False)
+
+    def mkstemp(dir=None, prefix=None):
+        raise deny.permission_error(os.path.join(dir, prefix))
+
+    monkeypatch.setattr(train_lib.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(jax.config, "update", lambda *a: pytest.fail("cache enabled"))
+    for _ in range(2):  # the experiment runner, then each run
+        assert train_lib.enable_compilation_cache(tmp_path / "cache") is False
+    assert capsys.readouterr().err == (  # once
+        f"warning: compilation cache {tmp_path / 'cache'} is not writable (Permission denied); "
+        "compiling without it\n"
+    )
+    monkeypatch.undo()
+    assert train_lib._unwritable(tmp_path) is None and os.listdir(tmp_path) == ["cache"]
+
+
+def test_an_atomic_write_names_the_file_or_folder_not_its_temporary_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dkd_jax import jsonio
+
+    target = tmp_path / "summary.json"
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name.startswith(".summary.json.tmp"):
+            raise deny.permission_error(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(PermissionError) as e:  # root may write here: the file is named
+        jsonio.write_text(target, "{}")
+    assert e.value.filename == str(target)
+    monkeypatch.setattr(jsonio.os, "access", lambda path, mode: False)  # a folder of mode 555
+    with pytest.raises(PermissionError) as e:
+        jsonio.write_text(target, "{}")
+    assert e.value.filename == str(tmp_path) and os.listdir(tmp_path) == []
+
+
+def test_an_unreadable_corpus_summary_asks_for_permissions_not_an_empty_folder(
+    tmp_path, monkeypatch
+):
+    from data_prep import synth
+
+    (tmp_path / synth._SUMMARY).write_text("{}")
+    deny.deny_path_reads(monkeypatch, tmp_path / synth._SUMMARY)
+    with pytest.raises(ValueError) as e:
+        synth._check_out_dir(tmp_path, {"size": "tiny"})
+    assert str(e.value) == (
+        f"synthetic corpus: cannot read {tmp_path / synth._SUMMARY} (Permission denied); fix "
+        "its permissions"
+    )

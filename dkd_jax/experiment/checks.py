@@ -129,7 +129,7 @@ def run_baselines(
         key = _fingerprint(metadata, split.train_ids, held_out, norm)
         try:
             old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError):  # unreadable: raised, never refitted
             old = None
         if isinstance(old, dict) and old.get("fingerprint") == key:
             out[model] = old

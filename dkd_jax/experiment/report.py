@@ -147,8 +147,8 @@ def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str,
                 path = checks.baseline_file(exp_dir, plan.group, model, validation=validation)
                 try:
                     found[validation] = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue  # not fitted (yet), or cut: refitted by the next run
             if not found:
                 continue
             test, val = found.get(False) or {}, found.get(True) or {}
@@ -227,6 +227,20 @@ def write_summary(
 _GROUP_PATTERNS = {"loso": re.compile(r"fold(\d+)-seed(\d+)"), "paper": re.compile(r"seed(\d+)")}
 
 
+def _runs_with_results(exp_dir: Path, pattern: re.Pattern) -> list[tuple[str, str]]:
+    """(group, run) of every run folder holding a results file, in the groups ``pattern``
+    names. Folders are listed with ``os.listdir``, which raises on one this user may not list
+    (a glob would skip it, and the summary would drop its runs in silence)."""
+    found = []
+    for group in sorted(os.listdir(exp_dir)):
+        if not pattern.fullmatch(group) or not (exp_dir / group).is_dir():
+            continue
+        for run in sorted(os.listdir(exp_dir / group)):
+            if (exp_dir / group / run / run_dir.RESULTS_FILE).exists():
+                found.append((group, run))
+    return found
+
+
 def _with_earlier_runs(
     exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan]
 ) -> tuple[list[RunPlan], ExperimentSpec]:
@@ -239,11 +253,10 @@ def _with_earlier_runs(
     """
     pattern = _GROUP_PATTERNS[spec.protocol]
     folds, seeds, models = set(spec.folds), set(spec.seeds), set()
-    for result in exp_dir.glob(f"*/*/{run_dir.RESULTS_FILE}"):
-        group, run = result.parent.parent.name, result.parent.name
+    for group, run in _runs_with_results(exp_dir, pattern):
         m = pattern.fullmatch(group)
         model = "teacher" if run == "teacher" else run.removeprefix("student_")
-        if not m or (model != "teacher" and model not in STUDENT_LOSSES):
+        if model != "teacher" and model not in STUDENT_LOSSES:
             continue
         nums = [int(x) for x in m.groups()]
         folds.update(nums[:-1])  # loso: the fold; paper: none

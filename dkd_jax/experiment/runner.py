@@ -538,6 +538,7 @@ def reproduce(
     for plan in plans:  # rerun exactly what ran: the run's own resolved config.json
         try:
             cfg = run_dir.load_config(exp_dir / plan.key)
+            run_dir.load_results(exp_dir / plan.key)  # what the rerun is compared with
         except run_dir.RunDirError as e:
             raise ExperimentError(f"cannot reproduce {plan.key}: {e}") from None
         rerun_plans.append(dataclasses.replace(plan, config=cfg))
