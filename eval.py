@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -202,8 +203,11 @@ def _json_target_problem(path: str) -> str | None:
     parent = target.parent
     if not parent.is_dir():
         return f"{parent}: {'not a folder' if parent.exists() else 'no such folder'}"
-    if not os.access(parent, os.W_OK | os.X_OK):  # the file is written beside, then renamed
-        return f"{parent}: this user may not write into it (Permission denied)"
+    try:  # the file is written beside, then renamed: the folder must take a new file
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"{parent}: cannot write into it ({e.strerror or e})"
     return None
 
 

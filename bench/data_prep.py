@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import resource
 import shutil
@@ -114,30 +115,37 @@ def _csv_corpus(synth_root: str, root: str, sample_rate: int) -> str:
     return path
 
 
-def _holds_a_prep_run(folder: str) -> bool:
-    """A finished or interrupted prep run (its metadata.json or state folder) is in ``folder``."""
-    from data_prep import pipeline
+#: The folder-name prefix of the corpora this benchmark generates (``_corpus``).
+CORPUS_PREFIX = "dkd_bench_corpus_"
 
-    return any(
-        os.path.exists(os.path.join(folder, name))
-        for name in (records.METADATA_FILE, pipeline.STATE_DIR)
-    )
+
+def _made_by_this_benchmark(folder: str) -> bool:
+    """``folder`` holds a prep run of one of this benchmark's generated corpora (its
+    metadata.json names a ``CORPUS_PREFIX`` folder): only such a folder is emptied for a new
+    timing, never a user's own prep or other files."""
+    try:
+        with open(os.path.join(folder, records.METADATA_FILE), encoding="utf-8") as f:
+            source = json.load(f).get("source", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    where = source.get("manifest") or source.get("root") if isinstance(source, dict) else None
+    return isinstance(where, str) and CORPUS_PREFIX in where
 
 
 def _corpus(args) -> tuple[str, dict, str]:
     """(tag, prepare() source options, CLI arguments) of the benchmark corpus (generated)."""
     cache = args.corpus_dir or tempfile.gettempdir()
     if args.source == "tones":
-        root = os.path.join(cache, f"dkd_bench_corpus_tones_{args.hours:g}h")
+        root = os.path.join(cache, f"{CORPUS_PREFIX}tones_{args.hours:g}h")
         _tone_corpus(root, args.hours)
         return f"tones {args.hours:g}h", {"root": root}, f"iemocap --root {root}"
     from data_prep import synth
 
-    synth_root = os.path.join(cache, f"dkd_bench_corpus_synth_{args.size}")
+    synth_root = os.path.join(cache, f"{CORPUS_PREFIX}synth_{args.size}")
     synth.generate_corpus(synth_root, size=args.size, seed=0, progress=False)
     if args.source == "synth":
         return f"synth {args.size}", {"root": synth_root}, f"iemocap --root {synth_root}"
-    root = os.path.join(cache, f"dkd_bench_corpus_csv_{args.size}_{args.sample_rate}")
+    root = os.path.join(cache, f"{CORPUS_PREFIX}csv_{args.size}_{args.sample_rate}")
     manifest = _csv_corpus(synth_root, root, args.sample_rate)
     tag = f"csv {args.size} {args.sample_rate / 1000:g} kHz"
     return tag, {"manifest": manifest}, f"csv --manifest {manifest}"
@@ -195,16 +203,19 @@ def main(argv=None) -> int:
     p.add_argument(
         "--prep-dir",
         default=None,
-        help="prep dir, kept (default: a temp dir, deleted); one holding an earlier prep run is "
-        "emptied first, one holding other files refused",
+        help="prep dir, kept (default: a temp dir, deleted); one holding this benchmark's earlier "
+        "prep is emptied first, anything else refused",
     )
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
     prep_dir = args.prep_dir
     if prep_dir and os.path.isdir(prep_dir) and os.listdir(prep_dir):
-        if not _holds_a_prep_run(prep_dir):  # never delete a folder of the user's other files
-            p.error(f"--prep-dir {prep_dir}: not empty and holds no prep run; choose a new folder")
+        if not _made_by_this_benchmark(prep_dir):  # never delete a user's prep or other files
+            p.error(
+                f"--prep-dir {prep_dir}: not empty and holds no prep run of this benchmark's "
+                "corpora; choose a new folder"
+            )
     t0 = time.perf_counter()
     tag, options, cli_args = _corpus(args)
     corpus_seconds = time.perf_counter() - t0

@@ -55,6 +55,7 @@ from data_prep.sources import (
     Scan,
     Utterance,
     classes_list,
+    file_or_denied,
     hidden,
     printable,
     skip_entry,
@@ -322,12 +323,16 @@ def _resolve_labels(
 
 
 def _file_digests(rows: list[_Row]) -> tuple[dict[str, str], dict[str, str]]:
-    """SHA-256 of every file that shares its size with another; unreadable files → reason."""
+    """SHA-256 of every file that shares its size with another; unreadable files → reason.
+    A file this user may not read is neither (data_prep then stops naming it: a permission,
+    not a bad recording)."""
     sizes: dict[str, int] = {}
     errors: dict[str, str] = {}
     for r in rows:
         try:
             sizes[r.full] = os.path.getsize(r.full)
+        except PermissionError:
+            continue
         except OSError as e:
             errors[r.full] = f"cannot read file ({e.strerror or e})"
     count = collections.Counter(sizes.values())
@@ -337,6 +342,8 @@ def _file_digests(rows: list[_Row]) -> tuple[dict[str, str], dict[str, str]]:
             try:
                 with open(path, "rb") as f:
                     digests[path] = hashlib.file_digest(f, "sha256").hexdigest()
+            except PermissionError:
+                continue
             except OSError as e:
                 errors[path] = f"cannot read file ({e.strerror or e})"
     return digests, errors
@@ -354,7 +361,7 @@ def _find_duplicates(
             pairs.append((seen_path[key], r, "duplicate_path"))
             continue
         seen_path[key] = r
-        if not os.path.isfile(r.full):
+        if not file_or_denied(r.full):
             reason = f"audio file missing ({manifest}:{r.line})"
             skipped.append(skip_entry(r.rel, "missing_wav", reason, r.utterance_id))
             continue

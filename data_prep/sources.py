@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import os
 import re
+import stat
 from collections.abc import Sequence
 
 
@@ -53,6 +54,18 @@ class Utterance:
     session: str
     gender: str
     dialog: str
+
+
+def file_or_denied(path: str) -> bool:
+    """Whether ``path`` is a regular file, or lies where this user may not look (a folder on
+    the way it may not enter): such a row is kept, so that data_prep names it as unreadable
+    (Permission denied) instead of skipping it as missing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
 
 
 @dataclasses.dataclass
@@ -396,7 +409,7 @@ class _IemocapReader:
                 )
             )
             return
-        if not os.path.isfile(wav):
+        if not file_or_denied(wav):
             self.skipped.append(
                 skip_entry(rel, "missing_wav", "label line names a missing WAV", utt)
             )

@@ -210,6 +210,8 @@ def check_audio_path(path: str | os.PathLike) -> None:
         raise AudioError(path, "is a folder, not an audio file", "unreadable")
     if stat.S_ISREG(info.st_mode) and info.st_size == 0:
         raise AudioError(path, "file is empty (0 bytes)", "empty")
+    if not stat.S_ISREG(info.st_mode):
+        return  # a pipe or a device: opened once, by the reader
     try:
         with open(path, "rb"):
             pass

@@ -282,31 +282,39 @@ def _orbax_errors_held():
             logger.handle(record)
 
 
-#: The file and the reason at the end of a tensorstore error chain:
-#: ``... Failed to open: "/run/checkpoints/4/state/manifest.ocdbt": Permission denied
-#: [os_error_code='13'] [tensorstore_spec='{...}']`` (the error code is not always there).
-_TENSORSTORE_FILE = re.compile(r'"([^"]+)": ([^"\[]+?)\s*(?:\[|$)')
+#: Where a tensorstore error's own text ends: its spec and source locations follow.
+_TENSORSTORE_TAIL = re.compile(r" \[(?:os_error_code|tensorstore_spec|source locations)=")
+#: The last absolute file path quoted in a tensorstore error chain, and what follows it:
+#: ``... local file "/run/checkpoints/4/state/": Error reading Byte range [0, 205) of local file
+#: "/run/checkpoints/4/state/d/ab12": Failed to open: "/run/checkpoints/4/state/d/ab12":
+#: Permission denied`` names the chunk and "Permission denied".
+_TENSORSTORE_FILE = re.compile(r'"(/[^"]*)": (?!.*"/[^"]*": )(.*)$')
 _TENSORSTORE_STATUS = re.compile(r"^([A-Z_]+): ")
-#: Characters of an error's first line that :func:`describe_error` keeps.
+#: Characters of an error's first line (or of a tensorstore reason) that
+#: :func:`describe_error` keeps.
 _DESCRIBED_CHARS = 300
 
 
 def describe_error(e: BaseException) -> str:
     """One line for whatever a damaged checkpoint raised: the type and the first line, or, for
-    a tensorstore error about a file, its status, the file and the reason (the full chain, with
-    its JSON spec, runs to thousands of characters and buries the file name)."""
+    a tensorstore error, its status, the last file it names and what it says about that file
+    (the whole chain, with its JSON spec, runs to thousands of characters and buries the file)."""
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
     if not first:
         return type(e).__name__
-    file_error = _TENSORSTORE_FILE.search(first) if _TENSORSTORE_STATUS.match(first) else None
-    if file_error:
-        status = _TENSORSTORE_STATUS.match(first)
-        prefix = f"{status.group(1)}: " if status else ""
-        return f"{type(e).__name__}: {prefix}{file_error.group(1)}: {file_error.group(2)}"
-    if len(first) > _DESCRIBED_CHARS:
-        first = first[:_DESCRIBED_CHARS] + "..."
-    return f"{type(e).__name__}: {first}"
+    status = _TENSORSTORE_STATUS.match(first)
+    if status:
+        own = _TENSORSTORE_TAIL.split(first, maxsplit=1)[0]
+        file_error = _TENSORSTORE_FILE.search(own)
+        if file_error:
+            reason = _clip(file_error.group(2).strip())
+            return f"{type(e).__name__}: {status.group(1)}: {file_error.group(1)}: {reason}"
+    return f"{type(e).__name__}: {_clip(first)}"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _DESCRIBED_CHARS else text[:_DESCRIBED_CHARS] + "..."
 
 
 def permission_denied(e: BaseException) -> bool:

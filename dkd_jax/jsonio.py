@@ -7,6 +7,7 @@ and renamed over the old one, so a process killed mid-write leaves the previous 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -56,7 +57,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
             raise PermissionError(e.errno, e.strerror, str(where)) from None
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder it may not search: the error above says
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -366,21 +366,37 @@ def clear_run(workdir: str | os.PathLike) -> None:
         remove_tree(workdir / name)
 
 
+class _RemoveFailed(Exception):
+    """Carries the first failure of :func:`remove_tree` out of ``shutil.rmtree`` (an
+    ``OSError`` raised in its handler would be caught and renamed by rmtree itself, 3.13)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
+
+
 def remove_tree(path: str | os.PathLike) -> None:
-    """``shutil.rmtree`` of ``path`` if it exists; an ``OSError`` names the full path of what
-    could not be deleted (shutil's own names only the last component)."""
+    """``shutil.rmtree`` of ``path`` if it exists (a symbolic link: the link, not its target);
+    an ``OSError`` names the full path of what could not be deleted (shutil's own names only
+    the last component)."""
 
     def fail(function, name, error):
         if isinstance(error, FileNotFoundError):
             return
-        raise type(error)(error.errno, error.strerror or str(error), name) from error
+        raise _RemoveFailed(type(error)(error.errno, error.strerror or str(error), name))
 
+    if os.path.islink(path):
+        os.unlink(path)
+        return
     if not os.path.lexists(path):
         return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=fail)
-    else:
-        shutil.rmtree(path, onerror=lambda function, name, info: fail(function, name, info[1]))
+    try:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=fail)
+        else:
+            shutil.rmtree(path, onerror=lambda function, name, info: fail(function, name, info[1]))
+    except _RemoveFailed as e:
+        raise e.error from None
 
 
 def write_split(workdir: str | os.PathLike, split: protocols.Split, data_info: Mapping) -> Path:

@@ -147,14 +147,13 @@ _UNWRITABLE_CACHES: set[str] = set()
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why a file cannot be created in ``folder`` (None when one can)."""
+    """Why a file cannot be created in ``folder`` (None when one can). The probe is an unnamed
+    file where the OS has them (Linux: nothing left behind, even if the process dies)."""
     try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".write_test")
+        with tempfile.TemporaryFile(dir=folder, prefix=".write_test"):
+            return None
     except OSError as e:
         return e.strerror or str(e)
-    os.close(fd)
-    os.unlink(name)
-    return None
 
 
 def train_and_evaluate(

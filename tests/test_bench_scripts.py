@@ -367,7 +367,13 @@ def test_bench_data_prep_never_deletes_a_prep_dir_of_other_files(tmp_path, capsy
         module.main(["--prep-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and (tmp_path / "notes.txt").read_text() == "mine"
     assert f"--prep-dir {tmp_path}: not empty and holds no prep run" in capsys.readouterr().err
-    (tmp_path / "metadata.json").write_text("{}")  # an earlier benchmark's prep: reused
+    meta = {"source": {"kind": "iemocap", "root": "/data/IEMOCAP_full_release"}}
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))  # the user's own prep
+    with pytest.raises(SystemExit):
+        module.main(["--prep-dir", str(tmp_path)])
+    assert "holds no prep run of this benchmark's corpora" in capsys.readouterr().err
+    meta["source"]["root"] = f"/tmp/{module.CORPUS_PREFIX}synth_demo"  # its own: timed again
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(AssertionError, match="refused before the corpus"):
         module.main(["--prep-dir", str(tmp_path)])
 

@@ -363,11 +363,15 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(
         rc = eval_cli.main(["predict", "--model", model, str(wav), "--json", str(target)])
         out, err = capsys.readouterr()  # was: the table, then a traceback
         assert rc == 2 and out == "" and err.strip().endswith(problem), err
-    monkeypatch.setattr(eval_cli.os, "access", lambda path, mode: False)  # a folder of mode 555
+
+    def no_new_file(dir=None):  # a folder of mode 555
+        raise helpers_permissions.permission_error(os.path.join(dir, "tmpx"))
+
+    monkeypatch.setattr(eval_cli.tempfile, "TemporaryFile", no_new_file)
     rc = eval_cli.main(["predict", "--model", model, str(wav), "--json", str(tmp_path / "p.json")])
     out, err = capsys.readouterr()  # was: scored, then an error naming a temporary file
     assert rc == 2 and out == ""
-    assert err.strip().endswith(f"{tmp_path}: this user may not write into it (Permission denied)")
+    assert err.strip().endswith(f"{tmp_path}: cannot write into it (Permission denied)")
     monkeypatch.undo()
     # a target that fails only when written: the table stays, the error is one line
     pred = deploy.predict_files(model, [wav])

@@ -85,6 +85,33 @@ def test_data_prep_stops_on_unreadable_audio_instead_of_skipping_it(
     assert not out.exists()  # refused before any work
 
 
+def test_a_manifest_row_this_user_may_not_read_is_named_not_skipped(tmp_path, monkeypatch, capsys):
+    """Rows whose file shares its size with another are hashed (repeated recordings), and a
+    file in a folder this user may not enter looked missing: both were skipped, exit 0."""
+    folder = tmp_path / "c"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.wav", "b.wav", "sub/d.wav"):  # the same length: the same size
+        sf.write(folder / name, helpers_prep.tone(2.1, seed=len(name)), 16000)
+    path = folder / "manifest.csv"
+    path.write_text("path,label,speaker\na.wav,sad,s1\nb.wav,angry,s2\nsub/d.wav,sad,s3\n")
+    b, d = folder / "b.wav", folder / "sub" / "d.wav"
+    deny.deny_open(monkeypatch, manifest, b)
+    deny.deny_open(monkeypatch, pipeline, b, d)
+    real_stat = os.stat
+
+    def stat(p, *args, **kwargs):  # sub/ of mode 666: its files cannot even be looked at
+        if os.path.abspath(p) == str(d):
+            raise deny.permission_error(p)
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os.path, "getsize", lambda p: stat(p).st_size)
+    argv = ["csv", "--manifest", str(path), "--out", str(tmp_path / "o"), "--workers", "1"]
+    assert cli.main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"2 audio file(s) cannot be read by this user (Permission denied): {b}, {d}" in err
+
+
 def test_a_worker_does_not_skip_a_file_whose_permissions_change_during_the_run(monkeypatch):
     from data_prep import workers
 
@@ -165,11 +192,35 @@ def test_a_tensorstore_error_is_described_by_its_file_and_reason(code):
         "ValueError: PERMISSION_DENIED: /r/checkpoints/4/state/manifest.ocdbt: Permission denied"
     )  # was: the first 200 characters, cut inside the file name
     assert checkpointing.permission_denied(e)
-    cut = ValueError('DATA_LOSS: Error reading "/r/4/state/d/0": Unexpected end of file')
-    assert checkpointing.describe_error(cut) == (
-        "ValueError: DATA_LOSS: /r/4/state/d/0: Unexpected end of file"
-    )
-    assert not checkpointing.permission_denied(cut)
+
+
+# Messages as tensorstore 0.1 gives them (chunk of mode 000; a damaged .zarray; a cut chunk).
+_TENSORSTORE_MESSAGES = [
+    (
+        'PERMISSION_DENIED: Error reading "d/ab12" in OCDBT database at local file '
+        '"/r/2/state/": Error reading Byte range [0, 205) of local file "/r/2/state/d/ab12": '
+        "Failed to open: \"/r/2/state/d/ab12\": Permission denied [os_error_code='13'] "
+        "[source locations='tensorstore/kvstore/file/file_key_value_store.cc:312']",
+        "PERMISSION_DENIED: /r/2/state/d/ab12: Permission denied",
+    ),
+    (
+        'FAILED_PRECONDITION: Error opening "zarr" driver: Error reading local file '
+        '"/r/4/state/bad_step/.zarray": Error parsing object member "shape": Expected array, '
+        'but received: 3 [tensorstore_spec=\'{"driver":"zarr"}\']',
+        'FAILED_PRECONDITION: /r/4/state/bad_step/.zarray: Error parsing object member "shape": '
+        "Expected array, but received: 3",
+    ),
+    (
+        'DATA_LOSS: Error reading "x": Unexpected end of file',  # no absolute path: as is
+        'DATA_LOSS: Error reading "x": Unexpected end of file',
+    ),
+]
+
+
+@pytest.mark.parametrize("message, described", _TENSORSTORE_MESSAGES)
+def test_describe_error_names_the_last_file_and_what_is_wrong_with_it(message, described):
+    assert checkpointing.describe_error(ValueError(message)) == f"ValueError: {described}"
+    assert checkpointing.permission_denied(ValueError(message)) == message.startswith("PERM")
     long = ValueError("x" * 1000)
     assert checkpointing.describe_error(long) == f"ValueError: {'x' * 300}..."
 
@@ -226,6 +277,19 @@ def test_remove_tree_names_the_full_path_of_what_it_cannot_delete(tmp_path, monk
     shutil.rmtree(tmp_path / "run")
 
 
+def test_remove_tree_of_a_symbolic_link_removes_the_link_not_its_target(tmp_path):
+    """A run's checkpoints/ linked to scratch space: rmtree refuses links, so --overwrite
+    used to leave the old checkpoints in place (and then, with errors raised, could not run)."""
+    target = tmp_path / "scratch"
+    target.mkdir()
+    (target / "4").mkdir()
+    link = tmp_path / "run" / "checkpoints"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    run_dir.clear_run(tmp_path / "run")
+    assert not os.path.lexists(link) and (target / "4").is_dir()
+
+
 # ---------------------------------------------------------------- experiments, JSON, corpora
 
 
@@ -239,10 +303,10 @@ def test_an_unwritable_compilation_cache_is_one_warning_not_one_per_program(
 
     monkeypatch.delenv(train_lib.CACHE_ENV, raising=False)
 
-    def mkstemp(dir=None, prefix=None):
+    def temporary_file(dir=None, prefix=None):
         raise deny.permission_error(os.path.join(dir, prefix))
 
-    monkeypatch.setattr(train_lib.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(train_lib.tempfile, "TemporaryFile", temporary_file)
     monkeypatch.setattr(jax.config, "update", lambda *a: pytest.fail("cache enabled"))
     for _ in range(2):  # the experiment runner, then each run
         assert train_lib.enable_compilation_cache(tmp_path / "cache") is False
@@ -275,6 +339,17 @@ def test_an_atomic_write_names_the_file_or_folder_not_its_temporary_file(tmp_pat
     with pytest.raises(PermissionError) as e:
         jsonio.write_text(target, "{}")
     assert e.value.filename == str(tmp_path) and os.listdir(tmp_path) == []
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):  # a folder it may write into but not search (766)
+        if self.name.startswith(".summary.json.tmp"):
+            raise deny.permission_error(self)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(PermissionError) as e:  # the cleanup's own error does not replace it
+        jsonio.write_text(target, "{}")
+    assert e.value.filename == str(tmp_path)
 
 
 def test_an_unreadable_corpus_summary_asks_for_permissions_not_an_empty_folder(
