@@ -14,7 +14,6 @@ import helpers_prep
 import pytest
 import soundfile as sf
 
-import data_prep
 from data_prep import cli, inputs, manifest, pipeline, sources
 from dkd_jax import audio, checkpointing, records, run_dir
 
@@ -27,20 +26,10 @@ _TENSORSTORE_DENIED = (
 )
 
 
-@pytest.fixture(scope="module")
-def iemocap_root(tmp_path_factory):
-    return helpers_prep.write_iemocap_tree(tmp_path_factory.mktemp("iemocap"))
-
-
-@pytest.fixture(scope="module")
-def prepared(iemocap_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prep")
-    data_prep.prepare("iemocap", root=iemocap_root, out_dir=out, workers=1, progress=False)
-    return out
-
-
 def _args(root, out):
-    return ["iemocap", "--root", str(root), "--out", str(out), "--no-progress", "--workers", "1"]
+    """The command that made conftest's tiny_prep_dir from tiny_corpus_dir (rerun: done)."""
+    source = ["iemocap", "--root", str(root), "--out", str(out), "--features", "mfcc26"]
+    return [*source, "--no-progress", "--workers", "1"]
 
 
 def _utterance(path, rel_path):
@@ -70,13 +59,13 @@ def test_an_unreadable_recording_is_no_access_not_a_bad_file(tmp_path, monkeypat
 
 
 def test_data_prep_stops_on_unreadable_audio_instead_of_skipping_it(
-    iemocap_root, tmp_path, monkeypatch, capsys
+    tiny_corpus_dir, tmp_path, monkeypatch, capsys
 ):
     """It used to skip the file as "unreadable" and exit 0: a corpus silently smaller."""
-    wav = _one_wav(iemocap_root)
+    wav = _one_wav(tiny_corpus_dir)
     deny.deny_open(monkeypatch, pipeline, wav)
     out = tmp_path / "o"
-    assert cli.main(_args(iemocap_root, out)) == 2
+    assert cli.main(_args(tiny_corpus_dir, out)) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
         f"data_prep: error: 1 audio file(s) cannot be read by this user (Permission denied): "
@@ -131,13 +120,14 @@ def test_a_worker_does_not_skip_a_file_whose_permissions_change_during_the_run(m
 
 @pytest.mark.parametrize("which", ["metadata", "shard", "inputs"])
 def test_a_rerun_names_an_unreadable_prep_file_not_a_damaged_one(
-    prepared, iemocap_root, monkeypatch, capsys, which
+    tiny_prep_dir, tiny_corpus_dir, monkeypatch, capsys, which
 ):
     """metadata.json was called "unreadable (damaged?)" with --overwrite suggested; an
     unreadable shard gave "nothing to do" (exit 0); an unreadable inputs.sha256 skipped the
     check for audio changed in place."""
+    prepared = tiny_prep_dir  # the session's: a refused rerun writes nothing
     meta = records.load_metadata(prepared)
-    assert cli.main(_args(iemocap_root, prepared)) == 0  # readable: nothing to do
+    assert cli.main(_args(tiny_corpus_dir, prepared)) == 0  # readable: nothing to do
     capsys.readouterr()
     path, module = {
         "metadata": (prepared / records.METADATA_FILE, pipeline),
@@ -145,7 +135,7 @@ def test_a_rerun_names_an_unreadable_prep_file_not_a_damaged_one(
         "inputs": (prepared / inputs.INPUTS_FILE, inputs),
     }[which]
     deny.deny_open(monkeypatch, module, path)
-    assert cli.main(_args(iemocap_root, prepared)) == 2
+    assert cli.main(_args(tiny_corpus_dir, prepared)) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"data_prep: error: {path}: Permission denied"
 
