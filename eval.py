@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,18 +196,16 @@ def _one_checkpoint(args, parser) -> None:
 
 def _json_target_problem(path: str) -> str | None:
     """Why ``--json PATH`` could not be written, checked before any scoring (or None)."""
+    from dkd_jax import jsonio
+
     target = Path(path)
     if target.is_dir():
         return f"{path}: is a folder"
     parent = target.parent
     if not parent.is_dir():
         return f"{parent}: {'not a folder' if parent.exists() else 'no such folder'}"
-    try:  # the file is written beside, then renamed: the folder must take a new file
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        return f"{parent}: cannot write into it ({e.strerror or e})"
-    return None
+    problem = jsonio.unwritable(parent)  # written beside, then renamed: a new file must fit
+    return f"{parent}: cannot write into it ({problem})" if problem else None
 
 
 def _predict_main(argv: list[str]) -> int:

@@ -288,7 +288,7 @@ _TENSORSTORE_TAIL = re.compile(r" \[(?:os_error_code|tensorstore_spec|source loc
 #: ``... local file "/run/checkpoints/4/state/": Error reading Byte range [0, 205) of local file
 #: "/run/checkpoints/4/state/d/ab12": Failed to open: "/run/checkpoints/4/state/d/ab12":
 #: Permission denied`` names the chunk and "Permission denied".
-_TENSORSTORE_FILE = re.compile(r'"(/[^"]*)": (?!.*"/[^"]*": )(.*)$')
+_TENSORSTORE_FILE = re.compile(r'"(/[^"]*)": ')
 _TENSORSTORE_STATUS = re.compile(r"^([A-Z_]+): ")
 #: Characters of an error's first line (or of a tensorstore reason) that
 #: :func:`describe_error` keeps.
@@ -306,10 +306,10 @@ def describe_error(e: BaseException) -> str:
     status = _TENSORSTORE_STATUS.match(first)
     if status:
         own = _TENSORSTORE_TAIL.split(first, maxsplit=1)[0]
-        file_error = _TENSORSTORE_FILE.search(own)
-        if file_error:
-            reason = _clip(file_error.group(2).strip())
-            return f"{type(e).__name__}: {status.group(1)}: {file_error.group(1)}: {reason}"
+        files = list(_TENSORSTORE_FILE.finditer(own))
+        if files:
+            reason = _clip(own[files[-1].end() :].strip())
+            return f"{type(e).__name__}: {status.group(1)}: {files[-1].group(1)}: {reason}"
     return f"{type(e).__name__}: {_clip(first)}"
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why a new file cannot be created in ``folder`` (its ``strerror``), None when one can.
+    It tries: ``os.access`` says "Permission denied" on a read-only mount and checks the real
+    user. The probe is an unnamed file where the OS has them (Linux: nothing left behind, even
+    if the process dies)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write_test"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Writes ``text`` atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
@@ -53,7 +66,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         os.replace(tmp, path)
     except PermissionError as e:  # name the file meant, not the temporary one
         if e.filename == str(tmp):
-            where = path.parent if not os.access(path.parent, os.W_OK | os.X_OK) else path
+            where = path.parent if unwritable(path.parent) else path
             raise PermissionError(e.errno, e.strerror, str(where)) from None
         raise
     finally:

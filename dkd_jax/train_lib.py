@@ -69,7 +69,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,7 @@ from dkd_jax import (
     distributed,
     eval_lib,
     input_pipeline,
+    jsonio,
     models,
     objective,
     protocols,
@@ -126,7 +126,7 @@ def enable_compilation_cache(cache_dir: str | os.PathLike) -> bool:
         return False
     path = Path(cache_dir)
     path.mkdir(parents=True, exist_ok=True)
-    problem = _unwritable(path)
+    problem = jsonio.unwritable(path)
     if problem:  # JAX would warn once per program it cannot store, tracebacks included
         if str(path.absolute()) not in _UNWRITABLE_CACHES:  # the runner and each run ask
             _UNWRITABLE_CACHES.add(str(path.absolute()))
@@ -144,16 +144,6 @@ def enable_compilation_cache(cache_dir: str | os.PathLike) -> bool:
 
 #: Caches already reported as not writable (one warning per folder and process).
 _UNWRITABLE_CACHES: set[str] = set()
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why a file cannot be created in ``folder`` (None when one can). The probe is an unnamed
-    file where the OS has them (Linux: nothing left behind, even if the process dies)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder, prefix=".write_test"):
-            return None
-    except OSError as e:
-        return e.strerror or str(e)
 
 
 def train_and_evaluate(

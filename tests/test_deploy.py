@@ -27,7 +27,7 @@ pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '
 pytest.importorskip("onnxruntime", reason="needs the export extra")
 
 import eval as eval_cli  # the script at the repository root (pytest pythonpath)
-from dkd_jax import audio, deploy, export, input_pipeline, predict, records, streaming
+from dkd_jax import audio, deploy, export, input_pipeline, jsonio, predict, records, streaming
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -364,10 +364,10 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(
         out, err = capsys.readouterr()  # was: the table, then a traceback
         assert rc == 2 and out == "" and err.strip().endswith(problem), err
 
-    def no_new_file(dir=None):  # a folder of mode 555
+    def no_new_file(dir=None, prefix=None):  # a folder of mode 555
         raise helpers_permissions.permission_error(os.path.join(dir, "tmpx"))
 
-    monkeypatch.setattr(eval_cli.tempfile, "TemporaryFile", no_new_file)
+    monkeypatch.setattr(jsonio.tempfile, "TemporaryFile", no_new_file)
     rc = eval_cli.main(["predict", "--model", model, str(wav), "--json", str(tmp_path / "p.json")])
     out, err = capsys.readouterr()  # was: scored, then an error naming a temporary file
     assert rc == 2 and out == ""

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from data_prep import cli, inputs, manifest, pipeline, sources
-from dkd_jax import audio, checkpointing, records, run_dir
+from dkd_jax import audio, checkpointing, jsonio, records, run_dir
 
 _TENSORSTORE_DENIED = (
     'PERMISSION_DENIED: Error opening "zarr" driver: Error reading "bad_step/.zarray" in OCDBT '
@@ -296,7 +296,7 @@ def test_an_unwritable_compilation_cache_is_one_warning_not_one_per_program(
     def temporary_file(dir=None, prefix=None):
         raise deny.permission_error(os.path.join(dir, prefix))
 
-    monkeypatch.setattr(train_lib.tempfile, "TemporaryFile", temporary_file)
+    monkeypatch.setattr(jsonio.tempfile, "TemporaryFile", temporary_file)
     monkeypatch.setattr(jax.config, "update", lambda *a: pytest.fail("cache enabled"))
     for _ in range(2):  # the experiment runner, then each run
         assert train_lib.enable_compilation_cache(tmp_path / "cache") is False
@@ -305,13 +305,11 @@ def test_an_unwritable_compilation_cache_is_one_warning_not_one_per_program(
         "compiling without it\n"
     )
     monkeypatch.undo()
-    assert train_lib._unwritable(tmp_path) is None and os.listdir(tmp_path) == ["cache"]
+    assert jsonio.unwritable(tmp_path) is None and os.listdir(tmp_path) == ["cache"]
 
 
 def test_an_atomic_write_names_the_file_or_folder_not_its_temporary_file(tmp_path, monkeypatch):
     from pathlib import Path
-
-    from dkd_jax import jsonio
 
     target = tmp_path / "summary.json"
     real = Path.write_text
@@ -325,7 +323,7 @@ def test_an_atomic_write_names_the_file_or_folder_not_its_temporary_file(tmp_pat
     with pytest.raises(PermissionError) as e:  # root may write here: the file is named
         jsonio.write_text(target, "{}")
     assert e.value.filename == str(target)
-    monkeypatch.setattr(jsonio.os, "access", lambda path, mode: False)  # a folder of mode 555
+    monkeypatch.setattr(jsonio, "unwritable", lambda folder: "Permission denied")  # mode 555
     with pytest.raises(PermissionError) as e:
         jsonio.write_text(target, "{}")
     assert e.value.filename == str(tmp_path) and os.listdir(tmp_path) == []
