@@ -348,10 +348,29 @@ def _damaged_shards(out_dir: str, metadata: dict) -> list[str]:
                 pass
         size = sum(os.path.getsize(p) for p in paths)
         if size != info.get("num_bytes", size):
-            problems.append(
-                f"the {name} shards hold {size} bytes, metadata.json says {info['num_bytes']}"
+            changed = _shards_not_as_written(paths, info.get("sha256"))
+            problems.extend(
+                [f"{os.path.basename(p)} is not the file it wrote ({n} bytes)" for p, n in changed]
+                or [f"the {name} shards hold {size} bytes, metadata.json says {info['num_bytes']}"]
             )
     return problems
+
+
+def _shards_not_as_written(paths: list[str], digests) -> list[tuple[str, int]]:
+    """(path, size) of the shards whose SHA-256 is not the one ``metadata.json`` recorded for
+    them; empty when it recorded none to compare with (one per shard). Only called once the
+    split's byte total is known to be wrong, so the hashing costs nothing on a healthy rerun."""
+    if not isinstance(digests, list) or len(digests) != len(paths):
+        return []
+    changed = []
+    for p, want in zip(paths, digests, strict=True):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() != want:
+            changed.append((p, os.path.getsize(p)))
+    return changed
 
 
 def _claim_out_dir(

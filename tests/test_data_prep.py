@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -455,6 +456,30 @@ def test_out_dir_with_other_config_is_refused(prepared, iemocap_root, tmp_path, 
         data_prep.prepare("iemocap", root=iemocap_root, out_dir=tmp_path, progress=False)
 
 
+def test_a_cut_shard_among_several_is_named(prepared, iemocap_root, tmp_path, capsys):
+    """With several shards per split, the rerun's check used to report only the split's byte
+    total; the shard whose SHA-256 is no longer the recorded one is named now (a prep whose
+    metadata.json records no digests still gets the total)."""
+    out = tmp_path / "o"
+    shutil.copytree(prepared[0], out)
+    meta = records.load_metadata(out)
+    names = meta["splits"]["train"]["files"]
+    assert len(names) == 3
+    cut = out / names[1]
+    cut.write_bytes(cut.read_bytes()[:-5])
+    args = ["iemocap", "--root", iemocap_root, "--out", str(out), "--shards", "3"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"({names[1]} is not the file it wrote ({cut.stat().st_size} bytes))" in err, err
+    assert names[0] not in err and names[2] not in err and "--overwrite" in err
+    del meta["splits"]["train"]["sha256"]
+    (out / records.METADATA_FILE).write_text(json.dumps(meta))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    total = meta["splits"]["train"]["num_bytes"]
+    assert f"(the train shards hold {total - 5} bytes, metadata.json says {total})" in err, err
+
+
 def test_overwrite_replaces_a_different_run(iemocap_root, tmp_path, capsys):
     out = tmp_path / "o"
     data_prep.prepare("iemocap", root=iemocap_root, out_dir=out, workers=1, progress=False)
@@ -502,8 +527,8 @@ def test_a_rerun_refuses_a_finished_prep_with_damaged_shards_until_overwrite(
     eval_shard.unlink()
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert f"{eval_shard.name} is missing" in err and "the train shards hold" in err
-    assert f"metadata.json says {len(original)}" in err and "--overwrite" in err
+    assert f"{eval_shard.name} is missing" in err and "--overwrite" in err
+    assert f"{train_shard.name} is not the file it wrote ({len(original) - 7} bytes)" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(records.DataError, match="re-run data_prep with --overwrite"):
         records.load_split(out, "eval")
