@@ -19,26 +19,7 @@ from dkd_jax import cli_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="prep directory (data_prep output)")
-    p.add_argument("--workdir", required=True, help="run directory (created or resumed)")
-    p.add_argument("--role", choices=("teacher", "student"), default="student")
-    p.add_argument("--teacher", help="teacher workdir (students with a distillation loss)")
-    p.add_argument("--loss", choices=("dkd", "kd", "ce", "tckd", "nckd"), help="student loss")
-    p.add_argument("--preset", default="default", help="default | paper | demo | emodb | tiny")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run in workdir")
-    p.add_argument("--distributed", action="store_true", help="jax.distributed auto-detect")
-    p.add_argument("--coordinator", help="multi-host coordinator HOST:PORT")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.add_argument(
-        "--cpu-devices",
-        type=cli_args.positive_int,
-        metavar="N",
-        help="CPU only: split the CPU into N JAX devices, each taking 1/N of every batch (data "
-        "parallel over the cores; README: Training, 'Several CPU cores'). Default: JAX's CPU "
-        "device count (one unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set it)",
-    )
+    p = _parser()
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -50,38 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_jax import host_memory
 
     host_memory.configure()  # before JAX runs anything (see dkd_jax.host_memory)
-    import jax
 
     from dkd_jax import config as config_lib
     from dkd_jax import distributed, jsonio, records, train_lib
 
     try:
-        if args.cpu_devices is not None:
-            distributed.use_cpu_devices(args.cpu_devices)
-        distributed.maybe_initialize_distributed(
-            args.coordinator, args.num_processes, args.process_id, auto=args.distributed
-        )
-        if args.cpu_devices is not None and jax.default_backend() != "cpu":
-            print(
-                f"train.py: --cpu-devices applies to the CPU only; this run uses the "
-                f"{jax.default_backend()} devices",
-                file=sys.stderr,
-            )
-        overrides = [f"data.prep_dir={args.data}", f"model.role={args.role}"]
-        if args.loss:
-            overrides.append(f"kd.loss={args.loss}")
-        cfg = config_lib.apply_overrides(config_lib.get_config(args.preset), overrides + rest)
-        if args.teacher and cfg.kd.loss == "ce":
-            raise ValueError(
-                f"--teacher {args.teacher}: a student trained with kd.loss='ce' uses no teacher "
-                "(drop --teacher, or pick a distillation loss with --loss)"
-            )
-        if args.cpu_devices and cfg.train.num_devices not in (0, args.cpu_devices):
-            print(
-                f"train.py: --cpu-devices {args.cpu_devices} but train.num_devices="
-                f"{cfg.train.num_devices}: this run uses {cfg.train.num_devices} of them",
-                file=sys.stderr,
-            )
+        cfg = _setup(args, rest)
         result = train_lib.train_and_evaluate(
             cfg, args.workdir, teacher_workdir=args.teacher, overwrite=args.overwrite
         )
@@ -105,11 +60,71 @@ def main(argv: list[str] | None = None) -> int:
         print("train.py: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     summary = {k: result[k] for k in ("step", "epoch", "test", "best_validation")}
-    for split in ("test",):
-        if summary[split]:
-            summary[split] = {k: summary[split][k] for k in ("wa", "ua", "num_utterances")}
+    if summary["test"]:
+        summary["test"] = {k: summary["test"][k] for k in ("wa", "ua", "num_utterances")}
     print(json.dumps(summary))
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="prep directory (data_prep output)")
+    p.add_argument("--workdir", required=True, help="run directory (created or resumed)")
+    p.add_argument("--role", choices=("teacher", "student"), default="student")
+    p.add_argument("--teacher", help="teacher workdir (students with a distillation loss)")
+    p.add_argument("--loss", choices=("dkd", "kd", "ce", "tckd", "nckd"), help="student loss")
+    p.add_argument("--preset", default="default", help="default | paper | demo | emodb | tiny")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run in workdir")
+    p.add_argument("--distributed", action="store_true", help="jax.distributed auto-detect")
+    p.add_argument("--coordinator", help="multi-host coordinator HOST:PORT")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument(
+        "--cpu-devices",
+        type=cli_args.positive_int,
+        metavar="N",
+        help="CPU only: split the CPU into N JAX devices, each taking 1/N of every batch (data "
+        "parallel over the cores; README: Training, 'Several CPU cores'). Default: JAX's CPU "
+        "device count (one unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set it)",
+    )
+    return p
+
+
+def _setup(args: argparse.Namespace, overrides: list[str]):
+    """Devices and processes as the options ask, then the run's config (preset + options +
+    ``--config.`` overrides); notes on stderr where an option has no effect."""
+    import jax
+
+    from dkd_jax import config as config_lib
+    from dkd_jax import distributed
+
+    if args.cpu_devices is not None:
+        distributed.use_cpu_devices(args.cpu_devices)
+    distributed.maybe_initialize_distributed(
+        args.coordinator, args.num_processes, args.process_id, auto=args.distributed
+    )
+    if args.cpu_devices is not None and jax.default_backend() != "cpu":
+        print(
+            f"train.py: --cpu-devices applies to the CPU only; this run uses the "
+            f"{jax.default_backend()} devices",
+            file=sys.stderr,
+        )
+    fixed = [f"data.prep_dir={args.data}", f"model.role={args.role}"]
+    if args.loss:
+        fixed.append(f"kd.loss={args.loss}")
+    cfg = config_lib.apply_overrides(config_lib.get_config(args.preset), fixed + overrides)
+    if args.teacher and cfg.kd.loss == "ce":
+        raise ValueError(
+            f"--teacher {args.teacher}: a student trained with kd.loss='ce' uses no teacher "
+            "(drop --teacher, or pick a distillation loss with --loss)"
+        )
+    if args.cpu_devices and cfg.train.num_devices not in (0, args.cpu_devices):
+        print(
+            f"train.py: --cpu-devices {args.cpu_devices} but train.num_devices="
+            f"{cfg.train.num_devices}: this run uses {cfg.train.num_devices} of them",
+            file=sys.stderr,
+        )
+    return cfg
 
 
 # Config fields that an explicit option sets: an override of them would silently win.

@@ -1311,6 +1311,21 @@ def generate_corpus(
         root / "README.txt",
         _README.format(generator=GENERATOR_NAME, version=GENERATOR_VERSION, size=size, seed=seed),
     )
+    jobs = _pending_jobs(root, plan)
+    _check_free_space(root, [_wav_bytes(job[3]) for job in jobs])
+    _synthesize(root, seed, jobs, workers=workers, progress=progress, desc=f"synth {size}")
+
+    if manifest:
+        _write_manifest(root, plan)
+    _write_text(root / _SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (root / _MARKER).unlink(missing_ok=True)
+    return summary
+
+
+def _pending_jobs(root: Path, plan: list[dict]) -> list[tuple]:
+    """Writes each session's evaluation files and dialog folders; returns the utterances whose
+    audio is still to write, as (relative path, id, label, samples, speaker, session) jobs (a
+    file of the right size is from an earlier run with the same parameters)."""
     jobs = []
     for session in plan:
         _write_evaluations(root, session)
@@ -1322,15 +1337,20 @@ def generate_corpus(
                 rel = _wav_relpath(session, dialog, utt)
                 path = root / rel
                 if path.is_file() and path.stat().st_size == _wav_bytes(utt["num_samples"]):
-                    continue  # written by an earlier run with the same parameters
+                    continue
                 spec = (rel, utt["id"], utt["label"], utt["num_samples"], utt["speaker"])
                 jobs.append((*spec, session["session"]))
+    return jobs
 
-    _check_free_space(root, [_wav_bytes(job[3]) for job in jobs])
+
+def _synthesize(
+    root: Path, seed: int, jobs: list[tuple], *, workers: int, progress: bool, desc: str
+) -> None:
+    """Writes the jobs' audio files, in this process or on ``workers`` processes."""
     bar = tqdm(
         total=len(jobs),
         unit="utt",
-        desc=f"synth {size}",
+        desc=desc,
         disable=True if not progress else None,
         dynamic_ncols=True,
     )
@@ -1357,12 +1377,6 @@ def generate_corpus(
                     raise
     finally:
         bar.close()
-
-    if manifest:
-        _write_manifest(root, plan)
-    _write_text(root / _SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (root / _MARKER).unlink(missing_ok=True)
-    return summary
 
 
 def _quiet_on_ctrl_c() -> None:

@@ -592,56 +592,16 @@ def load_split(
     feats = np.empty((total, *shape), np.float32)
     ints = np.empty((3, total), np.int32)  # label, segment_index, valid_frames
     strs: list[list[str]] = [[], [], [], []]  # utterance_id, speaker, session, gender
-    nbytes = int(np.prod(shape)) * 4
-    want_shape = list(shape)
-    example_cls = example_class()
     i = 0
     for j in chosen:
         path = os.path.join(prep_dir, info["files"][j])
-        if not os.path.exists(path):
+        n = _read_shard(path, feats, ints, strs, start=i, verify=verify)
+        if n != int(info["shard_lengths"][j]):
             raise DataError(
-                f"{path}: shard missing; re-run data_prep with --overwrite to rebuild it"
-            )
-        start = i
-        for offset, payload in iter_records(path, verify=verify):
-            try:
-                # A fresh message per record: re-parsing into one message grows its upb arena
-                # (fresh pages, page faults), which is ~20x slower on large splits.
-                example = example_cls()
-                example.ParseFromString(payload)
-                f = example.features.feature
-                raw = f["features"].bytes_list.value[0]
-                rec_shape = list(f["shape"].int64_list.value)
-                label = f["label"].int64_list.value[0]
-                seg_index = f["segment_index"].int64_list.value[0]
-                valid = f["valid_frames"].int64_list.value[0]
-                names = [
-                    f[key].bytes_list.value[0].decode()
-                    for key in ("utterance_id", "speaker", "session", "gender")
-                ]
-            except Exception as e:  # DecodeError, IndexError (missing field), UnicodeDecodeError
-                raise DataError(
-                    f"{path}: undecodable record at byte offset {offset} ({type(e).__name__}: {e})"
-                ) from None
-            if i >= total:
-                raise DataError(f"{path}: more records than metadata.json lists for this shard")
-            if rec_shape != want_shape or len(raw) != nbytes:
-                raise DataError(
-                    f"{path}: record at byte offset {offset} has shape {rec_shape} "
-                    f"({len(raw)} bytes), metadata says {want_shape}"
-                )
-            feats[i] = np.frombuffer(raw, "<f4").reshape(shape)
-            ints[0, i] = label
-            ints[1, i] = seg_index
-            ints[2, i] = valid
-            for k in range(4):
-                strs[k].append(names[k])
-            i += 1
-        if i - start != int(info["shard_lengths"][j]):
-            raise DataError(
-                f"{path}: {i - start} records, metadata.json says {info['shard_lengths'][j]}; "
+                f"{path}: {n} records, metadata.json says {info['shard_lengths'][j]}; "
                 "the shard is incomplete (re-run data_prep with --overwrite)"
             )
+        i += n
 
     def as_str(values):
         return np.array(values, dtype=str) if values else np.zeros((0,), dtype="<U1")
@@ -656,6 +616,54 @@ def load_split(
         sessions=as_str(strs[2]),
         genders=as_str(strs[3]),
     )
+
+
+def _read_shard(
+    path: str, feats: np.ndarray, ints: np.ndarray, strs: list[list[str]], *, start: int, verify
+) -> int:
+    """Decodes one shard's records into ``feats[start:]``, ``ints[:, start:]`` (label,
+    segment_index, valid_frames) and the four string lists; returns how many it read."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: shard missing; re-run data_prep with --overwrite to rebuild it")
+    shape = feats.shape[1:]
+    want_shape, nbytes = list(shape), int(np.prod(shape)) * 4
+    example_cls = example_class()
+    i = start
+    for offset, payload in iter_records(path, verify=verify):
+        try:
+            # A fresh message per record: re-parsing into one message grows its upb arena
+            # (fresh pages, page faults), which is ~20x slower on large splits.
+            example = example_cls()
+            example.ParseFromString(payload)
+            f = example.features.feature
+            raw = f["features"].bytes_list.value[0]
+            rec_shape = list(f["shape"].int64_list.value)
+            label = f["label"].int64_list.value[0]
+            seg_index = f["segment_index"].int64_list.value[0]
+            valid = f["valid_frames"].int64_list.value[0]
+            names = [
+                f[key].bytes_list.value[0].decode()
+                for key in ("utterance_id", "speaker", "session", "gender")
+            ]
+        except Exception as e:  # DecodeError, IndexError (missing field), UnicodeDecodeError
+            raise DataError(
+                f"{path}: undecodable record at byte offset {offset} ({type(e).__name__}: {e})"
+            ) from None
+        if i >= feats.shape[0]:
+            raise DataError(f"{path}: more records than metadata.json lists for this shard")
+        if rec_shape != want_shape or len(raw) != nbytes:
+            raise DataError(
+                f"{path}: record at byte offset {offset} has shape {rec_shape} "
+                f"({len(raw)} bytes), metadata says {want_shape}"
+            )
+        feats[i] = np.frombuffer(raw, "<f4").reshape(shape)
+        ints[0, i] = label
+        ints[1, i] = seg_index
+        ints[2, i] = valid
+        for k in range(4):
+            strs[k].append(names[k])
+        i += 1
+    return i - start
 
 
 def tf_feature_spec(segment_shape: Sequence[int]):
