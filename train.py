@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # e.g. numpy's "Unable to allocate 5.96 TiB for an array ..."
+        if os.environ.get("DKD_JAX_DEBUG"):
+            raise
+        print(
+            f"train.py: error: out of host memory ({e or 'MemoryError'}); a smaller "
+            "optim.batch_size or data.eval_batch_size needs less",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("train.py: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -134,12 +143,13 @@ _OPTION_FIELDS = {"data.prep_dir": "--data", "model.role": "--role", "kd.loss": 
 def _option_conflict(args: argparse.Namespace, overrides: list[str]) -> str | None:
     """Options that contradict each other or do nothing for the chosen role (None: none)."""
     for item in overrides:
-        field = item[len("--config.") :].split("=", 1)[0]
+        field = item[len("--config.") :].split("=", 1)[0].strip()
         option = _OPTION_FIELDS.get(field)
         if option == "--loss" and args.loss is None:
             continue  # --config.kd.loss alone picks the loss, as --loss does
         if option:
-            return f"{item.split('=', 1)[0]} conflicts with {option}: set it with {option} only"
+            given = item.split("=", 1)[0].strip()
+            return f"{given} conflicts with {option}: set it with {option} only"
     if args.role == "teacher":
         unused = [o for o, v in (("--teacher", args.teacher), ("--loss", args.loss)) if v]
         if unused:

@@ -216,7 +216,7 @@ def _source_options(args) -> dict:
             "ignore_unknown_labels": args.ignore_unknown_labels,
             "duplicates": args.duplicates,
         }
-    if args.classes:
+    if args.classes is not None:  # "" is an empty list, refused as such (not the default)
         options["classes"] = args.classes
     return options
 

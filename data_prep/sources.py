@@ -171,6 +171,10 @@ def classes_list(classes: Sequence[str] | str | None) -> list[str]:
         raise PrepError(f"classes must be a non-empty list of names, got {classes!r}")
     if len(set(out)) != len(out):
         raise PrepError(f"classes contain duplicates: {out}")
+    if len(out) < 2:
+        raise PrepError(
+            f"classes {out}: a classifier needs at least 2 classes (list them, comma-separated)"
+        )
     return out
 
 

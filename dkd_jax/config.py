@@ -70,6 +70,26 @@ class ConfigError(ValueError):
     """A bad preset name, override, field or value (the message names which)."""
 
 
+#: The architecture presets ``model.teacher.preset`` / ``model.student.preset`` may name: the
+#: keys of ``models.MODEL_PRESETS`` (listed here so that config stays free of JAX and Flax;
+#: tests/test_config.py checks that the two agree).
+ARCH_PRESETS = ("student", "teacher", "area_teacher", "tiny")
+
+#: Largest value of an integer field: steps, sizes and counts reach JAX as int32.
+MAX_INT = 2**31 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
+
+#: The weights each student loss uses: with all of them 0 the student would not train.
+_LOSS_WEIGHTS = {
+    "ce": ("ce_weight",),
+    "dkd": ("ce_weight", "alpha", "beta"),
+    "kd": ("ce_weight", "kd_weight"),
+    "tckd": ("ce_weight", "alpha"),
+    "nckd": ("ce_weight", "beta"),
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------
@@ -291,6 +311,7 @@ class Config:
 
         d, o, k, a, t = self.data, self.optim, self.kd, self.augment, self.train
         need(d.fold >= 0, f"data.fold must be >= 0, got {d.fold}")
+        need(d.split_seed >= 0, f"data.split_seed must be >= 0, got {d.split_seed}")
         need(
             0.0 < d.validation_fraction < 1.0,
             f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}",
@@ -309,7 +330,11 @@ class Config:
         need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1/b2 must be in [0, 1), got {o.b1}/{o.b2}")
         need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
         need(o.decay_every > 0, f"optim.decay_every must be > 0, got {o.decay_every}")
-        need(o.decay_factor > 0, f"optim.decay_factor must be > 0, got {o.decay_factor}")
+        need(
+            0 < o.decay_factor <= 1,
+            f"optim.decay_factor must be in (0, 1] (it multiplies the learning rate at each "
+            f"decay: 0.1 divides it by 10), got {o.decay_factor}",
+        )
         need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
         need(o.grad_clip_norm >= 0, f"optim.grad_clip_norm must be >= 0, got {o.grad_clip_norm}")
         need(o.num_epochs > 0, f"optim.num_epochs must be > 0, got {o.num_epochs}")
@@ -332,9 +357,45 @@ class Config:
             f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}",
         )
         need(t.log_every_steps >= 1, f"train.log_every_steps must be >= 1, got {t.log_every_steps}")
+        for arch_name in ("teacher", "student"):
+            preset = getattr(self.model, arch_name).preset
+            need(
+                preset in ARCH_PRESETS,
+                f"model.{arch_name}.preset must be one of {list(ARCH_PRESETS)}, got {preset!r}",
+            )
+        if self.model.role == "student":
+            used = _LOSS_WEIGHTS[k.loss]
+            need(
+                any(getattr(k, f) > 0 for f in used),
+                f"the student objective kd.loss={k.loss!r} has every weight at 0 "
+                f"({', '.join('kd.' + f for f in used)}): nothing would train",
+            )
+        problems.extend(_range_problems(self, ""))
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
         return self
+
+
+def _range_problems(obj, path: str) -> list[str]:
+    """Numbers that JAX cannot hold as they are: integers beyond int32 (the seeds take 32
+    unsigned bits, ``train.on_device_max_bytes`` is a byte count), and floats that float32
+    rounds to infinity or to zero (or a subnormal)."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        full = f"{path}.{f.name}" if path else f.name
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems.extend(_range_problems(value, full))
+        elif isinstance(value, bool) or full in ("train.seed", "data.split_seed"):
+            continue
+        elif isinstance(value, int) and full != "train.on_device_max_bytes" and value > MAX_INT:
+            problems.append(f"{full} must be <= 2**31 - 1 (JAX counts in int32), got {value}")
+        elif isinstance(value, float) and value and not _FLOAT32_TINY <= abs(value) <= _FLOAT32_MAX:
+            problems.append(
+                f"{full} = {value!r} is beyond float32 (it would become "
+                f"{'infinity' if abs(value) > 1 else 'zero'}), the precision JAX trains in"
+            )
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

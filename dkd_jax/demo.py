@@ -222,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="retrain runs in --out trained with another config (e.g. by an earlier version)",
     )
     args = p.parse_args(argv)
+    if args.quick and args.folds is not None:
+        p.error("--quick runs folds 0 and 1: give --folds or --quick, not both")
 
     def command() -> int:
         run_demo(

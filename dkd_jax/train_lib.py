@@ -240,7 +240,10 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool) -> _Run
         raise records.DataError(f"{prep_dir}: metadata.json lists no utterances")
     num_classes = len(meta.get("label_names", []))
     if num_classes < 2:
-        raise records.DataError(f"{prep_dir}: metadata.json has {num_classes} label names")
+        raise records.DataError(
+            f"{prep_dir}: metadata.json has {num_classes} label name(s): a classifier needs at "
+            "least 2 classes (re-run data_prep with --classes naming two or more)"
+        )
     split = protocols.split_for_run(meta, cfg.data)
     info = _data_info(meta, cfg.data.normalization)
     primary = jax.process_index() == 0
@@ -272,6 +275,11 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool) -> _Run
     local_batch = per_device * len(devices)
     largest_share = int(distributed.over_processes(len(data.train), "max"))
     spe = input_pipeline.steps_per_epoch(largest_share, local_batch)
+    if spe * cfg.optim.num_epochs > config_lib.MAX_INT:
+        raise TrainingError(
+            f"optim.num_epochs={cfg.optim.num_epochs} × {spe} steps per epoch is more steps than "
+            "JAX counts in int32 (2**31 - 1)"
+        )
     role = cfg.model.role
     return _Run(
         cfg=cfg,

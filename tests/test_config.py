@@ -246,9 +246,81 @@ def test_fields_that_may_be_zero_stay_valid():
         "optim.b1=0",
         "train.checkpoint_every_steps=0",
     ]
-    cfg = config_lib.apply_overrides(config_lib.get_config("default"), zero)
+    for item in zero:  # each on its own (all of the objective's weights at once is refused)
+        config_lib.apply_overrides(config_lib.get_config("default"), [item])
+    cfg = config_lib.apply_overrides(config_lib.get_config("default"), zero[:5])
     assert cfg.optim.weight_decay == 0.0 and cfg.kd.warmup_epochs == 0.0
     small = config_lib.apply_overrides(cfg, ["optim.learning_rate=1e-9"])
     assert small.optim.learning_rate == 1e-9
     with pytest.raises(config_lib.ConfigError, match=r"optim\.num_epochs: expected int"):
         config_lib.apply_overrides(config_lib.get_config("default"), ["optim.num_epochs=inf"])
+
+
+def test_architecture_presets_are_the_models_and_a_misspelt_one_is_refused():
+    from dkd_jax import models
+
+    assert set(config_lib.ARCH_PRESETS) == set(models.MODEL_PRESETS)
+    # Before: any name passed; the run (or an experiment, after writing experiment.json) then
+    # failed in models.build_model without naming the field.
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.apply_overrides(
+            config_lib.get_config("default"), ["model.teacher.preset=area_teachr"]
+        )
+    assert "model.teacher.preset must be one of" in str(e.value) and "'area_teachr'" in str(e.value)
+    for name in config_lib.ARCH_PRESETS:
+        config_lib.apply_overrides(
+            config_lib.get_config("default"), [f"model.student.preset={name}"]
+        )
+
+
+@pytest.mark.parametrize(
+    "loss, weights",
+    [
+        ("ce", ["kd.ce_weight=0"]),
+        ("dkd", ["kd.ce_weight=0", "kd.alpha=0", "kd.beta=0"]),
+        ("kd", ["kd.ce_weight=0", "kd.kd_weight=0"]),
+        ("tckd", ["kd.ce_weight=0", "kd.alpha=0"]),
+        ("nckd", ["kd.ce_weight=0", "kd.beta=0"]),
+    ],
+)
+def test_a_student_objective_with_every_weight_zero_is_refused(loss, weights):
+    # Before: loss 0.0 and gradient norm 0.0 at every step, exit 0.
+    base = config_lib.apply_overrides(config_lib.get_config("tiny"), [f"kd.loss={loss}"])
+    with pytest.raises(config_lib.ConfigError, match=f"kd.loss='{loss}' has every weight at 0"):
+        config_lib.apply_overrides(base, weights)
+    for i in range(len(weights)):  # any one weight left on trains
+        config_lib.apply_overrides(base, weights[:i] + weights[i + 1 :])
+    teacher = config_lib.apply_overrides(base, ["model.role=teacher"])
+    config_lib.apply_overrides(teacher, weights)  # a teacher trains on CE alone: not checked
+
+
+def test_numbers_jax_cannot_hold_are_refused_naming_the_field():
+    cfg = config_lib.get_config("default")
+    for item, message in (
+        ("optim.decay_factor=10", "optim.decay_factor must be in (0, 1]"),  # grew the rate 10x
+        ("optim.decay_factor=0", "optim.decay_factor must be in (0, 1]"),
+        ("optim.num_epochs=1e12", "optim.num_epochs must be <= 2**31 - 1"),  # OverflowError
+        ("optim.warmup_steps=1e20", "optim.warmup_steps must be <= 2**31 - 1"),
+        ("augment.time_shift_frames=2147483648", "augment.time_shift_frames must be <="),
+        (
+            "optim.learning_rate=1e-320",
+            "optim.learning_rate = 1e-320 is beyond float32 (it would become zero)",
+        ),  # trained nothing, exit 0
+        ("optim.learning_rate=1e300", "(it would become infinity)"),
+        ("kd.beta=1e39", "kd.beta = 1e+39 is beyond float32"),
+        ("data.split_seed=-5", "data.split_seed must be >= 0, got -5"),  # named no field
+    ):
+        with pytest.raises(config_lib.ConfigError) as e:
+            config_lib.apply_overrides(cfg, [item])
+        assert message in str(e.value), (item, str(e.value))
+    ok = config_lib.apply_overrides(
+        cfg,
+        [
+            "optim.decay_factor=1",
+            "optim.num_epochs=2147483647",
+            "optim.learning_rate=1e-30",
+            "train.on_device_max_bytes=8589934592",  # a byte count, not an int32
+            "data.split_seed=99999999999",  # numpy's generator takes any non-negative seed
+        ],
+    )
+    assert ok.optim.decay_factor == 1.0 and ok.train.on_device_max_bytes == 2**33

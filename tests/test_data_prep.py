@@ -103,12 +103,26 @@ def test_iemocap_options(iemocap_root, options, n, happy, excluded):
     assert scan.excluded == excluded
 
 
+def test_cli_classes_empty_or_single_are_refused(iemocap_root, tmp_path, capsys):
+    out = tmp_path / "o"
+    for value, message in (("", "non-empty list of names"), ("neutral", "at least 2 classes")):
+        assert (
+            cli.main(["iemocap", "--root", iemocap_root, "--out", str(out), "--classes", value])
+            == 2
+        )
+        assert message in capsys.readouterr().err  # "" used to prepare the default four
+    assert not out.exists()
+
+
 def test_iemocap_class_set(iemocap_root):
     scan = sources.scan_iemocap(iemocap_root, classes="angry,frustrated")
     assert scan.label_names == ["angry", "frustrated"]
     assert sorted(u.label for u in scan.utterances) == [0, 0, 0, 1]
     with pytest.raises(sources.PrepError, match="'bored'"):
         sources.scan_iemocap(iemocap_root, classes=["neutral", "bored"])
+    # One class used to make a prep ("wrote DIR", exit 0) that no run could train on.
+    with pytest.raises(sources.PrepError, match="a classifier needs at least 2 classes"):
+        sources.scan_iemocap(iemocap_root, classes="neutral")
     with pytest.raises(sources.PrepError, match="happy must be"):
         sources.scan_iemocap(iemocap_root, happy="joy")
 

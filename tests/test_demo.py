@@ -70,4 +70,7 @@ def test_demo_refuses_bad_folds_and_jobs_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             demo.main(["--out", str(out), "--jobs", jobs])
         assert "--jobs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # used to run fold 0 alone into experiment-quick/
+        demo.main(["--out", str(out), "--quick", "--folds", "0"])
+    assert "give --folds or --quick, not both" in capsys.readouterr().err
     assert not out.exists()  # nothing was generated

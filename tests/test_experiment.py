@@ -366,6 +366,32 @@ def test_make_spec_defaults_and_errors(tiny_prep_dir):
     assert spec.overrides == ("kd.beta=2", "kd.alpha=0")  # one canonical form
 
 
+def test_make_spec_validates_each_models_config_and_the_seeds(tiny_prep_dir, tmp_path):
+    def spec(**kw):
+        return experiment.make_spec(data=tiny_prep_dir, protocol="loso", preset="tiny", **kw)
+
+    # Before: a misspelt teacher preset passed make_spec; the runner wrote experiment.json and
+    # a group folder, failed in models.build_model, and the corrected command was then refused
+    # as "other settings" until --overwrite.
+    exp_dir = tmp_path / "x"
+    with pytest.raises(experiment.ExperimentError, match=r"model\.teacher\.preset must be one of"):
+        experiment.run_experiment(
+            exp_dir, spec(overrides=["model.teacher.preset=area_teachr"]), progress=False
+        )
+    assert not exp_dir.exists()
+    zero = ["kd.ce_weight=0", "kd.alpha=0", "kd.beta=0"]
+    with pytest.raises(experiment.ExperimentError, match=r"kd\.loss='dkd' has every weight at 0"):
+        spec(overrides=zero)
+    assert spec(overrides=zero, students=("kd",)).students == ("kd",)  # kd uses kd_weight
+    with pytest.raises(experiment.ExperimentError, match=r"kd.loss='kd' has every weight"):
+        spec(overrides=[*zero, "kd.kd_weight=0"], students=("kd",))
+    with pytest.raises(
+        experiment.ExperimentError, match=r"seeds must be integers in \[0, 2\*\*32\)"
+    ):
+        spec(seeds=(99999999999,))  # was: accepted, then experiment.json broke summarize
+    assert spec(seeds=(2**32 - 1,)).seeds == (2**32 - 1,)
+
+
 def test_teacher_preset_and_overrides_reach_the_configs(tiny_prep_dir):
     spec = experiment.make_spec(
         data=tiny_prep_dir,

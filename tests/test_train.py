@@ -457,6 +457,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
         (["--loss", "ce", "--config.kd.loss=dkd"], "--config.kd.loss conflicts with --loss"),
         (["--role", "teacher", "--loss", "kd"], "--loss: not used with --role teacher"),
         (["--role", "teacher", "--teacher", "t"], "--teacher: not used with --role teacher"),
+        (["--loss", "ce", "--config.kd.loss =dkd"], "--config.kd.loss conflicts with --loss"),
     ):
         with pytest.raises(SystemExit) as e:
             train_cli.main(base + extra)
@@ -466,6 +467,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
     assert rc == 2 and "--teacher t: a student trained with kd.loss='ce' uses no teacher" in err
     rc = train_cli.main([*base, "--preset", "tiny", "--num-processes", "4", "--process-id", "2"])
     assert rc == 2 and "without a coordinator" in capsys.readouterr().err
+    # More steps than int32 counts: was an OverflowError traceback at the first step.
+    rc = train_cli.main([*base, "--role", "teacher", "--config.optim.num_epochs=2147483647"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("train.py: error: optim.num_epochs=2147483647 × ")
+    assert "more steps than JAX counts in int32" in err and err.count("\n") == 1
     # Rerunning the teacher's command resumes the finished run and prints its summary.
     argv = [
         "--data",
@@ -549,3 +555,17 @@ def test_area_attention_teacher_distils_a_head_fusion_student(tiny_prep_dir, tmp
     assert train and all(np.isfinite(e["tckd"]) and np.isfinite(e["nckd"]) for e in train)
     assert any(e["nckd"] > 0 for e in train)
     assert np.isfinite(result["train"]["loss"]) and result["test"]["num_utterances"] > 0
+
+
+def test_out_of_host_memory_is_one_line(tmp_path, capsys, monkeypatch, tiny_prep_dir):
+    from dkd_jax import train_lib
+
+    def huge(*args, **kwargs):  # what numpy raises for --config.optim.batch_size=1000000000
+        raise MemoryError("Unable to allocate 5.96 TiB for an array with shape (1000000000, 1)")
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", huge)
+    rc = train_cli.main(["--data", str(tiny_prep_dir), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("train.py: error: out of host memory (Unable to allocate 5.96 TiB")
+    assert "a smaller optim.batch_size" in err

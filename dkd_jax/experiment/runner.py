@@ -267,14 +267,14 @@ def run_experiment(
     exp_dir = Path(exp_dir)
     if jobs < 1:
         raise ExperimentError(f"jobs must be >= 1, got {jobs}")
+    plans = plan_runs(spec, exp_dir)  # validates every run's config before anything is written
     if validation_only:
-        _require_validation(plan_runs(spec, exp_dir))
+        _require_validation(plans)
     if exp_dir.exists() and not exp_dir.is_dir():
         raise ExperimentError(f"--out {exp_dir}: a file, not an experiment directory")
     exp_dir.mkdir(parents=True, exist_ok=True)
     _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
     _enable_compilation_cache(exp_dir / CACHE_DIR)
-    plans = plan_runs(spec, exp_dir)
     _replace_stale_runs(exp_dir, plans, overwrite=overwrite)
     metadata = records.load_metadata(spec.data)
     groups = list(dict.fromkeys(p.group for p in plans))

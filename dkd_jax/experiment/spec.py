@@ -213,11 +213,10 @@ def make_spec(
                 f"override {item!r}: the runner sets {path} itself (use --data, --protocol, "
                 "--folds, --seeds, --students)"
             )
-    # Validate the overrides once, with a clear message, before any run starts.
-    try:
-        config_lib.apply_overrides(config_lib.get_config(preset), overrides)
-    except config_lib.ConfigError as e:
-        raise ExperimentError(str(e)) from None
+    # Validate the overrides, with a clear message, before any run starts: once per model,
+    # since the teacher may have its own preset and each student its own loss.
+    for model in ("teacher", *students):
+        _check_run_config(preset, teacher_preset, model, overrides)
     if protocol == "loso":
         num = protocols.num_folds(metadata, "loso")
         folds = tuple(range(num)) if folds is None else tuple(folds)
@@ -235,8 +234,10 @@ def make_spec(
             raise ExperimentError("--folds applies to loso; the paper protocol uses --seeds")
         folds = ()
         seeds = PAPER_SEEDS if seeds is None else tuple(seeds)
-    if not seeds or any(s < 0 for s in seeds):
-        raise ExperimentError(f"seeds must be non-negative integers, got {list(seeds)}")
+    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+        raise ExperimentError(
+            f"seeds must be integers in [0, 2**32) (JAX keys take 32 bits), got {list(seeds)}"
+        )
     return ExperimentSpec(
         data=data,
         protocol=protocol,
@@ -247,6 +248,17 @@ def make_spec(
         students=students,
         overrides=tuple(overrides),
     )
+
+
+def _check_run_config(preset, teacher_preset, model: str, overrides) -> None:
+    """The preset and overrides as one model of the experiment will train them, validated."""
+    base = (teacher_preset or preset) if model == "teacher" else preset
+    role = ["model.role=teacher"] if model == "teacher" else ["model.role=student"]
+    loss = [] if model == "teacher" else [f"kd.loss={model}"]
+    try:
+        config_lib.apply_overrides(config_lib.get_config(base), [*overrides, *role, *loss])
+    except config_lib.ConfigError as e:
+        raise ExperimentError(str(e)) from None
 
 
 def _run_config(
