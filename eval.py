@@ -108,15 +108,19 @@ def _predict_parser() -> argparse.ArgumentParser:
         metavar="FILE|-",
         help="one line per 0.4-s hop of a long file, or of raw 16-bit PCM on stdin (-)",
     )
-    stream.add_argument("--rate", type=int, help="stdin sample rate (default: the model's)")
-    stream.add_argument("--channels", type=int, help="stdin channels (default 1)")
+    stream.add_argument(
+        "--rate", type=cli_args.positive_int, help="stdin sample rate (default: the model's)"
+    )
+    stream.add_argument("--channels", type=cli_args.positive_int, help="stdin channels (default 1)")
     stream.add_argument(
         "--smooth",
-        type=float,
+        type=cli_args.nonnegative_float,
         help="time constant (s) of the moving average of probabilities; 0 = off (default 1)",
     )
     stream.add_argument("--jsonl", action="store_true", help="JSON lines instead of the table")
-    p.add_argument("--threads", type=int, help="onnxruntime threads (--model; default: all)")
+    p.add_argument(
+        "--threads", type=cli_args.positive_int, help="onnxruntime threads (--model; default: all)"
+    )
     _add_cpu_devices(p)
     return p
 
@@ -141,8 +145,10 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
             parser.error(f"--groups {args.groups}: {e.strerror}")
         except UnicodeDecodeError:
             parser.error(f"--groups {args.groups}: not UTF-8 text")
-        if not rows or not {"path", "speaker"} <= set(rows[0][1]):
+        if not {"path", "speaker"} <= set(reader.fieldnames or ()):
             parser.error(f"--groups {args.groups}: needs a header with columns path,speaker")
+        if not rows:
+            parser.error(f"--groups {args.groups}: no rows under its header (no files to predict)")
         for line, r in rows:
             path = (r["path"] or "").strip()
             if not path:

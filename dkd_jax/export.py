@@ -495,7 +495,12 @@ def export_run(
     if unknown or not formats:
         raise ExportError(f"--format: choose from {','.join(FORMATS)}, got {','.join(formats)}")
     if "onnx" in formats:
-        _onnx_modules()  # fail before the slow part
+        _, onnx, _ = _onnx_modules()  # fail before the slow part
+        newest = onnx.defs.onnx_opset_version()
+        if int(opset) > newest:
+            raise ExportError(
+                f"--opset {opset}: this onnx {onnx.__version__} knows opsets up to {newest}"
+            )
     out = Path(out_dir)
     _check_out_dir(out, overwrite=overwrite)
     run = restore(workdir, step=step, best=best)

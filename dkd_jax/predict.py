@@ -106,9 +106,11 @@ def predict_files(
     normalisation (``normalization.json``): "global" applies the training statistics;
     "utterance" normalises each file by its own statistics; "speaker" normalises the files of
     one *group* (one speaker, ``groups``) by the group's statistics, as the run normalised each
-    speaker's utterances (a group named like one of the run's training speakers uses that
-    speaker's stored statistics), and a file without a group by its own. The file probability is
-    ``softmax`` of the mean segment logits (the same mean whose argmax ``evaluate_run`` scores).
+    speaker's utterances, and a file without a group by its own. Always the group's own files:
+    the statistics the run stored for its training speakers are not used, even for a group of
+    the same name (an export does not carry them, and a short name like EmoDB's "03" can match
+    by accident). The file probability is ``softmax`` of the mean segment logits (the same mean
+    whose argmax ``evaluate_run`` scores).
 
     Args:
         workdir: a training workdir.
@@ -164,7 +166,8 @@ def predict_files(
     if not done:
         return out
     arrays, owner = _segment_arrays(done)
-    arrays = input_pipeline.normalize_arrays(arrays, run.normalization)
+    rule = {**run.normalization, "groups": {}} if mode == "speaker" else run.normalization
+    arrays = input_pipeline.normalize_arrays(arrays, rule)
     bs = int(batch_size or run.config.data.eval_batch_size)
     logits = np.asarray(
         eval_lib.predict_logits(run.model, run.variables, arrays.features, batch_size=bs)

@@ -377,7 +377,12 @@ def file_blocks(
         resampler = _resampler(f.samplerate, sample_rate)
         start = 0
         while True:
-            data = f.read(block, dtype="float32", always_2d=True)
+            try:
+                data = f.read(block, dtype="float32", always_2d=True)
+            except RuntimeError as e:  # LibsndfileError: e.g. "flac decoder lost sync"
+                raise DeployError(
+                    f"{path}: not a readable audio file after {start / f.samplerate:.2f} s ({e})"
+                ) from None
             last = data.shape[0] < block
             finite = np.isfinite(data).all(axis=1)
             if not finite.all():
@@ -391,6 +396,34 @@ def file_blocks(
                 return
 
 
+#: How audio files begin: piped into ``--stream -`` they would be read as raw samples.
+_CONTAINERS = {
+    b"RIFF": "a WAV",
+    b"RIFX": "a WAV",
+    b"RF64": "a WAV",
+    b"fLaC": "a FLAC",
+    b"OggS": "an Ogg",
+    b"FORM": "an AIFF",
+    b"ID3": "an MP3",
+}
+
+
+def _refuse_a_container(head: bytes) -> None:
+    for magic, kind in _CONTAINERS.items():
+        if head.startswith(magic):
+            raise DeployError(
+                f"the input starts like {kind} file ({magic.decode()!r}), but --stream - reads "
+                "raw 16-bit PCM: give the file as --stream FILE, or decode it to raw samples "
+                "first (e.g. ffmpeg -i IN -f s16le -ac 1 -ar 16000 -)"
+            )
+
+
+#: Bounds of ``--stream -``'s raw PCM: far above any audio interface's (384 kHz, 64 channels),
+#: low enough that a mistyped value cannot ask for gigabytes per 0.4-s block.
+MAX_PCM_RATE = 768_000
+MAX_PCM_CHANNELS = 256
+
+
 def pcm_blocks(
     stream: BinaryIO, *, rate: int, channels: int = 1, sample_rate: int, block_seconds: float = 0.4
 ) -> Iterator[np.ndarray]:
@@ -401,12 +434,21 @@ def pcm_blocks(
         raise DeployError(
             f"--rate {rate}: below {audio.MIN_SAMPLE_RATE} Hz (in Hz: 16000, not 16?)"
         )
+    if rate > MAX_PCM_RATE or channels > MAX_PCM_CHANNELS:  # one block would not fit in memory
+        raise DeployError(
+            f"--rate {rate} / --channels {channels}: raw PCM input takes at most "
+            f"{MAX_PCM_RATE} Hz and {MAX_PCM_CHANNELS} channels"
+        )
     frame_bytes = 2 * channels
     block = max(1, round(block_seconds * rate)) * frame_bytes
     resampler = _resampler(rate, sample_rate)
     pending = b""
+    first = True
     while True:
         data = stream.read(block)
+        if first and data:
+            _refuse_a_container(data)
+            first = False
         last = not data
         pending += data or b""
         usable = len(pending) - len(pending) % frame_bytes
@@ -530,7 +572,10 @@ def stream_cli(args) -> int:
             blocks = file_blocks(args.stream, sample_rate=rate)
         names = model.label_names
         source = "<stdin>" if args.stream == "-" else os.fspath(args.stream)
-        cut = None if args.stream == "-" else audio.truncation_note(args.stream)
+        # Only a regular file: reading a pipe's header here (/dev/stdin, <(...)) would take
+        # bytes that the stream then misses.
+        regular = args.stream != "-" and os.path.isfile(args.stream)
+        cut = audio.truncation_note(args.stream) if regular else None
         if cut:  # as file mode warns (a stream cannot wait for its end to say it)
             print(
                 f"eval.py: warning: {source}: {cut}: predicted from what is there", file=sys.stderr

@@ -258,6 +258,9 @@ def test_cli_exports_and_refuses_bad_requests(run_dir, tmp_path, capsys, monkeyp
     assert "step 999" in _one_error_line(capsys, export.main([*bad, "--step", "999"]))
     assert "--format" in _one_error_line(capsys, export.main([*bad, "--format", "tflite"]))
     assert "opset" in _one_error_line(capsys, export.main([*bad, "--opset", "13"]))
+    err = _one_error_line(capsys, export.main([*bad, "--opset", "999"]))  # was: a traceback
+    assert "--opset 999: this onnx" in err and "knows opsets up to" in err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_missing_extra_is_a_one_line_error_naming_the_install(

@@ -232,3 +232,40 @@ def test_pcm_blocks_decode_and_resample():
     # --rate 10 used to turn 3 s of audio into 4,800 s of windows; file headers refuse it too
     with pytest.raises(deploy.DeployError, match="--rate 10: below 1000 Hz"):
         next(streaming.pcm_blocks(io.BytesIO(stereo), rate=10, sample_rate=16000))
+
+
+def test_an_audio_file_piped_as_raw_pcm_is_refused(tmp_path):
+    """``cat x.wav | eval.py predict --stream -`` used to score the header and the compressed
+    bytes as samples (exit 0); raw PCM that merely starts with other bytes still streams."""
+    import io
+
+    import soundfile as sf
+
+    wave = 0.1 * np.random.default_rng(0).standard_normal(8000)
+    for fmt, kind in (("WAV", "a WAV"), ("FLAC", "a FLAC"), ("OGG", "an Ogg")):
+        buf = io.BytesIO()
+        sf.write(buf, wave, 16000, format=fmt)
+        with pytest.raises(deploy.DeployError, match=f"starts like {kind} file .*--stream FILE"):
+            next(streaming.pcm_blocks(io.BytesIO(buf.getvalue()), rate=16000, sample_rate=16000))
+    raw = (wave * 20000).astype("<i2").tobytes()
+    got = np.concatenate(list(streaming.pcm_blocks(io.BytesIO(raw), rate=16000, sample_rate=16000)))
+    assert got.shape == (8000,)
+    with pytest.raises(deploy.DeployError, match="at most 768000 Hz and 256 channels"):
+        next(streaming.pcm_blocks(io.BytesIO(raw), rate=16000, channels=10**8, sample_rate=16000))
+
+
+def test_a_file_that_breaks_mid_stream_is_one_error_with_the_time(tmp_path):
+    """A FLAC whose frames are damaged past its start: the whole-file path named it, the
+    stream raised libsndfile's "flac decoder lost sync" as a traceback."""
+    import soundfile as sf
+
+    path = tmp_path / "corrupt.flac"
+    sf.write(path, 0.3 * np.random.default_rng(0).standard_normal(3 * 16000), 16000)
+    data = bytearray(path.read_bytes())
+    data[20000:] = bytes(len(data) - 20000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(audio.AudioError, match="not a readable audio file"):
+        audio.load_audio(path, sample_rate=16000)
+    with pytest.raises(deploy.DeployError) as e:
+        list(streaming.file_blocks(path, sample_rate=16000))
+    assert str(e.value).startswith(f"{path}: not a readable audio file after ")
