@@ -255,9 +255,13 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
         raise AudioError(path, "audio has no samples (0 frames)", "no_samples")
     if rate < MIN_SAMPLE_RATE:
         raise AudioError(path, sample_rate_problem(rate), "bad_rate")
-    if not np.isfinite(data).all():
+    finite = np.isfinite(data).all(axis=1)
+    if not finite.all():
         bad = int((~np.isfinite(data)).sum())
-        raise AudioError(path, f"audio contains {bad} NaN/inf samples", "non_finite")
+        at = int(np.argmin(finite)) / rate
+        raise AudioError(
+            path, f"audio contains {bad} NaN/inf samples (the first at {at:.2f} s)", "non_finite"
+        )
     wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
     np.clip(wave, -1.0, 1.0, out=wave)
     if rate != sample_rate:

@@ -50,11 +50,14 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
 
     Returns:
         {"segments" [K, F, T] float32, "valid_frames" [K] int32, "starts_s" [K] float,
-        "duration_s" float, "padded" bool}.
+        "duration_s" float, "padded" bool, "source_rate" (the file's) and "sample_rate" (the
+        model's) int}.
 
     Raises:
         audio.AudioError: unreadable or empty file.
     """
+    import soundfile as sf
+
     fc = feature_config
     seg = audio.segment_audio(path, fc, hop_seconds=fc.eval_hop_seconds, short_utterances="pad")
     (windows,) = seg.layouts
@@ -64,7 +67,21 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
         "starts_s": windows.starts_s.tolist(),
         "duration_s": seg.duration_s,
         "padded": seg.padded,
+        "source_rate": int(sf.info(os.fspath(path)).samplerate),
+        "sample_rate": int(fc.sample_rate),
     }
+
+
+def band_limit_warning(source: str, source_rate: int, sample_rate: int) -> str | None:
+    """The warning for audio recorded at a lower rate than the model's (telephone audio at 8
+    kHz for a 16-kHz model): resampling cannot restore what lies above half its rate, so those
+    bands reach the model empty, unlike anything it was trained on."""
+    if source_rate >= sample_rate:
+        return None
+    return (
+        f"{source}: recorded at {source_rate} Hz: nothing above {source_rate // 2} Hz reaches "
+        f"the model (trained on {sample_rate}-Hz audio), so its prediction may suffer"
+    )
 
 
 MIN_RELIABLE_SECONDS = 0.25
@@ -87,6 +104,9 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
         out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):
         out.append(f"{path}: {audio.SILENT_REASON}: its prediction says nothing")
+    low = band_limit_warning(path, seg.get("source_rate", 0), seg.get("sample_rate", 0))
+    if low:
+        out.append(low)
     return out
 
 

@@ -551,6 +551,19 @@ class _StreamWatch:
         return out
 
 
+def _file_rate(path: str, regular: bool) -> int | None:
+    """The sample rate a regular audio file declares (None: not a regular file, or unreadable:
+    the stream says why when it opens it)."""
+    import soundfile as sf
+
+    if not regular:
+        return None
+    try:
+        return int(sf.info(path).samplerate)
+    except Exception:  # libsndfile's errors: file_blocks reports them
+        return None
+
+
 def stream_cli(args) -> int:
     """``eval.py predict --model DIR --stream PATH|-``: one line per evaluation hop; returns the
     exit status. ``args`` is eval.py's parsed predict namespace (model, stream, rate, channels,
@@ -576,6 +589,12 @@ def stream_cli(args) -> int:
         # bytes that the stream then misses.
         regular = args.stream != "-" and os.path.isfile(args.stream)
         cut = audio.truncation_note(args.stream) if regular else None
+        from dkd_jax.predict import band_limit_warning
+
+        source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
+        low = band_limit_warning(source, source_rate, rate) if source_rate else None
+        if low:
+            print(f"eval.py: warning: {low}", file=sys.stderr)
         if cut:  # as file mode warns (a stream cannot wait for its end to say it)
             print(
                 f"eval.py: warning: {source}: {cut}: predicted from what is there", file=sys.stderr

@@ -489,6 +489,36 @@ def test_stream_reads_a_pipe_given_by_path(tmp_path, capsys):
     assert rc == 0 and got.out == expected.out and got.err == "", got.err
 
 
+def test_audio_below_the_models_rate_is_predicted_with_a_warning(tmp_path, capsys):
+    """Telephone audio (8 kHz) for a 16-kHz model: a quarter of its mel bands reach it empty;
+    the prediction was printed without a word."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    wav = tmp_path / "phone.wav"
+    wave = 0.1 * np.random.default_rng(0).standard_normal(2 * 8000)
+    sf.write(wav, wave, 8000, subtype="PCM_16")
+    warning = (
+        "eval.py: warning: {}: recorded at 8000 Hz: nothing above 4000 Hz reaches the model "
+        "(trained on 16000-Hz audio), so its prediction may suffer"
+    )
+    assert eval_cli.main(["predict", "--model", model, str(wav)]) == 0
+    assert capsys.readouterr().err.splitlines() == [warning.format(wav)]
+    assert eval_cli.main(["predict", "--model", model, "--stream", str(wav)]) == 0
+    assert capsys.readouterr().err.splitlines() == [warning.format(wav)]
+    raw = (wave * 20000).astype("<i2").tobytes()
+    read, write = os.pipe()
+    os.write(write, raw)
+    os.close(write)
+    with open(read, "rb") as stdin:
+        real = sys.stdin
+        sys.stdin = io.TextIOWrapper(stdin)
+        try:
+            rc = eval_cli.main(["predict", "--model", model, "--stream", "-", "--rate", "8000"])
+        finally:
+            sys.stdin = real
+    assert rc == 0 and capsys.readouterr().err.splitlines() == [warning.format("<stdin>")]
+
+
 def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     model = str(helpers_export.band_model_folder(tmp_path / "band"))

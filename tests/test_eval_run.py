@@ -343,6 +343,11 @@ def test_predict_odd_formats_and_errors(run_path, wav_files):
         assert e["num_segments"] == utt["num_eval_segments"]
     # 8-bit quantisation changes the features a little, not the shape of the answer
     assert not got[str(files["u8"])]["padded"]
+    # 8 kHz audio is predicted, with a warning: its upper bands reach the model empty
+    assert pred["warnings"] == [
+        f"{files['8k']}: recorded at 8000 Hz: nothing above 4000 Hz reaches the model (trained "
+        "on 16000-Hz audio), so its prediction may suffer"
+    ]
 
 
 def test_predict_cli(run_path, wav_files, tmp_path, capsys):
