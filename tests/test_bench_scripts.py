@@ -384,3 +384,24 @@ def test_conv_algorithms_needs_two_rounds_for_its_quantiles(capsys, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--rounds", "1"])  # used to fail after the compiles, in the quantiles
     assert exit_info.value.code == 2 and "--rounds must be ≥ 2" in capsys.readouterr().err
+
+
+def test_stream_drift_is_zero_for_log_mel_and_shows_the_mfcc_floor(tmp_path, monkeypatch):
+    """The README's claim about --stream's last window, on short versions of the bench signals:
+    log-mel ends exactly on the whole file's normalisation; MFCC differs only when frames below
+    a later, louder passage's floor came first."""
+    import numpy as np
+
+    module = _bench("stream_drift", monkeypatch)
+    rng = np.random.default_rng(0)
+    noise = (0.003 * rng.standard_normal(3 * module.RATE)).astype(np.float32)
+    gap = np.zeros(module.RATE // 2, np.float32)
+    burst = (0.1 * rng.standard_normal(module.RATE)).astype(np.float32)
+    late = np.concatenate([noise, gap, noise, burst])
+    early = np.concatenate([burst, noise, gap, noise])
+    for wave in (late, early):
+        got = module.drift(wave, "logmel40", str(tmp_path))
+        assert got["last_window_max_abs_difference"] == 0.0
+        assert got["raw_features_of_last_window_equal"]
+    assert module.drift(early, "mfcc26", str(tmp_path))["last_window_max_abs_difference"] == 0.0
+    assert module.drift(late, "mfcc26", str(tmp_path))["last_window_max_abs_difference"] > 0.01
