@@ -234,12 +234,15 @@ class StreamingFrontEnd:
                 break
             rows = self._frames.view()[s - self._frame0 : s - self._frame0 + fpw]
             start_s = s * cfg.hop_length / cfg.sample_rate
+            # The last windows reach into the end's padding: they end where the audio does, as
+            # predict's --segments rows say (a stream can only emit them once it has ended).
+            heard = max(self._received / cfg.sample_rate, cfg.window_seconds)
             out.append(
                 StreamWindow(
                     self._next_window,
                     s,
                     start_s,
-                    start_s + cfg.window_seconds,
+                    min(start_s + cfg.window_seconds, heard),
                     self._window_features(rows),
                     fpw,
                 )

@@ -269,3 +269,17 @@ def test_a_file_that_breaks_mid_stream_is_one_error_with_the_time(tmp_path):
     with pytest.raises(deploy.DeployError) as e:
         list(streaming.file_blocks(path, sample_rate=16000))
     assert str(e.value).startswith(f"{path}: not a readable audio file after ")
+
+
+@pytest.mark.parametrize("seconds", [3.202, 1.3, 2.0])
+def test_stream_windows_end_where_the_audio_does(seconds):
+    """The last windows reach into the end's zero padding: --segments rows end at the audio's
+    end (a short file at one window), the stream's last row used to say 3.216 for 3.202 s."""
+    fc = audio.FEATURE_PRESETS["mfcc26"]
+    wave = 0.1 * np.random.default_rng(0).standard_normal(round(seconds * fc.sample_rate))
+    front = streaming.StreamingFrontEnd(fc)
+    windows = front.push(wave.astype(np.float32)) + front.finish()
+    duration = wave.shape[0] / fc.sample_rate
+    for w in windows:  # predict.file_entry's rule for the rows of --segments
+        assert w.end_s == min(w.start_s + fc.window_seconds, max(duration, fc.window_seconds))
+    assert round(windows[-1].end_s, 3) == round(max(duration, fc.window_seconds), 3)
