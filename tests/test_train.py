@@ -468,7 +468,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_prep_dir, runs):
     rc = train_cli.main([*base, "--preset", "tiny", "--num-processes", "4", "--process-id", "2"])
     assert rc == 2 and "without a coordinator" in capsys.readouterr().err
     # More steps than int32 counts: was an OverflowError traceback at the first step.
-    rc = train_cli.main([*base, "--role", "teacher", "--config.optim.num_epochs=2147483647"])
+    huge = ["--config.optim.num_epochs=2147483647", "--config.optim.batch_size=2"]  # >1 step each
+    rc = train_cli.main([*base, "--role", "teacher", *huge])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("train.py: error: optim.num_epochs=2147483647 × ")
     assert "more steps than JAX counts in int32" in err and err.count("\n") == 1
