@@ -597,6 +597,8 @@ class UtteranceSegments:
       dropped: the audio is shorter than one window and the policy is "drop": no windows.
       layouts: one :class:`Segments` per requested hop, in the order requested (empty windows
         when ``dropped``).
+      constant: every sample of the audio has the same value (digital silence, or a DC level
+        whose windows still differ at the file's zero-padded edges).
     """
 
     duration_s: float
@@ -604,6 +606,7 @@ class UtteranceSegments:
     padded: bool
     dropped: bool
     layouts: tuple[Segments, ...]
+    constant: bool = False
 
 
 def segment_audio(
@@ -653,10 +656,11 @@ def segment_audio(
     else:
         wave = load_audio(source, sample_rate=cfg.sample_rate)
     n = int(wave.shape[0])
+    constant = bool(n) and bool(wave.min() == wave.max())
     short = n < cfg.window_samples
     if short and policy == "drop":
         empty = tuple(_empty_segments(cfg, h) for h in hops)
-        return UtteranceSegments(n / cfg.sample_rate, n, True, True, empty)
+        return UtteranceSegments(n / cfg.sample_rate, n, True, True, empty, constant)
     padded, valid = pad_to_window(wave, cfg)
     feats = compute_features(padded, cfg)
     layouts = []
@@ -672,7 +676,7 @@ def segment_audio(
                 starts_s=starts * cfg.hop_length / cfg.sample_rate,
             )
         )
-    return UtteranceSegments(n / cfg.sample_rate, n, short, False, tuple(layouts))
+    return UtteranceSegments(n / cfg.sample_rate, n, short, False, tuple(layouts), constant)
 
 
 def _empty_segments(cfg: FeatureConfig, hop: float) -> Segments:

@@ -50,8 +50,8 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
 
     Returns:
         {"segments" [K, F, T] float32, "valid_frames" [K] int32, "starts_s" [K] float,
-        "duration_s" float, "padded" bool, "source_rate" (the file's) and "sample_rate" (the
-        model's) int}.
+        "duration_s" float, "padded" bool, "constant" bool (every sample equal), "source_rate"
+        (the file's) and "sample_rate" (the model's) int}.
 
     Raises:
         audio.AudioError: unreadable or empty file.
@@ -67,6 +67,7 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
         "starts_s": windows.starts_s.tolist(),
         "duration_s": seg.duration_s,
         "padded": seg.padded,
+        "constant": seg.constant,
         "source_rate": int(sf.info(os.fspath(path)).samplerate),
         "sample_rate": int(fc.sample_rate),
     }
@@ -91,8 +92,9 @@ utterance can come out ~100 % confident)."""
 
 def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     """Warnings about one file's audio (:func:`file_segments`' output) that no model can fix:
-    too short to say much, a WAV cut short of its header, or digital silence (every real frame
-    the same, in every band)."""
+    too short to say much, a WAV cut short of its header, digital silence (every real frame the
+    same, in every band) or a constant level (every sample the same), or recorded at a lower
+    rate than the model's."""
     out = []
     if seg["duration_s"] < MIN_RELIABLE_SECONDS:
         out.append(
@@ -104,6 +106,10 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
         out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):
         out.append(f"{path}: {audio.SILENT_REASON}: its prediction says nothing")
+    elif seg.get("constant"):  # a DC level: the padded edges differ, nothing else does
+        out.append(
+            f"{path}: silent: every sample the same (a constant level): its prediction says nothing"
+        )
     low = band_limit_warning(path, seg.get("source_rate", 0), seg.get("sample_rate", 0))
     if low:
         out.append(low)

@@ -540,6 +540,11 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     assert eval_cli.main(["predict", "--model", model, *paths]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [f"eval.py: warning: {w}" for w in pred["warnings"]]
+    dc = tmp_path / "dc.wav"  # a constant level: --stream called it silent, a file was not
+    sf.write(dc, np.full(2 * 16000, 0.25, np.float32), 16000, subtype="FLOAT")
+    assert deploy.predict_files(model, [dc])["warnings"] == [
+        f"{dc}: silent: every sample the same (a constant level): its prediction says nothing"
+    ]
     # --stream warns alike (it used to say nothing): at its end, and a cut file at its start
     expected = {
         paths[0]: [f"{paths[0]}: only 0.010 s of audio (under 0.25 s): its predictions say little"],
