@@ -242,6 +242,15 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
       AudioError: unreadable / empty file, no samples, non-finite samples, or a declared rate
         below ``MIN_SAMPLE_RATE`` (a corrupt header).
     """
+    wave, rate = read_audio(path)
+    if rate != sample_rate:
+        wave = resample(wave, orig_sr=rate, target_sr=sample_rate)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """An audio file as mono float32 at its own rate, and that rate: :func:`load_audio` before
+    resampling (same checks, same mix-down and clipping)."""
     import soundfile as sf
 
     path = os.fspath(path)
@@ -264,9 +273,7 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
         )
     wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
     np.clip(wave, -1.0, 1.0, out=wave)
-    if rate != sample_rate:
-        wave = resample(wave, orig_sr=int(rate), target_sr=sample_rate)
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return wave, int(rate)
 
 
 def truncation_note(path: str | os.PathLike) -> str | None:
@@ -597,8 +604,9 @@ class UtteranceSegments:
       dropped: the audio is shorter than one window and the policy is "drop": no windows.
       layouts: one :class:`Segments` per requested hop, in the order requested (empty windows
         when ``dropped``).
-      constant: every sample of the audio has the same value (digital silence, or a DC level
-        whose windows still differ at the file's zero-padded edges).
+      constant: every sample of the audio (before resampling) has the same value (digital
+        silence, or a DC level whose windows still differ at the file's zero-padded edges).
+      source_rate: the sample rate of the file or waveform, before resampling (Hz).
     """
 
     duration_s: float
@@ -607,6 +615,7 @@ class UtteranceSegments:
     dropped: bool
     layouts: tuple[Segments, ...]
     constant: bool = False
+    source_rate: int = 0
 
 
 def segment_audio(
@@ -651,16 +660,17 @@ def segment_audio(
         if wave.ndim != 1:
             raise ValueError(f"waveform must be 1-D [num_samples], got shape {wave.shape}")
         rate = cfg.sample_rate if sample_rate is None else int(sample_rate)
-        if rate != cfg.sample_rate:
-            wave = resample(wave, orig_sr=rate, target_sr=cfg.sample_rate)
     else:
-        wave = load_audio(source, sample_rate=cfg.sample_rate)
+        wave, rate = read_audio(source)
+    constant = bool(wave.size) and bool(wave.min() == wave.max())
+    if rate != cfg.sample_rate:
+        wave = resample(wave, orig_sr=rate, target_sr=cfg.sample_rate)
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
     n = int(wave.shape[0])
-    constant = bool(n) and bool(wave.min() == wave.max())
     short = n < cfg.window_samples
     if short and policy == "drop":
         empty = tuple(_empty_segments(cfg, h) for h in hops)
-        return UtteranceSegments(n / cfg.sample_rate, n, True, True, empty, constant)
+        return UtteranceSegments(n / cfg.sample_rate, n, True, True, empty, constant, rate)
     padded, valid = pad_to_window(wave, cfg)
     feats = compute_features(padded, cfg)
     layouts = []
@@ -676,7 +686,7 @@ def segment_audio(
                 starts_s=starts * cfg.hop_length / cfg.sample_rate,
             )
         )
-    return UtteranceSegments(n / cfg.sample_rate, n, short, False, tuple(layouts), constant)
+    return UtteranceSegments(n / cfg.sample_rate, n, short, False, tuple(layouts), constant, rate)
 
 
 def _empty_segments(cfg: FeatureConfig, hop: float) -> Segments:

@@ -56,8 +56,6 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
     Raises:
         audio.AudioError: unreadable or empty file.
     """
-    import soundfile as sf
-
     fc = feature_config
     seg = audio.segment_audio(path, fc, hop_seconds=fc.eval_hop_seconds, short_utterances="pad")
     (windows,) = seg.layouts
@@ -68,7 +66,7 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
         "duration_s": seg.duration_s,
         "padded": seg.padded,
         "constant": seg.constant,
-        "source_rate": int(sf.info(os.fspath(path)).samplerate),
+        "source_rate": seg.source_rate,
         "sample_rate": int(fc.sample_rate),
     }
 

@@ -38,6 +38,7 @@ from dkd_jax.deploy import (
     softmax,
     window_moments,
 )
+from dkd_jax.predict import band_limit_warning
 
 __all__ = [
     "StreamPredictor",
@@ -592,8 +593,6 @@ def stream_cli(args) -> int:
         # bytes that the stream then misses.
         regular = args.stream != "-" and os.path.isfile(args.stream)
         cut = audio.truncation_note(args.stream) if regular else None
-        from dkd_jax.predict import band_limit_warning
-
         source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
         low = band_limit_warning(source, source_rate, rate) if source_rate else None
         if low:
