@@ -383,6 +383,8 @@ def test_make_spec_validates_each_models_config_and_the_seeds(tiny_prep_dir, tmp
     with pytest.raises(experiment.ExperimentError, match=r"kd\.loss='dkd' has every weight at 0"):
         spec(overrides=zero)
     assert spec(overrides=zero, students=("kd",)).students == ("kd",)  # kd uses kd_weight
+    plans = experiment.plan_runs(spec(overrides=zero, students=("kd",)), tmp_path / "p")
+    assert [p.config.kd.loss for p in plans[1::2]] == ["kd", "kd"]  # the runner plans it too
     with pytest.raises(experiment.ExperimentError, match=r"kd.loss='kd' has every weight"):
         spec(overrides=[*zero, "kd.kd_weight=0"], students=("kd",))
     with pytest.raises(

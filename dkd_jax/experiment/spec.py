@@ -213,10 +213,6 @@ def make_spec(
                 f"override {item!r}: the runner sets {path} itself (use --data, --protocol, "
                 "--folds, --seeds, --students)"
             )
-    # Validate the overrides, with a clear message, before any run starts: once per model,
-    # since the teacher may have its own preset and each student its own loss.
-    for model in ("teacher", *students):
-        _check_run_config(preset, teacher_preset, model, overrides)
     if protocol == "loso":
         num = protocols.num_folds(metadata, "loso")
         folds = tuple(range(num)) if folds is None else tuple(folds)
@@ -238,7 +234,7 @@ def make_spec(
         raise ExperimentError(
             f"seeds must be integers in [0, 2**32) (JAX keys take 32 bits), got {list(seeds)}"
         )
-    return ExperimentSpec(
+    spec = ExperimentSpec(
         data=data,
         protocol=protocol,
         folds=tuple(int(f) for f in folds),
@@ -248,24 +244,26 @@ def make_spec(
         students=students,
         overrides=tuple(overrides),
     )
-
-
-def _check_run_config(preset, teacher_preset, model: str, overrides) -> None:
-    """The preset and overrides as one model of the experiment will train them, validated."""
-    base = (teacher_preset or preset) if model == "teacher" else preset
-    role = ["model.role=teacher"] if model == "teacher" else ["model.role=student"]
-    loss = [] if model == "teacher" else [f"kd.loss={model}"]
-    try:
-        config_lib.apply_overrides(config_lib.get_config(base), [*overrides, *role, *loss])
-    except config_lib.ConfigError as e:
-        raise ExperimentError(str(e)) from None
+    # Every model's config as its runs will train it (the teacher may have its own preset,
+    # each student its own loss), validated before any run starts.
+    for model in ("teacher", *students):
+        try:
+            _run_config(spec, model, spec.folds[0] if spec.folds else None, spec.seeds[0], "")
+        except config_lib.ConfigError as e:
+            raise ExperimentError(str(e)) from None
+    return spec
 
 
 def _run_config(
     spec: ExperimentSpec, model: str, fold: int | None, seed: int, cache_dir: str
 ) -> config_lib.Config:
     preset = (spec.teacher_preset or spec.preset) if model == "teacher" else spec.preset
-    cfg = config_lib.apply_overrides(config_lib.get_config(preset), spec.overrides)
+    # The role and loss go in with the overrides: validated alone, the overrides would be
+    # judged as the preset's default model (e.g. alpha = beta = 0 as a DKD student's).
+    role = (
+        ["model.role=teacher"] if model == "teacher" else ["model.role=student", f"kd.loss={model}"]
+    )
+    cfg = config_lib.apply_overrides(config_lib.get_config(preset), [*spec.overrides, *role])
     cfg.data.prep_dir = spec.data
     cfg.data.protocol = spec.protocol
     if spec.protocol == "loso":
@@ -274,9 +272,6 @@ def _run_config(
         cfg.data.split_seed = int(seed)
     cfg.train.seed = int(seed)
     cfg.train.compilation_cache_dir = cache_dir
-    cfg.model.role = "teacher" if model == "teacher" else "student"
-    if model != "teacher":
-        cfg.kd.loss = model
     return cfg.validate()
 
 
