@@ -362,15 +362,11 @@ def _shards_not_as_written(paths: list[str], digests) -> list[tuple[str, int]]:
     split's byte total is known to be wrong, so the hashing costs nothing on a healthy rerun."""
     if not isinstance(digests, list) or len(digests) != len(paths):
         return []
-    changed = []
-    for p, want in zip(paths, digests, strict=True):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() != want:
-            changed.append((p, os.path.getsize(p)))
-    return changed
+    return [
+        (p, os.path.getsize(p))
+        for p, want in zip(paths, digests, strict=True)
+        if input_files.file_sha256(p) != want
+    ]
 
 
 def _claim_out_dir(
