@@ -43,8 +43,9 @@ def prep_summary(meta: dict) -> str:
     cut = [r["utterance_id"] for r in meta.get("utterances", ()) if "warning" in r]
     if cut:
         lines.append(
-            f"  warning: {len(cut)} file(s) hold less audio than their header declares (e.g. "
-            f'{cut[0]}); kept with what they hold, each with a "warning" in metadata.json'
+            f"  warning: {len(cut)} file(s) were cut short or damaged: they decode less audio than "
+            f"they declare, or stop without their end (e.g. {cut[0]}); kept with what they "
+            'hold, each with a "warning" in metadata.json'
         )
     num_skipped = sum(n for k, n in c["skipped"].items() if k not in NOT_UTTERANCES)
     if num_skipped > 0.1 * (num_skipped + c["utterances"]):

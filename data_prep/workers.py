@@ -258,7 +258,7 @@ def process_utterance(utt: Utterance) -> tuple:
     }
     if len(keep_train) < len(train):
         row["train_segments_before_cap"] = len(train)
-    cut = audio.truncation_note(utt.path)
+    cut = audio.damage_note(utt.path, decoded_frames=segs.source_frames)
     if cut:  # kept with what it holds, and said (libsndfile reads the rest without a word)
         row["warning"] = cut
     blobs = (

@@ -51,7 +51,8 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
     Returns:
         {"segments" [K, F, T] float32, "valid_frames" [K] int32, "starts_s" [K] float,
         "duration_s" float, "padded" bool, "constant" bool (every sample equal), "source_rate"
-        (the file's) and "sample_rate" (the model's) int}.
+        (the file's) and "sample_rate" (the model's) int, "source_frames" int (decoded at the
+        file's rate)}.
 
     Raises:
         audio.AudioError: unreadable or empty file.
@@ -68,6 +69,7 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
         "constant": seg.constant,
         "source_rate": seg.source_rate,
         "sample_rate": int(fc.sample_rate),
+        "source_frames": seg.source_frames,
     }
 
 
@@ -90,16 +92,16 @@ utterance can come out ~100 % confident)."""
 
 def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     """Warnings about one file's audio (:func:`file_segments`' output) that no model can fix:
-    too short to say much, a WAV cut short of its header, digital silence (every real frame the
-    same, in every band) or a constant level (every sample the same), or recorded at a lower
-    rate than the model's."""
+    too short to say much, a file cut short or damaged (``audio.damage_note``), digital silence
+    (every real frame the same, in every band) or a constant level (every sample the same), or
+    recorded at a lower rate than the model's."""
     out = []
     if seg["duration_s"] < MIN_RELIABLE_SECONDS:
         out.append(
             f"{path}: only {seg['duration_s']:.3f} s of audio (under {MIN_RELIABLE_SECONDS} s): "
             "its prediction says little"
         )
-    cut = audio.truncation_note(path)
+    cut = audio.damage_note(path, decoded_frames=seg.get("source_frames"))
     if cut:
         out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -352,13 +352,19 @@ class StreamPredictor:
 
 
 def file_blocks(
-    path: str | os.PathLike, *, sample_rate: int, block_seconds: float = 0.4
+    path: str | os.PathLike,
+    *,
+    sample_rate: int,
+    block_seconds: float = 0.4,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """Mono float32 blocks of an audio file at ``sample_rate``, read incrementally.
 
     Channels are averaged and samples clipped to [-1, 1] as ``audio.load_audio`` does; another
     rate is resampled block by block (soxr's streaming resampler, same quality as the whole-file
-    path, so the samples agree with it up to the resampler's edge handling).
+    path, so the samples agree with it up to the resampler's edge handling). ``warn``, when
+    given, is called once the file has ended with ``"PATH: ..."`` if it decoded less than it
+    declares (``audio.shortfall_note``: an MP3 cut short, an Ogg file with damaged pages).
 
     Raises:
         DeployError: unreadable file, or NaN/inf samples (naming the time of the first).
@@ -397,6 +403,9 @@ def file_blocks(
             start += data.shape[0]
             yield _to_model_rate(data, resampler, last=last)
             if last:
+                short = audio.shortfall_note(f.frames, start, f.samplerate)
+                if warn is not None and short and f.seekable():  # a pipe declares no length
+                    warn(f"{path}: {short}: predicted from what is there")
                 return
 
 
@@ -577,6 +586,7 @@ def stream_cli(args) -> int:
         if args.files or args.group or args.groups:
             raise DeployError("--stream takes one input (FILE or -), not extra files")
         rate = model.features.sample_rate
+        late_warnings: list[str] = []  # known once the stream has ended
         if args.stream == "-":
             in_rate = rate if args.rate is None else args.rate
             blocks = pcm_blocks(
@@ -586,13 +596,13 @@ def stream_cli(args) -> int:
                 sample_rate=rate,
             )
         else:
-            blocks = file_blocks(args.stream, sample_rate=rate)
+            blocks = file_blocks(args.stream, sample_rate=rate, warn=late_warnings.append)
         names = model.label_names
         source = "<stdin>" if args.stream == "-" else os.fspath(args.stream)
         # Only a regular file: reading a pipe's header here (/dev/stdin, <(...)) would take
         # bytes that the stream then misses.
         regular = args.stream != "-" and os.path.isfile(args.stream)
-        cut = audio.truncation_note(args.stream) if regular else None
+        cut = audio.damage_note(args.stream) if regular else None
         source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
         low = band_limit_warning(source, source_rate, rate) if source_rate else None
         if low:
@@ -612,7 +622,7 @@ def stream_cli(args) -> int:
             if str(e).startswith(f"{source}: "):
                 raise
             raise DeployError(f"{source}: {e}") from None
-        for warning in watch.warnings(source, rate):
+        for warning in late_warnings + watch.warnings(source, rate):
             print(f"eval.py: warning: {warning}", file=sys.stderr)
     except (DeployError, audio.AudioError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # e.g. piped into `head`

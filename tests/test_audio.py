@@ -273,6 +273,67 @@ def test_load_errors_name_file_and_kind(tmp_path):
             assert info.value.reason == "audio contains 1 NaN/inf samples (the first at 0.06 s)"
 
 
+def _noise_file(path, seconds, fmt, subtype, rate=16000):
+    wave = 0.1 * np.random.default_rng(0).standard_normal(round(seconds * rate))
+    sf.write(path, wave.astype(np.float32), rate, format=fmt, subtype=subtype)
+    return path.read_bytes()
+
+
+def _damage(path):
+    wave, _ = audio.read_audio(path)
+    return audio.damage_note(path, decoded_frames=len(wave))
+
+
+def test_files_that_decode_short_without_an_error_are_named(tmp_path):
+    """libsndfile decodes a cut or damaged Ogg/MP3/AIFF file short without a word."""
+    ogg = _noise_file(tmp_path / "a.ogg", 20, "OGG", "VORBIS")
+    opus = _noise_file(tmp_path / "a.opus", 10, "OGG", "OPUS", rate=48000)
+    mp3 = _noise_file(tmp_path / "a.mp3", 20, "MP3", "MPEG_LAYER_III")
+    aiff = _noise_file(tmp_path / "a.aiff", 2, "AIFF", "PCM_16")
+    for name in ("a.ogg", "a.opus", "a.mp3", "a.aiff"):  # whole files: nothing to say
+        assert _damage(tmp_path / name) is None, name
+    (tmp_path / "cut.ogg").write_bytes(ogg[: len(ogg) // 2])  # inside a page
+    assert _damage(tmp_path / "cut.ogg") == (
+        f"the file ends inside an Ogg page, at byte {len(ogg) // 2} (cut short?)"
+    )
+    last = opus.rfind(b"OggS")  # at a page boundary: the end-of-stream page is missing
+    (tmp_path / "cut.opus").write_bytes(opus[:last])
+    assert _damage(tmp_path / "cut.opus") == (
+        f"the Ogg stream stops at byte {last} without its end page (cut short?)"
+    )
+    damaged = bytearray(ogg)  # a damaged page mid-file: the decoder skips it
+    damaged[len(ogg) // 2] ^= 0x10
+    (tmp_path / "damaged.ogg").write_bytes(bytes(damaged))
+    note = _damage(tmp_path / "damaged.ogg")
+    assert note.startswith("the header declares 20.00 s of audio but 19.") and note.endswith(
+        " s decode (cut short or damaged?)"
+    )
+    (tmp_path / "cut.mp3").write_bytes(mp3[: len(mp3) // 2])  # its Xing header has the length
+    head, _, tail = _damage(tmp_path / "cut.mp3").partition(" s decode ")
+    assert head.startswith("the header declares 20.00 s of audio but ") and tail == (
+        "(cut short or damaged?)"
+    )
+    assert 8.0 < float(head.rsplit(" ", 1)[1]) < 12.0  # about half
+    (tmp_path / "cut.aiff").write_bytes(aiff[: 54 + 2 * 8000])  # 0.5 s of 2 s
+    assert _damage(tmp_path / "cut.aiff") == (
+        "the header declares 2.00 s of audio but the file holds 0.50 s (cut short?)"
+    )
+    sf.write(tmp_path / "tone.ogg", _tone(220, 5, 16000), 16000, format="OGG", subtype="VORBIS")
+    tone = (tmp_path / "tone.ogg").read_bytes()  # a few pages: cut in half, it decodes nothing
+    (tmp_path / "stub.ogg").write_bytes(tone[: len(tone) // 2])
+    with pytest.raises(audio.AudioError, match=r"no samples \(0 frames; the file ends inside"):
+        audio.read_audio(tmp_path / "stub.ogg")
+
+
+def test_shortfall_threshold():
+    assert audio.shortfall_note(16000, 16000 - 1599, 16000) is None  # under 0.1 s: codec slack
+    assert audio.shortfall_note(16000, 14400, 16000) == (
+        "the header declares 1.00 s of audio but 0.90 s decode (cut short or damaged?)"
+    )
+    assert audio.shortfall_note(16000, 20000, 16000) is None
+    assert audio.shortfall_note(16000, 0, 0) is None
+
+
 def test_audio_error_pickles():
     import pickle
 

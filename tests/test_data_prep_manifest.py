@@ -417,18 +417,27 @@ def test_audio_files_that_no_row_names_are_warned_about(tmp_path, caplog):
     assert caplog.records == []
 
 
-def test_a_wav_cut_short_of_its_header_is_kept_and_said(tmp_path):
+def test_files_cut_short_are_kept_and_said(tmp_path):
     files = {"a.wav": 2.1, "b.wav": 2.6}
-    path = _write(tmp_path / "c", [("a.wav", "sad", "x"), ("b.wav", "angry", "y")], files)
+    rows = [("a.wav", "sad", "x"), ("b.wav", "angry", "y"), ("c.ogg", "sad", "y")]
+    path = _write(tmp_path / "c", rows, files)
     b = tmp_path / "c" / "b.wav"
     b.write_bytes(b.read_bytes()[: 44 + 2 * 2 * SR])  # 2 s of the 2.6 s the header declares
+    c = tmp_path / "c" / "c.ogg"  # an Ogg file declares no length: cut inside its last page
+    noise = 0.1 * np.random.default_rng(0).standard_normal(8 * SR).astype(np.float32)
+    sf.write(c, noise, SR, format="OGG", subtype="VORBIS")
+    c.write_bytes(c.read_bytes()[:-100])
     meta = data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
     rows = {r["utterance_id"]: r for r in meta["utterances"]}
     assert "warning" not in rows["a.wav"] and rows["b.wav"]["duration_s"] == 2.0
     assert rows["b.wav"]["warning"] == (
         "the header declares 2.60 s of audio but the file holds 2.00 s (cut short?)"
     )
+    assert rows["c.ogg"]["warning"] == (
+        f"the file ends inside an Ogg page, at byte {c.stat().st_size} (cut short?)"
+    )
     assert (
-        "  warning: 1 file(s) hold less audio than their header declares (e.g. b.wav); kept "
-        'with what they hold, each with a "warning" in metadata.json'
+        "  warning: 2 file(s) were cut short or damaged: they decode less audio than they "
+        "declare, or stop without their end (e.g. b.wav); kept with what they hold, each with a "
+        '"warning" in metadata.json'
     ) in data_prep.prep_summary(meta).splitlines()

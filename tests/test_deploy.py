@@ -566,11 +566,35 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     ]
     assert eval_cli.main(["predict", "--model", model, "--stream", str(cut)]) == 0
     assert capsys.readouterr().err.splitlines() == [f"eval.py: warning: {pred['warnings'][0]}"]
-    assert audio.truncation_note(tmp_path / "speechlike.wav") is None
+    assert audio.damage_note(tmp_path / "speechlike.wav") is None
     data = bytearray(cut.read_bytes())
     data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a WAV streamed to a pipe: size unknown
     cut.write_bytes(bytes(data))
-    assert audio.truncation_note(cut) is None
+    assert audio.damage_note(cut) is None
+
+
+def test_an_mp3_cut_short_is_warned_about_in_file_and_stream_mode(tmp_path, capsys):
+    """libsndfile decodes a cut MP3 short without a word; its Xing header has the length."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    wave = 0.1 * np.random.default_rng(0).standard_normal(6 * 16000).astype(np.float32)
+    whole, cut = tmp_path / "whole.mp3", tmp_path / "cut.mp3"
+    sf.write(whole, wave, 16000, format="MP3", subtype="MPEG_LAYER_III")
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert deploy.predict_files(model, [whole])["warnings"] == []
+    pred = deploy.predict_files(model, [cut])
+    seconds = pred["files"][0]["duration_s"]
+    expected = (
+        f"{cut}: the header declares 6.00 s of audio but {seconds:.2f} s decode "
+        "(cut short or damaged?): predicted from what is there"
+    )
+    assert 2.0 < seconds < 4.0 and pred["warnings"] == [expected]
+    capsys.readouterr()
+    assert eval_cli.main(["predict", "--model", model, "--stream", str(whole)]) == 0
+    assert [w for w in capsys.readouterr().err.splitlines() if "eval.py" in w] == []
+    assert eval_cli.main(["predict", "--model", model, "--stream", str(cut)]) == 0
+    err = [w for w in capsys.readouterr().err.splitlines() if "eval.py" in w]  # not mpg123's
+    assert err == [f"eval.py: warning: {expected}"]  # once the stream has ended
 
 
 def _readme_snippet():
