@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from data_prep.sources import Utterance
-from dkd_jax import audio, records
+from dkd_jax import audio, file_damage, records
 
 CHUNK = 4  # utterances per pool task
 _LOOKAHEAD_PER_WORKER = 4  # chunks in flight per worker
@@ -258,7 +258,7 @@ def process_utterance(utt: Utterance) -> tuple:
     }
     if len(keep_train) < len(train):
         row["train_segments_before_cap"] = len(train)
-    cut = audio.damage_note(utt.path, decoded_frames=segs.source_frames)
+    cut = file_damage.damage_note(utt.path, decoded_frames=segs.source_frames)
     if cut:  # kept with what it holds, and said (libsndfile reads the rest without a word)
         row["warning"] = cut
     blobs = (

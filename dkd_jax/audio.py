@@ -6,8 +6,8 @@ in [-1, 1] at ``FeatureConfig.sample_rate``; features are computed once per *who
 (hop 1.0 s) and the evaluation layout (hop 0.4 s) share one feature matrix.
 
 Numerics are pure (arrays in, arrays out, keyword hyper-parameters, no I/O) except the loading
-section (:func:`read_audio` / :func:`load_audio`, and :func:`damage_note`, which says what a file
-that decodes without an error still lost), and :func:`segment_audio`, the one path from an audio
+section (:func:`read_audio` / :func:`load_audio`; ``dkd_jax.file_damage`` says what a file that
+decodes without an error still lost), and :func:`segment_audio`, the one path from an audio
 file (or waveform) to the windows data_prep stores and predict scores.
 
 The STFT, the mel filterbank and the resampler are plain NumPy + soxr calls that equal
@@ -37,11 +37,12 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import stat
 from typing import Any
 
 import numpy as np
+
+from dkd_jax import file_damage
 
 LOG_FLOOR = 1e-6
 """Floor applied to mel power before ``log`` in the ``"logmel"`` kind (log(1e-6) ≈ -13.8)."""
@@ -262,7 +263,9 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         reason = str(e).strip() or type(e).__name__
         raise AudioError(path, f"not a readable audio file ({reason})") from None
     if data.shape[0] == 0:
-        cut = damage_note(path)  # an Ogg file cut inside its first pages decodes nothing
+        cut = file_damage.damage_note(
+            path
+        )  # an Ogg file cut inside its first pages decodes nothing
         reason = f"audio has no samples (0 frames{f'; {cut}' if cut else ''})"
         raise AudioError(path, reason, "no_samples")
     if rate < MIN_SAMPLE_RATE:
@@ -277,106 +280,6 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
     np.clip(wave, -1.0, 1.0, out=wave)
     return wave, int(rate)
-
-
-SHORTFALL_SECONDS = 0.1
-"""Audio a file declares but does not decode, from which :func:`shortfall_note` speaks up
-(MP3 encoder delay and padding move the count by a few milliseconds, never this much)."""
-
-
-def damage_note(path: str | os.PathLike, *, decoded_frames: int | None = None) -> str | None:
-    """What a file that decodes without an error still lost, in one phrase; None when nothing
-    is known to be missing. libsndfile reads all of these without a word:
-
-    * a WAV or AIFF file whose data chunk is shorter than its header declares (a copy cut short);
-    * an Ogg file (Vorbis, Opus) that ends inside a page, or without its end-of-stream page
-      (cut short: an Ogg file declares no length, so its last page is the only witness);
-    * given ``decoded_frames`` (what the decoder returned, at the file's rate): fewer frames than
-      the file declares, by :data:`SHORTFALL_SECONDS` or more (an MP3 cut short, whose Xing
-      header holds the length; an Ogg stream whose damaged pages the decoder skipped).
-
-    Only a regular file is looked at (reading a pipe here would take samples from its reader).
-    """
-    import soundfile as sf
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        return None
-    try:
-        info = sf.info(path)
-    except Exception:  # unreadable: read_audio says why
-        return None
-    note = _header_note(info.extra_info)
-    if note is None and info.format == "OGG":
-        note = _ogg_end_note(path)
-    if note is None and decoded_frames is not None:
-        note = shortfall_note(info.frames, decoded_frames, info.samplerate)
-    return note
-
-
-def shortfall_note(declared_frames: int, decoded_frames: int, rate: int) -> str | None:
-    """A phrase when the decoder returned :data:`SHORTFALL_SECONDS` or more less than the file
-    declares ("the header declares X s of audio but Y s decode (cut short or damaged?)"); None
-    otherwise."""
-    if rate <= 0 or declared_frames - decoded_frames < SHORTFALL_SECONDS * rate:
-        return None
-    return (
-        f"the header declares {declared_frames / rate:.2f} s of audio but "
-        f"{decoded_frames / rate:.2f} s decode (cut short or damaged?)"
-    )
-
-
-def _header_note(extra: str) -> str | None:
-    """A WAV's or AIFF's data chunk shorter than declared, from libsndfile's header dump."""
-    wav = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", extra, re.MULTILINE)
-    per_second = re.search(r"Bytes/sec\s*:\s*(\d+)", extra)
-    if wav and per_second and int(per_second.group(1)) > 0:
-        declared, present = int(wav.group(1)), int(wav.group(2))
-        per = int(per_second.group(1))
-        if declared >= 0x7FFF0000:  # a WAV streamed to a pipe: size unknown
-            return None
-    else:
-        aiff = re.search(
-            r"Frame count read from 'COMM' chunk \((\d+)\) not equal to frame count\s*"
-            r"\*+\s*calculated from length of 'SSND' chunk \((\d+)\)",
-            extra,
-        )
-        rate = re.search(r"Sample Rate\s*:\s*(\d+)", extra)
-        if not aiff or not rate or int(rate.group(1)) <= 0:
-            return None
-        declared, present, per = int(aiff.group(1)), int(aiff.group(2)), int(rate.group(1))
-    if declared <= present:
-        return None
-    return (
-        f"the header declares {declared / per:.2f} s of audio but the file holds "
-        f"{present / per:.2f} s (cut short?)"
-    )
-
-
-_OGG_MAX_PAGE = 27 + 255 + 255 * 255  # header, segment table, body
-
-
-def _ogg_end_note(path: str) -> str | None:
-    """An Ogg file cut short: its last page is incomplete or lacks the end-of-stream flag."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - _OGG_MAX_PAGE))
-        tail = f.read()
-    base = size - len(tail)
-    at = tail.rfind(b"OggS")
-    while at >= 0 and tail[at + 4 : at + 5] != b"\x00":  # not a version-0 page header
-        at = tail.rfind(b"OggS", 0, at)
-    if at < 0:
-        return None  # no page in the last 64 KiB: not for this check to judge
-    nseg = tail[at + 26] if at + 27 <= len(tail) else None
-    end = None
-    if nseg is not None and at + 27 + nseg <= len(tail):
-        end = at + 27 + nseg + sum(tail[at + 27 : at + 27 + nseg])
-    if end is None or end > len(tail):
-        return f"the file ends inside an Ogg page, at byte {size} (cut short?)"
-    if not tail[at + 5] & 0x04:
-        return f"the Ogg stream stops at byte {base + end} without its end page (cut short?)"
-    return None
 
 
 SILENT_REASON = "silent: every frame the same (digital silence, or below the feature floor)"
@@ -688,7 +591,7 @@ class UtteranceSegments:
         silence, or a DC level whose windows still differ at the file's zero-padded edges).
       source_rate: the sample rate of the file or waveform, before resampling (Hz).
       source_frames: samples (per channel) decoded from the file, or of the waveform, before
-        resampling (for :func:`damage_note`'s comparison with what the file declares).
+        resampling (for ``file_damage.damage_note``'s comparison with what the file declares).
     """
 
     duration_s: float

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import audio, jsonio
+from dkd_jax import audio, file_damage, jsonio
 
 __all__ = [
     "file_entry",
@@ -101,7 +101,7 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
             f"{path}: only {seg['duration_s']:.3f} s of audio (under {MIN_RELIABLE_SECONDS} s): "
             "its prediction says little"
         )
-    cut = audio.damage_note(path, decoded_frames=seg.get("source_frames"))
+    cut = file_damage.damage_note(path, decoded_frames=seg.get("source_frames"))
     if cut:
         out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from dkd_jax import audio
+from dkd_jax import audio, file_damage
 from dkd_jax.deploy import (
     DeployError,
     OnnxClassifier,
@@ -364,7 +364,7 @@ def file_blocks(
     rate is resampled block by block (soxr's streaming resampler, same quality as the whole-file
     path, so the samples agree with it up to the resampler's edge handling). ``warn``, when
     given, is called once the file has ended with ``"PATH: ..."`` if it decoded less than it
-    declares (``audio.shortfall_note``: an MP3 cut short, an Ogg file with damaged pages).
+    declares (``file_damage.decode_shortfall``: an MP3 cut short, an Ogg file with damaged pages).
 
     Raises:
         DeployError: unreadable file, or NaN/inf samples (naming the time of the first).
@@ -403,8 +403,8 @@ def file_blocks(
             start += data.shape[0]
             yield _to_model_rate(data, resampler, last=last)
             if last:
-                short = audio.shortfall_note(f.frames, start, f.samplerate)
-                if warn is not None and short and f.seekable():  # a pipe declares no length
+                short = file_damage.decode_shortfall(path, start) if warn is not None else None
+                if short:  # a regular file only: a pipe declares no length
                     warn(f"{path}: {short}: predicted from what is there")
                 return
 
@@ -602,7 +602,7 @@ def stream_cli(args) -> int:
         # Only a regular file: reading a pipe's header here (/dev/stdin, <(...)) would take
         # bytes that the stream then misses.
         regular = args.stream != "-" and os.path.isfile(args.stream)
-        cut = audio.damage_note(args.stream) if regular else None
+        cut = file_damage.damage_note(args.stream) if regular else None
         source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
         low = band_limit_warning(source, source_rate, rate) if source_rate else None
         if low:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dkd_jax import audio
+from dkd_jax import audio, file_damage
 
 LOGMEL = audio.FEATURE_PRESETS["logmel40"]
 MFCC = audio.FEATURE_PRESETS["mfcc26"]
@@ -281,7 +281,7 @@ def _noise_file(path, seconds, fmt, subtype, rate=16000):
 
 def _damage(path):
     wave, _ = audio.read_audio(path)
-    return audio.damage_note(path, decoded_frames=len(wave))
+    return file_damage.damage_note(path, decoded_frames=len(wave))
 
 
 def test_files_that_decode_short_without_an_error_are_named(tmp_path):
@@ -314,6 +314,23 @@ def test_files_that_decode_short_without_an_error_are_named(tmp_path):
         "(cut short or damaged?)"
     )
     assert 8.0 < float(head.rsplit(" ", 1)[1]) < 12.0  # about half
+    walk = file_damage.mp3_frames(tmp_path / "a.mp3")  # by frame headers, against the decoder
+    assert walk.length_header and (walk.samples_per_frame, walk.sample_rate) == (576, 16000)
+    assert 0 <= walk.frames * 576 - 20 * 16000 < 4 * 576  # encoder delay, padding, Xing frame
+    xing = mp3.find(b"Xing")  # without it, libsndfile guesses a VBR file's length, stops there
+    plain = mp3[:xing] + bytes(4) + mp3[xing + 4 :]
+    (tmp_path / "plain.mp3").write_bytes(plain)
+    head, _, tail = _damage(tmp_path / "plain.mp3").partition(" s decode ")
+    assert head.startswith("its MP3 frames hold 20.1") and tail == (
+        "(an MP3 without a Xing/Info header: libsndfile guesses its length; convert it to WAV "
+        "or FLAC)"
+    )
+    size = 200_000  # an ID3v2 tag (cover art) in front: not audio, not counted
+    synchsafe = bytes((size >> shift) & 0x7F for shift in (21, 14, 7, 0))
+    (tmp_path / "tagged.mp3").write_bytes(b"ID3\x04\x00\x00" + synchsafe + bytes(size) + plain)
+    assert file_damage.mp3_frames(tmp_path / "tagged.mp3").frames == walk.frames
+    # libsndfile counts the tag in its guess (34.5 s): no false "cut short" from that
+    assert _damage(tmp_path / "tagged.mp3") is None
     (tmp_path / "cut.aiff").write_bytes(aiff[: 54 + 2 * 8000])  # 0.5 s of 2 s
     assert _damage(tmp_path / "cut.aiff") == (
         "the header declares 2.00 s of audio but the file holds 0.50 s (cut short?)"
@@ -326,12 +343,14 @@ def test_files_that_decode_short_without_an_error_are_named(tmp_path):
 
 
 def test_shortfall_threshold():
-    assert audio.shortfall_note(16000, 16000 - 1599, 16000) is None  # under 0.1 s: codec slack
-    assert audio.shortfall_note(16000, 14400, 16000) == (
+    assert (
+        file_damage.shortfall_note(16000, 16000 - 1599, 16000) is None
+    )  # under 0.1 s: codec slack
+    assert file_damage.shortfall_note(16000, 14400, 16000) == (
         "the header declares 1.00 s of audio but 0.90 s decode (cut short or damaged?)"
     )
-    assert audio.shortfall_note(16000, 20000, 16000) is None
-    assert audio.shortfall_note(16000, 0, 0) is None
+    assert file_damage.shortfall_note(16000, 20000, 16000) is None
+    assert file_damage.shortfall_note(16000, 0, 0) is None
 
 
 def test_audio_error_pickles():

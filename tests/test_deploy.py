@@ -27,7 +27,17 @@ pytest.importorskip("jax2onnx", reason="needs the export extra: pip install -e '
 pytest.importorskip("onnxruntime", reason="needs the export extra")
 
 import eval as eval_cli  # the script at the repository root (pytest pythonpath)
-from dkd_jax import audio, deploy, export, input_pipeline, jsonio, predict, records, streaming
+from dkd_jax import (
+    audio,
+    deploy,
+    export,
+    file_damage,
+    input_pipeline,
+    jsonio,
+    predict,
+    records,
+    streaming,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -566,11 +576,11 @@ def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     ]
     assert eval_cli.main(["predict", "--model", model, "--stream", str(cut)]) == 0
     assert capsys.readouterr().err.splitlines() == [f"eval.py: warning: {pred['warnings'][0]}"]
-    assert audio.damage_note(tmp_path / "speechlike.wav") is None
+    assert file_damage.damage_note(tmp_path / "speechlike.wav") is None
     data = bytearray(cut.read_bytes())
     data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a WAV streamed to a pipe: size unknown
     cut.write_bytes(bytes(data))
-    assert audio.damage_note(cut) is None
+    assert file_damage.damage_note(cut) is None
 
 
 def test_an_mp3_cut_short_is_warned_about_in_file_and_stream_mode(tmp_path, capsys):
