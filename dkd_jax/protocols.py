@@ -6,9 +6,11 @@ This module owns the split rules (DESIGN.md §4); ``run_dir`` stores a run's spl
 * ``"loso"``: leave one session out. Sessions are sorted by name and fold ``k`` holds out
   ``sessions[k]``; every utterance of that session is a test utterance, so no speaker of the
   test set is seen in training (IEMOCAP: one session = one speaker pair).
-* ``"paper"``: the lineage protocol, a random 80/20 *utterance* split (speakers overlap). The
-  permutation comes from a NumPy ``Generator`` seeded with (seed, the prep's content hash), so it
-  is a deterministic function of the seed and the data and changes when the data change.
+* ``"paper"``: the lineage protocol, a random 80/20 *utterance* split (speakers overlap) of the
+  *improvised* dialogs when the prep records dialogs (IEMOCAP; scripted ones are neither trained
+  on nor scored), of every utterance when it does not (EmoDB, CSV manifests). The permutation
+  comes from a NumPy ``Generator`` seeded with (seed, the prep's content hash), so it is a
+  deterministic function of the seed and the data and changes when the data change.
 * ``"none"``: every utterance trains, nothing is held out.
 
 A validation hold-out (:func:`hold_out_validation`) is carved from the *training* utterances only,
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 PROTOCOLS = ("loso", "paper", "none")
+IMPROVISED = "improvised"  # an IEMOCAP utterance's "dialog" in the prep metadata
 PAPER_TEST_FRACTION = 0.2
 
 
@@ -136,15 +139,16 @@ def make_split(
       metadata: ``records.load_metadata(prep_dir)`` (uses "utterances" and "content_hash").
       protocol: "loso" | "paper" | "none".
       fold: loso: index of the held-out session in the sorted session list.
-      seed: paper: seed of the random 80/20 utterance split.
+      seed: paper: seed of the random 80/20 utterance split (of the improvised dialogs when the
+        prep records dialogs).
 
     Returns:
       A Split, deterministic in (protocol, fold or seed, metadata content hash).
 
     Raises:
       ValueError: unknown protocol, fold out of range, fewer than 2 sessions (loso), a held-out
-        speaker also in a training session (loso), fewer than 2 utterances (paper), missing
-        content hash.
+        speaker also in a training session (loso), fewer than 2 utterances or only scripted
+        dialogs (paper), missing content hash.
     """
     utts = _utterances(metadata)
     ids = sorted(str(u["utterance_id"]) for u in utts)
@@ -162,6 +166,7 @@ def make_split(
         _check_speakers_disjoint(utts, held)
         return Split(tuple(train), tuple(test), name=f"loso-fold{fold}-{held}")
     if protocol == "paper":
+        ids = _paper_pool(utts)
         if len(ids) < 2:
             raise ValueError(f"paper split needs at least 2 utterances, got {len(ids)}")
         rng = _rng(seed, metadata, salt=1)
@@ -171,6 +176,21 @@ def make_split(
         train = sorted(ids[i] for i in order[num_test:])
         return Split(tuple(train), tuple(test), name=f"paper-seed{seed}")
     raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
+
+
+def _paper_pool(utts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The utterances the paper protocol splits: the improvised dialogs of a prep that records
+    dialogs (the lineage filters on ``impro``, paper_spec.md §1.1), else every utterance."""
+    dialogs = {str(u.get("dialog") or "") for u in utts}
+    if dialogs <= {""}:  # no dialog information (EmoDB, CSV manifests)
+        return sorted(str(u["utterance_id"]) for u in utts)
+    if IMPROVISED not in dialogs:
+        kinds = ", ".join(sorted(d or "<none>" for d in dialogs))
+        raise ValueError(
+            f"the paper protocol trains and tests on improvised dialogs; this prep has {kinds} "
+            "only (prepare the corpus with --dialogs all or improvised, or use --protocol loso)"
+        )
+    return sorted(str(u["utterance_id"]) for u in utts if u.get("dialog") == IMPROVISED)
 
 
 def hold_out_validation(

@@ -83,6 +83,24 @@ def test_paper_split_is_80_20_deterministic_and_seeded():
     assert set(d.test_ids) != set(a.test_ids)  # other data, other split
 
 
+def test_paper_split_keeps_the_improvised_dialogs_of_a_prep_that_records_them():
+    meta = _metadata()
+    for i, u in enumerate(meta["utterances"]):
+        u["dialog"] = "improvised" if i % 3 else "scripted"
+    improvised = {u["utterance_id"] for u in meta["utterances"] if u["dialog"] == "improvised"}
+    split = protocols.make_split(meta, protocol="paper", seed=0)
+    assert set(split.train_ids) | set(split.test_ids) == improvised  # the lineage's `impro`
+    assert len(split.test_ids) == round(0.2 * len(improvised))
+    for u in meta["utterances"]:  # a prep without dialog information splits everything
+        u["dialog"] = ""
+    assert len(protocols.make_split(meta, protocol="paper").train_ids) == 160
+    for u in meta["utterances"]:
+        u["dialog"] = "scripted"  # prepared with --dialogs scripted
+    with pytest.raises(ValueError, match="improvised dialogs; this prep has scripted only"):
+        protocols.make_split(meta, protocol="paper")
+    assert len(protocols.make_split(meta, protocol="loso").train_ids) == 160  # loso: all
+
+
 def test_none_trains_on_everything_and_bad_inputs_raise():
     meta = _metadata(num_sessions=2)
     s = protocols.make_split(meta, protocol="none")
