@@ -400,8 +400,8 @@ def fit_baseline(
     names = list(stats.label_names)
     notes = []
     present = np.unique(y_tr)
-    if present.size < len(names):
-        missing = [n for c, n in enumerate(names) if c not in present]
+    missing = [n for c, n in enumerate(names) if c not in present]
+    if missing:
         notes.append(f"classes absent from the training utterances, never predicted: {missing}")
     import threadpoolctl  # a dependency of scikit-learn
 
@@ -438,6 +438,7 @@ def fit_baseline(
         "c_selection": selection,
         "inner_cv": inner,
         "train_classes": [names[int(i)] for i in present],
+        "untrained_classes": missing,
         "notes": notes,
         "predictions": _prediction_rows(stats, te, pred, probs),
     }

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import distributed, input_pipeline, metrics, provenance, records, run_dir
+from dkd_jax import distributed, input_pipeline, metrics, protocols, provenance, records, run_dir
 
 __all__ = [
     "EvalError",
@@ -466,14 +466,17 @@ def build_results(
     content_hash: str | None,
     workdir: str | os.PathLike,
     mode: str = "logits",
+    untrained_classes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ``results.json`` dict: the report (:func:`report_from_confusion`) plus the run's
-    step, checkpoint, role and loss, split sizes, aggregation, data, config and provenance."""
+    step, checkpoint, role and loss, split sizes, aggregation, data, config and provenance, and
+    ``untrained_classes`` (``protocols.untrained_classes``: classes the model never saw)."""
     from dkd_jax import config as config_lib
 
     report = classification_report(scores.labels, scores.predictions, label_names=label_names)
     return {
         **report,
+        "untrained_classes": list(untrained_classes),
         "num_segments": int(num_segments),
         "step": int(step),
         "checkpoint": checkpoint,
@@ -631,6 +634,7 @@ def evaluate_run(
         content_hash=metadata["content_hash"],
         workdir=workdir,
         mode=mode,
+        untrained_classes=protocols.untrained_classes(metadata, split),
     )
     results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     # False: scored from a partly trained run (the experiment runner then trains it on).

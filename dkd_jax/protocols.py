@@ -34,6 +34,7 @@ __all__ = [
     "make_split",
     "num_folds",
     "split_for_run",
+    "untrained_classes",
 ]
 
 PROTOCOLS = ("loso", "paper", "none")
@@ -107,6 +108,34 @@ def _rng(seed: int, metadata: Mapping[str, Any], salt: int) -> np.random.Generat
 def sessions(metadata: Mapping[str, Any]) -> list[str]:
     """Sorted distinct session names of the prep."""
     return sorted({str(u["session"]) for u in _utterances(metadata)})
+
+
+def untrained_classes(metadata: Mapping[str, Any], split: Split) -> list[str]:
+    """The prep's classes (``label_names``) with no utterance among ``split.train_ids``: a model
+    cannot learn them (never predicts them), and UA still averages their recall of 0 wherever
+    the test set holds them. Common when a class comes from one speaker or session only."""
+    names = [str(n) for n in metadata.get("label_names", ())]
+    label = {str(u["utterance_id"]): int(u["label"]) for u in _utterances(metadata)}
+    trained = {label[str(i)] for i in split.train_ids if str(i) in label}
+    return [n for c, n in enumerate(names) if c not in trained]
+
+
+def untrained_warning(metadata: Mapping[str, Any], split: Split) -> str | None:
+    """One line naming :func:`untrained_classes` and how many test utterances hold each, or
+    None when every class trains."""
+    missing = untrained_classes(metadata, split)
+    if not missing:
+        return None
+    names = [str(n) for n in metadata.get("label_names", ())]
+    label = {str(u["utterance_id"]): int(u["label"]) for u in _utterances(metadata)}
+    tested = [label.get(str(i)) for i in split.test_ids]
+    counts = [tested.count(names.index(n)) for n in missing]
+    listed = ", ".join(f"{n} ({k} in the test set)" for n, k in zip(missing, counts, strict=True))
+    scored = " and UA counts a recall of 0 for each one tested" if any(counts) else ""
+    return (
+        f"warning: {split.name} trains on no utterance of {listed}: the model cannot predict "
+        f"what it never saw{scored} (a class from one speaker or session only?)"
+    )
 
 
 def num_folds(metadata: Mapping[str, Any], protocol: str) -> int:

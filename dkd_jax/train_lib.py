@@ -78,6 +78,7 @@ import numpy as np
 
 from dkd_jax import config as config_lib
 from dkd_jax import (
+    confound,
     conv_taps,
     distributed,
     eval_lib,
@@ -154,6 +155,7 @@ def train_and_evaluate(
     overwrite: bool = False,
     heartbeat_seconds: float = 0.0,
     label: str = "",
+    data_warnings: bool = True,
 ) -> dict[str, Any]:
     """Trains one model (teacher or student) and evaluates it on the held-out utterances.
 
@@ -167,6 +169,10 @@ def train_and_evaluate(
         interval (``train_loop.Heartbeat``; the experiment runner uses it when progress bars
         cannot show, e.g. in a log file).
       label: the run's name in those lines (default: the workdir).
+      data_warnings: print (stderr) what makes the split's scores say less: classes with no
+        training utterance, and with ``normalization=speaker`` a strong speaker–label confound
+        among the training speakers or one-emotion held-out speakers (:func:`split_warnings`).
+        The experiment runner prints them once per group instead.
 
     Returns:
       Final metrics: {"step", "epoch", "test": {wa, ua, ...} or None, "validation": ... or None,
@@ -196,7 +202,7 @@ def train_and_evaluate(
             beat or contextlib.nullcontext(),
             clock,
         ):
-            run = _resolve_run(cfg, workdir, overwrite)
+            run = _resolve_run(cfg, workdir, overwrite, warn=data_warnings and primary)
             if beat is not None:
                 beat.total_steps, beat.num_epochs = run.total_steps, cfg.optim.num_epochs
             teacher = _prepare_teacher(run, teacher_workdir)
@@ -230,9 +236,24 @@ class _Run:
     local_batch: int
     spe: int
     total_steps: int
+    untrained: tuple[str, ...] = ()  # classes with no training utterance
 
 
-def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool) -> _Run:
+def split_warnings(metadata: dict[str, Any], split: protocols.Split, normalization: str):
+    """What makes a split's scores say less, one warning or note per item (none: nothing):
+    classes with no training utterance (``protocols.untrained_warning``), and with
+    ``normalization == "speaker"`` a speaker–label confound among the training speakers
+    (``confound.normalization_warning``) or held-out speakers of one emotion
+    (``confound.held_out_note``)."""
+    out = [protocols.untrained_warning(metadata, split)]
+    if normalization == "speaker":
+        numbers = confound.confound_from_metadata(metadata, split.train_ids)
+        out.append(confound.normalization_warning(numbers, normalization))
+        out.append(confound.held_out_note(metadata, split.train_ids, split.test_ids))
+    return [w for w in out if w]
+
+
+def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool, *, warn: bool) -> _Run:
     """Phase 1: the split, the workdir check, the data and the batch layout."""
     prep_dir = cfg.data.prep_dir
     meta = records.load_metadata(prep_dir)
@@ -246,6 +267,9 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool) -> _Run
         )
     split = protocols.split_for_run(meta, cfg.data)
     info = _data_info(meta, cfg.data.normalization)
+    if warn:
+        for text in split_warnings(meta, split, cfg.data.normalization):
+            print(text, file=sys.stderr, flush=True)
     primary = jax.process_index() == 0
     resuming = run_dir.prepare_workdir(workdir, cfg, overwrite=overwrite, clear=primary)
     if resuming:
@@ -297,6 +321,7 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool) -> _Run
         local_batch=local_batch,
         spe=spe,
         total_steps=spe * cfg.optim.num_epochs,
+        untrained=tuple(protocols.untrained_classes(meta, split)),
     )
 
 
@@ -705,6 +730,7 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
             data_dir=run.cfg.data.prep_dir,
             content_hash=run.info["content_hash"],
             workdir=run.workdir,
+            untrained_classes=run.untrained,
         )
         results["train_seconds"] = round(seconds, 3)
         results["compile_seconds"] = round(clock.compile_seconds, 3)

@@ -698,6 +698,13 @@ def test_missing_classes_are_flagged_and_pooled_numbers_count_each_utterance():
     }
     text = experiment.format_summary_text(summary)
     assert "1 run(s) have a test set that lacks a class" in text and "fold1-seed0 (no sad)" in text
+    assert "trained on no utterance" not in text
+    rows[0]["untrained_classes"] = ["angry"]  # a class of the held-out session only
+    text = experiment.format_summary_text(summary)
+    assert (
+        "1 run(s) trained on no utterance of a class, so they never predict it and UA counts its "
+        "recall as 0 wherever it is tested: fold0-seed0 (no angry)."
+    ) in text
     assert f"{100 * stats['pooled_wa']:.1f} / {100 * stats['pooled_ua']:.1f}" in text
 
 
@@ -718,6 +725,26 @@ def test_speaker_normalisation_warns_loudly_on_a_speaker_confounded_corpus(tiny_
         err = capsys.readouterr().err
         loud = "WARNING: normalization=speaker on a corpus where the speaker predicts"
         assert ("fold0-seed0, training speakers" in err and loud in err) == warned
+
+
+def test_a_group_that_trains_without_a_class_is_warned_once(tiny_prep_dir, tmp_path, capsys):
+    from dkd_jax.experiment import runner
+
+    meta = json.loads(json.dumps(records.load_metadata(tiny_prep_dir)))
+    spec = experiment.make_spec(data=tiny_prep_dir, protocol="loso", preset="tiny", folds=(0,))
+    plan = experiment.plan_runs(spec, "unused")[0]
+    held = protocols.split_for_run(meta, plan.config.data).test_ids
+    for u in meta["utterances"]:  # angry only in the held-out session
+        if u["label"] == 3 and u["utterance_id"] not in held:
+            u["label"] = 0
+    capsys.readouterr()
+    runner._group_checks(
+        tmp_path, plan, spec, meta, None, baselines=False, validation_only=False, quiet=True
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert [ln.split(" (", 1)[0] for ln in err if "trains on no utterance" in ln] == [
+        "fold0-seed0: warning: loso-fold0-Session1 trains on no utterance of angry"
+    ]
 
 
 def test_held_out_speakers_with_one_emotion_get_a_note_under_speaker_normalisation(

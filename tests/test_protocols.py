@@ -101,6 +101,28 @@ def test_paper_split_keeps_the_improvised_dialogs_of_a_prep_that_records_them():
     assert len(protocols.make_split(meta, protocol="loso").train_ids) == 160  # loso: all
 
 
+def test_classes_without_a_training_utterance_are_named():
+    meta = _metadata(num_sessions=3)
+    meta["label_names"] = ["neutral", "happy", "sad", "angry"]
+    for u in meta["utterances"]:  # angry (3) only in Session1; sad (2) nowhere
+        if (u["label"] == 3 and u["session"] != "Session1") or u["label"] == 2:
+            u["label"] = 0
+    held_angry = protocols.make_split(meta, protocol="loso", fold=0)  # holds Session1 out
+    assert protocols.untrained_classes(meta, held_angry) == ["sad", "angry"]
+    tested = sum(1 for u in meta["utterances"] if u["session"] == "Session1" and u["label"] == 3)
+    assert protocols.untrained_warning(meta, held_angry) == (
+        f"warning: loso-fold0-Session1 trains on no utterance of sad (0 in the test set), angry "
+        f"({tested} in the test set): the model cannot predict what it never saw and UA counts "
+        "a recall of 0 for each one tested (a class from one speaker or session only?)"
+    )
+    other = protocols.make_split(meta, protocol="loso", fold=1)
+    assert protocols.untrained_classes(meta, other) == ["sad"]
+    assert "UA counts" not in protocols.untrained_warning(meta, other)  # sad: never tested
+    for u in meta["utterances"]:
+        u["label"] = int(u["utterance_id"][-1]) % 4
+    assert protocols.untrained_warning(meta, other) is None
+
+
 def test_none_trains_on_everything_and_bad_inputs_raise():
     meta = _metadata(num_sessions=2)
     s = protocols.make_split(meta, protocol="none")

@@ -386,13 +386,16 @@ def test_nonfinite_loss_stops_with_step_batch_and_last_good_checkpoint(
 
 
 @pytest.mark.parametrize("mode", ["global", "speaker"])
-def test_normalization_statistics_come_from_training_data(runs, tiny_prep_dir, mode):
+def test_normalization_statistics_come_from_training_data(runs, tiny_prep_dir, mode, capsys):
     wd = runs["root"] / f"norm_{mode}"
     cfg = _config(
         tiny_prep_dir,
         **{**TEACHER, "data.normalization": mode, "optim.num_epochs": 1},
     )
+    capsys.readouterr()
     train_lib.train_and_evaluate(cfg, wd)
+    assert "warning" not in capsys.readouterr().err  # every class trains; no confound here
+    assert json.loads((wd / "results.json").read_text())["untrained_classes"] == []
     norm = json.loads((wd / "normalization.json").read_text())
     split, _ = run_dir.load_split(wd)
     train = input_pipeline.load_segments(_prep(runs), "train", split.train_ids)
@@ -404,6 +407,41 @@ def test_normalization_statistics_come_from_training_data(runs, tiny_prep_dir, m
     else:  # the training speakers only: no test or validation speaker
         assert set(norm["groups"]) == set(train.speakers.tolist())
     assert run_dir.restore_run(wd).normalization == norm
+
+
+def test_a_fold_that_trains_without_a_class_says_so(tmp_path, capsys):
+    """A class recorded by one speaker only: the loso fold holding that speaker out trains
+    without it (it used to score a recall of 0 for it without a word)."""
+    import helpers_prep
+    import soundfile as sf
+
+    import data_prep
+
+    corpus, rows = tmp_path / "corpus", ["path,label,speaker"]
+    corpus.mkdir()
+    for s, speaker in enumerate(("s1", "s2", "s3")):
+        for c, label in enumerate(("neutral", "happy", "sad", "angry")):
+            if label != "angry" or speaker == "s1":  # angry: s1 only
+                name = f"{speaker}_{label}.wav"
+                sf.write(corpus / name, helpers_prep.tone(2.2, freq=150 + 40 * c, seed=s), 16000)
+                rows.append(f"{name},{label},{speaker}")
+    (corpus / "m.csv").write_text("\n".join(rows) + "\n")
+    prep = tmp_path / "prep"
+    data_prep.prepare(
+        "csv", manifest=corpus / "m.csv", out_dir=prep, feature_config="mfcc26", progress=False
+    )
+    argv = ["--data", str(prep), "--workdir", str(tmp_path / "run"), "--role", "teacher"]
+    argv += ["--preset", "tiny", "--config.optim.num_epochs=1"]
+    assert train_cli.main(argv) == 0
+    expected = (
+        "warning: loso-fold0-s1 trains on no utterance of angry (1 in the test set): the model "
+        "cannot predict what it never saw and UA counts a recall of 0 for each one tested (a "
+        "class from one speaker or session only?)"
+    )
+    assert expected in capsys.readouterr().err.splitlines()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["untrained_classes"] == ["angry"] and results["absent_classes"] == []
+    assert results["per_class"]["angry"]["recall"] == 0.0
 
 
 def test_oom_errors_get_a_hint():

@@ -62,31 +62,11 @@ def warn_confound(plan: RunPlan, numbers: dict[str, Any]) -> None:
 
 
 def held_out_note(plan: RunPlan, metadata: dict[str, Any]) -> str | None:
-    """With ``normalization=speaker``, a note naming the held-out (test) speakers absent from
-    training who show one emotion only: their features are normalised with their own test
-    statistics, which removes that emotion's level, whatever the training speakers look like.
-    None otherwise (a speaker also in training uses its training statistics)."""
+    """``confound.held_out_note`` of ``plan``'s split (None unless normalization=speaker)."""
     if plan.config.data.normalization != "speaker":
         return None
     split = protocols.split_for_run(metadata, plan.config.data)
-    if not split.test_ids:
-        return None
-    speaker = {str(u["utterance_id"]): str(u["speaker"]) for u in metadata.get("utterances", ())}
-    trained = {speaker.get(str(i)) for i in split.train_ids}
-    alone = [i for i in split.test_ids if speaker.get(str(i)) not in trained]
-    if not alone:  # every held-out speaker is normalised with its training statistics
-        return None
-    numbers = confound.confound_from_metadata(metadata, alone)
-    single = numbers["single_class_speakers"]
-    if not single:
-        return None
-    listed = ", ".join(f"{spk} ({label})" for spk, label in list(single.items())[:5])
-    more = f" and {len(single) - 5} more" if len(single) > 5 else ""
-    return (
-        f"note: {len(single)} of {numbers['num_speakers']} held-out speakers show one emotion "
-        f"only: {listed}{more}; normalization=speaker takes their statistics from their own "
-        "test utterances, which removes that emotion's level: their scores say little"
-    )
+    return confound.held_out_note(metadata, split.train_ids, split.test_ids)
 
 
 def _fingerprint(metadata: dict[str, Any], train_ids, test_ids, normalization: str) -> str:

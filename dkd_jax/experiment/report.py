@@ -126,6 +126,7 @@ def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]
                 "val_ua": val["val_ua"],
                 "num_test_utterances": res["num_utterances"],
                 "absent_classes": list(res.get("absent_classes") or []),
+                "untrained_classes": list(res.get("untrained_classes") or []),
                 "confusion_matrix": res["confusion_matrix"],
                 "label_names": res["label_names"],
                 "step": res.get("step"),
@@ -167,6 +168,7 @@ def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str,
                     "val_ua": val.get("ua"),
                     "num_test_utterances": test.get("num_utterances"),
                     "absent_classes": list(test.get("absent_classes") or []),
+                    "untrained_classes": list((test or val).get("untrained_classes") or []),
                     "confusion_matrix": test.get("confusion_matrix"),
                     "label_names": (test or val).get("label_names"),
                     "C": (test or val).get("C"),
@@ -432,6 +434,16 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
             f"fewer classes: {'; '.join(groups)}. The pooled columns count every test "
             "utterance once."
         )
+    untrained = [r for r in summary["runs"] if r.get("untrained_classes")]
+    if untrained:
+        groups = sorted(
+            {f"{r['group']} (no {', '.join(r['untrained_classes'])})" for r in untrained}
+        )
+        out.append(
+            f"{len(untrained)} run(s) trained on no utterance of a class, so they never predict "
+            f"it and UA counts its recall as 0 wherever it is tested: {'; '.join(groups)}. "
+            "A class recorded by one speaker or session only does this under loso."
+        )
     strong = [
         g for g, c in (summary.get("confound") or {}).items() if c.get("strength") == "strong"
     ]
@@ -547,7 +559,12 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in summary["runs"]:
-        note = f"test set lacks {', '.join(r['absent_classes'])}" if r.get("absent_classes") else ""
+        notes = []
+        if r.get("absent_classes"):
+            notes.append(f"test set lacks {', '.join(r['absent_classes'])}")
+        if r.get("untrained_classes"):
+            notes.append(f"trained without {', '.join(r['untrained_classes'])}")
+        note = "; ".join(notes)
         lines.append(
             f"| {r['group']} | {r['split']} | {MODEL_LABELS.get(r['model'], r['model'])} "
             f"| {r['num_test_utterances']} | {percent(r['wa'])} | {percent(r['ua'])} "

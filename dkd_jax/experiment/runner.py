@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import jsonio, provenance, records, run_dir
+from dkd_jax import jsonio, protocols, provenance, records, run_dir
 from dkd_jax.experiment import checks
 from dkd_jax.experiment.report import (
     build_summary,
@@ -132,6 +132,7 @@ def execute_run(
             str(workdir),
             heartbeat_seconds=heartbeat_seconds,
             label=plan.key,
+            data_warnings=False,  # said once per group (_group_checks)
             **kwargs,
         )
     results = run_dir.read_results(workdir)
@@ -192,6 +193,8 @@ def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool,
         )
     missing = results.get("absent_classes") or []
     flag = f"; test set lacks {', '.join(missing)}" if missing else ""
+    untrained = results.get("untrained_classes") or []
+    flag += f"; trained without {', '.join(untrained)}" if untrained else ""
     compiled = results.get("compile_seconds")
     compiled = f", of which compiling {compiled:.0f} s" if compiled is not None else ""
     return (
@@ -201,7 +204,13 @@ def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool,
 
 
 def _group_checks(exp_dir, plan, spec, metadata, cache, *, baselines, validation_only, quiet):
-    """The group's confound warning and baselines (before its deep models train)."""
+    """The group's untrained classes, confound warning and baselines (before its deep models
+    train)."""
+    untrained = protocols.untrained_warning(
+        metadata, protocols.split_for_run(metadata, plan.config.data)
+    )
+    if untrained:
+        print(f"{plan.group}: {untrained}", file=sys.stderr, flush=True)
     checks.warn_confound(plan, checks.group_confound(plan, metadata))
     note = checks.held_out_note(plan, metadata)
     if note:
