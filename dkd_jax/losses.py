@@ -39,11 +39,13 @@ concrete values (eager calls, constants closed over by a jitted function) raise 
 Traced values cannot raise, so they poison the result instead: an example whose label is out of
 range gets a NaN loss, and a temperature that is not finite and > 0 (or an ``alpha`` / ``beta`` of
 ``dkd_loss`` that is not finite and >= 0) makes every example NaN, so that a training loop that
-checks its loss for NaN stops. The NaN stays in its example: the other examples' values and
-gradients do not change (bit for bit), and the bad example gets zero gradient, so a mean over the
-valid examples stays finite. For a raised error inside ``jit``, call
-:func:`validate_labels` / :func:`validate_temperature` in a function wrapped with
-``jax.experimental.checkify.checkify``.
+checks its loss for NaN stops; a NaN or +inf teacher logit makes its example NaN too (a -inf one
+is a class the teacher rules out: probability 0). The NaN stays in its example: the other
+examples' values and gradients do not change (bit for bit), and an example with a bad label gets
+zero gradient, so a mean over the valid examples (``jnp.where(valid, loss, 0)``, not
+``loss * valid``: NaN times 0 is NaN) stays finite. Labels may have any integer dtype. For a
+raised error inside ``jit``, call :func:`validate_labels` / :func:`validate_temperature` in a
+function wrapped with ``jax.experimental.checkify.checkify``.
 
 References:
   B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022,
@@ -118,6 +120,8 @@ def _check_logits(fn: str, name: str, x, *, min_classes: int) -> jax.Array:
 
 
 def _check_labels(fn: str, labels, *, batch: int, num_classes: int) -> jax.Array:
+    if labels is None:
+        raise TypeError(f"{_WHERE}.{fn}: labels are required: integer class ids [batch]")
     raw = labels
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -177,14 +181,23 @@ def _check_scalar(
     return jnp.asarray(value, jnp.float32)
 
 
+def _in_range(labels: jax.Array, num_classes: int) -> jax.Array:
+    """``0 <= labels < num_classes``, elementwise, for labels of any integer dtype: a
+    ``num_classes`` beyond the dtype's range (300 classes, uint8 labels) must not wrap around."""
+    ok = labels >= 0
+    if num_classes <= jnp.iinfo(labels.dtype).max:
+        ok = ok & (labels < num_classes)
+    return ok
+
+
 def _guard_labels(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """(labels with out-of-range ids replaced by class 0, in-range mask [B]).
+    """(int32 labels with out-of-range ids replaced by class 0, in-range mask [B]).
 
     The bad examples are computed with a harmless label (finite values and gradients) and set to
     NaN at the end by :func:`_poison`, so that no NaN reaches the other examples' gradients.
     """
-    ok = (labels >= 0) & (labels < num_classes)
-    return jnp.where(ok, labels, jnp.zeros_like(labels)), ok
+    ok = _in_range(labels, num_classes)
+    return jnp.where(ok, labels, jnp.zeros_like(labels)).astype(jnp.int32), ok
 
 
 def _guard_scalar(value: jax.Array, *, positive: bool, safe: float) -> tuple[jax.Array, jax.Array]:
@@ -200,6 +213,7 @@ def _poison(loss: jax.Array, ok: jax.Array) -> jax.Array:
 
 def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_classes):
     """Validates inputs; returns (z_s / T, stop_gradient(z_t) / T, target mask, T, ok).
+    ``labels`` None: no target mask (``kd_loss`` only; the other losses refuse None first).
 
     ``ok`` is False for examples whose loss must be NaN (label out of range, or a temperature that
     is not finite and > 0); the returned target mask and ``T`` are safe stand-ins there.
@@ -217,11 +231,11 @@ def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_cla
     temp, ok = _guard_scalar(temp, positive=True, safe=1.0)
     batch, num_classes = s.shape
     target = None
-    if labels is not None:
+    if labels is not None or fn != "kd_loss":
         labels = _check_labels(fn, labels, batch=batch, num_classes=num_classes)
         labels, label_ok = _guard_labels(labels, num_classes)
         ok = ok & label_ok
-        target = labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)[None, :]
+        target = labels[:, None] == jnp.arange(num_classes, dtype=jnp.int32)[None, :]
     return s / temp, jax.lax.stop_gradient(t) / temp, target, temp, ok
 
 
@@ -239,9 +253,14 @@ def _masked_logsumexp(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _kl_from_logs(log_p: jax.Array, log_q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """sum_i p_i (log p_i - log q_i) over the last axis, with 0 where p_i == 0 or mask is False."""
+    """sum_i p_i (log p_i - log q_i) over the last axis, with 0 where p_i == 0 or mask is False.
+
+    Only an exact 0 is dropped: a NaN teacher probability (a NaN or +inf teacher logit) stays
+    NaN, so the loss says what the gradient would (a ``p > 0`` test dropped it: loss 0, gradient
+    NaN). A -inf teacher logit (a masked class) gives p = 0 and is dropped.
+    """
     p = jnp.exp(log_p)
-    keep = p > 0 if mask is None else (p > 0) & mask
+    keep = p != 0 if mask is None else (p != 0) & mask
     return jnp.sum(jnp.where(keep, p * (log_p - log_q), 0.0), axis=-1)
 
 
@@ -434,7 +453,8 @@ def dkd_loss(
         \mathrm{DKD} = \alpha \, \mathrm{TCKD} + \beta \, \mathrm{NCKD}
 
     with TCKD and NCKD as in :func:`tckd_loss` / :func:`nckd_loss` (both include ``T**2``).
-    Classical KD is the special case ``alpha = 1``, ``beta = 1 - p_t^T`` (per example):
+    Classical KD is the special case ``alpha = 1``, ``beta = 1 - p_t^T`` (per example, an
+    identity: this function takes scalar ``alpha`` and ``beta``):
     ``KD = TCKD + (1 - p_t^T) * NCKD``. The batch mean of this function equals mdistiller's
     ``dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature)``. The CE term
     and the warm-up factor ``min(epoch / warmup, 1)`` belong to the training step, not here.
@@ -536,7 +556,7 @@ def validate_labels(labels, num_classes: int) -> None:
     if labels.size == 0:
         return
     flat = labels.reshape(-1)
-    ok = (flat >= 0) & (flat < num_classes)
+    ok = _in_range(flat, num_classes)
     first_bad = jnp.argmin(ok)  # index of the first False (0 when all are True: unused)
     checkify.check(
         jnp.all(ok),

@@ -710,6 +710,65 @@ def test_gradient_of_a_mean_over_valid_examples_ignores_the_bad_example(name):
     np.testing.assert_array_equal(np.asarray(g_bad)[valid], np.asarray(g_ref)[valid])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "num_classes"), [(np.uint8, 256), (np.uint8, 300), (np.int8, 150)]
+)
+def test_labels_of_a_narrow_dtype_give_the_int32_results(dtype, num_classes):
+    # Before: labels < num_classes wrapped in the labels' dtype (256 -> 0 in uint8), so valid
+    # labels gave NaN, and a class id that wraps onto the label (261 -> 5) joined its target.
+    zs, zt, _ = _random_case(43, 3, num_classes)
+    y = np.array([5, 100, np.iinfo(dtype).max], dtype)
+    for name, f in _traced_fns().items():
+        for g in (f, jax.jit(f)):
+            got = np.asarray(g(zs, zt, y, 2.0))
+            want = np.asarray(g(zs, zt, y.astype(np.int32), 2.0))
+            assert got.tobytes() == want.tobytes() and np.all(np.isfinite(got)), (name, dtype)
+    _, tckd, nckd, _ = ref_terms(zs, zt, y.astype(np.int64), 2.0)
+    np.testing.assert_allclose(losses.tckd_loss(zs, zt, y, temperature=2.0), tckd, rtol=1e-3)
+    np.testing.assert_allclose(losses.nckd_loss(zs, zt, y, temperature=2.0), nckd, rtol=1e-3)
+    losses.validate_labels(jnp.asarray(y), num_classes)  # valid: no error
+    if num_classes <= np.iinfo(dtype).max:  # the one id past the classes is still out of range
+        bad = np.array([num_classes], dtype)
+        assert np.isnan(np.asarray(jax.jit(_traced_fns()["dkd"])(zs[:1], zt[:1], bad, 2.0)))
+        with pytest.raises(ValueError, match=f"got {num_classes} at index 0"):
+            losses.validate_labels(jnp.asarray(bad), num_classes)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_or_inf_teacher_logit_gives_nan_in_that_example_only(bad):
+    # Before: the KL dropped NaN teacher probabilities as if they were 0: loss 0 for that
+    # example, a NaN gradient, and a training loop watching its loss for NaN went on.
+    zs, zt, y = _random_case(44, 4, 4)
+    zt_bad = zt.copy()
+    zt_bad[1, 2] = bad
+    for name in ("kd", "tckd", "nckd", "dkd"):
+        f = jax.jit(_traced_fns()[name])
+        got, ref = np.asarray(f(zs, zt_bad, y, 2.0)), np.asarray(f(zs, zt, y, 2.0))
+        assert np.isnan(got[1]), name
+        assert np.delete(got, 1).tobytes() == np.delete(ref, 1).tobytes(), name
+    masked = zt.copy()  # -inf: a class the teacher rules out, as before: finite, exact
+    masked[1, 2 if y[1] != 2 else 3] = -np.inf
+    kd = np.asarray(losses.kd_loss(zs, masked, temperature=2.0))
+    pt = _np_softmax(masked.astype(np.float64) / 2.0)
+    log_ps = _np_log_softmax(zs.astype(np.float64) / 2.0)
+    ref = 4.0 * np.array(
+        [np.sum(p[p > 0] * (np.log(p[p > 0]) - q[p > 0])) for p, q in zip(pt, log_ps, strict=True)]
+    )
+    np.testing.assert_allclose(kd, ref, rtol=1e-4)
+
+
+def test_losses_with_labels_name_missing_labels():
+    z = jnp.zeros((2, 3))
+    for name, call in {
+        "cross_entropy": lambda: losses.cross_entropy(z, None),
+        "tckd_loss": lambda: losses.tckd_loss(z, z, None),
+        "nckd_loss": lambda: losses.nckd_loss(z, z, None),
+        "dkd_loss": lambda: losses.dkd_loss(z, z, None),
+    }.items():
+        with pytest.raises(TypeError, match=rf"losses\.{name}: labels are required"):
+            call()
+
+
 @pytest.mark.parametrize("T", [0.0, -1.0, -4.0, -np.inf, np.inf, np.nan])
 def test_traced_bad_temperature_makes_every_example_nan(T):
     zs, zt, y = _random_case(42, 5, 4)
