@@ -4,7 +4,7 @@ A manifest is a CSV file with a header row. Columns (names case-insensitive, any
 
   path          audio file; relative paths resolve against the manifest's folder (required)
   label         emotion label, case-insensitive (required)
-  speaker       speaker id (required)
+  speaker       speaker id (required; an empty cell is an error naming its lines)
   session       session / fold group (default: the speaker, so leave-one-session-out is
                 leave-one-speaker-out); all rows of a speaker must share one session
   gender        f/female/w or m/male (anything else: unknown)
@@ -22,13 +22,18 @@ corpus vanish quietly.
 Duplicates, checked over every row that would be prepared: two rows naming the same file (after
 normalising the path), and two rows whose files have identical bytes (SHA-256; only files of
 equal size are hashed). Either could put one recording in both the training and the test set,
-so both are errors naming the rows, unless ``duplicates="keep-first"`` (the later rows are then
-skipped and listed with the row they repeat). Two rows with the same utterance id are always an
-error naming both rows, and so is a speaker in two sessions (leave-one-session-out would test on
-a speaker it trained on).
+so both are errors naming the rows (and what they say differently), unless
+``duplicates="keep-first"`` (the later rows are then skipped and listed with the row they repeat;
+repeats whose labels differ stay an error: row order must not choose the emotion). Files of
+digital silence are not repeats of each other (the workers skip them as silent). Two rows with
+the same utterance id are always an error naming both rows, and so is a speaker in two sessions
+(leave-one-session-out would test on a speaker it trained on).
 
 Audio files in the folders of the rows' files that no row names get a warning (counted, the
 first few named): a manifest that misses recordings would otherwise train on less, silently.
+Rows naming a missing file get a warning naming them (a row naming a folder is skipped as such),
+and a column that is not read but looks like one that is (``sex``, ``session_id``) a warning
+naming the column it probably means. An all-empty row is no row.
 
 The file must be UTF-8 text (a byte-order mark is fine); a field holding a line break, which
 is almost always a quote that is never closed and would swallow the rows after it, is an error
@@ -203,6 +208,7 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
         if repeated:
             raise PrepError(f"{manifest}: the header names column(s) {repeated} more than once")
         reader.fieldnames = header
+        _warn_unread_columns(manifest, header)
         rows = iter(reader)
         while True:
             lines.row_start = 0
@@ -215,6 +221,8 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
             last = lines.count
             line = lines.row_start or last
             row = {k: (v or "").strip() for k, v in row.items() if k}
+            if not any(row.values()):  # a spreadsheet's empty trailing row (",,"): not a row
+                continue
             for k in _NAME_COLUMNS:  # one spelling of "ärger" whatever the editor saved
                 if k in row:
                     row[k] = _nfc(row[k])
@@ -230,6 +238,48 @@ def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
                     row["path"] if os.path.isabs(row["path"]) else os.path.relpath(full, base)
                 )
             yield line, row
+
+
+#: Column names people write for the ones the schema reads (difflib catches misspellings).
+_COLUMN_SYNONYMS = {
+    "file": "path",
+    "filename": "path",
+    "filepath": "path",
+    "wav": "path",
+    "emotion": "label",
+    "class": "label",
+    "spk": "speaker",
+    "speaker_id": "speaker",
+    "session_id": "session",
+    "fold": "session",
+    "sex": "gender",
+    "id": "utterance_id",
+}
+
+
+def _warn_unread_columns(manifest: str, header: list[str]) -> None:
+    """A column that is not read but looks like one that is (``sex``, ``session_id``): its
+    values would be dropped without a word (no session: one fold per speaker)."""
+    known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+    absent = [c for c in OPTIONAL_COLUMNS if c not in header]
+    hints = []
+    for name in header:
+        if not name or name in known:
+            continue
+        guess = _COLUMN_SYNONYMS.get(name)
+        if guess is None:
+            close = difflib.get_close_matches(name, absent, n=1, cutoff=0.75)
+            guess = close[0] if close else None
+        if guess in absent:
+            hints.append(f"{name!r} (did you mean {guess!r}?)")
+    if hints:
+        log.warning(
+            "warning: %s: column(s) %s are not read; the columns read are %s: rename the column "
+            "to have it used",
+            manifest,
+            ", ".join(hints),
+            ", ".join(known),
+        )
 
 
 def _is_utf8(raw: bytes) -> bool:
@@ -284,6 +334,7 @@ def _resolve_labels(
 ) -> tuple[list[_Row], list[dict], collections.Counter]:
     kept, skipped, excluded = [], [], collections.Counter()
     unknown: collections.Counter = collections.Counter()
+    no_speaker: list[int] = []
     for line, row in rows:
         where = f"{manifest}:{line}"
         if not row["path"]:
@@ -300,7 +351,7 @@ def _resolve_labels(
                 unknown[label] += 1
             continue
         if not row["speaker"]:
-            skipped.append(skip_entry(where, "bad_row", "empty speaker", utt))
+            no_speaker.append(line)
             continue
         kept.append(
             _Row(
@@ -319,6 +370,14 @@ def _resolve_labels(
         )
     if unknown:
         raise PrepError(_unknown_message(manifest, unknown, classes))
+    if no_speaker:
+        shown = ", ".join(map(str, no_speaker[:_MAX_LISTED]))
+        more = f" and {len(no_speaker) - _MAX_LISTED} more" if len(no_speaker) > _MAX_LISTED else ""
+        raise PrepError(
+            f"{manifest}: {len(no_speaker)} row(s) have an empty speaker cell (line(s) "
+            f"{shown}{more}): every row needs its speaker (the folds keep each speaker's "
+            "recordings on one side); fill them in"
+        )
     return kept, skipped, excluded
 
 
@@ -354,18 +413,24 @@ def _find_duplicates(
 ) -> tuple[list[_Row], list[tuple[_Row, _Row, str]], list]:
     """Rows with an existing file, minus repeats; (first, repeat, kind) pairs; skips."""
     seen_path: dict[str, _Row] = {}
-    unique, pairs, skipped = [], [], []
+    unique, pairs, skipped, missing = [], [], [], []
     for r in rows:
         key = os.path.normcase(r.full)
         if key in seen_path:
             pairs.append((seen_path[key], r, "duplicate_path"))
             continue
         seen_path[key] = r
+        if os.path.isdir(r.full):
+            reason = f"is a folder, not an audio file ({manifest}:{r.line})"
+            skipped.append(skip_entry(r.rel, "unreadable", reason, r.utterance_id))
+            continue
         if not file_or_denied(r.full):
             reason = f"audio file missing ({manifest}:{r.line})"
             skipped.append(skip_entry(r.rel, "missing_wav", reason, r.utterance_id))
+            missing.append(r)
             continue
         unique.append(r)
+    _warn_missing(manifest, missing)
     digests, errors = _file_digests(unique)
     seen_digest: dict[str, _Row] = {}
     kept = []
@@ -374,25 +439,73 @@ def _find_duplicates(
             skipped.append(skip_entry(r.rel, "unreadable", errors[r.full], r.utterance_id))
             continue
         digest = digests.get(r.full)
-        if digest is not None and digest in seen_digest:
+        if digest is not None and digest in seen_digest and not _constant_audio(r.full):
             pairs.append((seen_digest[digest], r, "duplicate_audio"))
             continue
-        if digest is not None:
-            seen_digest[digest] = r
+        if digest is not None:  # identical silent files: not one recording (both skipped later)
+            seen_digest.setdefault(digest, r)
         kept.append(r)
     return kept, pairs, skipped
 
 
-def _duplicates_message(manifest: str, pairs: list[tuple[_Row, _Row, str]]) -> str:
+def _constant_audio(path: str) -> bool:
+    """Every sample of the file the same (digital silence): identical bytes mean nothing then,
+    and data_prep skips such a file as silent anyway."""
+    import numpy as np
+    import soundfile as sf
+
+    try:
+        data, _ = sf.read(path, dtype="float32", always_2d=True)
+    except Exception:  # unreadable: the worker says why
+        return False
+    return bool(data.size) and bool(np.all(data == data.flat[0]))
+
+
+def _warn_missing(manifest: str, missing: list[_Row]) -> None:
+    """Rows naming a file that is not there: said every time, whatever their share (a path
+    typed wrong, a folder not copied): skipped, and the label they carried goes with them."""
+    if not missing:
+        return
+    shown = ", ".join(f"{r.path} (line {r.line})" for r in missing[:_MAX_LISTED])
+    more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+    log.warning(
+        "warning: %s: %d row(s) name an audio file that does not exist (%s%s); they are "
+        "skipped (listed in metadata.json)",
+        manifest,
+        len(missing),
+        shown,
+        more,
+    )
+
+
+def _disagreement(first: _Row, repeat: _Row) -> str:
+    """What two rows of one recording say differently ("" when they agree)."""
+    fields = (("label", "class_name"), ("speaker", "speaker"), ("session", "session"))
+    return ", ".join(
+        f"{name} {getattr(first, attr)!r} and {getattr(repeat, attr)!r}"
+        for name, attr in fields
+        if getattr(first, attr) != getattr(repeat, attr)
+    )
+
+
+_KEEP_FIRST_ADVICE = (
+    "Remove the repeats, or pass --duplicates keep-first to keep each first occurrence"
+)
+
+
+def _duplicates_message(
+    manifest: str, pairs: list[tuple[_Row, _Row, str]], advice: str = _KEEP_FIRST_ADVICE
+) -> str:
     parts = []
     for first, repeat, kind in pairs[:_MAX_LISTED]:
         what = "name the same file" if kind == "duplicate_path" else "hold identical audio"
+        differ = _disagreement(first, repeat)
+        what += f" with {differ}" if differ else ""
         parts.append(f"{first.describe()} and {repeat.describe()} {what}")
     more = f"; and {len(pairs) - _MAX_LISTED} more" if len(pairs) > _MAX_LISTED else ""
     return (
         f"{manifest}: {len(pairs)} repeated recording(s), which could put one recording in "
-        f"both the training and the test set: {'; '.join(parts)}{more}. Remove the repeats, "
-        "or pass --duplicates keep-first to keep each first occurrence"
+        f"both the training and the test set: {'; '.join(parts)}{more}. {advice}"
     )
 
 
@@ -550,6 +663,13 @@ def scan_csv(
     skipped += more_skipped
     if pairs and duplicates == "error":
         raise PrepError(_duplicates_message(manifest, pairs))
+    torn = [(a, b, kind) for a, b, kind in pairs if a.class_name != b.class_name]
+    if torn:  # keep-first would choose the emotion by row order
+        advice = (
+            "--duplicates keep-first keeps the first of repeats with one label, not these: "
+            "which label is right is for you to say; fix or remove the wrong row"
+        )
+        raise PrepError(_duplicates_message(manifest, torn, advice))
     for first, repeat, kind in pairs:
         what = "the same file as" if kind == "duplicate_path" else "the same audio as"
         reason = f"{what} {first.describe()} (row {repeat.line}; --duplicates keep-first)"

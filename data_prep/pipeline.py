@@ -136,7 +136,10 @@ def _config_diff(old: dict, new: dict) -> str:
         elif a != b:
             diffs.append(f"{group}: {a!r} -> {b!r}")
     if not diffs and old.get("inputs_hash") != new.get("inputs_hash"):
-        diffs.append("the input files (or their utterance ids) changed")
+        diffs.append(
+            "the inputs changed: a file (its path or size), or a row's label, speaker, session "
+            "or utterance id"
+        )
     return "; ".join(diffs[:6]) or "different fingerprint"
 
 

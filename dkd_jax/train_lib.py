@@ -1,4 +1,5 @@
-"""Training: the data-parallel step and epoch, and ``train_and_evaluate`` as named phases.
+"""Training: ``train_and_evaluate`` as named phases, and its epoch loops (the data-parallel
+step itself is ``train_step``'s).
 
 ``train_and_evaluate(config, workdir)`` trains one model (a teacher on cross-entropy, or a
 student on DKD or one of its ablations, see ``objective``) and evaluates it, in five phases:

@@ -302,7 +302,7 @@ def _bad_corpus(folder):
         ("missing.wav", "sad", "spk1", "s1", ""),
         ("good.wav", "frustrated", "spk1", "s1", ""),
         ("sub/nested.wav", "angry", "spk4", "s2", "m"),
-        (str(folder / "good.wav"), "sad", "spk9", "s9", ""),  # absolute path, duplicate audio
+        (str(folder / "good.wav"), "neutral", "spk9", "s9", ""),  # absolute path, same file
     ]
     manifest = folder / "manifest.csv"
     with open(manifest, "w", newline="") as f:
@@ -387,8 +387,11 @@ def test_csv_short_drop_and_manifest_errors(tmp_path):
     dup.write_text("path,label,speaker\ngood.wav,sad,a\n./good.wav,angry,b\n,sad,c\n")
     with pytest.raises(sources.PrepError, match=r"row 2 \(good.wav.*row 3 \(./good.wav"):
         manifest_mod.scan_csv(dup)
+    with pytest.raises(sources.PrepError, match=r"same file with label 'sad' and 'angry'.*"):
+        manifest_mod.scan_csv(dup, duplicates="keep-first")  # it would pick the label by order
+    dup.write_text("path,label,speaker\ngood.wav,sad,a\n./good.wav,sad,b\n,sad,c\n")
     scan = manifest_mod.scan_csv(dup, duplicates="keep-first")
-    assert len(scan.utterances) == 1
+    assert len(scan.utterances) == 1 and scan.utterances[0].speaker == "a"
     assert sorted(s["kind"] for s in scan.skipped) == ["bad_row", "duplicate_path"]
 
 

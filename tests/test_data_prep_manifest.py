@@ -316,10 +316,12 @@ def test_not_utf8_names_the_first_bad_line_and_repeated_columns_are_refused(tmp_
     with pytest.raises(sources.PrepError, match=r"names column\(s\) \['label'\] more than once"):
         manifest.scan_csv(path)
     path.write_text("path,label,speaker,note,note\r\na.wav,sad,x,,\r\n   \r\n\tb.wav,sad,y\r\n")
-    scan = manifest.scan_csv(path)  # columns it ignores may repeat; blank-ish lines are rows
+    scan = manifest.scan_csv(path)  # columns it ignores may repeat
     assert [u.rel_path for u in scan.utterances] == ["a.wav", "b.wav"]
-    assert [s["reason"] for s in scan.skipped] == ["empty path"]
-    assert scan.skipped[0]["path"] == f"{path}:3"
+    assert scan.skipped == []  # an all-blank row (a spreadsheet's ",,") is no row at all
+    path.write_text("path,label,speaker\na.wav,sad,x\n,sad,y\n,,\n")
+    scan = manifest.scan_csv(path)  # a row with a label but no path is one
+    assert [(s["path"], s["reason"]) for s in scan.skipped] == [(f"{path}:3", "empty path")]
 
 
 def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_path):
@@ -415,6 +417,89 @@ def test_audio_files_that_no_row_names_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="data_prep"):
         manifest.scan_csv(_write(tmp_path / "c", complete))
     assert caplog.records == []
+
+
+def test_rows_without_a_speaker_are_an_error_naming_their_lines(tmp_path):
+    # Before: skipped with a count only ("bad_row 1"), the recording and its label gone.
+    rows = [("a.wav", "sad", "x"), ("b.wav", "happy", ""), ("c.wav", "angry", "y")]
+    path = _write(tmp_path / "c", rows, {"a.wav": 2.1, "b.wav": 2.2, "c.wav": 2.3})
+    with pytest.raises(sources.PrepError) as info:
+        manifest.scan_csv(path)
+    assert str(info.value) == (
+        f"{path}: 1 row(s) have an empty speaker cell (line(s) 3): every row needs its speaker "
+        "(the folds keep each speaker's recordings on one side); fill them in"
+    )
+
+
+def test_missing_files_and_folders_are_said_whatever_their_share(tmp_path, caplog):
+    files = {f"f{i}.wav": 2.1 for i in range(30)}
+    rows = [(n, "sad", f"s{i % 3}") for i, n in enumerate(files)]
+    rows += [("gone.wav", "angry", "s1"), ("take2.wav", "happy", "s2")]
+    path = _write(tmp_path / "c", rows, files)
+    (tmp_path / "c" / "take2.wav").mkdir()  # a row naming a folder: not "missing"
+    with caplog.at_level("WARNING", logger="data_prep"):
+        scan = manifest.scan_csv(path)  # 2 of 32 rows: under the 10 % that the summary flags
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: 1 row(s) name an audio file that does not exist (gone.wav (line "
+        "32)); they are skipped (listed in metadata.json)"
+    ]
+    reasons = {s["utterance_id"]: (s["kind"], s["reason"]) for s in scan.skipped}
+    assert reasons == {
+        "gone.wav": ("missing_wav", f"audio file missing ({path}:32)"),
+        "take2.wav": ("unreadable", f"is a folder, not an audio file ({path}:33)"),
+    }
+
+
+def test_columns_that_look_like_known_ones_are_warned_about(tmp_path, caplog):
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    rows = [("a.wav", "sad", "x", "A", "f", "hello"), ("b.wav", "happy", "y", "B", "m", "hi")]
+    header = ("path", "label", "speaker", "session_id", "sex", "transcript")
+    path = _write(tmp_path / "c", rows, files, header=header)
+    with caplog.at_level("WARNING", logger="data_prep"):
+        manifest.scan_csv(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: column(s) 'session_id' (did you mean 'session'?), 'sex' (did you mean "
+        "'gender'?) are not read; the columns read are path, label, speaker, session, gender, "
+        "utterance_id: rename the column to have it used"
+    ]  # "transcript" is like no column: not warned about
+    caplog.clear()
+    path = _write(
+        tmp_path / "d",
+        rows,
+        files,
+        header=("path", "label", "speaker", "sesion", "gender", "transcript"),
+    )
+    with caplog.at_level("WARNING", logger="data_prep"):
+        manifest.scan_csv(path)
+    assert "'sesion' (did you mean 'session'?)" in caplog.records[0].getMessage()
+
+
+def test_identical_silent_files_are_not_called_one_recording(tmp_path):
+    # Two speakers' empty takes are byte for byte the same; they are skipped as silent, not
+    # refused as "repeated recordings".
+    path = _write(tmp_path / "c", [("a.wav", "sad", "x"), ("b.wav", "happy", "y")], {})
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / "c" / name, np.zeros(2 * SR, np.float32), SR)
+    (tmp_path / "c" / "s.csv").write_text(path.read_text() + "c.wav,angry,z\n")
+    sf.write(tmp_path / "c" / "c.wav", helpers_prep.tone(2.1), SR)
+    scan = manifest.scan_csv(tmp_path / "c" / "s.csv")
+    assert [u.rel_path for u in scan.utterances] == ["a.wav", "b.wav", "c.wav"]
+    meta = data_prep.prepare(
+        "csv", manifest=tmp_path / "c" / "s.csv", out_dir=tmp_path / "o", progress=False
+    )
+    assert {s["utterance_id"]: s["kind"] for s in meta["skipped"]} == {
+        "a.wav": "silent",
+        "b.wav": "silent",
+    }
+
+
+def test_a_rerun_after_a_label_edit_names_the_rows_not_only_files(tmp_path):
+    rows = [("a.wav", "sad", "x"), ("b.wav", "happy", "y")]
+    path = _write(tmp_path / "c", rows, {"a.wav": 2.1, "b.wav": 2.2})
+    data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
+    _write(tmp_path / "c", [("a.wav", "angry", "x"), ("b.wav", "happy", "y")])
+    with pytest.raises(sources.PrepError, match="a row's label, speaker, session or utterance id"):
+        data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
 
 
 def test_files_cut_short_are_kept_and_said(tmp_path):
