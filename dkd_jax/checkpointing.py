@@ -48,6 +48,7 @@ class Checkpointer:
             # A reader must never delete the temporary directory of a save in progress.
             cleanup_tmp_directories=not read_only,
         )
+        _drop_late_reads_into_closed_loops()  # and orbax's missing-metadata warnings
         if self.directory.is_dir():
             # Fails in one line (PermissionError naming the folder) where orbax's own listing,
             # in a cleanup thread when not read-only, would log tracebacks after the error.
@@ -155,6 +156,7 @@ def _drop_late_reads_into_closed_loops() -> None:
     exactly those reports are dropped: that RuntimeError raised inside
     ``call_soon_threadsafe``, and never-retrieved task errors raised in orbax that carry an OS
     error code (the save reported it as an ``OSError``); everything else is reported as before.
+    Installed with it: :func:`_missing_metadata_filter`.
     """
     global _late_reads_hook_installed
     with _late_reads_lock:
@@ -168,7 +170,19 @@ def _drop_late_reads_into_closed_loops() -> None:
 
         sys.unraisablehook = hook
         logging.getLogger("asyncio").addFilter(_abandoned_write_filter)
+        logging.getLogger(_ORBAX_LOGGER).addFilter(_missing_metadata_filter)
         _late_reads_hook_installed = True
+
+
+def _missing_metadata_filter(record: logging.LogRecord) -> bool:
+    """False for orbax's "Metadata file does not exist" warning about a step folder without
+    its metadata (a save still being written by a training process, or a folder this user may
+    not read): the steps listed and the errors raised here say what matters, in one line."""
+    return not (
+        record.levelno == logging.WARNING
+        and "orbax" in record.pathname
+        and "Metadata file does not exist" in str(record.msg)
+    )
 
 
 def _abandoned_write_filter(record: logging.LogRecord) -> bool:

@@ -545,21 +545,31 @@ def restore(workdir: str | os.PathLike, *, step: int | None, best: bool) -> run_
 
 
 def _check_same_data(run, metadata: dict[str, Any], data_dir: str) -> None:
+    """The prep must be the run's own; what differs is named (classes and features first: the
+    content hash differs whenever they do, and says nothing about why)."""
     info = run.data_info
+    hint = "pass the run's own prep dir with --data"
+    names = info.get("label_names")
+    if names and list(names) != list(metadata.get("label_names", [])):
+        raise EvalError(
+            f"{data_dir}: its classes {list(metadata.get('label_names', []))} differ from the "
+            f"run's {list(names)}; {hint}"
+        )
+    fc, have_fc = info.get("feature_config"), metadata.get("feature_config")
+    if fc and fc != have_fc:
+        changed = sorted(
+            k for k in set(fc) | set(have_fc or {}) if fc.get(k) != (have_fc or {}).get(k)
+        )
+        shown = ", ".join(
+            f"{k} {(have_fc or {}).get(k)!r} (run: {fc.get(k)!r})" for k in changed[:4]
+        )
+        raise EvalError(f"{data_dir}: its features differ from the run's: {shown}; {hint}")
     want, have = info.get("content_hash"), metadata.get("content_hash")
     if want and have and want != have:
         raise EvalError(
             f"{data_dir}: content hash {have} differs from the data the run was trained on "
-            f"({want}); pass the run's own prep dir with --data"
+            f"({want}): the same classes and features, other utterances or labels; {hint}"
         )
-    names = info.get("label_names")
-    if names and list(names) != list(metadata.get("label_names", [])):
-        raise EvalError(
-            f"{data_dir}: label names {metadata.get('label_names')} differ from the run's {names}"
-        )
-    fc = info.get("feature_config")
-    if fc and fc != metadata.get("feature_config"):
-        raise EvalError(f"{data_dir}: feature config differs from the one the run was trained on")
 
 
 def evaluate_run(
@@ -604,9 +614,21 @@ def evaluate_run(
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
+    holder = run_dir.lock_holder(workdir) if write and jax.process_index() == 0 else None
+    if holder:  # refused before scoring, not after: its table would be lost
+        raise EvalError(
+            f"{workdir}: in use by {run_dir.holder_text(holder)}; wait for it to finish, or "
+            "pass --no-write to score its newest checkpoint without writing into the run"
+        )
     run = restore(workdir, step=step, best=best)
     split = run.split
+    recorded = data_dir is None
     data_dir = os.fspath(data_dir) if data_dir is not None else run.config.data.prep_dir
+    if recorded and not os.path.isdir(data_dir):  # moved, or a relative path from elsewhere
+        raise EvalError(
+            f"{workdir}: the prep dir the run recorded, {data_dir}, is not there (moved, or "
+            "another machine?); pass the run's prep dir with --data"
+        )
     try:
         metadata = records.load_metadata(data_dir)
     except records.DataError as e:

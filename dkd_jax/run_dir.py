@@ -208,6 +208,34 @@ def _read_holder(fd: int) -> dict[str, Any]:
         return {}
 
 
+def lock_holder(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """Who holds the workdir's lock now (its record: tool, pid, host, started), or None when
+    nobody does or this process does. Looks without waiting and without taking it."""
+    import fcntl
+
+    path = (Path(workdir) / LOCK_FILE).absolute()
+    if str(path) in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file (or not readable): nobody to name
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or {"tool": "a process"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def holder_text(holder: Mapping[str, Any]) -> str:
+    """ "train.py (pid N on host H, started T)" for a :func:`lock_holder` record."""
+    return _holder_text(holder)
+
+
 @contextlib.contextmanager
 def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> Iterator[None]:
     """Holds the workdir's lock for the duration of the block (creating the workdir).
@@ -517,6 +545,22 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def _why_none(workdir: Path, best: bool) -> str:
+    """Why a run's checkpoint folder holds no checkpoint, and what to do."""
+    damaged = workdir / DAMAGED_DIR
+    if damaged.is_dir() and any(damaged.iterdir()):
+        return f"the damaged ones were moved to {damaged}; retrain with --overwrite"
+    holder = lock_holder(workdir)
+    if holder:
+        return f"{_holder_text(holder)} is training it and has not saved one yet; wait"
+    if training_progress(workdir)["finished"]:
+        kept = f"; {RESULTS_FILE} keeps its scores" if (workdir / RESULTS_FILE).is_file() else ""
+        return f"training finished, so they were deleted afterwards{kept}; retrain with --overwrite"
+    if best:
+        return "the folder is empty (deleted?); score the last checkpoint without --best"
+    return "training stopped before its first save: run the train.py command again"
+
+
 def training_progress(workdir: str | os.PathLike) -> dict[str, Any]:
     """How far a run's training got, from ``metrics.jsonl``: ``{"finished", "step",
     "total_steps"}``. ``finished`` is True once training logged its "final" record (after its
@@ -546,6 +590,13 @@ def unfinished_warning(
     if progress["finished"] is not False:
         return None
     step, total = progress["step"], progress["total_steps"]
+    holder = lock_holder(workdir)
+    if holder and holder.get("tool") in ("training", "train.py", "the experiment runner"):
+        where = f"step {step} of {total}" if step is not None and total else "its start"
+        return (
+            f"{workdir}: still training ({_holder_text(holder)}), at {where}: this is its "
+            "newest checkpoint, a partly trained model"
+        )
     if step is not None and total and step >= total:
         return (
             f"{workdir}: training reached its last step ({total}) but did not log its end "
@@ -926,12 +977,7 @@ def restore_run(
         if chosen is None or chosen not in steps:
             want = "" if step is None else f" at step {step}"
             if not steps:  # killed before its first save, or every one moved aside
-                damaged = workdir / DAMAGED_DIR
-                if damaged.is_dir() and any(damaged.iterdir()):
-                    why = f"the damaged ones were moved to {damaged}; retrain with --overwrite"
-                else:
-                    why = "training stopped before its first save: run the train.py command again"
-                raise CheckpointError(f"{directory}: no checkpoint; {why}")
+                raise CheckpointError(f"{directory}: no checkpoint; {_why_none(workdir, best)}")
             raise CheckpointError(f"{directory}: no checkpoint{want}; have {steps}")
         try:
             state, meta = ckpt.restore(chosen)

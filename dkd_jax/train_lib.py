@@ -189,6 +189,10 @@ def train_and_evaluate(
       OSError: the workdir cannot be written (read-only, full disk), with its path.
     """
     cfg = config_lib.from_dict(config_lib.to_dict(config))  # validated private copy
+    # config.json records where the data are: an absolute path, so that eval.py finds them
+    # from any working directory (a relative --data held only from where train.py ran).
+    if cfg.data.prep_dir:
+        cfg.data.prep_dir = os.path.abspath(cfg.data.prep_dir)
     if cfg.train.compilation_cache_dir:
         enable_compilation_cache(cfg.train.compilation_cache_dir)
     workdir = Path(workdir)

@@ -183,6 +183,97 @@ def test_eval_cli_errors_are_one_line(run_path, tiny_prep_dir, tmp_path, capsys)
     rc = eval_cli.main(["--workdir", str(run_path), "--data", str(other), "--no-write"])
     err = capsys.readouterr().err
     assert rc == 2 and "content hash" in err and "Traceback" not in err
+    assert "the same classes and features, other utterances or labels" in err
+    # other classes or other features: named (the content hash differs too, and said nothing)
+    meta["label_names"] = ["neutral", "sad", "angry"]
+    (other / "metadata.json").write_text(json.dumps(meta))
+    assert eval_cli.main(["--workdir", str(run_path), "--data", str(other), "--no-write"]) == 2
+    assert (
+        f"{other}: its classes ['neutral', 'sad', 'angry'] differ from the run's ['neutral', "
+        "'happy', 'sad', 'angry']; pass the run's own prep dir with --data"
+    ) in capsys.readouterr().err
+    meta["label_names"] = ["neutral", "happy", "sad", "angry"]
+    meta["feature_config"] = dict(meta["feature_config"], n_mfcc=40)
+    (other / "metadata.json").write_text(json.dumps(meta))
+    assert eval_cli.main(["--workdir", str(run_path), "--data", str(other), "--no-write"]) == 2
+    assert "its features differ from the run's: n_mfcc 40 (run: 26)" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_a_relative_data_path_is_scored_from_anywhere(
+    run_path, tiny_prep_dir, tmp_path, monkeypatch, capsys
+):
+    from dkd_jax import config as config_lib
+    from dkd_jax import train_lib
+
+    cfg = run_dir.load_config(run_path)
+    monkeypatch.chdir(tiny_prep_dir.parent)  # train.py --data tiny_prep0, from its parent
+    cfg.data.prep_dir = tiny_prep_dir.name
+    cfg.optim.num_epochs = 1
+    cfg.model.role, cfg.kd.loss = "teacher", "ce"
+    train_lib.train_and_evaluate(config_lib.from_dict(config_lib.to_dict(cfg)), tmp_path / "rel")
+    assert run_dir.load_config(tmp_path / "rel").data.prep_dir == str(tiny_prep_dir)  # absolute
+    monkeypatch.chdir(tmp_path)
+    assert eval_cli.main(["--workdir", "rel", "--no-write"]) == 0
+    moved = tmp_path / "moved"  # a run whose prep is not where it was: the way out is named
+    shutil.copytree(tmp_path / "rel", moved)
+    config = json.loads((moved / run_dir.CONFIG_FILE).read_text())
+    config["data"]["prep_dir"] = str(tmp_path / "gone")
+    (moved / run_dir.CONFIG_FILE).write_text(json.dumps(config))
+    capsys.readouterr()
+    assert eval_cli.main(["--workdir", str(moved), "--no-write"]) == 2
+    assert capsys.readouterr().err == (
+        f"eval.py: error: {moved}: the prep dir the run recorded, {tmp_path / 'gone'}, is not "
+        "there (moved, or another machine?); pass the run's prep dir with --data\n"
+    )
+    assert eval_cli.main(["--workdir", str(moved), "--data", str(tiny_prep_dir), "--no-write"]) == 0
+
+
+def test_a_run_in_use_is_refused_before_scoring_and_no_write_says_it_is_training(
+    run_path, tmp_path, capsys
+):
+    work = tmp_path / "run"
+    shutil.copytree(run_path, work)
+    records_ = run_dir.read_metrics(work)
+    kept = [r for r in records_ if r["event"] != "final"]
+    (work / run_dir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    holder = subprocess.Popen(  # another process training in it
+        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
+         "with run_dir.locked(sys.argv[1], 'training'):\n"
+         "    print('held', flush=True); time.sleep(120)", str(work)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        scored = []
+        real = eval_lib.score_eval_set
+        try:
+            eval_lib.score_eval_set = lambda *a, **k: scored.append(1) or real(*a, **k)
+            assert eval_cli.main(["--workdir", str(work)]) == 2
+        finally:
+            eval_lib.score_eval_set = real
+        err = capsys.readouterr().err
+        assert scored == [] and f"in use by training (pid {holder.pid}" in err  # refused first
+        assert "pass --no-write to score its newest checkpoint" in err
+        assert eval_cli.main(["--workdir", str(work), "--no-write"]) == 0
+        err = capsys.readouterr().err
+        assert f"{work}: still training (training (pid {holder.pid}" in err
+        assert "run the same train.py command again" not in err  # it is running: no resume
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_missing_checkpoints_are_explained_by_what_the_run_did(run_path, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(run_path, work)
+    for step in (work / run_dir.CHECKPOINT_DIR).iterdir():
+        shutil.rmtree(step)
+    assert eval_cli.main(["--workdir", str(work), "--no-write"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "training finished, so they were deleted afterwards; results.json keeps its scores" in err
+    )
+    assert "run the train.py command again" not in err  # it would do nothing: finished
 
 
 def test_a_run_without_its_normalisation_statistics_is_refused(run_path, tmp_path, capsys):

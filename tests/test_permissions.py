@@ -353,3 +353,21 @@ def test_an_unreadable_corpus_summary_asks_for_permissions_not_an_empty_folder(
         f"synthetic corpus: cannot read {tmp_path / synth._SUMMARY} (Permission denied); fix "
         "its permissions"
     )
+
+
+def test_orbaxs_missing_metadata_warning_is_dropped_and_nothing_else(tmp_path):
+    # Logged for a step folder being written by a training process, or one this user may not
+    # read, before the one-line error that says what matters.
+    import logging
+
+    def record(level, msg, path="/x/orbax/checkpoint/_src/metadata/checkpoint.py"):
+        return logging.LogRecord("absl", level, path, 1, msg, (), None)
+
+    drop = checkpointing._missing_metadata_filter
+    assert not drop(record(logging.WARNING, "Metadata file does not exist: %s"))
+    assert drop(record(logging.WARNING, "Something else: %s"))
+    assert drop(record(logging.ERROR, "Metadata file does not exist: %s"))
+    assert drop(record(logging.WARNING, "Metadata file does not exist: %s", "/x/mine.py"))
+    checkpointing.Checkpointer(tmp_path / "c", max_to_keep=1, read_only=True).close()
+    assert drop in logging.getLogger("absl").filters  # installed by the first Checkpointer
+
