@@ -285,8 +285,12 @@ def scan_iemocap(
 
     Returns:
       Scan. Skipped: missing session / EmoEvaluation folders, malformed label lines, unknown
-      labels, label lines naming a missing WAV, WAVs without a label line, duplicates, ids whose
-      speaker cannot be told.
+      labels, label lines naming a missing WAV, WAVs without a label line (or with one that
+      cannot be parsed), repeated label lines, ids whose speaker cannot be told.
+
+    Raises:
+      PrepError: no session folder, a session folder in another letter case, an utterance
+        labelled differently in two label files, a label file that is not text.
     """
     root = _utf8_name(os.path.abspath(os.fspath(root)), "IEMOCAP root")
     if not os.path.isdir(root):
@@ -296,8 +300,8 @@ def scan_iemocap(
     classes = classes_list(classes)
     reader = _IemocapReader(root, dialogs, classes, iemocap_label_map(happy, classes))
     for session in reader.sessions():
-        if reader.read_labels(session):
-            reader.find_unlabelled_wavs(session)
+        reader.read_labels(session)  # a session without label files: every WAV is no_label
+        reader.find_unlabelled_wavs(session)
     return Scan(
         corpus="iemocap",
         label_names=classes,
@@ -315,7 +319,8 @@ class _IemocapReader:
     def __init__(self, root: str, dialogs: str, classes: list[str], label_map: dict[str, int]):
         self.root, self.dialogs, self.classes, self.label_map = root, dialogs, classes, label_map
         self.utterances: dict[str, Utterance] = {}
-        self.labelled: set[str] = set()
+        self.labelled: dict[str, tuple[str, str]] = {}  # id -> (label file, label code)
+        self.unparsed: set[str] = set()  # ids of label lines that cannot be parsed
         self.skipped: list[dict] = []
         self.excluded: collections.Counter = collections.Counter()
 
@@ -334,14 +339,23 @@ class _IemocapReader:
                 f"no Session1..Session5 folders under {root}; --root must be the IEMOCAP release "
                 "folder (the one holding Session1/dialog/EmoEvaluation and Session1/sentences/wav)"
             )
-        lower = {d.lower(): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
-        for s in sessions:
-            other = lower.get(s.lower())
-            if s not in present and other is not None:
-                raise PrepError(
-                    f"{os.path.join(root, printable(other))}: named {other!r}, the release names "
-                    f"it {s!r} (file names are case-sensitive here); rename it"
+        for d in sorted(os.listdir(root)):  # session1 (or SESSION1), with or beside Session1
+            canonical = f"Session{d[len('session') :]}"
+            if (
+                re.fullmatch(r"session\d+", d, re.IGNORECASE)
+                and not re.fullmatch(r"Session\d+", d)
+                and os.path.isdir(os.path.join(root, d))
+            ):
+                beside = (
+                    f" beside {canonical!r} (a second copy?)"
+                    if os.path.isdir(os.path.join(root, canonical))
+                    else ""
                 )
+                raise PrepError(
+                    f"{os.path.join(root, printable(d))}: named {d!r}{beside}; the release names "
+                    f"it {canonical!r} (file names are case-sensitive here): rename or remove it"
+                )
+        for s in sessions:
             if s not in present:
                 self.skipped.append(skip_entry(s, "missing_session", "session folder missing"))
         return present
@@ -370,13 +384,27 @@ class _IemocapReader:
                 self.skipped.append(
                     skip_entry(lpath, "malformed_label_line", f"cannot parse line {line!r}")
                 )
+                named = re.match(r"\[[^\]]*\]\s*(\S+)", line)
+                if named:
+                    self.unparsed.add(named.group(1))
             for utt, code, _, _ in entries:
                 if utt in self.labelled:
+                    first, first_code = self.labelled[utt]
+                    if first_code != code:  # which one is right? not for file order to say
+                        raise PrepError(
+                            f"{utt} is labelled {first_code!r} in {first} and {code!r} in "
+                            f"{lpath} (a stale copy of a label file?); remove the wrong file"
+                        )
                     self.skipped.append(
-                        skip_entry(lpath, "duplicate", "second label line for this id", utt)
+                        skip_entry(
+                            lpath,
+                            "duplicate_label_line",
+                            f"a second label line, as in {first}",
+                            utt,
+                        )
                     )
                     continue
-                self.labelled.add(utt)
+                self.labelled[utt] = (lpath, code)
                 self._add(session, utt, code)
         return True
 
@@ -414,6 +442,9 @@ class _IemocapReader:
             )
             return
         if not file_or_denied(wav):
+            wav = _any_case(wav)
+            rel = os.path.relpath(wav, self.root)
+        if not file_or_denied(wav):
             self.skipped.append(
                 skip_entry(rel, "missing_wav", "label line names a missing WAV", utt)
             )
@@ -450,14 +481,31 @@ class _IemocapReader:
                 if hidden(name) or not name.lower().endswith(".wav"):
                     continue
                 if name[:-4] not in self.labelled:
+                    why = (
+                        "its label line in dialog/EmoEvaluation cannot be parsed"
+                        if name[:-4] in self.unparsed
+                        else "WAV has no label line in dialog/EmoEvaluation"
+                    )
                     self.skipped.append(
                         skip_entry(
                             os.path.relpath(os.path.join(ddir, name), self.root),
                             "no_label",
-                            "WAV has no label line in dialog/EmoEvaluation",
+                            why,
                             name[:-4],
                         )
                     )
+
+
+def _any_case(path: str) -> str:
+    """``path``, or the file in its folder whose name equals its name in another letter case
+    (``.WAV``); ``path`` when there is none."""
+    folder, name = os.path.split(path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return path
+    match = [n for n in names if n.lower() == name.lower()]
+    return os.path.join(folder, match[0]) if len(match) == 1 else path
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +528,35 @@ def _emodb_subfolder_wavs(root: str, folder: str) -> list[dict]:
                 skip_entry(rel, "subfolder", f"in a subfolder: EmoDB is read from {folder} only")
             )
     return out
+
+
+def _emodb_folder(root: str, wavs) -> str:
+    """The flat folder of EmoDB WAVs: ``root``, or ``root/wav`` (the release layout); refused,
+    naming what holds WAVs, when both do or neither does."""
+    inner = os.path.join(root, "wav")
+    here, there = wavs(root), (wavs(inner) if os.path.isdir(inner) else [])
+    if here and there:
+        raise PrepError(
+            f"both {root} ({len(here)} WAV file(s)) and {inner} ({len(there)}) hold WAVs; pass "
+            f"--root {inner} (or {root} after moving the others out)"
+        )
+    if here or there:
+        return root if here else inner
+    held = collections.Counter()
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not hidden(d))
+        n = sum(1 for f in files if f.lower().endswith(".wav") and not hidden(f))
+        if n:
+            held[os.path.relpath(dirpath, root)] = n
+    found = ", ".join(f"{d} ({n})" for d, n in sorted(held.items())[:5])
+    more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+    where = (
+        f"; EmoDB is read from one flat folder, and these subfolders hold WAVs: {found}{more} "
+        "(pass the one that holds them all, or put them in one folder)"
+        if held
+        else "; is --root the EmoDB folder?"
+    )
+    raise PrepError(f"no .wav files in {root} (nor in {root}/wav){where}")
 
 
 def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None = None) -> Scan:
@@ -507,13 +584,14 @@ def scan_emodb(root: str | os.PathLike, *, classes: Sequence[str] | str | None =
     def wavs(folder):
         return sorted(n for n in os.listdir(folder) if n.lower().endswith(".wav") and not hidden(n))
 
-    folder = root
-    if not wavs(folder) and os.path.isdir(os.path.join(root, "wav")):
-        folder = os.path.join(root, "wav")
+    folder = _emodb_folder(root, wavs)
     names = wavs(folder)
-    if not names:
-        raise PrepError(f"no .wav files in {root} (nor in {root}/wav); is --root the EmoDB folder?")
     skipped, excluded, utts = _emodb_subfolder_wavs(root, folder), collections.Counter(), []
+    for name in sorted(os.listdir(folder)):  # other audio: not read, but said
+        if name.lower().endswith(AUDIO_EXTENSIONS) and not name.lower().endswith(".wav"):
+            if not hidden(name):
+                rel = os.path.relpath(os.path.join(folder, name), root)
+                skipped.append(skip_entry(rel, "not_wav", "EmoDB is read from its .wav files"))
     seen: set[str] = set()
     for name in names:
         stem = name[:-4]

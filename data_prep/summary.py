@@ -8,7 +8,13 @@ __all__ = ["prep_summary"]
 
 #: Skip kinds that name a folder or a line, not an utterance (not counted as skipped ones).
 NOT_UTTERANCES = frozenset(
-    {"missing_session", "missing_labels", "missing_audio", "malformed_label_line"}
+    {
+        "missing_session",
+        "missing_labels",
+        "missing_audio",
+        "malformed_label_line",
+        "duplicate_label_line",
+    }
 )
 
 

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 import data_prep
-from data_prep import cli, pipeline, sources
+from data_prep import cli, pipeline, sources, summary
 from data_prep import manifest as manifest_mod
 from dkd_jax import audio, records
 
@@ -189,8 +189,61 @@ def test_iemocap_odd_files_are_named_or_read(tmp_path):
     # A session folder in the wrong case is named (its utterances used to vanish).
     root_b = helpers_prep.write_iemocap_tree(tmp_path / "b")
     os.rename(tmp_path / "b" / "Session1", tmp_path / "b" / "session1")
-    with pytest.raises(sources.PrepError, match="session1: named 'session1', the release names"):
+    with pytest.raises(sources.PrepError, match="session1: named 'session1'; the release names"):
         sources.scan_iemocap(root_b)
+
+
+def test_iemocap_label_files_sessions_and_wav_names_that_used_to_mislead(tmp_path):
+    base = tmp_path / "base"
+    helpers_prep.write_iemocap_tree(base)
+    emo2 = base / "Session2" / "dialog" / "EmoEvaluation"
+    kept = {u.utterance_id: u.label_name for u in sources.scan_iemocap(base).utterances}
+    # A copy of a label file beside it, with the same labels: an extra file, no utterance lost.
+    root = tmp_path / "same"
+    shutil.copytree(base, root)
+    emo = root / "Session2" / "dialog" / "EmoEvaluation"
+    shutil.copy(emo / "Ses02M_impro02.txt", emo / "Ses02M_impro02 (copy).txt")
+    scan = sources.scan_iemocap(root)
+    assert {u.utterance_id: u.label_name for u in scan.utterances} == kept
+    extra = [s for s in scan.skipped if s["kind"] == "duplicate_label_line"]
+    assert len(extra) == 4 and "duplicate_label_line" in summary.NOT_UTTERANCES
+    # ... with other labels (a stale copy, sorted first): which is right is not file order's
+    (emo / "Ses02M_impro02 (copy).txt").write_text(
+        (emo2 / "Ses02M_impro02.txt").read_text().replace("\tang\t", "\tneu\t")
+    )
+    with pytest.raises(sources.PrepError, match=r"Ses02M_impro02_M001 is labelled 'neu' in "
+                       r".*\(copy\)\.txt and 'ang' in .*Ses02M_impro02\.txt"):  # fmt: skip
+        sources.scan_iemocap(root)
+    # A second copy of a session in another letter case is refused (its files were ignored).
+    root = tmp_path / "twice"
+    shutil.copytree(base, root)
+    shutil.copytree(root / "Session1", root / "session1")
+    with pytest.raises(sources.PrepError, match="named 'session1' beside 'Session1'"):
+        sources.scan_iemocap(root)
+    # A session without label files: its WAVs are listed (and counted), not lost unseen.
+    root = tmp_path / "nolabels"
+    shutil.copytree(base, root)
+    shutil.rmtree(root / "Session2" / "dialog" / "EmoEvaluation")
+    skipped = sources.scan_iemocap(root).skipped
+    no_label = sorted(s["utterance_id"] for s in skipped if s["kind"] == "no_label")
+    assert [i for i in no_label if i.startswith("Ses02")] == sorted(
+        i for i in (n.stem for n in (base / "Session2").rglob("Ses02*.wav"))
+    )
+    # A WAV saved as .WAV is read; a label line that cannot be parsed is said as such.
+    root = tmp_path / "odd"
+    shutil.copytree(base, root)
+    wav = root / "Session2" / "sentences" / "wav" / "Ses02M_impro02" / "Ses02M_impro02_M000.wav"
+    wav.rename(wav.with_suffix(".WAV"))
+    label_file = root / "Session2" / "dialog" / "EmoEvaluation" / "Ses02M_impro02.txt"
+    text = label_file.read_text()
+    line = next(ln for ln in text.splitlines() if "Ses02M_impro02_F000" in ln)
+    label_file.write_text(text.replace(line, line + "\textra"))
+    scan = sources.scan_iemocap(root)
+    assert "Ses02M_impro02_M000" in {u.utterance_id for u in scan.utterances}
+    reasons = {s["utterance_id"]: s["reason"] for s in scan.skipped if s["utterance_id"]}
+    assert (
+        reasons["Ses02M_impro02_F000"] == "its label line in dialog/EmoEvaluation cannot be parsed"
+    )
 
 
 # ---------------------------------------------------------------- EmoDB reader
@@ -198,7 +251,7 @@ def test_iemocap_odd_files_are_named_or_read(tmp_path):
 
 def test_emodb_subfolders_duplicates_and_odd_names_are_skipped_with_reasons(tmp_path):
     tone = helpers_prep.tone(0.5, freq=200.0, seed=0)
-    for name in ("03a01Fa.wav", "03a01Fa.WAV", "spk03/03a01Wa.wav", "wav/08a01Na.wav"):
+    for name in ("03a01Fa.wav", "03a01Fa.WAV", "spk03/03a01Wa.wav", "03a02Fa.flac"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         sf.write(tmp_path / name, tone, 16000)
     with open(os.path.join(os.fsencode(tmp_path), b"\xdcbersicht.wav"), "wb") as f:
@@ -209,10 +262,20 @@ def test_emodb_subfolders_duplicates_and_odd_names_are_skipped_with_reasons(tmp_
     assert kinds == [
         ("bad_name", "\\xdcbersicht.wav"),
         ("duplicate", "03a01Fa.wav"),
+        ("not_wav", "03a02Fa.flac"),  # other audio: said, not read
         ("subfolder", "spk03/03a01Wa.wav"),
-        ("subfolder", "wav/08a01Na.wav"),
     ]
     json.dumps(scan.skipped, ensure_ascii=False).encode("utf-8")  # writable into metadata.json
+    (tmp_path / "wav").mkdir()  # the release's wav/ beside stray root files: which is meant?
+    sf.write(tmp_path / "wav" / "08a01Na.wav", tone, 16000)
+    with pytest.raises(sources.PrepError, match=r"\(3 WAV file\(s\)\) and .*/wav \(1\) hold WAVs"):
+        sources.scan_emodb(tmp_path)  # it used to read the 3 at the root, skip wav/ as subfolder
+    speakers = tmp_path / "by_speaker"  # one folder per speaker: named, with their counts
+    for name in ("03/03a01Fa.wav", "03/03a02Fa.wav", "08/08a01Na.wav"):
+        (speakers / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(speakers / name, tone, 16000)
+    with pytest.raises(sources.PrepError, match=r"these subfolders hold WAVs: 03 \(2\), 08 \(1\)"):
+        sources.scan_emodb(speakers)
 
 
 @pytest.mark.skipif(not os.path.isdir(EMODB), reason="shared EmoDB copy not present")

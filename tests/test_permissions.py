@@ -370,4 +370,3 @@ def test_orbaxs_missing_metadata_warning_is_dropped_and_nothing_else(tmp_path):
     assert drop(record(logging.WARNING, "Metadata file does not exist: %s", "/x/mine.py"))
     checkpointing.Checkpointer(tmp_path / "c", max_to_keep=1, read_only=True).close()
     assert drop in logging.getLogger("absl").filters  # installed by the first Checkpointer
-
