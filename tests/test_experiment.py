@@ -4,8 +4,13 @@ The end-to-end tests share one tiny experiment (tests/helpers_eval.py: 2 loso fo
 DKD student, "tiny" preset) trained once per session.
 """
 
+import dataclasses
+import errno
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import helpers_eval
 import helpers_permissions as deny
@@ -14,6 +19,8 @@ import pytest
 
 from dkd_jax import config as config_lib
 from dkd_jax import experiment, protocols, records, run_dir
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +320,7 @@ def _load_or_write(exp_dir):
     from dkd_jax.experiment import runner
 
     spec = experiment.ExperimentSpec(data="d", protocol="loso", folds=(0,), seeds=(0,))
-    runner._load_or_write_spec(exp_dir, spec, overwrite=False)
+    runner._load_or_write_spec(exp_dir, spec, None, overwrite=False)
 
 
 def test_compare_runs_detects_differences(exp, tmp_path):
@@ -637,7 +644,9 @@ def test_no_baseline_progress_lines_and_heartbeat(exp, tiny_prep_dir, tmp_path, 
     assert "baseline" not in out["models"] and not (copy / "fold0-seed0" / "baseline").exists()
     lines = [ln for ln in text.splitlines() if ln.strip().startswith("fold")]
     first = next(ln for ln in lines if ln.strip().startswith("fold0-seed0/teacher: WA"))
-    assert "elapsed" in first and "3 run(s) left, ETA" in first
+    # Only that run was left: the 3 finished ones are skipped, not counted (they used to be,
+    # "3 run(s) left" with an ETA for runs that never trained).
+    assert "elapsed" in first and "run(s) left" not in first
     assert any("finished earlier, skipped" in ln and "elapsed" in ln for ln in lines)
     assert "... fold0-seed0/teacher:" in text  # heartbeat lines during the run
 
@@ -791,3 +800,132 @@ def test_concurrent_groups_give_bit_identical_runs(exp, tiny_prep_dir, tmp_path)
         )
         == 2
     )
+
+
+# ---------------------------------------------------------------- lifecycle (audit of the runner)
+
+
+def _copy(exp, tmp_path, name="copy"):
+    exp_dir, _, _ = exp
+    copy = tmp_path / name
+    shutil.copytree(exp_dir, copy, ignore=shutil.ignore_patterns("reproduce"))
+    return copy
+
+
+def test_reproduce_covers_the_runs_of_earlier_invocations(exp, tiny_prep_dir, tmp_path):
+    # experiment.json records the last invocation (here: fold 0 only); fold 1 was trained by an
+    # earlier one. summarize counts it, so reproduce must too (it said "all runs match"
+    # without it, and refused --fold 1 as "no finished run").
+    copy = _copy(exp, tmp_path)
+    spec = dataclasses.replace(helpers_eval.shared_spec(tiny_prep_dir), folds=(0,))
+    (copy / experiment.EXPERIMENT_FILE).write_text(json.dumps(spec.to_dict()))
+    assert experiment.build_summary(copy)["num_finished_runs"] == 4
+    report = experiment.reproduce(
+        copy, fold=1, model="dkd", scratch=tmp_path / "s", progress=False, quiet=True
+    )
+    assert report["match"] and list(report["runs"]) == ["fold1-seed0/student_dkd"]
+
+
+def test_the_same_settings_written_differently_are_the_same_experiment(
+    exp, tiny_prep_dir, tmp_path
+):
+    from dkd_jax.experiment import runner
+
+    exp_dir, _, _ = exp
+    old = helpers_eval.shared_spec(tiny_prep_dir)
+    meta = records.load_metadata(tiny_prep_dir)
+    h = meta["content_hash"]
+    same = [
+        dataclasses.replace(old, teacher_preset="tiny"),  # the preset it already used
+        dataclasses.replace(old, overrides=(*old.overrides, "optim.batch_size=8")),  # tiny's
+        dataclasses.replace(old, overrides=("data.normalization=global",) * 2),
+    ]
+    for new in same:
+        assert runner._spec_changes(exp_dir, old, new, h) == [], new
+    moved = tmp_path / "moved_prep"  # the same prep elsewhere: same content hash
+    shutil.copytree(tiny_prep_dir, moved)
+    assert runner._spec_changes(exp_dir, old, dataclasses.replace(old, data=str(moved)), h) == []
+    other = dataclasses.replace(old, data=str(moved))
+    assert runner._spec_changes(exp_dir, old, other, "sha256:" + "0" * 64) == [
+        f"data: {old.data!r} -> {str(moved)!r}"
+    ]
+    changed = dataclasses.replace(old, overrides=(*old.overrides, "optim.num_epochs=3"))
+    assert runner._spec_changes(exp_dir, old, changed, h) == [
+        "teacher: optim.num_epochs: 2 -> 3",
+        "dkd: optim.num_epochs: 2 -> 3",
+    ]
+
+
+def test_runs_from_other_data_or_other_settings_are_not_summarised_with_the_others(
+    exp, tiny_prep_dir, tmp_path
+):
+    spec = helpers_eval.shared_spec(tiny_prep_dir)
+    # A prep rebuilt at the same path: the runs trained on the old content (they counted as
+    # finished, and the summary showed the new hash next to them).
+    copy = _copy(exp, tmp_path, "other_data")
+    split_file = copy / "fold1-seed0" / "teacher" / run_dir.SPLIT_FILE
+    split = json.loads(split_file.read_text())
+    split["data"]["content_hash"] = "sha256:" + "0" * 64
+    split_file.write_text(json.dumps(split))
+    for call in (
+        lambda: experiment.run_experiment(copy, spec, progress=False, quiet=True),
+        lambda: experiment.build_summary(copy),
+    ):
+        with pytest.raises(experiment.ExperimentError, match="trained on other data"):
+            call()
+    # A run trained with another batch size by an earlier invocation (a preset that changed
+    # between versions): it was averaged in with the others without a word.
+    copy = _copy(exp, tmp_path, "other_settings")
+    config_file = copy / "fold1-seed0" / "teacher" / run_dir.CONFIG_FILE
+    config = json.loads(config_file.read_text())
+    config["optim"]["batch_size"] = 4
+    config_file.write_text(json.dumps(config))
+    spec0 = dataclasses.replace(spec, folds=(0,))
+    with pytest.raises(experiment.ExperimentError, match=r"optim\.batch_size: 4 -> 8"):
+        experiment.run_experiment(copy, spec0, progress=False, quiet=True)  # earlier run: fold 1
+    with pytest.raises(experiment.ExperimentError, match="the summary would average it in"):
+        experiment.build_summary(copy)
+
+
+def test_overwrite_does_not_delete_an_experiment_that_is_running(exp, tiny_prep_dir, tmp_path):
+    copy = _copy(exp, tmp_path)
+    busy = copy / "fold1-seed0" / "student_dkd"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
+         "with run_dir.locked(sys.argv[1], 'the experiment runner'):\n"
+         "    print('held', flush=True); time.sleep(120)", str(busy)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        spec = helpers_eval.shared_spec(tiny_prep_dir)
+        other = dataclasses.replace(spec, overrides=(*spec.overrides, "optim.num_epochs=3"))
+        with pytest.raises(experiment.ExperimentError, match=f"in use by the experiment runner "
+                           f"\\(pid {holder.pid}"):  # fmt: skip
+            experiment.run_experiment(copy, other, overwrite=True, progress=False, quiet=True)
+        assert (copy / "fold0-seed0" / "teacher" / run_dir.RESULTS_FILE).exists()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_summary_files_are_written_whole_and_errors_name_them(exp, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    copy = _copy(exp, tmp_path)
+    for png in copy.glob("confusion_*.png"):
+        png.unlink()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError) as info:
+        experiment.write_summary(copy)
+    assert info.value.filename == str(copy / "confusion_teacher.png")  # named, not ""
+    assert not list(copy.glob("*confusion_teacher.png*"))  # no empty plot left behind
+    monkeypatch.undo()
+    results = copy / "fold0-seed0" / "student_dkd" / run_dir.RESULTS_FILE
+    results.write_text('{"wa": 0.5')
+    with pytest.raises(experiment.ExperimentError, match="run the experiment again"):
+        experiment.build_summary(copy)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from dkd_jax.experiment.spec import (
     RunPlan,
     load_spec,
     plan_runs,
+    run_mismatch,
 )
 
 
@@ -93,17 +95,33 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": float(arr.mean()), "std": std, "n": len(arr)}
 
 
-def collect_runs(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]]:
-    """One row per finished run: group, model, held-out set, WA/UA, best-epoch WA/UA."""
+def collect_runs(
+    exp_dir: Path, plans: Sequence[RunPlan], content_hash: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per finished run: group, model, held-out set, WA/UA, best-epoch WA/UA.
+
+    Raises:
+      ExperimentError: a run whose results cannot be read, score a partly trained model, or
+        come from another config or other data than its plan (``content_hash``: the prep's):
+        a mean over runs must not mix them in, nor drop them in silence.
+    """
     rows = []
     for plan in plans:
         workdir = exp_dir / plan.key
         try:
             res = run_dir.load_results(workdir)
-        except run_dir.RunDirError as e:
-            raise ExperimentError(str(e)) from None
+        except run_dir.RunDirError as e:  # run_dir's hint is eval.py's: the runner re-scores
+            message = str(e).replace("re-run eval.py on the run", "run the experiment again")
+            raise ExperimentError(message) from None
         if res is None:
             continue
+        why = run_mismatch(workdir, plan.config, content_hash)
+        if why:
+            raise ExperimentError(
+                f"{workdir}: a run {why}, not this experiment's {plan.model}: the summary would "
+                "average it in with the others; run the experiment again with --overwrite to "
+                "train such runs again (or summarize another copy without it)"
+            )
         problem = run_dir.not_final_results(workdir, res)
         if problem:  # a summary must not average it in, nor drop it in silence
             raise ExperimentError(
@@ -221,8 +239,9 @@ def write_summary(
                 title=f"{stats['label']}: confusion pooled over {stats['runs']} run(s)",
             )
             stats["pooled_confusion_plot"] = plot.name
-    jsonio.write_json(exp_dir / SUMMARY_JSON, summary)
-    jsonio.write_text(exp_dir / SUMMARY_MD, format_summary_markdown(summary))
+    text = format_summary_markdown(summary)  # both made before either is written: an
+    jsonio.write_text(exp_dir / SUMMARY_MD, text)  # interrupt can only come between the two
+    jsonio.write_json(exp_dir / SUMMARY_JSON, summary)  # renames, not a half-made summary
     return summary
 
 
@@ -243,7 +262,22 @@ def _runs_with_results(exp_dir: Path, pattern: re.Pattern) -> list[tuple[str, st
     return found
 
 
-def _with_earlier_runs(
+def runs_in_folder(exp_dir: Path, spec: ExperimentSpec | None) -> list[str]:
+    """``group/run`` of every run folder of the experiment folder, finished or not (groups
+    named as ``spec``'s protocol names them; any protocol's without ``spec``)."""
+    patterns = [_GROUP_PATTERNS[spec.protocol]] if spec else list(_GROUP_PATTERNS.values())
+    out = []
+    for group in sorted(os.listdir(exp_dir)):
+        if any(p.fullmatch(group) for p in patterns) and (exp_dir / group).is_dir():
+            out += [
+                f"{group}/{run}"
+                for run in sorted(os.listdir(exp_dir / group))
+                if (exp_dir / group / run).is_dir()
+            ]
+    return out
+
+
+def with_earlier_runs(
     exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan]
 ) -> tuple[list[RunPlan], ExperimentSpec]:
     """The planned runs plus every *finished* run of earlier invocations of the same experiment,
@@ -292,13 +326,22 @@ def build_summary(
         spec = load_spec(exp_dir)
     if plans is None:
         plans = plan_runs(spec, exp_dir)
-    plans, covered = _with_earlier_runs(exp_dir, spec, plans)
+    plans, covered = with_earlier_runs(exp_dir, spec, plans)
     students = list(covered.students)
-    rows = collect_runs(exp_dir, plans)
+    if Path(spec.data).exists():
+        metadata = records.load_metadata(spec.data)
+    else:
+        metadata = {}
+        print(
+            f"warning: {exp_dir}: its prep dir {spec.data} is not there (moved?): the summary "
+            "has no data hash, confound numbers or class count, and the runs are not checked "
+            "against the data",
+            file=sys.stderr,
+        )
+    rows = collect_runs(exp_dir, plans, metadata.get("content_hash"))
     num_runs = len(rows)
     rows += collect_baselines(exp_dir, plans)
     models = ["teacher", *students, *checks.BASELINE_MODELS]
-    metadata = records.load_metadata(spec.data) if Path(spec.data).exists() else {}
     stats = summarize_rows(rows, models)
     summary = {
         "experiment": covered.to_dict(),

@@ -12,6 +12,7 @@ workdir's lock while it trains.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -24,13 +25,16 @@ from typing import Any
 
 import numpy as np
 
+from dkd_jax import config as config_lib
 from dkd_jax import jsonio, protocols, provenance, records, run_dir
 from dkd_jax.experiment import checks
 from dkd_jax.experiment.report import (
     build_summary,
     format_summary_text,
     percent,
+    runs_in_folder,
     validation_scores,
+    with_earlier_runs,
     write_summary,
 )
 from dkd_jax.experiment.spec import (
@@ -44,6 +48,8 @@ from dkd_jax.experiment.spec import (
     is_finished,
     load_spec,
     plan_runs,
+    run_config,
+    run_mismatch,
 )
 
 
@@ -63,11 +69,16 @@ def _say(msg: str, *, quiet: bool = False) -> None:
             sys.stdout.flush()
 
 
-def _load_or_write_spec(exp_dir: Path, spec: ExperimentSpec, *, overwrite: bool) -> None:
+def _load_or_write_spec(
+    exp_dir: Path, spec: ExperimentSpec, content_hash: str | None, *, overwrite: bool
+) -> None:
     """Records the settings; refuses (or, with ``overwrite``, wipes) an experiment with others.
 
     Folds, seeds and students may change between invocations (an experiment can be extended);
-    the data, protocol, presets and overrides may not.
+    the data, protocol and the runs' resolved configs may not. Settings are compared by what
+    they make, not by how they were written: overrides in another order, or one that repeats a
+    preset's value, are the same experiment, and so is a prep moved elsewhere with the same
+    content hash.
     """
     path = exp_dir / EXPERIMENT_FILE
     if path.exists():
@@ -81,36 +92,82 @@ def _load_or_write_spec(exp_dir: Path, spec: ExperimentSpec, *, overwrite: bool)
                 ) from None
             changed = ["experiment.json"]
         else:
-            fixed = ("data", "protocol", "preset", "teacher_preset", "overrides")
-            changed = [k for k in fixed if getattr(old, k) != getattr(spec, k)]
+            changed = _spec_changes(exp_dir, old, spec, content_hash)
         if changed and not overwrite:
-            detail = "; ".join(f"{k}: {getattr(old, k)!r} -> {getattr(spec, k)!r}" for k in changed)
             raise ExperimentError(
-                f"{exp_dir} holds an experiment with other settings ({detail}); use another "
-                "--out, or --overwrite to delete its runs and start over"
+                f"{exp_dir} holds an experiment with other settings ({'; '.join(changed)}); use "
+                "another --out, or --overwrite to delete its runs and start over"
             )
         if changed:
+            _refuse_if_running(exp_dir)
             for child in exp_dir.iterdir():
                 if child.name != CACHE_DIR:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     jsonio.write_json(path, spec.to_dict())
 
 
-def _replace_stale_runs(exp_dir: Path, plans: Sequence[RunPlan], *, overwrite: bool) -> None:
-    """Before anything trains: refuses (or, with ``overwrite``, deletes) every run directory whose
-    training config is not the one now planned for it, though the recorded settings match (a
-    preset that changed between versions of dkd-jax, or a run edited by hand)."""
+def _spec_changes(
+    exp_dir: Path, old: ExperimentSpec, new: ExperimentSpec, content_hash: str | None
+) -> list[str]:
+    """What differs between two experiments' settings, in words (empty: the same one)."""
+    if old.protocol != new.protocol:
+        return [f"protocol: {old.protocol!r} -> {new.protocol!r}"]
+    out = []
+    if old.data != new.data:
+        trained_on = set()
+        for key in runs_in_folder(exp_dir, old):
+            with contextlib.suppress(run_dir.RunDirError, FileNotFoundError):
+                trained_on.add(run_dir.load_split(exp_dir / key)[1].get("content_hash"))
+        if not content_hash or trained_on != {content_hash}:  # moved: same content is fine
+            out.append(f"data: {old.data!r} -> {new.data!r}")
+    fold = new.folds[0] if new.folds else None
+    seed = new.seeds[0]
+    for model in dict.fromkeys(("teacher", *old.students, *new.students)):
+        try:
+            before = run_config(old, model, fold, seed, "")
+        except (config_lib.ConfigError, ValueError) as e:  # e.g. a preset renamed since
+            out.append(f"the recorded settings no longer make a config ({e})")
+            break
+        diffs = config_lib.diff(before, run_config(new, model, fold, seed, ""))
+        diffs.pop("data.prep_dir", None)
+        if diffs:
+            out.append(f"{model}: {run_dir.format_changes(diffs)}")
+    return out
+
+
+def _refuse_if_running(exp_dir: Path) -> None:
+    """Before deleting an experiment's runs: none of them may be in use (a running `run`)."""
+    for key in runs_in_folder(exp_dir, None):
+        holder = run_dir.lock_holder(exp_dir / key)
+        if holder:
+            raise ExperimentError(
+                f"{exp_dir / key}: in use by {run_dir.holder_text(holder)}; --overwrite deletes "
+                "every run of the experiment: wait for it to finish or stop it first"
+            )
+
+
+def _replace_stale_runs(
+    exp_dir: Path, plans: Sequence[RunPlan], content_hash: str | None, *, overwrite: bool
+) -> None:
+    """Before anything trains: refuses (or, with ``overwrite``, deletes) every run directory,
+    planned now or finished by an earlier invocation, whose training config is not the one
+    this experiment plans for it or that trained on other data, though the recorded settings
+    match (a preset that changed between versions of dkd-jax, a run edited by hand, a prep
+    rebuilt at the same path): a summary would average it in with the others."""
     for plan in plans:
         workdir = exp_dir / plan.key
-        changed = run_dir.config_changes(workdir, plan.config)
-        if not changed:
+        why = run_mismatch(workdir, plan.config, content_hash)
+        if why is None:
             continue
         if not overwrite:
             raise ExperimentError(
-                f"{workdir} holds a run trained with other settings than this experiment's "
-                f"{plan.model} ({run_dir.format_changes(changed)}; e.g. a preset changed since it "
-                "was trained); use another --out, or --overwrite to delete such runs and train "
-                "them again"
+                f"{workdir} holds a run {why}, not this experiment's {plan.model}; use another "
+                "--out, or --overwrite to delete such runs and train them again"
+            )
+        holder = run_dir.lock_holder(workdir)
+        if holder:
+            raise ExperimentError(
+                f"{workdir}: in use by {run_dir.holder_text(holder)}; wait for it to finish"
             )
         run_dir.clear_run(workdir)
 
@@ -282,12 +339,15 @@ def run_experiment(
     if exp_dir.exists() and not exp_dir.is_dir():
         raise ExperimentError(f"--out {exp_dir}: a file, not an experiment directory")
     exp_dir.mkdir(parents=True, exist_ok=True)
-    _load_or_write_spec(exp_dir, spec, overwrite=overwrite)
-    _enable_compilation_cache(exp_dir / CACHE_DIR)
-    _replace_stale_runs(exp_dir, plans, overwrite=overwrite)
     metadata = records.load_metadata(spec.data)
+    content_hash = metadata.get("content_hash")
+    _load_or_write_spec(exp_dir, spec, content_hash, overwrite=overwrite)
+    _enable_compilation_cache(exp_dir / CACHE_DIR)
+    everything, _ = with_earlier_runs(exp_dir, spec, plans)  # earlier invocations' runs too
+    _replace_stale_runs(exp_dir, everything, content_hash, overwrite=overwrite)
     groups = list(dict.fromkeys(p.group for p in plans))
-    tracker = _Progress(plans, quiet, jobs=min(jobs, len(groups)))
+    left = [p for p in plans if not is_finished(exp_dir / p.key, p.config)]
+    tracker = _Progress(left, quiet, jobs=min(jobs, len(groups)))
     # Bars of concurrent runs would overwrite each other: heartbeats instead.
     bars = progress and jobs == 1
     beat = (
@@ -532,7 +592,9 @@ def reproduce(
     """
     exp_dir = Path(exp_dir)
     spec = load_spec(exp_dir)
-    plans = plan_runs(spec, exp_dir)
+    # Every finished run, earlier invocations' included (experiment.json holds the last one's
+    # folds, seeds and students): what summarize counts is what is reproduced.
+    plans, _ = with_earlier_runs(exp_dir, spec, plan_runs(spec, exp_dir))
     if fold is not None:
         plans = [p for p in plans if (p.fold if spec.protocol == "loso" else p.seed) == fold]
     if model is not None:
@@ -550,6 +612,7 @@ def reproduce(
             run_dir.load_results(exp_dir / plan.key)  # what the rerun is compared with
         except run_dir.RunDirError as e:
             raise ExperimentError(f"cannot reproduce {plan.key}: {e}") from None
+        cfg.data.prep_dir = spec.data  # the experiment's prep, where it is now
         rerun_plans.append(dataclasses.replace(plan, config=cfg))
     plans = rerun_plans
     scratch = Path(scratch) if scratch is not None else exp_dir / "reproduce"

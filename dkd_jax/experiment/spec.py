@@ -248,13 +248,13 @@ def make_spec(
     # each student its own loss), validated before any run starts.
     for model in ("teacher", *students):
         try:
-            _run_config(spec, model, spec.folds[0] if spec.folds else None, spec.seeds[0], "")
+            run_config(spec, model, spec.folds[0] if spec.folds else None, spec.seeds[0], "")
         except config_lib.ConfigError as e:
             raise ExperimentError(str(e)) from None
     return spec
 
 
-def _run_config(
+def run_config(
     spec: ExperimentSpec, model: str, fold: int | None, seed: int, cache_dir: str
 ) -> config_lib.Config:
     preset = (spec.teacher_preset or spec.preset) if model == "teacher" else spec.preset
@@ -286,7 +286,7 @@ def plan_runs(spec: ExperimentSpec, exp_dir: str | os.PathLike) -> list[RunPlan]
     plans = []
     for group, fold, seed in groups:
         for model in ("teacher", *spec.students):
-            cfg = _run_config(spec, model, fold, seed, cache_dir)
+            cfg = run_config(spec, model, fold, seed, cache_dir)
             plans.append(RunPlan(group=group, model=model, fold=fold, seed=seed, config=cfg))
     return plans
 
@@ -315,3 +315,30 @@ def is_finished(workdir: str | os.PathLike, cfg: config_lib.Config) -> bool:
     except config_lib.ConfigError:  # a field that no longer exists: not this config
         return False
     return _comparable(stored) == _comparable(config_lib.to_dict(cfg))
+
+
+def run_mismatch(
+    workdir: str | os.PathLike, cfg: config_lib.Config, content_hash: str | None
+) -> str | None:
+    """Why the run in ``workdir`` is not the run ``cfg`` describes on the data whose content
+    hash is ``content_hash`` (None: it is, or the folder holds no run yet): trained with other
+    settings (a preset changed between versions of dkd-jax, a config edited by hand), or on
+    other data (a prep rebuilt at the same path)."""
+    try:
+        changed = run_dir.config_changes(workdir, cfg)
+    except run_dir.RunDirError as e:
+        return str(e)
+    if changed:
+        return f"trained with other settings ({run_dir.format_changes(changed)})"
+    if content_hash and (Path(workdir) / run_dir.SPLIT_FILE).exists():
+        try:
+            _, info = run_dir.load_split(workdir)
+        except run_dir.RunDirError as e:
+            return str(e)
+        trained_on = info.get("content_hash")
+        if trained_on and trained_on != content_hash:
+            return (
+                f"trained on other data (content hash {trained_on}; the prep holds "
+                f"{content_hash} now: rebuilt at the same path?)"
+            )
+    return None
