@@ -439,7 +439,7 @@ def _find_duplicates(
             skipped.append(skip_entry(r.rel, "unreadable", errors[r.full], r.utterance_id))
             continue
         digest = digests.get(r.full)
-        if digest is not None and digest in seen_digest and not _constant_audio(r.full):
+        if digest is not None and digest in seen_digest and not _all_zero_audio(r.full):
             pairs.append((seen_digest[digest], r, "duplicate_audio"))
             continue
         if digest is not None:  # identical silent files: not one recording (both skipped later)
@@ -448,17 +448,17 @@ def _find_duplicates(
     return kept, pairs, skipped
 
 
-def _constant_audio(path: str) -> bool:
-    """Every sample of the file the same (digital silence): identical bytes mean nothing then,
-    and data_prep skips such a file as silent anyway."""
-    import numpy as np
+def _all_zero_audio(path: str) -> bool:
+    """Every sample of the file 0 (digital silence): identical bytes mean nothing then, and
+    data_prep skips such a file as silent anyway (a constant non-zero level is prepared, so
+    its copies stay repeats)."""
     import soundfile as sf
 
     try:
         data, _ = sf.read(path, dtype="float32", always_2d=True)
     except Exception:  # unreadable: the worker says why
         return False
-    return bool(data.size) and bool(np.all(data == data.flat[0]))
+    return bool(data.size) and not data.any()
 
 
 def _warn_missing(manifest: str, missing: list[_Row]) -> None:

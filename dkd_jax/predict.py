@@ -92,9 +92,9 @@ utterance can come out ~100 % confident)."""
 
 def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     """Warnings about one file's audio (:func:`file_segments`' output) that no model can fix:
-    too short to say much, a file cut short or damaged (``audio.damage_note``), digital silence
-    (every real frame the same, in every band) or a constant level (every sample the same), or
-    recorded at a lower rate than the model's."""
+    too short to say much, a file cut short or damaged (``file_damage.damage_note``), digital
+    silence (every real frame the same, in every band) or a constant level (every sample the
+    same), or recorded at a lower rate than the model's."""
     out = []
     if seg["duration_s"] < MIN_RELIABLE_SECONDS:
         out.append(

@@ -120,12 +120,20 @@ def untrained_classes(metadata: Mapping[str, Any], split: Split) -> list[str]:
     return [n for c, n in enumerate(names) if c not in trained]
 
 
-def untrained_warning(metadata: Mapping[str, Any], split: Split) -> str | None:
-    """One line naming :func:`untrained_classes` and how many test utterances hold each, or
-    None when every class trains."""
+def untrained_warning(
+    metadata: Mapping[str, Any], split: Split, *, test_counts: bool = True
+) -> str | None:
+    """One line naming :func:`untrained_classes` and how many test utterances hold each
+    (``test_counts``; off when choosing settings without looking at the test set), or None
+    when every class trains."""
     missing = untrained_classes(metadata, split)
     if not missing:
         return None
+    if not test_counts:
+        return (
+            f"warning: {split.name} trains on no utterance of {', '.join(missing)}: the model "
+            "cannot predict what it never saw (a class from one speaker or session only?)"
+        )
     names = [str(n) for n in metadata.get("label_names", ())]
     label = {str(u["utterance_id"]): int(u["label"]) for u in _utterances(metadata)}
     tested = [label.get(str(i)) for i in split.test_ids]

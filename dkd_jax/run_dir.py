@@ -39,6 +39,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,13 @@ def _holder_text(holder: Mapping[str, Any]) -> str:
     )
 
 
+_PROBE_RETRIES = 20  # x 10 ms: outlasts a lock_holder probe (a shared flock held for microseconds)
+
+
 def _acquire(path: Path, tool: str) -> int:
     import fcntl
 
+    tries = 0
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -162,6 +167,10 @@ def _acquire(path: Path, tool: str) -> int:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
+            tries += 1
+            if tries < _PROBE_RETRIES:  # perhaps only lock_holder looking: try again shortly
+                time.sleep(0.01)
+                continue
             raise WorkdirLockedError(
                 f"{path.parent}: in use by {_holder_text(holder)}; wait for it to finish or "
                 "stop it, or use another workdir"

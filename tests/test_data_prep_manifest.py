@@ -491,6 +491,10 @@ def test_identical_silent_files_are_not_called_one_recording(tmp_path):
         "a.wav": "silent",
         "b.wav": "silent",
     }
+    for name in ("a.wav", "b.wav"):  # a constant non-zero level is prepared: copies are repeats
+        sf.write(tmp_path / "c" / name, np.full(2 * SR, 0.25, np.float32), SR, subtype="FLOAT")
+    with pytest.raises(sources.PrepError, match="hold identical audio"):
+        manifest.scan_csv(tmp_path / "c" / "s.csv")
 
 
 def test_a_rerun_after_a_label_edit_names_the_rows_not_only_files(tmp_path):

@@ -885,6 +885,20 @@ def test_runs_from_other_data_or_other_settings_are_not_summarised_with_the_othe
         experiment.run_experiment(copy, spec0, progress=False, quiet=True)  # earlier run: fold 1
     with pytest.raises(experiment.ExperimentError, match="the summary would average it in"):
         experiment.build_summary(copy)
+    # Another split of the same data and settings (a protocol rule changed since: the paper
+    # protocol keeps improvised dialogs only now): neither skipped as finished nor averaged in.
+    copy = _copy(exp, tmp_path, "other_split")
+    split_file = copy / "fold1-seed0" / "student_dkd" / run_dir.SPLIT_FILE
+    split = json.loads(split_file.read_text())
+    moved = split["test_ids"].pop()
+    split["train_ids"] = sorted([*split["train_ids"], moved])
+    split_file.write_text(json.dumps(split))
+    for call in (
+        lambda: experiment.run_experiment(copy, spec, progress=False, quiet=True),
+        lambda: experiment.build_summary(copy),
+    ):
+        with pytest.raises(experiment.ExperimentError, match="trained on another split"):
+            call()
 
 
 def test_overwrite_does_not_delete_an_experiment_that_is_running(exp, tiny_prep_dir, tmp_path):
@@ -904,6 +918,21 @@ def test_overwrite_does_not_delete_an_experiment_that_is_running(exp, tiny_prep_
                            f"\\(pid {holder.pid}"):  # fmt: skip
             experiment.run_experiment(copy, other, overwrite=True, progress=False, quiet=True)
         assert (copy / "fold0-seed0" / "teacher" / run_dir.RESULTS_FILE).exists()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    # A runner holds the experiment folder for its whole invocation (between two runs, too).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
+         "with run_dir.locked(sys.argv[1], 'the experiment runner'):\n"
+         "    print('held', flush=True); time.sleep(120)", str(copy)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(run_dir.WorkdirLockedError, match=f"pid {holder.pid}"):
+            experiment.run_experiment(copy, other, overwrite=True, progress=False, quiet=True)
+        assert (copy / "fold0-seed0" / "teacher" / run_dir.RESULTS_FILE).exists()
     finally:
         holder.kill()
         holder.wait()

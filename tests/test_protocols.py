@@ -115,6 +115,10 @@ def test_classes_without_a_training_utterance_are_named():
         f"({tested} in the test set): the model cannot predict what it never saw and UA counts "
         "a recall of 0 for each one tested (a class from one speaker or session only?)"
     )
+    assert protocols.untrained_warning(meta, held_angry, test_counts=False) == (
+        "warning: loso-fold0-Session1 trains on no utterance of sad, angry: the model cannot "
+        "predict what it never saw (a class from one speaker or session only?)"
+    )  # choosing settings (--validation-only): nothing about the test set
     other = protocols.make_split(meta, protocol="loso", fold=1)
     assert protocols.untrained_classes(meta, other) == ["sad"]
     assert "UA counts" not in protocols.untrained_warning(meta, other)  # sad: never tested

@@ -672,3 +672,23 @@ def test_load_results_names_a_damaged_results_file(tmp_path, text, message):
     good = {k: 1 for k in run_dir.RESULT_KEYS}
     (tmp_path / run_dir.RESULTS_FILE).write_text(json.dumps(good))
     assert run_dir.load_results(tmp_path) == good
+
+
+def test_a_lock_probe_does_not_make_a_starting_run_fail(tmp_path):
+    """lock_holder looks by taking a shared flock for an instant: a run starting then must wait
+    for it, not be refused as "in use by a process (pid None ...)"."""
+    import fcntl
+    import threading
+
+    wd = tmp_path / "run"
+    wd.mkdir()
+    fd = os.open(wd / run_dir.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a probe, caught in the act
+    release = threading.Timer(0.05, lambda: fcntl.flock(fd, fcntl.LOCK_UN))
+    release.start()
+    try:
+        with run_dir.locked(wd, "train.py"):
+            assert run_dir.lock_holder(wd) is None  # held by this process: nobody else
+    finally:
+        release.join()
+        os.close(fd)

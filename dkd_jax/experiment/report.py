@@ -96,13 +96,14 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def collect_runs(
-    exp_dir: Path, plans: Sequence[RunPlan], content_hash: str | None = None
+    exp_dir: Path, plans: Sequence[RunPlan], metadata: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """One row per finished run: group, model, held-out set, WA/UA, best-epoch WA/UA.
 
     Raises:
       ExperimentError: a run whose results cannot be read, score a partly trained model, or
-        come from another config or other data than its plan (``content_hash``: the prep's):
+        come from another config, other data or another split than its plan (``metadata``:
+        the prep's ``metadata.json``):
         a mean over runs must not mix them in, nor drop them in silence.
     """
     rows = []
@@ -115,7 +116,7 @@ def collect_runs(
             raise ExperimentError(message) from None
         if res is None:
             continue
-        why = run_mismatch(workdir, plan.config, content_hash)
+        why = run_mismatch(workdir, plan.config, metadata)
         if why:
             raise ExperimentError(
                 f"{workdir}: a run {why}, not this experiment's {plan.model}: the summary would "
@@ -338,7 +339,7 @@ def build_summary(
             "against the data",
             file=sys.stderr,
         )
-    rows = collect_runs(exp_dir, plans, metadata.get("content_hash"))
+    rows = collect_runs(exp_dir, plans, metadata)
     num_runs = len(rows)
     rows += collect_baselines(exp_dir, plans)
     models = ["teacher", *students, *checks.BASELINE_MODELS]

@@ -101,7 +101,7 @@ def _load_or_write_spec(
         if changed:
             _refuse_if_running(exp_dir)
             for child in exp_dir.iterdir():
-                if child.name != CACHE_DIR:
+                if child.name not in (CACHE_DIR, run_dir.LOCK_FILE):  # the lock: this runner's
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
     jsonio.write_json(path, spec.to_dict())
 
@@ -128,7 +128,12 @@ def _spec_changes(
         except (config_lib.ConfigError, ValueError) as e:  # e.g. a preset renamed since
             out.append(f"the recorded settings no longer make a config ({e})")
             break
-        diffs = config_lib.diff(before, run_config(new, model, fold, seed, ""))
+        try:
+            after = run_config(new, model, fold, seed, "")
+        except (config_lib.ConfigError, ValueError) as e:  # new settings, an earlier student
+            out.append(f"{model}: the new settings do not make its config ({e})")
+            continue
+        diffs = config_lib.diff(before, after)
         diffs.pop("data.prep_dir", None)
         if diffs:
             out.append(f"{model}: {run_dir.format_changes(diffs)}")
@@ -147,7 +152,7 @@ def _refuse_if_running(exp_dir: Path) -> None:
 
 
 def _replace_stale_runs(
-    exp_dir: Path, plans: Sequence[RunPlan], content_hash: str | None, *, overwrite: bool
+    exp_dir: Path, plans: Sequence[RunPlan], metadata: dict[str, Any], *, overwrite: bool
 ) -> None:
     """Before anything trains: refuses (or, with ``overwrite``, deletes) every run directory,
     planned now or finished by an earlier invocation, whose training config is not the one
@@ -156,7 +161,7 @@ def _replace_stale_runs(
     rebuilt at the same path): a summary would average it in with the others."""
     for plan in plans:
         workdir = exp_dir / plan.key
-        why = run_mismatch(workdir, plan.config, content_hash)
+        why = run_mismatch(workdir, plan.config, metadata)
         if why is None:
             continue
         if not overwrite:
@@ -264,7 +269,9 @@ def _group_checks(exp_dir, plan, spec, metadata, cache, *, baselines, validation
     """The group's untrained classes, confound warning and baselines (before its deep models
     train)."""
     untrained = protocols.untrained_warning(
-        metadata, protocols.split_for_run(metadata, plan.config.data)
+        metadata,
+        protocols.split_for_run(metadata, plan.config.data),
+        test_counts=not validation_only,  # choosing settings: nothing about the test set
     )
     if untrained:
         print(f"{plan.group}: {untrained}", file=sys.stderr, flush=True)
@@ -339,12 +346,32 @@ def run_experiment(
     if exp_dir.exists() and not exp_dir.is_dir():
         raise ExperimentError(f"--out {exp_dir}: a file, not an experiment directory")
     exp_dir.mkdir(parents=True, exist_ok=True)
+    options = {
+        "overwrite": overwrite,
+        "progress": progress,
+        "quiet": quiet,
+        "on_run": on_run,
+        "validation_only": validation_only,
+        "baselines": baselines,
+        "heartbeat_seconds": heartbeat_seconds,
+        "jobs": jobs,
+    }
+    # One runner per experiment folder, for the whole invocation: another one's --overwrite
+    # must not delete it between two runs (each run also holds its own folder's lock).
+    with run_dir.locked(exp_dir, "the experiment runner"):
+        return _run_locked(exp_dir, spec, plans, **options)
+
+
+def _run_locked(exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan], *, overwrite,
+                progress, quiet, on_run, validation_only, baselines, heartbeat_seconds,
+                jobs) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_experiment` once it holds the experiment folder's lock."""
     metadata = records.load_metadata(spec.data)
     content_hash = metadata.get("content_hash")
     _load_or_write_spec(exp_dir, spec, content_hash, overwrite=overwrite)
     _enable_compilation_cache(exp_dir / CACHE_DIR)
     everything, _ = with_earlier_runs(exp_dir, spec, plans)  # earlier invocations' runs too
-    _replace_stale_runs(exp_dir, everything, content_hash, overwrite=overwrite)
+    _replace_stale_runs(exp_dir, everything, metadata, overwrite=overwrite)
     groups = list(dict.fromkeys(p.group for p in plans))
     left = [p for p in plans if not is_finished(exp_dir / p.key, p.config)]
     tracker = _Progress(left, quiet, jobs=min(jobs, len(groups)))

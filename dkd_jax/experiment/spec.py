@@ -318,27 +318,41 @@ def is_finished(workdir: str | os.PathLike, cfg: config_lib.Config) -> bool:
 
 
 def run_mismatch(
-    workdir: str | os.PathLike, cfg: config_lib.Config, content_hash: str | None
+    workdir: str | os.PathLike, cfg: config_lib.Config, metadata: dict[str, Any] | None
 ) -> str | None:
-    """Why the run in ``workdir`` is not the run ``cfg`` describes on the data whose content
-    hash is ``content_hash`` (None: it is, or the folder holds no run yet): trained with other
-    settings (a preset changed between versions of dkd-jax, a config edited by hand), or on
-    other data (a prep rebuilt at the same path)."""
+    """Why the run in ``workdir`` is not the run ``cfg`` describes on the prep whose
+    ``metadata.json`` is ``metadata`` (None: it is, or the folder holds no run yet; no
+    ``metadata``: the data are not checked): trained with other settings (a preset changed
+    between versions of dkd-jax, a config edited by hand), on other data (a prep rebuilt at the
+    same path), or on another split of the same data (a protocol whose rule changed: the paper
+    protocol keeps improvised dialogs only since dkd-jax's split rule said so)."""
     try:
         changed = run_dir.config_changes(workdir, cfg)
     except run_dir.RunDirError as e:
-        return str(e)
+        return f"whose config cannot be read ({e})"
     if changed:
         return f"trained with other settings ({run_dir.format_changes(changed)})"
-    if content_hash and (Path(workdir) / run_dir.SPLIT_FILE).exists():
-        try:
-            _, info = run_dir.load_split(workdir)
-        except run_dir.RunDirError as e:
-            return str(e)
-        trained_on = info.get("content_hash")
-        if trained_on and trained_on != content_hash:
-            return (
-                f"trained on other data (content hash {trained_on}; the prep holds "
-                f"{content_hash} now: rebuilt at the same path?)"
-            )
+    if not metadata or not (Path(workdir) / run_dir.SPLIT_FILE).exists():
+        return None
+    try:
+        split, info = run_dir.load_split(workdir)
+    except run_dir.RunDirError as e:
+        return f"whose split cannot be read ({e})"
+    content_hash = metadata.get("content_hash")
+    trained_on = info.get("content_hash")
+    if content_hash and trained_on and trained_on != content_hash:
+        return (
+            f"trained on other data (content hash {trained_on}; the prep holds {content_hash} "
+            "now: rebuilt at the same path?)"
+        )
+    try:
+        planned = protocols.split_for_run(metadata, cfg.data)
+    except ValueError as e:
+        return f"whose split this prep cannot make now ({e})"
+    if split != planned:
+        return (
+            f"trained on another split ({split.name}: {len(split.train_ids)} training and "
+            f"{len(split.test_ids)} test utterances; planned now: {len(planned.train_ids)} and "
+            f"{len(planned.test_ids)}; a protocol rule changed since?)"
+        )
     return None
