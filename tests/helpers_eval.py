@@ -8,6 +8,10 @@ both use it; it is built by whichever asks first and cached for the session.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 EXP_OVERRIDES = ("data.normalization=global",)
@@ -64,3 +68,21 @@ def speaker_normalised_copy(run_path: Path, tmp_path: Path) -> Path:
     config["data"]["normalization"] = "speaker"  # the file and the config agree (restore_run)
     (copy / run_dir.CONFIG_FILE).write_text(json.dumps(config))
     return copy
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(workdir: Path, tool: str) -> Iterator[int]:
+    """Another process holding ``run_dir.locked(workdir, tool)`` for the block (a training or
+    a runner in it); yields that process's pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
+         "with run_dir.locked(sys.argv[1], sys.argv[2]):\n"
+         "    print('held', flush=True); time.sleep(120)", str(workdir), tool],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

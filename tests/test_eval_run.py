@@ -236,14 +236,7 @@ def test_a_run_in_use_is_refused_before_scoring_and_no_write_says_it_is_training
     records_ = run_dir.read_metrics(work)
     kept = [r for r in records_ if r["event"] != "final"]
     (work / run_dir.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
-    holder = subprocess.Popen(  # another process training in it
-        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
-         "with run_dir.locked(sys.argv[1], 'training'):\n"
-         "    print('held', flush=True); time.sleep(120)", str(work)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with helpers_eval.lock_held_elsewhere(work, "training") as pid:  # training in it
         scored = []
         real = eval_lib.score_eval_set
         try:
@@ -252,15 +245,12 @@ def test_a_run_in_use_is_refused_before_scoring_and_no_write_says_it_is_training
         finally:
             eval_lib.score_eval_set = real
         err = capsys.readouterr().err
-        assert scored == [] and f"in use by training (pid {holder.pid}" in err  # refused first
+        assert scored == [] and f"in use by training (pid {pid}" in err  # refused first
         assert "pass --no-write to score its newest checkpoint" in err
         assert eval_cli.main(["--workdir", str(work), "--no-write"]) == 0
         err = capsys.readouterr().err
-        assert f"{work}: still training (training (pid {holder.pid}" in err
+        assert f"{work}: still training (training (pid {pid}" in err
         assert "run the same train.py command again" not in err  # it is running: no resume
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_missing_checkpoints_are_explained_by_what_the_run_did(run_path, tmp_path, capsys):

@@ -8,9 +8,6 @@ import dataclasses
 import errno
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import helpers_eval
 import helpers_permissions as deny
@@ -19,8 +16,6 @@ import pytest
 
 from dkd_jax import config as config_lib
 from dkd_jax import experiment, protocols, records, run_dir
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -860,6 +855,15 @@ def test_runs_from_other_data_or_other_settings_are_not_summarised_with_the_othe
     exp, tiny_prep_dir, tmp_path
 ):
     spec = helpers_eval.shared_spec(tiny_prep_dir)
+
+    def refused_by_run_and_summary(copy, match):
+        for call in (
+            lambda: experiment.run_experiment(copy, spec, progress=False, quiet=True),
+            lambda: experiment.build_summary(copy),
+        ):
+            with pytest.raises(experiment.ExperimentError, match=match):
+                call()
+
     # A prep rebuilt at the same path: the runs trained on the old content (they counted as
     # finished, and the summary showed the new hash next to them).
     copy = _copy(exp, tmp_path, "other_data")
@@ -867,12 +871,7 @@ def test_runs_from_other_data_or_other_settings_are_not_summarised_with_the_othe
     split = json.loads(split_file.read_text())
     split["data"]["content_hash"] = "sha256:" + "0" * 64
     split_file.write_text(json.dumps(split))
-    for call in (
-        lambda: experiment.run_experiment(copy, spec, progress=False, quiet=True),
-        lambda: experiment.build_summary(copy),
-    ):
-        with pytest.raises(experiment.ExperimentError, match="trained on other data"):
-            call()
+    refused_by_run_and_summary(copy, "trained on other data")
     # A run trained with another batch size by an earlier invocation (a preset that changed
     # between versions): it was averaged in with the others without a word.
     copy = _copy(exp, tmp_path, "other_settings")
@@ -893,49 +892,24 @@ def test_runs_from_other_data_or_other_settings_are_not_summarised_with_the_othe
     moved = split["test_ids"].pop()
     split["train_ids"] = sorted([*split["train_ids"], moved])
     split_file.write_text(json.dumps(split))
-    for call in (
-        lambda: experiment.run_experiment(copy, spec, progress=False, quiet=True),
-        lambda: experiment.build_summary(copy),
-    ):
-        with pytest.raises(experiment.ExperimentError, match="trained on another split"):
-            call()
+    refused_by_run_and_summary(copy, "trained on another split")
 
 
 def test_overwrite_does_not_delete_an_experiment_that_is_running(exp, tiny_prep_dir, tmp_path):
     copy = _copy(exp, tmp_path)
+    spec = helpers_eval.shared_spec(tiny_prep_dir)
+    other = dataclasses.replace(spec, overrides=(*spec.overrides, "optim.num_epochs=3"))
     busy = copy / "fold1-seed0" / "student_dkd"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
-         "with run_dir.locked(sys.argv[1], 'the experiment runner'):\n"
-         "    print('held', flush=True); time.sleep(120)", str(busy)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        spec = helpers_eval.shared_spec(tiny_prep_dir)
-        other = dataclasses.replace(spec, overrides=(*spec.overrides, "optim.num_epochs=3"))
+    with helpers_eval.lock_held_elsewhere(busy, "the experiment runner") as pid:
         with pytest.raises(experiment.ExperimentError, match=f"in use by the experiment runner "
-                           f"\\(pid {holder.pid}"):  # fmt: skip
+                           f"\\(pid {pid}"):  # fmt: skip
             experiment.run_experiment(copy, other, overwrite=True, progress=False, quiet=True)
         assert (copy / "fold0-seed0" / "teacher" / run_dir.RESULTS_FILE).exists()  # untouched
-    finally:
-        holder.kill()
-        holder.wait()
     # A runner holds the experiment folder for its whole invocation (between two runs, too).
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
-         "with run_dir.locked(sys.argv[1], 'the experiment runner'):\n"
-         "    print('held', flush=True); time.sleep(120)", str(copy)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(run_dir.WorkdirLockedError, match=f"pid {holder.pid}"):
+    with helpers_eval.lock_held_elsewhere(copy, "the experiment runner") as pid:
+        with pytest.raises(run_dir.WorkdirLockedError, match=f"pid {pid}"):
             experiment.run_experiment(copy, other, overwrite=True, progress=False, quiet=True)
         assert (copy / "fold0-seed0" / "teacher" / run_dir.RESULTS_FILE).exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_summary_files_are_written_whole_and_errors_name_them(exp, tmp_path, monkeypatch):
