@@ -74,11 +74,16 @@ def speaker_normalised_copy(run_path: Path, tmp_path: Path) -> Path:
 def lock_held_elsewhere(workdir: Path, tool: str) -> Iterator[int]:
     """Another process holding ``run_dir.locked(workdir, tool)`` for the block (a training or
     a runner in it); yields that process's pid."""
+    # What run_dir.locked does (an flock on RUN/.lock naming its holder), without importing
+    # dkd_jax (and JAX: seconds per test): the code under test reads it as any holder's.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dkd_jax import run_dir\n"
-         "with run_dir.locked(sys.argv[1], sys.argv[2]):\n"
-         "    print('held', flush=True); time.sleep(120)", str(workdir), tool],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-c", "import fcntl, json, os, platform, sys, time\n"
+         "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT, 0o644)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, json.dumps({'tool': sys.argv[2], 'pid': os.getpid(), 'host': "
+         "platform.node(), 'started': 'now'}).encode())\n"
+         "print('held', flush=True); time.sleep(120)", str(workdir), tool],
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
