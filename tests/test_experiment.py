@@ -932,3 +932,29 @@ def test_summary_files_are_written_whole_and_errors_name_them(exp, tmp_path, mon
     results.write_text('{"wa": 0.5')
     with pytest.raises(experiment.ExperimentError, match="run the experiment again"):
         experiment.build_summary(copy)
+
+
+def test_reproduce_takes_a_moved_prep_only_with_the_content_it_trained_on(
+    exp, tiny_prep_dir, tmp_path, capsys
+):
+    copy = _copy(exp, tmp_path)
+    spec = json.loads((copy / experiment.EXPERIMENT_FILE).read_text())
+    spec["data"] = str(tmp_path / "gone")  # the prep moved since the experiment ran
+    (copy / experiment.EXPERIMENT_FILE).write_text(json.dumps(spec))
+    args = ["reproduce", str(copy), "--fold", "1", "--model", "dkd", "--no-progress"]
+    assert experiment.main([*args, "--scratch", str(tmp_path / "s")]) == 2
+    assert f"its prep dir {tmp_path / 'gone'} is not there (moved?); pass --data" in (
+        capsys.readouterr().err
+    )
+    other = tmp_path / "other_prep"  # same layout, other content
+    shutil.copytree(tiny_prep_dir, other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["content_hash"] = "sha256:" + "0" * 64
+    (other / "metadata.json").write_text(json.dumps(meta))
+    assert experiment.main([*args, "--scratch", str(tmp_path / "s"), "--data", str(other)]) == 2
+    assert "pass --data with the prep it trained on" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+    moved = tmp_path / "moved_prep"
+    shutil.copytree(tiny_prep_dir, moved)
+    assert experiment.main([*args, "--scratch", str(tmp_path / "s"), "--data", str(moved)]) == 0
+    assert "fold1-seed0/student_dkd: MATCH (bit for bit)" in capsys.readouterr().out

@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where the reruns go (default EXP/reproduce): a new or empty folder, or an "
         "earlier reproduce folder, which is emptied first",
     )
+    q.add_argument(
+        "--data",
+        help="the prep to rerun on, when it moved since (default: the experiment's); it must "
+        "hold what the runs trained on (the same content hash)",
+    )
     q.add_argument("--no-progress", action="store_true")
     return p
 
@@ -201,6 +206,7 @@ def _command(args, overrides: list[str]) -> int:
         fold=args.fold,
         model=args.model,
         scratch=args.scratch,
+        data=args.data,
         progress=not args.no_progress,
     )
     return 0 if report["match"] else 1

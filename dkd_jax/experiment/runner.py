@@ -597,6 +597,7 @@ def reproduce(
     fold: int | None = None,
     model: str | None = None,
     scratch: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
     progress: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -610,6 +611,8 @@ def reproduce(
             students distil from the rerun teacher (the whole chain is checked).
         scratch: where the reruns go (default ``EXP/reproduce``). It must be new, empty, or
             an earlier reproduce folder (which is emptied first); anything else is refused.
+        data: the prep to rerun on (default the experiment's, ``experiment.json``), e.g. where
+            it moved since; refused unless it holds what each run trained on (content hash).
         progress: progress bars.
         quiet: print nothing.
 
@@ -632,14 +635,26 @@ def reproduce(
             f"{exp_dir}: no finished run matches fold={fold} model={model} (finished runs have a "
             "results.json)"
         )
+    prep = str(Path(data).resolve()) if data is not None else spec.data
+    if not Path(prep).is_dir():
+        raise ExperimentError(
+            f"{exp_dir}: its prep dir {prep} is not there (moved?); pass --data with where it is"
+        )
+    content_hash = records.load_metadata(prep).get("content_hash")
     rerun_plans = []
     for plan in plans:  # rerun exactly what ran: the run's own resolved config.json
         try:
             cfg = run_dir.load_config(exp_dir / plan.key)
             run_dir.load_results(exp_dir / plan.key)  # what the rerun is compared with
+            trained_on = run_dir.load_split(exp_dir / plan.key)[1].get("content_hash")
         except run_dir.RunDirError as e:
             raise ExperimentError(f"cannot reproduce {plan.key}: {e}") from None
-        cfg.data.prep_dir = spec.data  # the experiment's prep, where it is now
+        if trained_on and content_hash and trained_on != content_hash:
+            raise ExperimentError(
+                f"cannot reproduce {plan.key}: it trained on content hash {trained_on}, {prep} "
+                f"holds {content_hash}; pass --data with the prep it trained on"
+            )
+        cfg.data.prep_dir = prep  # the experiment's prep, where it is now
         rerun_plans.append(dataclasses.replace(plan, config=cfg))
     plans = rerun_plans
     scratch = Path(scratch) if scratch is not None else exp_dir / "reproduce"
