@@ -7,7 +7,7 @@ A manifest is a CSV file with a header row. Columns (names case-insensitive, any
   speaker       speaker id (required; an empty cell is an error naming its lines)
   session       session / fold group (default: the speaker, so leave-one-session-out is
                 leave-one-speaker-out); all rows of a speaker must share one session
-  gender        f/female/w or m/male (anything else: unknown)
+  gender        f/female/w or m/male (anything else: unknown, with a warning naming the values)
   utterance_id  unique id (default: the path relative to the manifest folder, with its
                 extension, so clip.wav and clip.flac stay two utterances)
 
@@ -335,6 +335,7 @@ def _resolve_labels(
     kept, skipped, excluded = [], [], collections.Counter()
     unknown: collections.Counter = collections.Counter()
     no_speaker: list[int] = []
+    odd_gender: collections.Counter = collections.Counter()
     for line, row in rows:
         where = f"{manifest}:{line}"
         if not row["path"]:
@@ -353,6 +354,8 @@ def _resolve_labels(
         if not row["speaker"]:
             no_speaker.append(line)
             continue
+        if row.get("gender") and row["gender"].lower() not in GENDERS:
+            odd_gender[row["gender"]] += 1
         kept.append(
             _Row(
                 line=line,
@@ -370,6 +373,14 @@ def _resolve_labels(
         )
     if unknown:
         raise PrepError(_unknown_message(manifest, unknown, classes))
+    if odd_gender:
+        listed = ", ".join(f"{g!r} ({n} row{'s' if n != 1 else ''})" for g, n in odd_gender.items())
+        log.warning(
+            "warning: %s: gender value(s) %s are not read (unknown); the column takes f, female, "
+            "w or m, male",
+            manifest,
+            listed,
+        )
     if no_speaker:
         shown = ", ".join(map(str, no_speaker[:_MAX_LISTED]))
         more = f" and {len(no_speaker) - _MAX_LISTED} more" if len(no_speaker) > _MAX_LISTED else ""

@@ -472,6 +472,16 @@ def test_columns_that_look_like_known_ones_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="data_prep"):
         manifest.scan_csv(path)
     assert "'sesion' (did you mean 'session'?)" in caplog.records[0].getMessage()
+    caplog.clear()  # a gender value the column does not know is read as unknown: said
+    rows = [("a.wav", "sad", "x", "woman"), ("b.wav", "happy", "y", "M")]
+    path = _write(tmp_path / "e", rows, files, header=("path", "label", "speaker", "gender"))
+    with caplog.at_level("WARNING", logger="data_prep"):
+        scan = manifest.scan_csv(path)
+    assert [u.gender for u in scan.utterances] == ["", "male"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: gender value(s) 'woman' (1 row) are not read (unknown); the column "
+        "takes f, female, w or m, male"
+    ]
 
 
 def test_identical_silent_files_are_not_called_one_recording(tmp_path):
