@@ -954,6 +954,15 @@ def test_reproduce_takes_a_moved_prep_only_with_the_content_it_trained_on(
     assert experiment.main([*args, "--scratch", str(tmp_path / "s"), "--data", str(other)]) == 2
     assert "pass --data with the prep it trained on" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # refused before anything was written
+    split_file = copy / "fold1-seed0" / "student_dkd" / run_dir.SPLIT_FILE
+    original = split_file.read_text()
+    split = json.loads(original)
+    moved_id = split["test_ids"].pop()  # a split the protocol's rule no longer makes
+    split["train_ids"] = sorted([*split["train_ids"], moved_id])
+    split_file.write_text(json.dumps(split))
+    rc = experiment.main([*args, "--scratch", str(tmp_path / "s"), "--data", str(tiny_prep_dir)])
+    assert rc == 2 and "a run trained on another split" in capsys.readouterr().err  # no MISMATCH
+    split_file.write_text(original)
     moved = tmp_path / "moved_prep"
     shutil.copytree(tiny_prep_dir, moved)
     assert experiment.main([*args, "--scratch", str(tmp_path / "s"), "--data", str(moved)]) == 0

@@ -640,21 +640,21 @@ def reproduce(
         raise ExperimentError(
             f"{exp_dir}: its prep dir {prep} is not there (moved?); pass --data with where it is"
         )
-    content_hash = records.load_metadata(prep).get("content_hash")
+    metadata = records.load_metadata(prep)
     rerun_plans = []
     for plan in plans:  # rerun exactly what ran: the run's own resolved config.json
         try:
             cfg = run_dir.load_config(exp_dir / plan.key)
             run_dir.load_results(exp_dir / plan.key)  # what the rerun is compared with
-            trained_on = run_dir.load_split(exp_dir / plan.key)[1].get("content_hash")
         except run_dir.RunDirError as e:
             raise ExperimentError(f"cannot reproduce {plan.key}: {e}") from None
-        if trained_on and content_hash and trained_on != content_hash:
-            raise ExperimentError(
-                f"cannot reproduce {plan.key}: it trained on content hash {trained_on}, {prep} "
-                f"holds {content_hash}; pass --data with the prep it trained on"
-            )
         cfg.data.prep_dir = prep  # the experiment's prep, where it is now
+        # Other data, or a split the protocol no longer makes (the paper protocol's runs made
+        # before it kept improvised dialogs only): a rerun could only differ, said up front.
+        why = run_mismatch(exp_dir / plan.key, cfg, metadata)
+        if why:
+            hint = "; pass --data with the prep it trained on" if "other data" in why else ""
+            raise ExperimentError(f"cannot reproduce {plan.key}: a run {why}{hint}")
         rerun_plans.append(dataclasses.replace(plan, config=cfg))
     plans = rerun_plans
     scratch = Path(scratch) if scratch is not None else exp_dir / "reproduce"
