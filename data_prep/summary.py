@@ -18,6 +18,22 @@ NOT_UTTERANCES = frozenset(
 )
 
 
+def _single_session_classes(meta: dict) -> dict[str, str]:
+    """{class: its one session} for classes whose utterances all come from one session, when
+    the prep has several sessions."""
+    names = list(meta.get("label_names", ()))
+    sessions: dict[int, set[str]] = {}
+    for u in meta.get("utterances", ()):
+        sessions.setdefault(int(u["label"]), set()).add(str(u["session"]))
+    if len(set().union(*sessions.values()) if sessions else ()) < 2:
+        return {}
+    return {
+        names[label]: next(iter(held))
+        for label, held in sorted(sessions.items())
+        if len(held) == 1 and label < len(names)
+    }
+
+
 def prep_summary(meta: dict) -> str:
     """A few human-readable lines about a finished prep run."""
     c = meta["counts"]
@@ -45,6 +61,13 @@ def prep_summary(meta: dict) -> str:
             f"  warning: no utterance of class {', '.join(empty)}: a model cannot learn {it} and "
             f"UA scores {it} 0; fix the rows (skipped and excluded above) or leave {it} out with "
             f"--classes {','.join(kept)}"
+        )
+    lonely = _single_session_classes(meta)
+    if lonely:
+        listed = ", ".join(f"{name} (only in {session})" for name, session in lonely.items())
+        lines.append(
+            f"  warning: class {listed}: a leave-one-session-out fold holding that session out "
+            "trains without it (train.py names such folds)"
         )
     cut = [r["utterance_id"] for r in meta.get("utterances", ()) if "warning" in r]
     if cut:

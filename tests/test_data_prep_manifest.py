@@ -516,6 +516,22 @@ def test_a_rerun_after_a_label_edit_names_the_rows_not_only_files(tmp_path):
         data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
 
 
+def test_a_class_recorded_in_one_session_only_is_said_by_the_prep_summary(tmp_path):
+    files = {f"{s}_{c}.wav": 2.1 for s in ("s1", "s2") for c in ("sad", "happy")}
+    files["s1_angry.wav"] = 2.2  # angry: speaker (= session) s1 only
+    rows = [(name, name.split("_")[1][:-4], name[:2]) for name in files]
+    meta = data_prep.prepare(
+        "csv", manifest=_write(tmp_path / "c", rows, files), out_dir=tmp_path / "o", progress=False
+    )
+    assert (
+        "  warning: class angry (only in s1): a leave-one-session-out fold holding that session "
+        "out trains without it (train.py names such folds)"
+    ) in data_prep.prep_summary(meta).splitlines()
+    for u in meta["utterances"]:  # one session in all: nothing to say (loso needs two)
+        u["session"] = "s1"
+    assert "only in" not in data_prep.prep_summary(meta)
+
+
 def test_files_cut_short_are_kept_and_said(tmp_path):
     files = {"a.wav": 2.1, "b.wav": 2.6}
     rows = [("a.wav", "sad", "x"), ("b.wav", "angry", "y"), ("c.ogg", "sad", "y")]
