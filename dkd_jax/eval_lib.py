@@ -22,7 +22,6 @@ Numbers never come from here: ``metrics`` computes them.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import math
@@ -35,7 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from dkd_jax import distributed, input_pipeline, metrics, protocols, provenance, records, run_dir
+from dkd_jax import (
+    distributed,
+    input_pipeline,
+    jsonio,
+    metrics,
+    protocols,
+    provenance,
+    records,
+    run_dir,
+)
 
 __all__ = [
     "EvalError",
@@ -306,18 +314,8 @@ def plot_confusion(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # a full disk leaves the old plot (or none), never an empty one, and names the file
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return path
+    # Atomic: a full disk leaves the old plot (or none), never an empty one, and names the file.
+    return jsonio.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +57,31 @@ def unwritable(folder: str | os.PathLike) -> str | None:
         return e.strerror or str(e)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes ``text`` atomically (temporary file in the same directory, then rename)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Makes ``path`` with ``write(temporary path)`` in the same directory, then a rename: a
+    reader sees the old file or the whole new one, never a part (a full disk leaves no empty
+    file behind). An error names the file meant (or its folder, when no file can be made
+    there), not the temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
-    except PermissionError as e:  # name the file meant, not the temporary one
-        if e.filename == str(tmp):
-            where = path.parent if unwritable(path.parent) else path
-            raise PermissionError(e.errno, e.strerror, str(where)) from None
-        raise
+    except OSError as e:
+        if e.filename not in (None, str(tmp)):
+            raise
+        where = path.parent if isinstance(e, PermissionError) and unwritable(path.parent) else path
+        raise type(e)(e.errno, e.strerror or str(e), str(where)) from None
     finally:
         with contextlib.suppress(OSError):  # a folder it may not search: the error above says
             tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` atomically (:func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> Path:
