@@ -21,6 +21,7 @@ Every function here is pure (metadata dict in, :class:`Split` out).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -115,9 +116,14 @@ def untrained_classes(metadata: Mapping[str, Any], split: Split) -> list[str]:
     cannot learn them (never predicts them), and UA still averages their recall of 0 wherever
     the test set holds them. Common when a class comes from one speaker or session only."""
     names = [str(n) for n in metadata.get("label_names", ())]
-    label = {str(u["utterance_id"]): int(u["label"]) for u in _utterances(metadata)}
-    trained = {label[str(i)] for i in split.train_ids if str(i) in label}
+    trained = set(_class_counts(metadata, split.train_ids))
     return [n for c, n in enumerate(names) if c not in trained]
+
+
+def _class_counts(metadata: Mapping[str, Any], ids) -> collections.Counter:
+    """{label id: utterances among ``ids``}."""
+    label = {str(u["utterance_id"]): int(u["label"]) for u in _utterances(metadata)}
+    return collections.Counter(label[str(i)] for i in ids if str(i) in label)
 
 
 def untrained_warning(
@@ -135,9 +141,8 @@ def untrained_warning(
             "cannot predict what it never saw (a class from one speaker or session only?)"
         )
     names = [str(n) for n in metadata.get("label_names", ())]
-    label = {str(u["utterance_id"]): int(u["label"]) for u in _utterances(metadata)}
-    tested = [label.get(str(i)) for i in split.test_ids]
-    counts = [tested.count(names.index(n)) for n in missing]
+    tested = _class_counts(metadata, split.test_ids)
+    counts = [tested[names.index(n)] for n in missing]
     listed = ", ".join(f"{n} ({k} in the test set)" for n, k in zip(missing, counts, strict=True))
     scored = " and UA counts a recall of 0 for each one tested" if any(counts) else ""
     return (
