@@ -9,6 +9,7 @@ It reads headers and the last Ogg page or the MP3 frame headers, never the sampl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -65,7 +66,7 @@ def decode_shortfall(path: str | os.PathLike, decoded_frames: int, *, info=None)
             return None
     if info.format != "MP3":
         return shortfall_note(info.frames, decoded_frames, info.samplerate)
-    walk = mp3_frames(path)
+    walk = mp3_frames(path, count_all=False)  # most MP3s declare their length: no walk then
     if walk is None or walk.length_header:  # the header's length: libsndfile's frames
         return shortfall_note(info.frames, decoded_frames, info.samplerate)
     # Frame headers overcount by the encoder delay and padding (up to ~2 frames) and a frame.
@@ -165,21 +166,22 @@ _MP3_KBPS = {  # bit-rate index 1..14 (0: free format, 15: invalid)
 _MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 
 
+@dataclasses.dataclass(frozen=True)
 class Mp3Frames:
     """An MP3 file's Layer III frames, counted from their headers.
 
     Attributes:
-      frames: frames found from the first to the last (a lost sync ends the count).
+      frames: frames found from the first to the last (a lost sync ends the count); None when
+        not counted (:func:`mp3_frames` with ``count_all=False`` on a file with a length header).
       samples_per_frame: 1152 (MPEG-1) or 576 (MPEG-2, 2.5).
       sample_rate: Hz, from the first frame.
       length_header: the first frame is a Xing, Info or VBRI header, which declares the length.
     """
 
-    def __init__(self, frames: int, samples_per_frame: int, sample_rate: int, length_header):
-        self.frames = frames
-        self.samples_per_frame = samples_per_frame
-        self.sample_rate = sample_rate
-        self.length_header = bool(length_header)
+    frames: int | None
+    samples_per_frame: int
+    sample_rate: int
+    length_header: bool
 
 
 def _mp3_header(data: bytes, at: int):
@@ -198,9 +200,10 @@ def _mp3_header(data: bytes, at: int):
     return (per // 8) * kbps * 1000 // rate + padding, per, rate
 
 
-def mp3_frames(path: str | os.PathLike) -> Mp3Frames | None:
+def mp3_frames(path: str | os.PathLike, *, count_all: bool = True) -> Mp3Frames | None:
     """Counts an MP3 file's frames by their headers (an ID3v2 tag skipped); None when no
-    Layer III frame is found where the audio should begin."""
+    Layer III frame is found where the audio should begin. ``count_all=False``: not when the
+    first frame is a length header (``frames`` is then None: the header says the length)."""
     with open(path, "rb") as f:
         data = f.read()
     at = 0
@@ -218,6 +221,8 @@ def mp3_frames(path: str | os.PathLike) -> Mp3Frames | None:
     length, per, rate = first
     header = data[at : at + length]
     length_header = any(tag in header for tag in (b"Xing", b"Info", b"VBRI"))
+    if length_header and not count_all:
+        return Mp3Frames(None, per, rate, length_header)
     frames = 0
     while True:
         head = _mp3_header(data, at)
