@@ -16,8 +16,9 @@ writes into ``DIR``:
 ``model.json``
     what the folder needs to be used on its own (:func:`model_card`): label names, the feature
     front end, the feature normalisation, the aggregation rule, the source run (workdir, step,
-    config hash, data hash) and its test WA/UA when the run's ``results.json`` scored the same
-    checkpoint, plus the parity of each exported file with the Flax model on random inputs.
+    config hash, data hash) and its test WA/UA when the run's ``results.json`` scored this
+    very model (same checkpoint, mean of window logits), plus the parity of each exported file
+    with the Flax model on random inputs.
 
 The ONNX path needs the optional extra (``pip install -e '.[export]'``: jax2onnx, onnx,
 onnxruntime); it is imported only here, and a missing extra is a one-line error naming that
@@ -154,7 +155,8 @@ def _onnx_modules():
         import onnxruntime
     except ImportError as e:
         raise ExportError(
-            f"ONNX export needs the export extra ({e.name} is not installed): {INSTALL_HINT}"
+            f"ONNX export needs the export extra ({e.name} is not installed): {INSTALL_HINT}; "
+            "or export StableHLO only (--format stablehlo), which needs none of it"
         ) from None
     return jax2onnx, onnx, onnxruntime
 
@@ -350,6 +352,13 @@ def _normalization_card(normalization: dict[str, Any], num_bins: int) -> dict[st
 
 
 def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
+    """The run's test WA/UA for the card, only where ``results.json`` scored this very model.
+
+    Scores of another step, of the best checkpoint for the latest (or the reverse), or of the
+    mean of window *probabilities* (``eval.py --aggregate probs``) are not this export's: the
+    card then says which step and rule were scored and why they are left out, with no ``wa``
+    or ``ua`` a reader could take for the exported model's. None: the run was never scored.
+    """
     from dkd_jax import run_dir
 
     try:
@@ -359,15 +368,26 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
     if res is None:
         return None
     res_best = res.get("checkpoint") == "best-by-validation"
-    same = res.get("step") == step and res_best == best
+    aggregation = res.get("aggregation")
+    why = None
+    if res.get("step") != step or res_best != best:
+        scored = "best-by-validation, step" if res_best else "step"
+        why = f"results.json scored {scored} {res.get('step')}, not this export's checkpoint"
+    elif aggregation is not None and "logits" not in str(aggregation):
+        why = f"results.json scored the {aggregation}; the export averages window logits"
+    info = {
+        "split": run_dir.split_name(res),
+        "aggregation": aggregation,
+        "scored_step": res.get("step"),
+        "same_checkpoint": why is None,
+    }
+    if why is not None:
+        return {**info, "not_this_model": why}
     return {
         "wa": res.get("wa"),
         "ua": res.get("ua"),
         "num_utterances": res.get("num_utterances"),
-        "split": run_dir.split_name(res),
-        "aggregation": res.get("aggregation"),
-        "scored_step": res.get("step"),
-        "same_checkpoint": bool(same),
+        **info,
     }
 
 
@@ -529,8 +549,10 @@ def _check_out_dir(out: Path, *, overwrite: bool) -> None:
     ``overwrite``; never into a folder of other files (``--overwrite`` would mix them)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder")
-    if not out.exists() or not any(p.name != STAGE_DIR for p in out.iterdir()):
-        return  # new, empty, or left by an export that was stopped before its first file
+    if not out.exists() or not any(
+        p.name != STAGE_DIR and not p.name.startswith(".") for p in out.iterdir()
+    ):
+        return  # new, empty (hidden files aside: .gitkeep), or left by a stopped export
     if not (out / CARD_FILE).is_file():
         raise ExportError(
             f"{out}: not empty and holds no earlier export ({CARD_FILE} missing); choose an "
@@ -580,7 +602,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=_PROG,
         description="Export a trained run as a self-contained folder (model.onnx, "
-        "model.stablehlo, model.json) that runs without this repository.",
+        "model.stablehlo, model.json) that runs without JAX (ONNX) or with JAX alone (StableHLO).",
     )
     p.add_argument("--workdir", required=True, help="training workdir of the run")
     p.add_argument("--out", required=True, help="output folder")
@@ -621,12 +643,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = ""
     if test and test["same_checkpoint"]:
         scores = f"; test WA {100 * test['wa']:.2f} %, UA {100 * test['ua']:.2f} %"
+    check = card["export_check"]
+    diffs = ", ".join(f"{fmt} {d:.2g}" for fmt, d in check["max_abs_logit_difference"].items())
     print(
         f"wrote {args.out}: {files}, {CARD_FILE} (step {card['source']['step']}, "
         f"{card['model']['num_parameters']:,} parameters{scores}); max |logit difference| vs "
-        f"Flax: {card['export_check']['max_abs_logit_difference']} (largest |logit| "
-        f"{card['export_check']['max_abs_logit']:.3g})"
+        f"Flax: {diffs} (largest |logit| {check['max_abs_logit']:.3g})"
     )
+    if test and not test["same_checkpoint"]:
+        print(f"{_PROG}: note: no test WA/UA in {CARD_FILE}: {test['not_this_model']}")
     return 0
 
 

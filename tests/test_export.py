@@ -272,6 +272,7 @@ def test_missing_extra_is_a_one_line_error_naming_the_install(
     rc = export.main(["--workdir", str(run_dir), "--out", str(tmp_path / "o")])
     err = _one_error_line(capsys, rc)
     assert "jax2onnx" in err and "pip install -e '.[export]'" in err
+    assert "or export StableHLO only (--format stablehlo)" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -286,3 +287,37 @@ def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path):
     results.write_text(json.dumps(scored))
     got = export._test_scores(tmp_path, 3, False)
     assert got["same_checkpoint"] is True and got["split"] is None and got["wa"] == 0.5
+
+
+def test_the_card_carries_test_scores_of_the_exported_model_only(tmp_path):
+    """An audit: an export of step 4 carried step 8's WA/UA (``same_checkpoint`` false beside
+    them), and one after ``eval.py --aggregate probs`` the scores of averaged probabilities for
+    a model whose rule is the mean of logits."""
+    results = tmp_path / run_dir_lib.RESULTS_FILE
+    scored = {k: 0.5 for k in run_dir_lib.RESULT_KEYS} | {"step": 8, "checkpoint": "latest"}
+    logits = "mean of segment logits per utterance, then argmax"
+    results.write_text(json.dumps(scored | {"aggregation": logits}))
+    same = export._test_scores(tmp_path, 8, False)
+    assert same["wa"] == 0.5 and same["same_checkpoint"] is True and "not_this_model" not in same
+    for step, best, aggregation, why in (
+        (4, False, logits, "results.json scored step 8, not this export's checkpoint"),
+        (8, True, logits, "results.json scored step 8, not this export's checkpoint"),
+        (8, False, "mean of segment probs per utterance, then argmax", "scored the mean of "
+         "segment probs per utterance, then argmax; the export averages window logits"),
+    ):  # fmt: skip
+        results.write_text(json.dumps(scored | {"aggregation": aggregation}))
+        got = export._test_scores(tmp_path, step, best)
+        assert got["same_checkpoint"] is False and why in got["not_this_model"]
+        assert not {"wa", "ua", "num_utterances"} & set(got), got
+
+
+def test_an_out_folder_holding_only_hidden_files_is_empty(tmp_path):
+    """An audit: ``--out`` holding only a ``.gitkeep`` was "not empty and holds no earlier
+    export" (train.py ignores hidden files in a workdir)."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / ".gitkeep").write_text("")
+    export._check_out_dir(out, overwrite=False)  # no error
+    (out / "notes.txt").write_text("")
+    with pytest.raises(export.ExportError, match="not empty and holds no earlier export"):
+        export._check_out_dir(out, overwrite=False)
