@@ -93,9 +93,11 @@ def _predict_parser() -> argparse.ArgumentParser:
         nargs="+",
         action="append",
         default=[],
-        metavar="NAME FILE",
-        help="NAME FILE [FILE ...]: files of one speaker, normalised together when the run used "
-        "per-speaker normalisation (repeatable; put ungrouped files before the first --group)",
+        metavar=("SPEAKER", "FILE"),
+        help="one speaker's name, then its files (at least one), normalised together when the "
+        "run used per-speaker normalisation; one --group per speaker (a file after a --group's "
+        "files belongs to it: put ungrouped files before the first --group or after another "
+        "option)",
     )
     p.add_argument("--groups", help="CSV with columns path,speaker: files and their speakers")
     p.add_argument("--segments", action="store_true", help="also show each 2-s window")
@@ -132,6 +134,14 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
     for name, *members in args.group:
         if not members:
             parser.error(f"--group {name} names no file (use --group NAME FILE [FILE ...])")
+        for member in members:
+            # A member that does not exist is most often the next speaker's name (--group s1
+            # a.wav s2 b.wav puts b.wav into s1): refused before it moves s1's statistics.
+            if not os.path.exists(member):
+                parser.error(
+                    f"--group {name}: {member}: no such file (one --group per speaker: "
+                    f"--group {name} FILE ... --group OTHER FILE ...)"
+                )
         files += members
         groups += [name] * len(members)
     if args.groups:
@@ -216,7 +226,7 @@ def _json_target_problem(path: str) -> str | None:
 
 def _predict_main(argv: list[str]) -> int:
     parser = _predict_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # files may follow an option: a.wav --json o b.wav
     if args.model and args.cpu_devices is not None:
         parser.error("--cpu-devices splits JAX's CPU (--workdir); with --model use --threads")
     _check_predict_options(args, parser)

@@ -2,7 +2,7 @@
 
 This module owns the deployed side of ``dkd_jax.export``: it reads ``model.json``, runs
 ``model.onnx`` with onnxruntime (:class:`OnnxClassifier`) and computes features with
-:mod:`dkd_jax.audio` (numpy and librosa). It must never import jax, flax or optax
+:mod:`dkd_jax.audio` (NumPy and soxr). It must never import jax, flax or optax
 (tests/test_deploy.py runs it with ``jax`` poisoned in ``sys.modules``); ``dkd_jax.predict``
 (its file segmentation and table, JAX-free at import) and ``dkd_jax.jsonio`` are used as they
 are.
@@ -298,32 +298,30 @@ def predict_files(
     """
     clf = model if isinstance(model, OnnxClassifier) else OnnxClassifier(model, threads=threads)
     names, fc, norm = clf.label_names, clf.features, clf.normalization
-    groups = list(groups) if groups is not None else [None] * len(paths)
-    if len(groups) != len(paths):
+    if groups is not None and len(groups) != len(paths):
         raise DeployError(f"{len(groups)} group names for {len(paths)} files")
+    paths, groups, repeat_warnings, error = predict.unique_inputs(paths, groups)
+    if error:
+        raise DeployError(error)
     per_speaker = norm.get("trained_with") == "speaker"
     out: dict[str, Any] = {
         "label_names": names,
         "normalization": norm.get("trained_with", norm.get("mode", "none")),
         "files": [],
         "errors": [],
-        "warnings": [],
+        "warnings": repeat_warnings,
     }
-    if per_speaker and not any(groups):
-        out["warnings"].append(
-            "the model was trained with per-speaker normalisation, but no file has a speaker "
-            "group: each file is normalised on its own. Name the files of one speaker with "
-            "--group NAME FILE ... (or --groups CSV with path,speaker) to normalise them together"
-        )
+    if per_speaker and (alone := predict.ungrouped_warning("the model was trained", paths, groups)):
+        out["warnings"].append(alone)
     done = []
     for path, group in zip(paths, groups, strict=True):
         try:
             seg = predict.file_segments(path, fc)
         except audio.AudioError as e:
-            out["errors"].append({"path": os.fspath(path), "error": str(e)})
+            out["errors"].append({"path": path, "error": str(e)})
             continue
-        done.append((os.fspath(path), group, seg))
-        out["warnings"] += predict.input_warnings(os.fspath(path), seg)
+        done.append((path, group, seg))
+        out["warnings"] += predict.input_warnings(path, seg)
     moments: dict[str, tuple] = {}
     if per_speaker:
         for _, group, seg in done:

@@ -116,6 +116,66 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     return out
 
 
+def unique_inputs(
+    paths: Sequence[str | os.PathLike], groups: Sequence[str | None] | None
+) -> tuple[list[str], list[str | None], list[str], str | None]:
+    """The files to score once each, their groups, warnings, and an error (or None).
+
+    A file listed twice (the same file under two spellings too) is scored once: a repeat
+    printed twice says nothing new, and in a speaker group it would count twice in the group's
+    statistics, moving every other file's numbers. The same file in two speaker groups is an
+    error: it cannot be normalised as both speakers.
+    """
+    groups = list(groups) if groups is not None else [None] * len(paths)
+    seen: dict[str, tuple[str, str | None]] = {}
+    files, kept, repeats = [], [], []
+    for path, group in zip(paths, groups, strict=True):
+        path = os.fspath(path)
+        key = os.path.realpath(path)
+        if key in seen:
+            first, first_group = seen[key]
+            if first_group != group:
+                error = (
+                    f"{path}: listed in two speaker groups ({first_group or 'none'} as {first}, "
+                    f"{group or 'none'}): a file can be normalised as one speaker only"
+                )
+                return [], [], [], error
+            repeats.append(path if path == first else f"{path} (= {first})")
+            continue
+        seen[key] = (path, group)
+        files.append(path)
+        kept.append(group)
+    warnings = []
+    if repeats:
+        warnings.append(f"listed more than once, scored once: {', '.join(repeats)}")
+    return files, kept, warnings, None
+
+
+def ungrouped_warning(
+    trained: str, paths: Sequence[str], groups: Sequence[str | None]
+) -> str | None:
+    """The warning for files of a per-speaker run that have no speaker group (each one is then
+    normalised on its own, unlike any utterance of the experiment), or None. ``trained``
+    starts the sentence: the run or the model that was trained per speaker."""
+    alone = [p for p, g in zip(paths, groups, strict=True) if not g]
+    if not alone:
+        return None
+    how = (
+        "Name the files of one speaker with --group NAME FILE ... (or --groups CSV with "
+        "path,speaker) to normalise them together, as the run did"
+    )
+    if len(alone) == len(paths):
+        return (
+            f"{trained} with per-speaker normalisation, but no file has a speaker group: each "
+            f"file is normalised on its own. {how}"
+        )
+    shown = ", ".join(alone[:5]) + (f" and {len(alone) - 5} more" if len(alone) > 5 else "")
+    return (
+        f"{trained} with per-speaker normalisation, but {len(alone)} of {len(paths)} files have "
+        f"no speaker group ({shown}): each of them is normalised on its own. {how}"
+    )
+
+
 def predict_files(
     workdir: str | os.PathLike,
     paths: Sequence[str | os.PathLike],
@@ -173,22 +233,21 @@ def predict_files(
         "errors": [],
         "warnings": [],
     }
-    if mode == "speaker" and not any(groups or []):
-        out["warnings"].append(
-            f"{workdir} was trained with per-speaker normalisation, but no file has a speaker "
-            "group: each file is normalised on its own. Name the files of one speaker with "
-            "--group NAME FILE ... (or --groups CSV with path,speaker) to normalise them "
-            "together, as the run did"
-        )
+    paths, groups, repeat_warnings, error = unique_inputs(paths, groups)
+    if error:
+        raise eval_lib.EvalError(error)
+    out["warnings"] += repeat_warnings
+    if mode == "speaker" and (alone := ungrouped_warning(f"{workdir} was trained", paths, groups)):
+        out["warnings"].append(alone)
     done = []
-    for i, path in enumerate(paths):
+    for path, group in zip(paths, groups, strict=True):
         try:
             seg = file_segments(path, fc)
         except audio.AudioError as e:
-            out["errors"].append({"path": os.fspath(path), "error": str(e)})
+            out["errors"].append({"path": path, "error": str(e)})
             continue
-        done.append((os.fspath(path), (groups or [None] * len(paths))[i], seg))
-        out["warnings"] += input_warnings(os.fspath(path), seg)
+        done.append((path, group, seg))
+        out["warnings"] += input_warnings(path, seg)
     if not done:
         return out
     arrays, owner = _segment_arrays(done)

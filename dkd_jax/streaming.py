@@ -19,11 +19,15 @@ Like :mod:`dkd_jax.deploy`, this module must never import jax, flax or optax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -351,6 +355,57 @@ class StreamPredictor:
         return rows
 
 
+MP3_FRAME_SAMPLES = 1152
+"""Samples per MPEG-1 Layer III frame (MPEG-2/2.5 frames hold 576): an MP3 is read in whole
+frames, as only those reads give a whole-file read's samples (libsndfile 1.2.2)."""
+
+_MPG123_NOISE = re.compile(
+    rb"^\[src/libmpg123/layer3\.c:[^\]]*\] error: part2_3_length \(\d+\) too large"
+)
+
+
+class _Mpg123Noise:
+    """Drops libmpg123's "part2_3_length too large" lines while an MP3 is read block by block.
+
+    libsndfile 1.2.2 reads an MP3 in blocks of under ~64k samples with these C-level messages on
+    stderr (70 for a 55-s file at 0.4-s blocks; none for a whole-file read), though with whole
+    frames per read the samples equal a whole-file read's. Each read's stderr (file descriptor
+    2) goes to a temporary file; every other line is passed on, so a real decoder message is
+    still seen.
+    """
+
+    def __init__(self):
+        self._saved: int | None = None
+        self._log = None
+
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            self._saved = None  # no file descriptor 2 to divert: nothing is filtered
+            return self
+        if self._log is None:
+            self._log = tempfile.TemporaryFile()
+        os.dup2(self._log.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            return False
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = None
+        self._log.seek(0)
+        text = self._log.read()
+        self._log.seek(0)
+        self._log.truncate()
+        kept = [line for line in text.splitlines(True) if not _MPG123_NOISE.match(line)]
+        if kept:
+            os.write(2, b"".join(kept))
+        return False
+
+
 def file_blocks(
     path: str | os.PathLike,
     *,
@@ -384,11 +439,20 @@ def file_blocks(
         if f.samplerate < audio.MIN_SAMPLE_RATE:
             raise DeployError(f"{path}: {audio.sample_rate_problem(f.samplerate)}")
         block = max(1, round(block_seconds * f.samplerate))
+        quiet = contextlib.nullcontext()
+        if f.format == "MP3":
+            # libsndfile 1.2.2 decodes some samples of an MP3 differently when a read ends
+            # inside a frame (mono 22.05 kHz at 0.4-s blocks: 7,122 of 551,250 samples differed
+            # from a whole-file read, by up to 0.16); whole frames (1152 samples, or two of
+            # 576) read as the whole file does.
+            block = -(-block // MP3_FRAME_SAMPLES) * MP3_FRAME_SAMPLES
+            quiet = _Mpg123Noise()
         resampler = _resampler(f.samplerate, sample_rate)
         start = 0
         while True:
             try:
-                data = f.read(block, dtype="float32", always_2d=True)
+                with quiet:
+                    data = f.read(block, dtype="float32", always_2d=True)
             except RuntimeError as e:  # LibsndfileError: e.g. "flac decoder lost sync"
                 raise DeployError(
                     f"{path}: not a readable audio file after {start / f.samplerate:.2f} s ({e})"
@@ -577,6 +641,32 @@ def _file_rate(path: str, regular: bool) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def _naming(source: str):
+    """Names the input in an error of the front end that does not name it yet."""
+    try:
+        yield
+    except DeployError as e:
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise DeployError(f"{source}: {e}") from None
+
+
+def _warn_about_input(args, source: str, rate: int, in_rate: int | None) -> None:
+    """The warnings file mode gives about the input, said before the first row: a band-limited
+    recording, a file cut short (a stream cannot wait for its end to say it)."""
+    # Only a regular file: reading a pipe's header here (/dev/stdin, <(...)) would take bytes
+    # that the stream then misses.
+    regular = args.stream != "-" and os.path.isfile(args.stream)
+    cut = file_damage.damage_note(args.stream) if regular else None
+    source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
+    low = band_limit_warning(source, source_rate, rate) if source_rate else None
+    if low:
+        print(f"eval.py: warning: {low}", file=sys.stderr)
+    if cut:
+        print(f"eval.py: warning: {source}: {cut}: predicted from what is there", file=sys.stderr)
+
+
 def stream_cli(args) -> int:
     """``eval.py predict --model DIR --stream PATH|-``: one line per evaluation hop; returns the
     exit status. ``args`` is eval.py's parsed predict namespace (model, stream, rate, channels,
@@ -599,29 +689,25 @@ def stream_cli(args) -> int:
             blocks = file_blocks(args.stream, sample_rate=rate, warn=late_warnings.append)
         names = model.label_names
         source = "<stdin>" if args.stream == "-" else os.fspath(args.stream)
-        # Only a regular file: reading a pipe's header here (/dev/stdin, <(...)) would take
-        # bytes that the stream then misses.
-        regular = args.stream != "-" and os.path.isfile(args.stream)
-        cut = file_damage.damage_note(args.stream) if regular else None
-        source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
-        low = band_limit_warning(source, source_rate, rate) if source_rate else None
-        if low:
-            print(f"eval.py: warning: {low}", file=sys.stderr)
-        if cut:  # as file mode warns (a stream cannot wait for its end to say it)
-            print(
-                f"eval.py: warning: {source}: {cut}: predicted from what is there", file=sys.stderr
-            )
-        watch = _StreamWatch(blocks)
-        try:
+        # The input is looked at (its rate, its first samples) before any warning about it: a
+        # stream refused at once gets its error alone, not warnings that the error contradicts.
+        first = []
+        with _naming(source):
+            for (
+                block
+            ) in blocks:  # up to the first samples (a resampler's first blocks can be empty)
+                first.append(block)
+                if block.size:
+                    break
+        if any(block.size for block in first):
+            _warn_about_input(args, source, rate, in_rate if args.stream == "-" else None)
+        watch = _StreamWatch(itertools.chain(first, blocks))
+        with _naming(source):
             smooth = 1.0 if args.smooth is None else args.smooth
             for i, row in enumerate(stream_rows(model, watch, smoothing_seconds=smooth)):
                 if i == 0 and not args.jsonl:  # only once there is a row: an input refused
                     print(format_stream_header(names), flush=True)  # at once prints nothing
                 print(json.dumps(row) if args.jsonl else format_stream_row(row, names), flush=True)
-        except DeployError as e:  # name the input in messages from the front end
-            if str(e).startswith(f"{source}: "):
-                raise
-            raise DeployError(f"{source}: {e}") from None
         for warning in late_warnings + watch.warnings(source, rate):
             print(f"eval.py: warning: {warning}", file=sys.stderr)
     except (DeployError, audio.AudioError, OSError) as e:

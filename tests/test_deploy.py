@@ -183,7 +183,10 @@ def test_speaker_groups_normalise_together_like_predict_workdir(
     ref = predict.predict_files(run_copy, files, groups=groups)
     got = deploy.predict_files(model_copy, files, groups=groups)
     _assert_same_predictions(got, ref)
-    assert [f["group"] for f in got["files"]] == groups and not got["warnings"]
+    assert [f["group"] for f in got["files"]] == groups
+    for pred in (got, ref):  # the file of no group is said (was: only when no file had one)
+        (warning,) = pred["warnings"]
+        assert f"1 of 3 files have no speaker group ({files[2]})" in warning
     alone = deploy.predict_files(model_copy, files)
     assert "per-speaker normalisation" in alone["warnings"][0]
     first = np.array(list(alone["files"][0]["probabilities"].values()))
@@ -638,3 +641,137 @@ def test_readme_snippet_runs_with_onnxruntime_and_numpy_alone(
     assert list(printed) == list(ref)
     np.testing.assert_allclose(list(printed.values()), list(ref.values()), atol=1e-3)
     assert len(_readme_snippet().strip().splitlines()) <= 16
+
+
+def _speaker_band_model(tmp_path):
+    """The band model, as if trained with per-speaker normalisation."""
+    model = helpers_export.band_model_folder(tmp_path / "band")
+    card = json.loads((model / "model.json").read_text())
+    card["normalization"] = {"mode": "utterance", "trained_with": "speaker"}
+    (model / "model.json").write_text(json.dumps(card))
+    return str(model)
+
+
+def _tone_files(tmp_path, count):
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(count):
+        wav = tmp_path / f"t{k}.wav"
+        t = np.arange(16000) / 16000
+        tone = 0.2 * np.sin(2 * np.pi * helpers_export.BAND_TONES_HZ[k % 4] * t)
+        sf.write(wav, tone + 0.01 * rng.standard_normal(16000), 16000)
+        paths.append(str(wav))
+    return paths
+
+
+def test_group_usage_files_anywhere_and_a_group_member_that_is_no_file(tmp_path, capsys):
+    """An audit: the usage read `--group NAME FILE [NAME FILE ...]`, and following it (--group
+    s1 a.wav s2 b.wav) put b.wav into s1's statistics before s2 failed as a file; a file after
+    another option (a.wav --json o.json b.wav) was "unrecognized arguments"."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = _speaker_band_model(tmp_path)
+    a, b = _tone_files(tmp_path, 2)
+    usage = eval_cli._predict_parser().format_usage()
+    assert "[--group SPEAKER [FILE ...]]" in usage and "NAME FILE [NAME FILE" not in usage
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["predict", "--model", model, "--group", "s1", a, "s2", b])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert "--group s1: s2: no such file (one --group per speaker" in err
+    out_json = tmp_path / "o.json"
+    rc = eval_cli.main(["predict", "--model", model, a, "--json", str(out_json), b])
+    out, err = capsys.readouterr()
+    assert rc == 0 and [f["path"] for f in json.loads(out_json.read_text())["files"]] == [a, b]
+
+
+def test_files_without_a_group_and_repeated_files_are_said(tmp_path, capsys):
+    """An audit: in a per-speaker run, a file left out of the groups was normalised on its own
+    without a word once any file had a group (the README promises a warning); a file listed
+    twice counted twice in its group's statistics (moving its neighbours' numbers) and was
+    printed twice."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = _speaker_band_model(tmp_path)
+    a, b, c = _tone_files(tmp_path, 3)
+    got = deploy.predict_files(model, [a, b, c], groups=[None, "s1", "s1"])
+    (warning,) = got["warnings"]
+    assert "but 1 of 3 files have no speaker group (" + a + "): each of them" in warning
+    assert "--group NAME FILE" in warning
+    grouped = deploy.predict_files(model, [a, b, c], groups=["s0", "s1", "s1"])
+    assert grouped["warnings"] == []
+    once = deploy.predict_files(model, [b, c], groups=["s1", "s1"])
+    same_c = os.path.join(os.path.dirname(c), ".", os.path.basename(c))  # spelt otherwise
+    twice = deploy.predict_files(model, [b, c, c, same_c], groups=["s1"] * 4)
+    assert [f["path"] for f in twice["files"]] == [b, c]
+    assert twice["warnings"] == [f"listed more than once, scored once: {c}, {same_c} (= {c})"]
+    _assert_same_predictions(twice, once, tol=0.0)  # the repeat did not weigh in the group
+    with pytest.raises(deploy.DeployError, match=f"^{c}: listed in two speaker groups"):
+        deploy.predict_files(model, [b, c, c], groups=["s1", "s1", "s2"])
+    rc = eval_cli.main(["predict", "--model", model, b, "--group", "s1", b])
+    assert rc == 2 and "listed in two speaker groups (none as" in capsys.readouterr().err
+    names = [f"f{k}.wav" for k in range(7)]
+    many = predict.ungrouped_warning("the run was trained", names, [None] * 6 + ["s"])
+    assert (
+        "6 of 7 files have no speaker group (f0.wav, f1.wav, f2.wav, f3.wav, f4.wav and 1 more)"
+        in many
+    )
+    assert predict.ungrouped_warning("x", names[:1], ["s"]) is None
+
+
+def test_warnings_about_a_stream_come_only_once_it_is_accepted(tmp_path, capsys):
+    """An audit: `--stream - --rate 16` warned that nothing above 8 Hz reaches the model, then
+    refused the rate; a WAV holding only its header was "cut short?: predicted from what is
+    there", then "the stream has no samples"."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    read, write = os.pipe()
+    os.write(write, b"\x00\x01" * 800)
+    os.close(write)
+    with open(read, "rb") as stdin:
+        real = sys.stdin
+        sys.stdin = io.TextIOWrapper(stdin)
+        try:
+            rc = eval_cli.main(["predict", "--model", model, "--stream", "-", "--rate", "16"])
+        finally:
+            sys.stdin = real
+    out, err = capsys.readouterr()
+    assert (
+        rc == 2
+        and out == ""
+        and err.splitlines()
+        == ["eval.py: error: <stdin>: --rate 16: below 1000 Hz (in Hz: 16000, not 16?)"]
+    )
+    header_only = tmp_path / "empty.wav"
+    sf.write(header_only, np.zeros(0, np.float32), 16000, subtype="PCM_16")
+    data = bytearray(header_only.read_bytes())
+    data[40:44] = (32000).to_bytes(4, "little")  # the header declares a second of samples
+    header_only.write_bytes(bytes(data))
+    rc = eval_cli.main(["predict", "--model", model, "--stream", str(header_only)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.splitlines() == [f"eval.py: error: {header_only}: the stream has no samples"]
+
+
+def test_streaming_an_mp3_reads_its_samples_and_prints_no_decoder_noise(tmp_path, capfd):
+    """An audit: `--stream x.mp3` printed 70 libmpg123 "part2_3_length too large" lines for a
+    55-s file (libsndfile reading in 0.4-s blocks; a whole-file read prints none). Looking
+    into it: reads that end inside an MP3 frame also decoded some samples otherwise (here,
+    mono 22.05 kHz, 7,122 of 551,250 by up to 0.16). Other lines on file descriptor 2 pass."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    rate = 22050
+    wave = 0.1 * np.random.default_rng(1).standard_normal(rate * 25).astype(np.float32)
+    mp3 = tmp_path / "noise.mp3"
+    sf.write(mp3, wave, rate, format="MP3")
+    rc = eval_cli.main(["predict", "--model", model, "--stream", str(mp3)])
+    out, err = capfd.readouterr()
+    assert rc == 0 and len(out.splitlines()) > 50 and "part2_3_length" not in err, err
+    blocks = np.concatenate(list(streaming.file_blocks(mp3, sample_rate=rate)))
+    whole, _ = sf.read(mp3, dtype="float32")
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-6)  # the file's samples
+    noise = (
+        b"[src/libmpg123/layer3.c:INT123_do_layer3():1774] error: part2_3_length (928) too "
+        b"large for available bit count (760)\n"
+    )
+    with streaming._Mpg123Noise():
+        os.write(2, noise + b"a real message\n" + noise)
+    assert capfd.readouterr().err == "a real message\n"
