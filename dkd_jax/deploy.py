@@ -65,6 +65,9 @@ def load_card(model_dir: str | os.PathLike) -> dict[str, Any]:
         and one positive std per feature band) and the model files.
     """
     path = Path(model_dir) / CARD_FILE
+    if not Path(model_dir).is_dir():
+        problem = "not a folder" if Path(model_dir).exists() else "no such folder"
+        raise DeployError(f"{model_dir}: {problem} (an exported folder: python -m dkd_jax.export)")
     if not path.exists():
         run_files = ("config.json", "split.json")
         is_run = all((Path(model_dir) / name).is_file() for name in run_files)

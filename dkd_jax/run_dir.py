@@ -306,6 +306,10 @@ def load_config(workdir: str | os.PathLike) -> config_lib.Config:
     """The resolved config of a workdir (RunDirError naming the file when missing or bad)."""
     path = Path(workdir) / CONFIG_FILE
     if not path.exists():
+        if (Path(workdir) / "model.json").is_file():  # export.CARD_FILE (export uses this module)
+            raise RunDirError(
+                f"{path}: missing ({workdir} is an exported folder: use --model {workdir})"
+            )
         raise RunDirError(f"{path}: missing (not a training workdir, or the run never started)")
     try:
         return config_lib.loads(path.read_text(), source=str(path))

@@ -775,3 +775,23 @@ def test_streaming_an_mp3_reads_its_samples_and_prints_no_decoder_noise(tmp_path
     with streaming._Mpg123Noise():
         os.write(2, noise + b"a real message\n" + noise)
     assert capfd.readouterr().err == "a real message\n"
+
+
+def test_a_model_folder_that_is_missing_and_an_export_given_as_a_workdir(tmp_path, capsys):
+    """An audit: `--model nothere` said "nothere/model.json: missing"; `--workdir EXPORT` said
+    "config.json: missing" without the --model hint that the reverse mistake gets."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    wav = tmp_path / "a.wav"
+    sf.write(wav, 0.1 * np.random.default_rng(0).standard_normal(16000), 16000)
+    nothere = tmp_path / "nothere"
+    assert eval_cli.main(["predict", "--model", str(nothere), str(wav)]) == 2
+    assert capsys.readouterr().err == (
+        f"eval.py: error: {nothere}: no such folder (an exported folder: python -m "
+        "dkd_jax.export)\n"
+    )
+    assert eval_cli.main(["predict", "--model", str(wav), str(wav)]) == 2
+    assert f"{wav}: not a folder" in capsys.readouterr().err
+    assert eval_cli.main(["predict", "--workdir", model, str(wav)]) == 2
+    err = capsys.readouterr().err
+    assert f"({model} is an exported folder: use --model {model})" in err, err
