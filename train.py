@@ -36,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_jax import distributed, jsonio, records, train_lib
 
     try:
-        cfg = _setup(args, rest)
-        result = train_lib.train_and_evaluate(
-            cfg, args.workdir, teacher_workdir=args.teacher, overwrite=args.overwrite
-        )
+        with cli_args.sigterm_as_interrupt():
+            cfg = _setup(args, rest)
+            # No progress bar where stderr is no terminal (nohup, SLURM, `2> log`): a line
+            # there every HEARTBEAT_SECONDS instead, so a log never goes quiet for long.
+            quiet_log = cfg.train.progress and not sys.stderr.isatty()
+            result = train_lib.train_and_evaluate(
+                cfg,
+                args.workdir,
+                teacher_workdir=args.teacher,
+                overwrite=args.overwrite,
+                heartbeat_seconds=HEARTBEAT_SECONDS if quiet_log else 0.0,
+                heartbeat_stream=sys.stderr,
+            )
     except OSError as e:  # read-only or full workdir, permissions: the path and the reason
         if os.environ.get("DKD_JAX_DEBUG"):
             raise
@@ -65,14 +74,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what, status = cli_args.stopped_message(e)
+        # --overwrite would delete what this run saved: the command that resumes goes without
+        how = "the same command without --overwrite" if args.overwrite else "the same command"
+        print(f"train.py: {what}; rerun {how} to resume", file=sys.stderr)
+        return status
     summary = {k: result[k] for k in ("step", "epoch", "test", "best_validation")}
     if summary["test"]:
         summary["test"] = {k: summary["test"][k] for k in ("wa", "ua", "num_utterances")}
     print(json.dumps(summary))
     return 0
+
+
+HEARTBEAT_SECONDS = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ field, the value and what is allowed. ``to_dict``/``from_dict`` round-trip exact
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import types
@@ -707,6 +708,11 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
 def dumps(cfg: Config) -> str:
     """Pretty JSON text of a config (what config.json holds)."""
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+
+
+def config_hash(cfg: Config) -> str:
+    """``sha256:`` of a config's canonical JSON (:func:`dumps`, what ``config.json`` holds)."""
+    return "sha256:" + hashlib.sha256(dumps(cfg).encode()).hexdigest()
 
 
 def loads(text: str, *, source: str = "config.json") -> Config:

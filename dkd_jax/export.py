@@ -323,13 +323,6 @@ def load_stablehlo(path: str | os.PathLike):
 # --------------------------------------------------------------------------------------------
 
 
-def config_hash(cfg) -> str:
-    """``sha256:`` of the run's canonical config JSON (``config.dumps``)."""
-    from dkd_jax import config as config_lib
-
-    return "sha256:" + hashlib.sha256(config_lib.dumps(cfg).encode()).hexdigest()
-
-
 def _normalization_card(normalization: dict[str, Any], num_bins: int) -> dict[str, Any]:
     mode = normalization.get("mode", "none")
     if mode == "global":
@@ -410,6 +403,7 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
         best: whether the best-by-validation checkpoint was restored.
     """
     from dkd_jax import audio, models
+    from dkd_jax import config as config_lib
 
     workdir = Path(workdir)
     fc_dict = run.data_info.get("feature_config")
@@ -457,7 +451,7 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
             "step": int(run.step),
             "checkpoint": run.checkpoint_label(best=best),
             "training_finished": run.training["finished"],
-            "config_hash": config_hash(run.config),
+            "config_hash": config_lib.config_hash(run.config),
             "data_content_hash": run.data_info.get("content_hash"),
         },
         "test": _test_scores(workdir, int(run.step), best),

@@ -340,6 +340,12 @@ def prepare_workdir(
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"{workdir}: exists and is not a directory")
     cfg_path = workdir / CONFIG_FILE
+    foreign = _foreign_run_names(workdir)
+    if foreign:  # --overwrite deletes a run's names: not another project's files of those names
+        raise WorkdirError(
+            f"{workdir}: {'; '.join(foreign)}: not a dkd-jax run's, and --overwrite would delete "
+            "it; use another --workdir"
+        )
     if overwrite:
         if clear:
             clear_run(workdir)
@@ -369,6 +375,34 @@ def prepare_workdir(
             "--workdir, or --overwrite to train there anyway (files that are not a run's are kept)"
         )
     return False
+
+
+_CONFIG_SECTIONS = frozenset(f.name for f in dataclasses.fields(config_lib.Config))
+
+
+def _foreign_run_names(workdir: Path) -> list[str]:
+    """What in ``workdir`` carries a run's name but was not written by a run (another ML
+    project's ``checkpoints/resnet/`` or ``config.json``): ``--overwrite`` must not delete it."""
+    out = []
+    for name in (CHECKPOINT_DIR, BEST_DIR):
+        folder = workdir / name
+        if folder.is_dir() and not folder.is_symlink():
+            # orbax writes step folders (``15``, and ``15.orbax-checkpoint-tmp-…`` while saving)
+            other = sorted(p.name for p in folder.iterdir() if not p.name[:1].isdigit())
+            if other:
+                shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+                out.append(f"{name}/ holds {shown}")
+    path = workdir / CONFIG_FILE
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            stored = None  # unreadable or damaged: judged by config_changes
+        if stored is not None and not (
+            isinstance(stored, dict) and (not stored or _CONFIG_SECTIONS & set(stored))
+        ):
+            out.append(f"{CONFIG_FILE} holds none of a run config's sections")
+    return out
 
 
 def config_changes(workdir: str | os.PathLike, cfg: config_lib.Config) -> dict[str, tuple]:
@@ -534,8 +568,20 @@ def load_normalization(
 
 
 def write_teacher(workdir: str | os.PathLike, record: Mapping[str, Any]) -> Path:
-    """Writes ``teacher.json`` (a student's teacher: workdir, step, model, mode)."""
+    """Writes ``teacher.json`` (a student's teacher: workdir, step, config hash, model, mode)."""
     return jsonio.write_json(Path(workdir) / TEACHER_FILE, dict(record))
+
+
+def load_teacher(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """A student's ``teacher.json`` (None when it has none: a teacher, a CE student, or a run
+    killed before its first write)."""
+    path = Path(workdir) / TEACHER_FILE
+    if not path.exists():
+        return None
+    record = _read_json(path, what="teacher record")
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path}: not a JSON object")
+    return record
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,6 +155,7 @@ def train_and_evaluate(
     teacher_workdir: str | os.PathLike | None = None,
     overwrite: bool = False,
     heartbeat_seconds: float = 0.0,
+    heartbeat_stream=None,
     label: str = "",
     data_warnings: bool = True,
 ) -> dict[str, Any]:
@@ -169,6 +170,8 @@ def train_and_evaluate(
       heartbeat_seconds: > 0: print a line with the epoch, step and running loss at this
         interval (``train_loop.Heartbeat``; the experiment runner uses it when progress bars
         cannot show, e.g. in a log file).
+      heartbeat_stream: where those lines go (default stdout; ``train.py``: stderr, as its
+        stdout is the final JSON summary).
       label: the run's name in those lines (default: the workdir).
       data_warnings: print (stderr) what makes the split's scores say less: classes with no
         training utterance, and with ``normalization=speaker`` a strong speaker–label confound
@@ -200,7 +203,9 @@ def train_and_evaluate(
     primary = jax.process_index() == 0
     beat = None
     if heartbeat_seconds > 0 and primary:
-        beat = train_loop.Heartbeat(label or str(workdir), heartbeat_seconds)
+        beat = train_loop.Heartbeat(
+            label or str(workdir), heartbeat_seconds, stream=heartbeat_stream
+        )
     try:
         with (
             run_dir.locked(workdir, "training", enabled=primary),
@@ -211,6 +216,7 @@ def train_and_evaluate(
             if beat is not None:
                 beat.total_steps, beat.num_epochs = run.total_steps, cfg.optim.num_epochs
             teacher = _prepare_teacher(run, teacher_workdir)
+            _clear_replaced_run(run)
             built = _build_state(run, teacher)
             clock.setup_seconds = clock.elapsed()
             loop = _run_epochs(run, teacher, built, beat)
@@ -220,6 +226,16 @@ def train_and_evaluate(
         if hint is not None:
             raise hint from e
         raise
+
+
+def _clear_replaced_run(run: _Run) -> None:
+    """``overwrite``: deletes the workdir's old run (process 0), now that the new one has
+    passed every check before training; the other processes wait for it."""
+    if not run.replace:
+        return
+    if run.primary:
+        run_dir.clear_run(run.workdir)
+    distributed.over_processes(0)  # a barrier: no process lists the old checkpoints
 
 
 @dataclasses.dataclass
@@ -242,6 +258,7 @@ class _Run:
     spe: int
     total_steps: int
     untrained: tuple[str, ...] = ()  # classes with no training utterance
+    replace: bool = False  # --overwrite: the workdir's old run goes before the first write
 
 
 def split_warnings(metadata: dict[str, Any], split: protocols.Split, normalization: str):
@@ -276,7 +293,9 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool, *, warn
         for text in split_warnings(meta, split, cfg.data.normalization):
             print(text, file=sys.stderr, flush=True)
     primary = jax.process_index() == 0
-    resuming = run_dir.prepare_workdir(workdir, cfg, overwrite=overwrite, clear=primary)
+    # With --overwrite the old run is deleted only once the new one has been checked through
+    # (data, batch layout, teacher: _clear_replaced_run); a bad argument leaves it as it was.
+    resuming = run_dir.prepare_workdir(workdir, cfg, overwrite=overwrite, clear=False)
     if resuming:
         old_split, old_info = run_dir.load_split(workdir)
         if old_split != split or old_info.get("content_hash") != info["content_hash"]:
@@ -327,6 +346,7 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool, *, warn
         spe=spe,
         total_steps=spe * cfg.optim.num_epochs,
         untrained=tuple(protocols.untrained_classes(meta, split)),
+        replace=overwrite,
     )
 
 
@@ -364,6 +384,8 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     except run_dir.RunDirError as e:
         raise TeacherMismatchError(f"cannot use teacher {tdir}: {e}") from None
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
+    if run.resuming:
+        _check_same_teacher(run.workdir, tdir, restored)
     if restored.warning:
         print(f"warning: the teacher {restored.warning}", file=sys.stderr)
     if restored.config.model.role != "teacher":
@@ -383,6 +405,32 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     if not np.all(np.isfinite(logits)):
         raise TeacherMismatchError(f"teacher {tdir} gives non-finite logits")
     return _Teacher("precomputed", restored, tdir, logits)
+
+
+def _check_same_teacher(workdir: Path, tdir: Path, restored) -> None:
+    """A resumed (or rerun) student distils from the teacher it started with: the same config
+    and checkpoint step, wherever it lies now. Another teacher (another --teacher, or the same
+    folder retrained or trained on since) would make a student of two teachers, and its
+    teacher.json would name only the second."""
+    try:
+        old = run_dir.load_teacher(workdir)
+    except run_dir.RunDirError as e:
+        raise TeacherMismatchError(f"{e}; use --overwrite to start the student again") from None
+    if old is None:
+        return
+    now = {"step": int(restored.step), "config_hash": config_lib.config_hash(restored.config)}
+    if "config_hash" in old:
+        same = old.get("step") == now["step"] and old["config_hash"] == now["config_hash"]
+    else:  # recorded before teacher.json held the config hash (the folder may have moved)
+        same = old.get("step") == now["step"]
+    if not same:
+        other_config = old.get("config_hash", now["config_hash"]) != now["config_hash"]
+        raise TeacherMismatchError(
+            f"{workdir} was distilled from the teacher {old.get('workdir')} (step "
+            f"{old.get('step')}); --teacher {tdir} is another (step {now['step']}"
+            f"{', another config' if other_config else ''}): resume with the teacher it "
+            "started with, or --overwrite to start the student again"
+        )
 
 
 def _check_teacher(teacher_dir: Path, teacher_split, teacher_info, split, info) -> None:
@@ -549,6 +597,7 @@ def _write_run_files(run: _Run, teacher: _Teacher) -> None:
             {
                 "workdir": str(teacher.workdir.absolute()),
                 "step": teacher.run.step,
+                "config_hash": config_lib.config_hash(teacher.run.config),
                 "model": config_lib.to_dict(teacher.run.config)["model"],
                 "mode": teacher.mode,
             },

@@ -324,3 +324,21 @@ def test_numbers_jax_cannot_hold_are_refused_naming_the_field():
         ],
     )
     assert ok.optim.decay_factor == 1.0 and ok.train.on_device_max_bytes == 2**33
+
+
+def test_sigterm_raises_terminated_inside_the_block_only():
+    """cli_args.sigterm_as_interrupt: what train.py and the experiment runner stop on."""
+    import os
+    import signal
+    import time
+
+    from dkd_jax import cli_args
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(cli_args.Terminated) as info, cli_args.sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    assert isinstance(info.value, KeyboardInterrupt)  # every Ctrl-C path handles it
+    assert cli_args.stopped_message(info.value) == ("terminated (SIGTERM)", 143)
+    assert cli_args.stopped_message(KeyboardInterrupt()) == ("interrupted", 130)
+    assert signal.getsignal(signal.SIGTERM) == before

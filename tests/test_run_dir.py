@@ -184,6 +184,37 @@ def test_a_folder_of_other_files_is_refused_unless_overwrite(tmp_path, tiny_prep
     assert rc == 2 and "is not empty and holds no run (notes.txt)" in err
 
 
+def test_another_projects_files_of_a_runs_names_are_never_overwritten(tmp_path, tiny_prep_dir):
+    """An audit: an ML project folder holding `checkpoints/resnet/model.pt` or its own
+    `config.json` was refused with "use --overwrite", and --overwrite then deleted them."""
+    cfg = _config(tiny_prep_dir)
+    project = tmp_path / "project"
+    (project / run_dir.CHECKPOINT_DIR / "resnet").mkdir(parents=True)
+    (project / run_dir.CHECKPOINT_DIR / "resnet" / "model.pt").write_bytes(b"weights")
+    for overwrite in (False, True):
+        with pytest.raises(run_dir.WorkdirError) as e:
+            run_dir.prepare_workdir(project, cfg, overwrite=overwrite)
+        assert str(e.value) == (
+            f"{project}: checkpoints/ holds resnet: not a dkd-jax run's, and --overwrite would "
+            "delete it; use another --workdir"
+        )
+    assert (project / run_dir.CHECKPOINT_DIR / "resnet" / "model.pt").read_bytes() == b"weights"
+    shutil.rmtree(project / run_dir.CHECKPOINT_DIR)
+    for text in ('{"model_type": "bert", "hidden_size": 768}', "[1, 2]"):
+        (project / run_dir.CONFIG_FILE).write_text(text)
+        with pytest.raises(run_dir.WorkdirError, match=r"config\.json holds none of a run config"):
+            run_dir.prepare_workdir(project, cfg, overwrite=True)
+        assert (project / run_dir.CONFIG_FILE).read_text() == text
+    # A run's own damaged config.json and its step folders (one being saved) stay replaceable.
+    (project / run_dir.CONFIG_FILE).write_text('{"data": {"fold": ')
+    (project / run_dir.CHECKPOINT_DIR / "15.orbax-checkpoint-tmp-3").mkdir(parents=True)
+    (project / run_dir.CHECKPOINT_DIR / "10").mkdir()
+    with pytest.raises(run_dir.WorkdirError, match="use --overwrite to start a new run there"):
+        run_dir.prepare_workdir(project, cfg, overwrite=False)
+    assert run_dir.prepare_workdir(project, cfg, overwrite=True, clear=True) is False
+    assert not (project / run_dir.CHECKPOINT_DIR).exists()
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

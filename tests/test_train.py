@@ -7,8 +7,12 @@ by train_lib, so the runs after the first of each kind compile nothing.
 
 import hashlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -608,3 +612,90 @@ def test_out_of_host_memory_is_one_line(tmp_path, capsys, monkeypatch, tiny_prep
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("train.py: error: out of host memory (Unable to allocate 5.96 TiB")
     assert "a smaller optim.batch_size" in err
+
+
+def _teacher_argv(prep_dir, workdir):
+    """train.py's command of the fixture's teacher (rerunning it resumes the finished run)."""
+    overrides = {k: v for k, v in TEACHER.items() if k != "model.role"}
+    return [
+        "--data", str(prep_dir), "--workdir", str(workdir), "--role", "teacher",
+        "--preset", "tiny", "--config.data.validation=speaker",
+        "--config.data.validation_fraction=0.5", "--config.train.log_every_steps=1",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]  # fmt: skip
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_passes_its_checks(runs, tmp_path, capsys):
+    """An audit: `--overwrite` deleted a finished run, then refused the new one (a student
+    without --teacher, or a teacher of other labels): the user lost both."""
+    student = tmp_path / "student"
+    shutil.copytree(runs["root"] / "student_on", student)
+    before = _digest(student)
+    config = json.loads((student / run_dir.CONFIG_FILE).read_text())
+    argv = [
+        "--data", config["data"]["prep_dir"], "--workdir", str(student), "--preset", "tiny",
+        "--overwrite", "--config.kd.beta=2",
+    ]  # fmt: skip
+    rc = train_cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a teacher: pass --teacher" in err
+    assert _digest(student) == before  # was: an empty folder
+
+
+def test_a_log_gets_heartbeat_lines_and_sigterm_stops_like_ctrl_c(
+    runs, tiny_prep_dir, tmp_path, capsys, monkeypatch
+):
+    """An audit: with stderr not a terminal (nohup, SLURM, `2> log`) train.py printed nothing
+    until its summary; SIGTERM (scancel, preemption) ended it in silence with its lock left
+    behind (a job requeued on another host was refused until the lock was deleted by hand)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(runs["root"] / "teacher", teacher)
+    argv = _teacher_argv(tiny_prep_dir, teacher)
+    monkeypatch.setattr(train_cli, "HEARTBEAT_SECONDS", 0.01)
+    assert train_cli.main([*argv, "--config.train.progress=true"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["test"]["ua"] == runs["teacher"]["test"]["ua"]
+    assert f"      ... {teacher}: " in err  # the heartbeat, on stderr: stdout stays the JSON
+    assert all(line.startswith("{") for line in out.strip().splitlines()), out
+
+    def terminated(*args, **kwargs):
+        assert (teacher / run_dir.LOCK_FILE).exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(train_lib, "_build_state", terminated)
+    for extra, how in (([], ""), (["--overwrite"], " without --overwrite")):
+        rc = train_cli.main([*argv, *extra])
+        err = capsys.readouterr().err
+        assert rc == 128 + signal.SIGTERM
+        last = err.strip().splitlines()[-1]
+        assert last == f"train.py: terminated (SIGTERM); rerun the same command{how} to resume"
+        assert not (teacher / run_dir.LOCK_FILE).exists()  # released
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+
+
+def test_a_resumed_student_keeps_the_teacher_it_started_with(runs, tiny_prep_dir, tmp_path):
+    """An audit: a student resumed (or rerun) with another --teacher went on in silence, and
+    its teacher.json then named only the second teacher."""
+    student = tmp_path / "student"
+    shutil.copytree(runs["root"] / "student_on", student)
+    recorded = json.loads((student / run_dir.TEACHER_FILE).read_text())
+    teacher = run_dir.restore_run(runs["root"] / "teacher")
+    assert recorded["config_hash"] == config_lib.config_hash(teacher.config)
+    moved = tmp_path / "moved_teacher"  # the same teacher elsewhere: accepted
+    shutil.copytree(runs["root"] / "teacher", moved)
+    train_lib._check_same_teacher(student, moved, run_dir.restore_run(moved))
+    earlier = tmp_path / "earlier_teacher"  # the teacher one checkpoint back: another one
+    shutil.copytree(runs["root"] / "teacher", earlier)
+    steps = sorted(int(p.name) for p in (earlier / run_dir.CHECKPOINT_DIR).iterdir())
+    shutil.rmtree(earlier / run_dir.CHECKPOINT_DIR / str(steps[-1]))
+    cfg = _config(tiny_prep_dir, **{"train.on_device": "on"})
+    with pytest.raises(train_lib.TeacherMismatchError) as e:
+        train_lib.train_and_evaluate(cfg, student, teacher_workdir=earlier)
+    assert str(e.value).startswith(
+        f"{student} was distilled from the teacher {recorded['workdir']} (step {steps[-1]}); "
+        f"--teacher {earlier} is another (step {steps[-2]}): resume with the teacher it "
+        "started with"
+    )
+    assert json.loads((student / run_dir.TEACHER_FILE).read_text()) == recorded  # untouched

@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from dkd_jax import cli_args, eval_lib, host_memory, jsonio, records, run_dir
 from dkd_jax import config as config_lib
-from dkd_jax import eval_lib, host_memory, jsonio, records, run_dir
 from dkd_jax.experiment.report import (
     build_summary,
     format_summary_text,
@@ -149,12 +149,14 @@ def guarded(tool: str, command) -> int:
         ValueError,  # data_prep's PrepError, audio errors
     )
     try:
-        return command()
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        with cli_args.sigterm_as_interrupt():
+            return command()
+    except KeyboardInterrupt as e:
+        what, status = cli_args.stopped_message(e)
+        print(f"{what}: run the same command again to resume", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)  # concurrent groups (--jobs) run on threads that would finish their run
+        os._exit(status)  # concurrent groups (--jobs) run on threads that would finish their run
     except OSError as e:
         print(f"{tool}: error: {jsonio.describe_os_error(e)}", file=sys.stderr)
         return 2
