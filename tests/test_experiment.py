@@ -967,3 +967,32 @@ def test_reproduce_takes_a_moved_prep_only_with_the_content_it_trained_on(
     shutil.copytree(tiny_prep_dir, moved)
     assert experiment.main([*args, "--scratch", str(tmp_path / "s"), "--data", str(moved)]) == 0
     assert "fold1-seed0/student_dkd: MATCH (bit for bit)" in capsys.readouterr().out
+
+
+def test_a_baseline_fit_shared_by_the_seeds_of_a_fold_counts_once(exp, tmp_path):
+    """An audit: a loso experiment of two seeds fitted each fold's baseline once per seed (the
+    same fit: it does not depend on the seed) and summarised every copy as a run: 4 "runs"
+    for 2 fits, a std too small, each utterance counted twice in the pooled matrix."""
+    from dkd_jax.experiment import checks, report, spec
+
+    exp_dir = exp[0]
+    fits = {f: (exp_dir / f"fold{f}-seed0/baseline/results.json").read_text() for f in (0, 1)}
+    copy = tmp_path / "exp"
+    plans = []
+    for fold in (0, 1):
+        for seed in (0, 1):
+            group = f"fold{fold}-seed{seed}"
+            path = checks.baseline_file(copy, group, "baseline")
+            path.parent.mkdir(parents=True)
+            path.write_text(fits[fold])
+            cfg = config_lib.get_config("tiny")
+            plans.append(spec.RunPlan(group, "teacher", fold, seed, cfg))
+    rows = report.collect_baselines(copy, plans)
+    assert [(r["group"], r["model"]) for r in rows] == [
+        ("fold0-seed0", "baseline"),
+        ("fold1-seed0", "baseline"),
+    ]
+    stats = report.summarize_rows(rows, ["baseline"])["baseline"]
+    was = exp[1]["models"]["baseline"]  # the fixture's experiment: seed 0 only
+    assert stats["runs"] == 2 and stats["wa"] == was["wa"] and stats["ua"] == was["ua"]
+    assert stats["pooled_confusion_matrix"] == was["pooled_confusion_matrix"]

@@ -157,9 +157,15 @@ def collect_runs(
 
 
 def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str, Any]]:
-    """One row per group and baseline model (``checks``): test WA/UA (``results.json``) and
-    validation WA/UA (``validation.json``), whichever exist."""
+    """One row per distinct split and baseline model (``checks``): test WA/UA
+    (``results.json``) and validation WA/UA (``validation.json``), whichever exist.
+
+    A fit is deterministic given its training and held-out utterances (its ``fingerprint``), so
+    the groups of one ``loso`` fold, which differ by training seed only, hold the same fit: it
+    counts once (its first group's), not once per seed, which would repeat it in the mean, shrink
+    its std and count its utterances again in the pooled matrix."""
     rows = []
+    seen: set[tuple] = set()
     for plan in {p.group: p for p in plans}.values():
         for model in checks.BASELINE_MODELS:
             found = {}
@@ -172,6 +178,11 @@ def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str,
             if not found:
                 continue
             test, val = found.get(False) or {}, found.get(True) or {}
+            fit = (model, test.get("fingerprint"), val.get("fingerprint"))
+            if fit[1:] != (None, None):
+                if fit in seen:
+                    continue
+                seen.add(fit)
             rows.append(
                 {
                     "group": plan.group,
@@ -200,7 +211,8 @@ def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str,
 def summarize_rows(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> dict[str, Any]:
     """Per model: mean ± sample std (ddof 1) of WA, UA and the best-epoch numbers over runs,
     the confusion matrix pooled (summed) over runs with its WA and UA (every test utterance
-    counted once, so folds whose test set lacks a class are not averaged with the others), and
+    counted once per run, so folds whose test set lacks a class are not averaged with the
+    others), and
     how many runs' test sets lack a class."""
     out = {}
     for model in models:
@@ -359,12 +371,14 @@ def build_summary(
         "metric_notes": {
             "wa_ua": "last-epoch checkpoint, held-out utterances, mean of segment logits per "
             "utterance; mean ± sample std (ddof=1) over runs",
-            "best_epoch": "OPTIMISTIC: max over epochs of the test-set WA and (independently) UA, "
+            "best_epoch": "OPTIMISTIC: max over the evaluated epochs (train.eval_every_epochs) of "
+            "the test-set WA and (independently) UA, "
             "i.e. the epoch is chosen on the test set, as in the head-fusion lineage code",
             "val": "last-epoch WA/UA on the validation hold-out carved from the training "
             "speakers/utterances (data.validation); None without one",
             "pooled": "WA/UA of the confusion matrix summed over runs (every held-out utterance "
-            "once); a run whose test set lacks a class has a UA over fewer classes",
+            "once per run: once per seed of its fold); a run whose test set lacks a class has a "
+            "UA over fewer classes",
             "baseline": "logistic regression on per-utterance feature means and stds, C chosen "
             "by speaker-grouped inner CV on the training speakers (dkd_jax.baseline)",
         },
@@ -571,8 +585,8 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         "WA (overall accuracy) and UA (mean per-class recall) on the held-out utterances, in %, "
         "from the last-epoch checkpoint (segment logits averaged per utterance); mean ± sample "
         "std over runs, and pooled: the confusion matrix summed over runs (every held-out "
-        "utterance counted once). The baseline is a logistic regression on each utterance's "
-        "per-band feature mean and std, fitted on the same training utterances.",
+        "utterance counted once per run). The baseline is a logistic regression on each "
+        "utterance's per-band feature mean and std, fitted on the same training utterances.",
         "",
         "| model | runs | WA | UA | pooled WA | pooled UA | best epoch on test: WA ⚠ "
         "| best epoch on test: UA ⚠ |" + (" validation WA | validation UA |" if val else ""),
@@ -588,7 +602,8 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", *(f"- {n}" for n in _notes(summary, validation_only=False))]
     lines += [
         "",
-        "⚠ **Optimistic, not a fair estimate**: the maximum over epochs of the *test-set* WA and,"
+        "⚠ **Optimistic, not a fair estimate**: the maximum over the evaluated epochs of the "
+        "*test-set* WA and,"
         " separately, UA (the epoch is chosen on the test set, and the two maxima may come from "
         "different epochs), as reported by the head-fusion lineage code. Shown only for "
         "comparison with numbers obtained that way.",
