@@ -2,7 +2,7 @@
 
   python train.py --data PREP --workdir runs/teacher --role teacher
   python train.py --data PREP --workdir runs/dkd --role student --teacher runs/teacher
-  python train.py ... --preset paper --loss kd --config.kd.beta=2 --config.optim.num_epochs=10
+  python train.py ... --preset paper --loss kd --config.kd.temperature=2 --config.optim.num_epochs=9
   python train.py ... --cpu-devices 4     # CPU host: the batch split over 4 cores (data parallel)
 
 Rerunning the same command resumes from the last checkpoint. Multi-host: see dkd_jax.distributed.
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
+        i = rest.index(bad[0])
+        if i and rest[i - 1].startswith("--config.") and "=" not in rest[i - 1]:
+            p.error(f"{rest[i - 1]} {bad[0]}: write {rest[i - 1]}={bad[0]} (with '=')")
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.kd.beta=2)")
     problem = _option_conflict(args, rest)
     if problem:
@@ -142,6 +145,8 @@ def _setup(args: argparse.Namespace, overrides: list[str]):
             f"--teacher {args.teacher}: a student trained with kd.loss='ce' uses no teacher "
             "(drop --teacher, or pick a distillation loss with --loss)"
         )
+    for note in _unused_override_notes(cfg, overrides):
+        print(f"train.py: note: {note}", file=sys.stderr)
     if args.cpu_devices and cfg.train.num_devices not in (0, args.cpu_devices):
         print(
             f"train.py: --cpu-devices {args.cpu_devices} but train.num_devices="
@@ -149,6 +154,31 @@ def _setup(args: argparse.Namespace, overrides: list[str]):
             file=sys.stderr,
         )
     return cfg
+
+
+def _unused_override_notes(cfg, overrides: list[str]) -> list[str]:
+    """A note for each ``--config.`` override this run never reads (``--loss kd
+    --config.kd.beta=2``: KD has no beta), which used to be accepted without a word."""
+    from dkd_jax import objective
+
+    fields = [item[len("--config.") :].split("=", 1)[0].strip() for item in overrides]
+    role, loss = cfg.model.role, cfg.kd.loss
+    out = []
+    for field in objective.unused_settings(fields, role=role, loss=loss):
+        if field.startswith("model."):
+            why = (
+                "a student distils from the --teacher run, whose own config gives its network"
+                if role == "student"
+                else "a teacher trains model.teacher"
+            )
+        elif role == "teacher":
+            why = "a teacher trains on CE alone"
+        elif loss == "ce":
+            why = "a CE student uses no distillation setting"
+        else:
+            why = f"kd.loss={loss!r} does not use it"
+        out.append(f"--config.{field}: not used ({why})")
+    return out
 
 
 # Config fields that an explicit option sets: an override of them would silently win.

@@ -16,6 +16,8 @@ compilation. The numerics of each term live in ``dkd_jax.losses``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,32 @@ def loss_weights(loss: str, kd: config_lib.KDConfig, *, role: str = "student") -
     w["temperature"] = kd.temperature
     w["warmup_epochs"] = kd.warmup_epochs if role == "student" else 0.0
     return {k: np.float32(v) for k, v in w.items()}
+
+
+_KD_FIELDS_USED = {
+    "dkd": ("alpha", "beta", "temperature", "warmup_epochs", "ce_weight"),
+    "kd": ("kd_weight", "temperature", "warmup_epochs", "ce_weight"),
+    "tckd": ("alpha", "temperature", "warmup_epochs", "ce_weight"),
+    "nckd": ("beta", "temperature", "warmup_epochs", "ce_weight"),
+    "ce": (),
+}
+
+
+def unused_settings(fields: Iterable[str], *, role: str, loss: str) -> list[str]:
+    """The config fields (``"kd.beta"``, ``"model.teacher.attention_heads"``) among ``fields``
+    that the run never reads: the distillation weights its objective does not use (as
+    :func:`loss_weights` builds them; every ``kd`` field but the loss for a teacher or a CE
+    student), and the architecture of the network it does not train (a student's teacher comes
+    from the teacher's own run)."""
+    used = _KD_FIELDS_USED.get(loss, ()) if role == "student" else ()
+    other_arch = "model.teacher." if role == "student" else "model.student."
+    out = []
+    for field in fields:
+        if field.startswith("kd.") and field != "kd.loss" and field[3:] not in used:
+            out.append(field)
+        elif field.startswith(other_arch):
+            out.append(field)
+    return out
 
 
 def augment_batch(x, labels, rng, aug: config_lib.AugmentConfig):

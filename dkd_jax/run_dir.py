@@ -617,7 +617,7 @@ def _why_none(workdir: Path, best: bool) -> str:
         return f"training finished, so they were deleted afterwards{kept}; retrain with --overwrite"
     if best:
         return "the folder is empty (deleted?); score the last checkpoint without --best"
-    return "training stopped before its first save: run the train.py command again"
+    return "training stopped before its first save: run its train.py command again"
 
 
 def training_progress(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -995,7 +995,11 @@ def _segment_shape(data_info: Mapping[str, Any]) -> tuple[int, int] | None:
 
 
 def restore_run(
-    workdir: str | os.PathLike, *, step: int | None = None, best: bool = False
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    best: bool = False,
+    step_option: bool = True,
 ) -> RestoredRun:
     """Loads a run for evaluation: config, model, variables, step.
 
@@ -1005,6 +1009,8 @@ def restore_run(
       workdir: a training workdir.
       step: which checkpoint (default: the latest, i.e. the end of training).
       best: restore the best-by-validation-UA checkpoint instead (needs a validation split).
+      step_option: whether the caller has a ``--step`` to suggest for a damaged checkpoint
+        (``eval.py``, export) or not (a student's ``--teacher``: move the damaged one aside).
 
     Raises:
       RunDirError: not a workdir, no such checkpoint (the message says what exists), or an
@@ -1042,7 +1048,14 @@ def restore_run(
             state, meta = ckpt.restore(chosen)
         except Exception as e:
             others = [s for s in steps if s != chosen]
-            hint = f"; try --step {others[-1]} (steps: {others})" if others else ""
+            hint = ""
+            if others and step_option:
+                hint = f"; try --step {others[-1]} (steps: {others})"
+            elif others:
+                hint = (
+                    f"; move {directory / str(chosen)} aside to use step {others[-1]}, or "
+                    "retrain the run"
+                )
             raise CheckpointError(
                 f"{directory / str(chosen)}: unreadable checkpoint "
                 f"({checkpointing.describe_error(e)}){hint}"

@@ -380,14 +380,18 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     tdir = Path(teacher_workdir)
     try:
         t_split, t_info = run_dir.load_split(tdir)
-        restored = run_dir.restore_run(tdir)
+        restored = run_dir.restore_run(tdir, step_option=False)
     except run_dir.RunDirError as e:
         raise TeacherMismatchError(f"cannot use teacher {tdir}: {e}") from None
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
     if run.resuming:
         _check_same_teacher(run.workdir, tdir, restored)
-    if restored.warning:
-        print(f"warning: the teacher {restored.warning}", file=sys.stderr)
+    if restored.warning:  # which checkpoint a partly trained teacher gives: its newest
+        print(
+            f"warning: the teacher {restored.warning}; distilling from its checkpoint at step "
+            f"{restored.step}",
+            file=sys.stderr,
+        )
     if restored.config.model.role != "teacher":
         print(
             f"note: {tdir} trained a {restored.config.model.role}; using it as the teacher",

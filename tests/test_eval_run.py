@@ -263,7 +263,7 @@ def test_missing_checkpoints_are_explained_by_what_the_run_did(run_path, tmp_pat
     assert (
         "training finished, so they were deleted afterwards; results.json keeps its scores" in err
     )
-    assert "run the train.py command again" not in err  # it would do nothing: finished
+    assert "run its train.py command again" not in err  # it would do nothing: finished
 
 
 def test_a_run_without_its_normalisation_statistics_is_refused(run_path, tmp_path, capsys):

@@ -434,7 +434,7 @@ def test_a_run_killed_before_its_first_save_says_so(reference, tmp_path, capsys)
     assert eval_cli.main(["--workdir", str(wd), "--no-write"]) == 2
     err = capsys.readouterr().err
     assert f"{wd / run_dir.CHECKPOINT_DIR}: no checkpoint; training stopped before its" in err
-    assert "run the train.py command again" in err and len(err.strip().splitlines()) == 1
+    assert "run its train.py command again" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eval_names_a_damaged_checkpoint_and_suggests_another_step(reference, tmp_path, capsys):
@@ -462,6 +462,21 @@ def test_eval_names_a_damaged_checkpoint_and_suggests_another_step(reference, tm
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_a_damaged_teacher_checkpoint_suggests_no_option_train_py_lacks(reference, tmp_path):
+    """An audit: a student's --teacher with a damaged newest checkpoint said "try --step 4";
+    train.py has no --step."""
+    ref, steps = reference
+    wd = _copy_run(ref, tmp_path / "run")
+    newest = wd / run_dir.CHECKPOINT_DIR / str(steps[-1])
+    _truncate(_state_file(newest))
+    with pytest.raises(run_dir.CheckpointError) as e:
+        run_dir.restore_run(wd, step_option=False)
+    assert "--step" not in str(e.value)
+    assert str(e.value).endswith(
+        f"; move {newest} aside to use step {steps[-2]}, or retrain the run"
+    )
+
+
 def test_only_the_abandoned_reads_of_a_failed_restore_are_silenced(monkeypatch):
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
@@ -484,7 +499,9 @@ def test_only_the_abandoned_reads_of_a_failed_restore_are_silenced(monkeypatch):
     checkpointing._drop_late_reads_into_closed_loops()  # installed once
     for u in (late, elsewhere, other):
         sys.unraisablehook(u)
-    assert seen == [elsewhere, other]
+    # Only these three: a restore that failed in an earlier test may still have late reads
+    # arriving from tensorstore's threads, which the monkeypatched hook collects too.
+    assert [u for u in seen if any(u is x for x in (late, elsewhere, other))] == [elsewhere, other]
 
 
 _FAILING_SAVE = """

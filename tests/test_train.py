@@ -675,7 +675,7 @@ def test_a_log_gets_heartbeat_lines_and_sigterm_stops_like_ctrl_c(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
 
 
-def test_a_resumed_student_keeps_the_teacher_it_started_with(runs, tiny_prep_dir, tmp_path):
+def test_a_resumed_student_keeps_the_teacher_it_started_with(runs, tiny_prep_dir, tmp_path, capsys):
     """An audit: a student resumed (or rerun) with another --teacher went on in silence, and
     its teacher.json then named only the second teacher."""
     student = tmp_path / "student"
@@ -699,3 +699,46 @@ def test_a_resumed_student_keeps_the_teacher_it_started_with(runs, tiny_prep_dir
         "started with"
     )
     assert json.loads((student / run_dir.TEACHER_FILE).read_text()) == recorded  # untouched
+    # The moved teacher, as if killed before its end: which checkpoint it gives is said.
+    metrics = moved / run_dir.METRICS_FILE
+    kept = [ln for ln in metrics.read_text().splitlines() if '"final"' not in ln]
+    metrics.write_text("\n".join(kept) + "\n")
+    capsys.readouterr()
+    train_lib.train_and_evaluate(cfg, student, teacher_workdir=moved)
+    err = capsys.readouterr().err
+    assert f"warning: the teacher {moved}: training reached its last step" in err
+    assert f"; distilling from its checkpoint at step {steps[-1]}" in err
+
+
+def test_settings_the_run_never_reads_get_a_note(tiny_prep_dir, capsys):
+    """An audit: `--loss kd --config.kd.beta=2` (train.py's own --help example), kd.* for a
+    teacher and model.teacher.* for a student were accepted without a word; a missing '='
+    (`--config.optim.num_epochs 3`) was "unrecognized arguments: 3"."""
+
+    def notes(role, loss, *fields):
+        cfg = config_lib.apply_overrides(
+            config_lib.get_config("tiny"), [f"model.role={role}", f"kd.loss={loss}"]
+        )
+        return train_cli._unused_override_notes(cfg, [f"--config.{f}=1" for f in fields])
+
+    every_kd = ("kd.alpha", "kd.beta", "kd.kd_weight", "kd.temperature", "kd.ce_weight")
+    assert notes("student", "dkd", *every_kd) == [
+        "--config.kd.kd_weight: not used (kd.loss='dkd' does not use it)"
+    ]
+    assert [n.split(":")[0] for n in notes("student", "kd", *every_kd)] == [
+        "--config.kd.alpha",
+        "--config.kd.beta",
+    ]
+    assert len(notes("student", "tckd", *every_kd)) == 2  # beta, kd_weight
+    assert len(notes("student", "ce", *every_kd, "kd.warmup_epochs")) == 6
+    assert notes("teacher", "dkd", "kd.beta", "model.student.attention_heads", "optim.seed") == [
+        "--config.kd.beta: not used (a teacher trains on CE alone)",
+        "--config.model.student.attention_heads: not used (a teacher trains model.teacher)",
+    ]
+    (note,) = notes("student", "dkd", "model.teacher.attention_heads", "model.student.preset")
+    assert note.startswith("--config.model.teacher.attention_heads: not used (a student distils")
+    with pytest.raises(SystemExit):
+        train_cli.main(["--data", str(tiny_prep_dir), "--workdir", "w",
+                        "--config.optim.num_epochs", "3"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--config.optim.num_epochs 3: write --config.optim.num_epochs=3 (with '=')" in err
