@@ -18,6 +18,7 @@ the softmax of the mean window logits. Streams are in :mod:`dkd_jax.streaming`;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -96,6 +97,9 @@ def _check_card(path: Path, card: dict[str, Any]) -> None:
         isinstance(labels, list) and len(labels) >= 2 and all(isinstance(n, str) for n in labels)
     ):
         raise DeployError(f"{path}: label_names must be a list of at least 2 names, got {labels!r}")
+    repeated = sorted({n for n in labels if labels.count(n) > 1})
+    if repeated:  # one probability column per name: a repeat would hide a class
+        raise DeployError(f"{path}: label_names repeats {', '.join(map(repr, repeated))}")
     try:
         cfg = feature_config(card)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -162,10 +166,16 @@ class OnnxClassifier:
         if not path.exists():
             raise DeployError(f"{path}: missing")
         try:  # onnxruntime would say only "system error number 13"
-            with open(path, "rb"):
-                pass
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as e:
             raise DeployError(f"{path}: cannot read it ({e.strerror or e})") from None
+        recorded = self.card["files"]["onnx"].get("sha256")
+        if recorded and hashlib.sha256(data).hexdigest() != recorded:
+            raise DeployError(
+                f"{path}: its sha256 is not the one {CARD_FILE} records: the file changed after "
+                "the export (damaged, or replaced by another model's); export the run again"
+            )
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3

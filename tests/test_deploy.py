@@ -795,3 +795,26 @@ def test_a_model_folder_that_is_missing_and_an_export_given_as_a_workdir(tmp_pat
     assert eval_cli.main(["predict", "--workdir", model, str(wav)]) == 2
     err = capsys.readouterr().err
     assert f"({model} is an exported folder: use --model {model})" in err, err
+
+
+def test_a_card_with_repeated_labels_or_a_changed_model_file_is_refused(tmp_path, capsys):
+    """An audit: repeated label names were accepted (the repeat's probability column hid the
+    other class), and the sha256 each export records was never compared."""
+    import hashlib
+
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = helpers_export.band_model_folder(tmp_path / "band")
+    card_path = model / "model.json"
+    card = json.loads(card_path.read_text())
+    onnx_bytes = (model / "model.onnx").read_bytes()
+    card["files"]["onnx"]["sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+    card_path.write_text(json.dumps(card))
+    deploy.OnnxClassifier(model)  # the recorded digest: fine
+    (model / "model.onnx").write_bytes(onnx_bytes + b"\0")
+    with pytest.raises(deploy.DeployError, match=r"its sha256 is not the one model\.json records"):
+        deploy.OnnxClassifier(model)
+    (model / "model.onnx").write_bytes(onnx_bytes)
+    card["label_names"] = ["low", "mid", "low", "top"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(deploy.DeployError, match="label_names repeats 'low'"):
+        deploy.load_card(model)
