@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         how = "the same command without --overwrite" if args.overwrite else "the same command"
         print(f"train.py: {what}; rerun {how} to resume", file=sys.stderr)
         return status
+    if result["test"] is None and cfg.data.protocol == "none":
+        print(
+            "train.py: note: data.protocol='none' holds out nothing, so there are no test "
+            "scores and no results.json",
+            file=sys.stderr,
+        )
     summary = {k: result[k] for k in ("step", "epoch", "test", "best_validation")}
     if summary["test"]:
         summary["test"] = {k: summary["test"][k] for k in ("wa", "ua", "num_utterances")}

@@ -742,3 +742,22 @@ def test_settings_the_run_never_reads_get_a_note(tiny_prep_dir, capsys):
                         "--config.optim.num_epochs", "3"])  # fmt: skip
     err = capsys.readouterr().err
     assert "--config.optim.num_epochs 3: write --config.optim.num_epochs=3 (with '=')" in err
+
+
+def test_a_run_without_a_test_set_says_why_it_has_no_scores(
+    tiny_prep_dir, tmp_path, capsys, monkeypatch
+):
+    """An audit: `--config.data.protocol=none` printed `"test": null` and wrote no
+    results.json without a word (the training itself is train_lib's, tested elsewhere)."""
+    seen = {}
+
+    def trained(cfg, workdir, **kwargs):
+        seen["protocol"] = cfg.data.protocol
+        return {"step": 4, "epoch": 2, "test": None, "best_validation": None}
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", trained)
+    argv = ["--data", str(tiny_prep_dir), "--workdir", str(tmp_path / "w"), "--preset", "tiny"]
+    assert train_cli.main([*argv, "--role", "teacher", "--config.data.protocol=none"]) == 0
+    out, err = capsys.readouterr()
+    assert seen["protocol"] == "none" and json.loads(out)["test"] is None
+    assert "note: data.protocol='none' holds out nothing, so there are no test scores" in err
