@@ -231,14 +231,19 @@ def test_mixup_mixes_label_terms():
     t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     ya, yb = jnp.asarray([0, 1, 2, 3, 0]), jnp.asarray([1, 1, 3, 0, 2])
     lam = jnp.asarray([1.0, 0.3, 0.5, 0.9, 0.0])
-    terms = objective.loss_terms(s, t, ya, yb, lam, temperature=4.0)
-    ce = lam * losses.cross_entropy(s, ya) + (1 - lam) * losses.cross_entropy(s, yb)
+
+    @jax.jit  # one program: eagerly, each operation of the losses compiles on its own
+    def both(s, t, ya, yb, lam):
+        terms = objective.loss_terms(s, t, ya, yb, lam, temperature=4.0)
+        ce = lam * losses.cross_entropy(s, ya) + (1 - lam) * losses.cross_entropy(s, yb)
+        d = lam * losses.dkd_loss(s, t, ya) + (1 - lam) * losses.dkd_loss(s, t, yb)
+        got = objective.objective(terms, _weights("dkd"), 1.0) - terms["ce"]
+        return terms, ce, d, got, losses.kd_loss(s, t)
+
+    terms, ce, d, got, kd = both(s, t, ya, yb, lam)
     np.testing.assert_allclose(terms["ce"], ce, rtol=1e-6)
-    d = lam * losses.dkd_loss(s, t, ya) + (1 - lam) * losses.dkd_loss(s, t, yb)
-    w = _weights("dkd")
-    got = objective.objective(terms, w, 1.0) - terms["ce"]
     np.testing.assert_allclose(got, d, rtol=1e-5)
-    np.testing.assert_allclose(terms["kd"], losses.kd_loss(s, t), rtol=1e-6)  # label-free
+    np.testing.assert_allclose(terms["kd"], kd, rtol=1e-6)  # label-free
 
 
 # ---------------------------------------------------------------------------------------------
