@@ -133,7 +133,7 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
     groups: list[str | None] = [None] * len(files)
     for name, *members in args.group:
         if not members:
-            parser.error(f"--group {name} names no file (use --group NAME FILE [FILE ...])")
+            parser.error(f"--group {name} names no file (use --group SPEAKER FILE [FILE ...])")
         for member in members:
             # A member that does not exist is most often the next speaker's name (--group s1
             # a.wav s2 b.wav puts b.wav into s1): refused before it moves s1's statistics.
@@ -226,7 +226,10 @@ def _json_target_problem(path: str) -> str | None:
 
 def _predict_main(argv: list[str]) -> int:
     parser = _predict_parser()
-    args = parser.parse_intermixed_args(argv)  # files may follow an option: a.wav --json o b.wav
+    # Files may follow an option (a.wav --json o b.wav); intermixed parsing cannot take `--`
+    # (a file named like an option: -- -x.wav), which the plain parse still does.
+    parse = parser.parse_args if "--" in argv else parser.parse_intermixed_args
+    args = parse(argv)
     if args.model and args.cpu_devices is not None:
         parser.error("--cpu-devices splits JAX's CPU (--workdir); with --model use --threads")
     _check_predict_options(args, parser)

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from dkd_jax import cli_args
 
@@ -38,12 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_jax import config as config_lib
     from dkd_jax import distributed, jsonio, records, train_lib
 
+    cfg = None
     try:
+        cfg = _setup(args, rest)
+        # No progress bar where stderr is no terminal (nohup, SLURM, `2> log`): a line there
+        # every HEARTBEAT_SECONDS instead, so a log never goes quiet for long.
+        quiet_log = cfg.train.progress and not sys.stderr.isatty()
+        # After _setup: jax.distributed.initialize installs JAX's preemption notifier, a
+        # SIGTERM handler that only logs; this one replaces it (a multi-host run stops too).
         with cli_args.sigterm_as_interrupt():
-            cfg = _setup(args, rest)
-            # No progress bar where stderr is no terminal (nohup, SLURM, `2> log`): a line
-            # there every HEARTBEAT_SECONDS instead, so a log never goes quiet for long.
-            quiet_log = cfg.train.progress and not sys.stderr.isatty()
             result = train_lib.train_and_evaluate(
                 cfg,
                 args.workdir,
@@ -79,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         what, status = cli_args.stopped_message(e)
-        # --overwrite would delete what this run saved: the command that resumes goes without
-        how = "the same command without --overwrite" if args.overwrite else "the same command"
-        print(f"train.py: {what}; rerun {how} to resume", file=sys.stderr)
+        print(f"train.py: {what}; rerun {_resume_command(args, cfg)} to resume", file=sys.stderr)
         return status
     if result["test"] is None and cfg.data.protocol == "none":
         print(
@@ -94,6 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         summary["test"] = {k: summary["test"][k] for k in ("wa", "ua", "num_utterances")}
     print(json.dumps(summary))
     return 0
+
+
+def _resume_command(args: argparse.Namespace, cfg) -> str:
+    """The command that resumes a stopped run: the same one, but without --overwrite once the
+    new run has replaced the old one (it would delete what the new run saved). Stopped before
+    that, the old run is still there and --overwrite is still needed."""
+    if not args.overwrite or cfg is None:
+        return "the same command"
+    from dkd_jax import run_dir
+
+    try:
+        replaced = (Path(args.workdir) / run_dir.CONFIG_FILE).is_file() and not (
+            run_dir.config_changes(args.workdir, cfg)
+        )
+    except run_dir.RunDirError:
+        replaced = False
+    return "the same command without --overwrite" if replaced else "the same command"
 
 
 HEARTBEAT_SECONDS = 60.0

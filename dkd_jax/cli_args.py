@@ -61,8 +61,8 @@ def sigterm_as_interrupt():
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python (JAX's preemption notifier), not restorable
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def stopped_message(error: KeyboardInterrupt) -> tuple[str, int]:

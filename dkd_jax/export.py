@@ -362,8 +362,9 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
         return None
     res_best = res.get("checkpoint") == "best-by-validation"
     aggregation = res.get("aggregation")
+    same_checkpoint = res.get("step") == step and res_best == best
     why = None
-    if res.get("step") != step or res_best != best:
+    if not same_checkpoint:
         scored = "best-by-validation, step" if res_best else "step"
         why = f"results.json scored {scored} {res.get('step')}, not this export's checkpoint"
     elif aggregation is not None and "logits" not in str(aggregation):
@@ -372,7 +373,7 @@ def _test_scores(workdir: Path, step: int, best: bool) -> dict[str, Any] | None:
         "split": run_dir.split_name(res),
         "aggregation": aggregation,
         "scored_step": res.get("step"),
-        "same_checkpoint": why is None,
+        "same_checkpoint": same_checkpoint,
     }
     if why is not None:
         return {**info, "not_this_model": why}
@@ -635,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = ", ".join(f["path"] for f in card["files"].values())
     test = card["test"]
     scores = ""
-    if test and test["same_checkpoint"]:
+    if test and "wa" in test:
         scores = f"; test WA {100 * test['wa']:.2f} %, UA {100 * test['ua']:.2f} %"
     check = card["export_check"]
     diffs = ", ".join(f"{fmt} {d:.2g}" for fmt, d in check["max_abs_logit_difference"].items())
@@ -644,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{card['model']['num_parameters']:,} parameters{scores}); max |logit difference| vs "
         f"Flax: {diffs} (largest |logit| {check['max_abs_logit']:.3g})"
     )
-    if test and not test["same_checkpoint"]:
+    if test and "not_this_model" in test:
         print(f"{_PROG}: note: no test WA/UA in {CARD_FILE}: {test['not_this_model']}")
     return 0
 

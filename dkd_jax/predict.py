@@ -135,9 +135,13 @@ def unique_inputs(
         if key in seen:
             first, first_group = seen[key]
             if first_group != group:
+
+                def where(g):
+                    return f"in speaker group {g}" if g else "without a speaker group"
+
                 error = (
-                    f"{path}: listed in two speaker groups ({first_group or 'none'} as {first}, "
-                    f"{group or 'none'}): a file can be normalised as one speaker only"
+                    f"{path}: listed {where(first_group)} (as {first}) and {where(group)}: a "
+                    "file can be normalised as one speaker only"
                 )
                 return [], [], [], error
             repeats.append(path if path == first else f"{path} (= {first})")
@@ -161,7 +165,7 @@ def ungrouped_warning(
     if not alone:
         return None
     how = (
-        "Name the files of one speaker with --group NAME FILE ... (or --groups CSV with "
+        "Name the files of one speaker with --group SPEAKER FILE ... (or --groups CSV with "
         "path,speaker) to normalise them together, as the run did"
     )
     if len(alone) == len(paths):

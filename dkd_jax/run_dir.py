@@ -32,6 +32,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -90,6 +91,7 @@ _RUN_FILES = (
     CONFUSION_FILE,
 )
 _RUN_DIRS = (CHECKPOINT_DIR, BEST_DIR, TENSORBOARD_DIR)
+EXPORT_CARD_FILE = "model.json"  # export.CARD_FILE (export imports this module; tested equal)
 
 RESUME_COMPATIBLE = frozenset(
     {
@@ -245,6 +247,19 @@ def holder_text(holder: Mapping[str, Any]) -> str:
     return _holder_text(holder)
 
 
+def release_held_locks() -> None:
+    """Removes every lock file this process holds, before it exits without unwinding (the
+    experiment runner's ``os._exit`` on Ctrl-C or SIGTERM leaves the runs of its other threads
+    mid-block: their lock files, naming this host, would refuse a job requeued elsewhere)."""
+    for key, (fd, _) in list(_HELD.items()):
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.unlink(key)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> Iterator[None]:
     """Holds the workdir's lock for the duration of the block (creating the workdir).
@@ -287,11 +302,11 @@ def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> It
     try:
         yield
     finally:
-        del _HELD[key]
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            path.unlink()
-        os.close(fd)
+        if _HELD.pop(key, None) is not None:  # else release_held_locks did it already
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                path.unlink()
+            os.close(fd)
         if created:  # e.g. a bad --config.data.fold refused before any file: leave no empty dir
             with contextlib.suppress(OSError):
                 workdir.rmdir()  # only when empty
@@ -306,9 +321,10 @@ def load_config(workdir: str | os.PathLike) -> config_lib.Config:
     """The resolved config of a workdir (RunDirError naming the file when missing or bad)."""
     path = Path(workdir) / CONFIG_FILE
     if not path.exists():
-        if (Path(workdir) / "model.json").is_file():  # export.CARD_FILE (export uses this module)
+        if (Path(workdir) / EXPORT_CARD_FILE).is_file():
             raise RunDirError(
-                f"{path}: missing ({workdir} is an exported folder: use --model {workdir})"
+                f"{path}: missing ({workdir} is an exported folder, not a training run: "
+                f"`eval.py predict --model {workdir}` predicts with it)"
             )
         raise RunDirError(f"{path}: missing (not a training workdir, or the run never started)")
     try:
@@ -340,12 +356,13 @@ def prepare_workdir(
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"{workdir}: exists and is not a directory")
     cfg_path = workdir / CONFIG_FILE
-    foreign = _foreign_run_names(workdir)
-    if foreign:  # --overwrite deletes a run's names: not another project's files of those names
-        raise WorkdirError(
-            f"{workdir}: {'; '.join(foreign)}: not a dkd-jax run's, and --overwrite would delete "
-            "it; use another --workdir"
-        )
+    if overwrite or (not cfg_path.exists() and (workdir / CHECKPOINT_DIR).exists()):
+        foreign = _foreign_run_names(workdir)
+        if foreign:  # --overwrite deletes a run's names: not another project's files of them
+            raise WorkdirError(
+                f"{workdir}: {'; '.join(foreign)}: not a dkd-jax run's, and --overwrite would "
+                "delete it; use another --workdir"
+            )
     if overwrite:
         if clear:
             clear_run(workdir)
@@ -388,7 +405,9 @@ def _foreign_run_names(workdir: Path) -> list[str]:
         folder = workdir / name
         if folder.is_dir() and not folder.is_symlink():
             # orbax writes step folders (``15``, and ``15.orbax-checkpoint-tmp-…`` while saving)
-            other = sorted(p.name for p in folder.iterdir() if not p.name[:1].isdigit())
+            other = sorted(
+                p.name for p in folder.iterdir() if not (p.name[:1].isdigit() or p.name[:1] == ".")
+            )
             if other:
                 shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
                 out.append(f"{name}/ holds {shown}")
@@ -568,8 +587,23 @@ def load_normalization(
 
 
 def write_teacher(workdir: str | os.PathLike, record: Mapping[str, Any]) -> Path:
-    """Writes ``teacher.json`` (a student's teacher: workdir, step, config hash, model, mode)."""
+    """Writes ``teacher.json`` (a student's teacher: workdir, step, weights digest, model,
+    mode)."""
     return jsonio.write_json(Path(workdir) / TEACHER_FILE, dict(record))
+
+
+def variables_digest(variables: Mapping[str, Any]) -> str:
+    """``sha256:`` of a model's variables (every array's path, dtype, shape and bytes): who a
+    teacher is, wherever its folder lies and whatever version wrote its files."""
+    import jax
+
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
+        array = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}\n".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def load_teacher(workdir: str | os.PathLike) -> dict[str, Any] | None:

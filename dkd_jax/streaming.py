@@ -359,9 +359,7 @@ MP3_FRAME_SAMPLES = 1152
 """Samples per MPEG-1 Layer III frame (MPEG-2/2.5 frames hold 576): an MP3 is read in whole
 frames, as only those reads give a whole-file read's samples (libsndfile 1.2.2)."""
 
-_MPG123_NOISE = re.compile(
-    rb"^\[src/libmpg123/layer3\.c:[^\]]*\] error: part2_3_length \(\d+\) too large"
-)
+_MPG123_NOISE = re.compile(rb"^\[[^\]]*\] error: part2_3_length \(\d+\) too large")
 
 
 class _Mpg123Noise:
@@ -654,12 +652,13 @@ def _naming(source: str):
 
 def _warn_about_input(args, source: str, rate: int, in_rate: int | None) -> None:
     """The warnings file mode gives about the input, said before the first row: a band-limited
-    recording, a file cut short (a stream cannot wait for its end to say it)."""
+    recording, a file cut short (a stream cannot wait for its end to say it). ``in_rate``:
+    stdin's ``--rate`` (None: a file, whose header gives its rate)."""
     # Only a regular file: reading a pipe's header here (/dev/stdin, <(...)) would take bytes
     # that the stream then misses.
     regular = args.stream != "-" and os.path.isfile(args.stream)
     cut = file_damage.damage_note(args.stream) if regular else None
-    source_rate = in_rate if args.stream == "-" else _file_rate(args.stream, regular)
+    source_rate = in_rate if in_rate is not None else _file_rate(args.stream, regular)
     low = band_limit_warning(source, source_rate, rate) if source_rate else None
     if low:
         print(f"eval.py: warning: {low}", file=sys.stderr)
@@ -693,9 +692,8 @@ def stream_cli(args) -> int:
         # stream refused at once gets its error alone, not warnings that the error contradicts.
         first = []
         with _naming(source):
-            for (
-                block
-            ) in blocks:  # up to the first samples (a resampler's first blocks can be empty)
+            # up to the first samples (a resampler's first blocks can be empty)
+            for block in blocks:
                 first.append(block)
                 if block.size:
                     break

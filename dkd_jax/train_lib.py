@@ -412,9 +412,9 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
 
 
 def _check_same_teacher(workdir: Path, tdir: Path, restored) -> None:
-    """A resumed (or rerun) student distils from the teacher it started with: the same config
-    and checkpoint step, wherever it lies now. Another teacher (another --teacher, or the same
-    folder retrained or trained on since) would make a student of two teachers, and its
+    """A resumed (or rerun) student distils from the teacher it started with: the same weights
+    (their digest), wherever the teacher lies now. Another teacher (another --teacher, or the
+    same folder retrained or trained on since) would make a student of two teachers, and its
     teacher.json would name only the second."""
     try:
         old = run_dir.load_teacher(workdir)
@@ -422,18 +422,16 @@ def _check_same_teacher(workdir: Path, tdir: Path, restored) -> None:
         raise TeacherMismatchError(f"{e}; use --overwrite to start the student again") from None
     if old is None:
         return
-    now = {"step": int(restored.step), "config_hash": config_lib.config_hash(restored.config)}
-    if "config_hash" in old:
-        same = old.get("step") == now["step"] and old["config_hash"] == now["config_hash"]
-    else:  # recorded before teacher.json held the config hash (the folder may have moved)
-        same = old.get("step") == now["step"]
+    step = int(restored.step)
+    if "weights_digest" in old:
+        same = old["weights_digest"] == run_dir.variables_digest(restored.variables)
+    else:  # recorded before teacher.json held the digest (its model dict may predate fields)
+        same = old.get("step") == step
     if not same:
-        other_config = old.get("config_hash", now["config_hash"]) != now["config_hash"]
         raise TeacherMismatchError(
             f"{workdir} was distilled from the teacher {old.get('workdir')} (step "
-            f"{old.get('step')}); --teacher {tdir} is another (step {now['step']}"
-            f"{', another config' if other_config else ''}): resume with the teacher it "
-            "started with, or --overwrite to start the student again"
+            f"{old.get('step')}); --teacher {tdir} (step {step}) has other weights: resume "
+            "with the teacher it started with, or --overwrite to start the student again"
         )
 
 
@@ -601,7 +599,7 @@ def _write_run_files(run: _Run, teacher: _Teacher) -> None:
             {
                 "workdir": str(teacher.workdir.absolute()),
                 "step": teacher.run.step,
-                "config_hash": config_lib.config_hash(teacher.run.config),
+                "weights_digest": run_dir.variables_digest(teacher.run.variables),
                 "model": config_lib.to_dict(teacher.run.config)["model"],
                 "mode": teacher.mode,
             },

@@ -664,7 +664,9 @@ def _tone_files(tmp_path, count):
     return paths
 
 
-def test_group_usage_files_anywhere_and_a_group_member_that_is_no_file(tmp_path, capsys):
+def test_group_usage_files_anywhere_and_a_group_member_that_is_no_file(
+    tmp_path, capsys, monkeypatch
+):
     """An audit: the usage read `--group NAME FILE [NAME FILE ...]`, and following it (--group
     s1 a.wav s2 b.wav) put b.wav into s1's statistics before s2 failed as a file; a file after
     another option (a.wav --json o.json b.wav) was "unrecognized arguments"."""
@@ -682,6 +684,10 @@ def test_group_usage_files_anywhere_and_a_group_member_that_is_no_file(tmp_path,
     rc = eval_cli.main(["predict", "--model", model, a, "--json", str(out_json), b])
     out, err = capsys.readouterr()
     assert rc == 0 and [f["path"] for f in json.loads(out_json.read_text())["files"]] == [a, b]
+    shutil.copy(a, tmp_path / "-x.wav")  # a file named like an option still comes after `--`
+    monkeypatch.chdir(tmp_path)
+    rc = eval_cli.main(["predict", "--model", model, "--json", str(out_json), "--", "-x.wav"])
+    assert rc == 0 and json.loads(out_json.read_text())["files"][0]["path"] == "-x.wav"
 
 
 def test_files_without_a_group_and_repeated_files_are_said(tmp_path, capsys):
@@ -695,7 +701,7 @@ def test_files_without_a_group_and_repeated_files_are_said(tmp_path, capsys):
     got = deploy.predict_files(model, [a, b, c], groups=[None, "s1", "s1"])
     (warning,) = got["warnings"]
     assert "but 1 of 3 files have no speaker group (" + a + "): each of them" in warning
-    assert "--group NAME FILE" in warning
+    assert "--group SPEAKER FILE" in warning
     grouped = deploy.predict_files(model, [a, b, c], groups=["s0", "s1", "s1"])
     assert grouped["warnings"] == []
     once = deploy.predict_files(model, [b, c], groups=["s1", "s1"])
@@ -704,10 +710,17 @@ def test_files_without_a_group_and_repeated_files_are_said(tmp_path, capsys):
     assert [f["path"] for f in twice["files"]] == [b, c]
     assert twice["warnings"] == [f"listed more than once, scored once: {c}, {same_c} (= {c})"]
     _assert_same_predictions(twice, once, tol=0.0)  # the repeat did not weigh in the group
-    with pytest.raises(deploy.DeployError, match=f"^{c}: listed in two speaker groups"):
+    with pytest.raises(deploy.DeployError) as e:
         deploy.predict_files(model, [b, c, c], groups=["s1", "s1", "s2"])
+    assert str(e.value) == (
+        f"{c}: listed in speaker group s1 (as {c}) and in speaker group s2: a file can be "
+        "normalised as one speaker only"
+    )
     rc = eval_cli.main(["predict", "--model", model, b, "--group", "s1", b])
-    assert rc == 2 and "listed in two speaker groups (none as" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and f"{b}: listed without a speaker group (as {b}) and in speaker group s1" in err
+    )
     names = [f"f{k}.wav" for k in range(7)]
     many = predict.ungrouped_warning("the run was trained", names, [None] * 6 + ["s"])
     assert (
@@ -794,7 +807,10 @@ def test_a_model_folder_that_is_missing_and_an_export_given_as_a_workdir(tmp_pat
     assert f"{wav}: not a folder" in capsys.readouterr().err
     assert eval_cli.main(["predict", "--workdir", model, str(wav)]) == 2
     err = capsys.readouterr().err
-    assert f"({model} is an exported folder: use --model {model})" in err, err
+    assert f"({model} is an exported folder, not a training run: `eval.py predict --model " in err
+    from dkd_jax import run_dir as run_dir_lib
+
+    assert run_dir_lib.EXPORT_CARD_FILE == export.CARD_FILE
 
 
 def test_a_card_with_repeated_labels_or_a_changed_model_file_is_refused(tmp_path, capsys):

@@ -996,3 +996,13 @@ def test_a_baseline_fit_shared_by_the_seeds_of_a_fold_counts_once(exp, tmp_path)
     was = exp[1]["models"]["baseline"]  # the fixture's experiment: seed 0 only
     assert stats["runs"] == 2 and stats["wa"] == was["wa"] and stats["ua"] == was["ua"]
     assert stats["pooled_confusion_matrix"] == was["pooled_confusion_matrix"]
+    # A validation fit next to the test fit in one seed only (a --validation-only pass cut
+    # short): the test fit still counts once.
+    val = json.loads(fits[0]) | {"fingerprint": "validation fit", "wa": 0.25}
+    path = checks.baseline_file(copy, "fold0-seed0", "baseline", validation=True)
+    path.write_text(json.dumps(val))
+    rows = report.collect_baselines(copy, plans)
+    assert [(r["group"], r["wa"], r["val_wa"]) for r in rows] == [
+        ("fold0-seed0", json.loads(fits[0])["wa"], 0.25),
+        ("fold1-seed0", json.loads(fits[1])["wa"], None),
+    ]

@@ -205,6 +205,21 @@ def test_another_projects_files_of_a_runs_names_are_never_overwritten(tmp_path, 
         with pytest.raises(run_dir.WorkdirError, match=r"config\.json holds none of a run config"):
             run_dir.prepare_workdir(project, cfg, overwrite=True)
         assert (project / run_dir.CONFIG_FILE).read_text() == text
+    # A hidden file in a run's checkpoints/ (.DS_Store) blocks neither a resume nor --overwrite.
+    shutil.rmtree(project)
+    run = tmp_path / "run"
+    (run / run_dir.CHECKPOINT_DIR / "7").mkdir(parents=True)
+    (run / run_dir.CHECKPOINT_DIR / ".DS_Store").write_bytes(b"")
+    run_dir.write_config(run, cfg)
+    assert run_dir.prepare_workdir(run, cfg, overwrite=False) is True
+    assert run_dir.prepare_workdir(run, cfg, overwrite=True, clear=False) is False
+    # Another project's checkpoints/ without a config.json: refused without --overwrite too,
+    # never with the advice to use it.
+    shutil.rmtree(run)
+    (project / run_dir.CHECKPOINT_DIR / "resnet").mkdir(parents=True)
+    with pytest.raises(run_dir.WorkdirError, match="checkpoints/ holds resnet: not a dkd-jax"):
+        run_dir.prepare_workdir(project, cfg, overwrite=False)
+    shutil.rmtree(project / run_dir.CHECKPOINT_DIR)
     # A run's own damaged config.json and its step folders (one being saved) stay replaceable.
     (project / run_dir.CONFIG_FILE).write_text('{"data": {"fold": ')
     (project / run_dir.CHECKPOINT_DIR / "15.orbax-checkpoint-tmp-3").mkdir(parents=True)
@@ -213,6 +228,19 @@ def test_another_projects_files_of_a_runs_names_are_never_overwritten(tmp_path, 
         run_dir.prepare_workdir(project, cfg, overwrite=False)
     assert run_dir.prepare_workdir(project, cfg, overwrite=True, clear=True) is False
     assert not (project / run_dir.CHECKPOINT_DIR).exists()
+
+
+def test_held_locks_are_released_before_an_exit_without_unwinding(tmp_path):
+    """The experiment runner's os._exit on Ctrl-C or SIGTERM (--jobs: runs on other threads)
+    left their lock files behind, naming this host: a job requeued elsewhere was refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    with run_dir.locked(a, "training"), run_dir.locked(b, "training"):
+        assert (a / run_dir.LOCK_FILE).exists() and (b / run_dir.LOCK_FILE).exists()
+        run_dir.release_held_locks()
+        assert not (a / run_dir.LOCK_FILE).exists() and not (b / run_dir.LOCK_FILE).exists()
+    # the blocks then end without an error (the lock is gone already)
+    with run_dir.locked(a, "training"):  # and the folder can be locked again
+        assert (a / run_dir.LOCK_FILE).exists()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):

@@ -664,14 +664,26 @@ def test_a_log_gets_heartbeat_lines_and_sigterm_stops_like_ctrl_c(
         time.sleep(30)  # the handler raises here
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(train_lib, "_build_state", terminated)
-    for extra, how in (([], ""), (["--overwrite"], " without --overwrite")):
-        rc = train_cli.main([*argv, *extra])
+    # Where it stops decides the way to resume: with --overwrite, stopped before the old run
+    # was replaced (here: loading the data), --overwrite is still needed; once the new run
+    # wrote its config (here: its epochs), rerunning with --overwrite would delete it.
+    config = (teacher / run_dir.CONFIG_FILE).read_text()
+    lr = ["--config.optim.learning_rate=0.005"]
+    for where, extra, how in (
+        ((train_lib, "_build_state"), [], ""),
+        ((train_lib.input_pipeline, "load_run_data"), ["--overwrite", *lr], ""),
+        ((train_lib, "_run_epochs"), ["--overwrite"], " without --overwrite"),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(*where, terminated)
+            rc = train_cli.main([*argv, *extra])
         err = capsys.readouterr().err
         assert rc == 128 + signal.SIGTERM
         last = err.strip().splitlines()[-1]
         assert last == f"train.py: terminated (SIGTERM); rerun the same command{how} to resume"
         assert not (teacher / run_dir.LOCK_FILE).exists()  # released
+        if extra[1:] == lr:
+            assert (teacher / run_dir.CONFIG_FILE).read_text() == config  # not replaced yet
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
 
 
@@ -682,7 +694,7 @@ def test_a_resumed_student_keeps_the_teacher_it_started_with(runs, tiny_prep_dir
     shutil.copytree(runs["root"] / "student_on", student)
     recorded = json.loads((student / run_dir.TEACHER_FILE).read_text())
     teacher = run_dir.restore_run(runs["root"] / "teacher")
-    assert recorded["config_hash"] == config_lib.config_hash(teacher.config)
+    assert recorded["weights_digest"] == run_dir.variables_digest(teacher.variables)
     moved = tmp_path / "moved_teacher"  # the same teacher elsewhere: accepted
     shutil.copytree(runs["root"] / "teacher", moved)
     train_lib._check_same_teacher(student, moved, run_dir.restore_run(moved))
@@ -695,10 +707,27 @@ def test_a_resumed_student_keeps_the_teacher_it_started_with(runs, tiny_prep_dir
         train_lib.train_and_evaluate(cfg, student, teacher_workdir=earlier)
     assert str(e.value).startswith(
         f"{student} was distilled from the teacher {recorded['workdir']} (step {steps[-1]}); "
-        f"--teacher {earlier} is another (step {steps[-2]}): resume with the teacher it "
-        "started with"
+        f"--teacher {earlier} (step {steps[-2]}) has other weights: resume with the teacher "
+        "it started with"
     )
     assert json.loads((student / run_dir.TEACHER_FILE).read_text()) == recorded  # untouched
+    # A teacher.json of an earlier version (no digest): the step decides.
+    legacy = {k: v for k, v in recorded.items() if k != "weights_digest"}
+    (student / run_dir.TEACHER_FILE).write_text(json.dumps(legacy))
+    train_lib._check_same_teacher(student, moved, run_dir.restore_run(moved))
+    with pytest.raises(train_lib.TeacherMismatchError, match="has other weights"):
+        train_lib._check_same_teacher(student, earlier, run_dir.restore_run(earlier))
+    (student / run_dir.TEACHER_FILE).write_text(json.dumps(recorded))
+    # The damaged newest checkpoint of a teacher: train.py has no --step to suggest.
+    damaged = tmp_path / "damaged_teacher"
+    shutil.copytree(runs["root"] / "teacher", damaged)
+    for f in (damaged / run_dir.CHECKPOINT_DIR / str(steps[-1])).rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(train_lib.TeacherMismatchError) as e:
+        train_lib.train_and_evaluate(cfg, tmp_path / "new_student", teacher_workdir=damaged)
+    assert "unreadable checkpoint" in str(e.value) and "--step" not in str(e.value)
+    assert f"aside to use step {steps[-2]}, or retrain the run" in str(e.value)
     # The moved teacher, as if killed before its end: which checkpoint it gives is said.
     metrics = moved / run_dir.METRICS_FILE
     kept = [ln for ln in metrics.read_text().splitlines() if '"final"' not in ln]

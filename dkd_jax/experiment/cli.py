@@ -156,6 +156,7 @@ def guarded(tool: str, command) -> int:
         print(f"{what}: run the same command again to resume", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
+        run_dir.release_held_locks()  # those of the runs still on other threads (--jobs)
         os._exit(status)  # concurrent groups (--jobs) run on threads that would finish their run
     except OSError as e:
         print(f"{tool}: error: {jsonio.describe_os_error(e)}", file=sys.stderr)

@@ -178,11 +178,17 @@ def collect_baselines(exp_dir: Path, plans: Sequence[RunPlan]) -> list[dict[str,
             if not found:
                 continue
             test, val = found.get(False) or {}, found.get(True) or {}
-            fit = (model, test.get("fingerprint"), val.get("fingerprint"))
-            if fit[1:] != (None, None):
-                if fit in seen:
-                    continue
-                seen.add(fit)
+            # Each fit on its own: a test fit already counted is left out of this row even when
+            # its validation fit is new (a --validation-only pass of some seeds only).
+            if (model, "test", test.get("fingerprint")) in seen:
+                test = {}
+            if (model, "val", val.get("fingerprint")) in seen:
+                val = {}
+            for kind, fit in (("test", test), ("val", val)):
+                if fit.get("fingerprint") is not None:
+                    seen.add((model, kind, fit["fingerprint"]))
+            if not test and not val:
+                continue
             rows.append(
                 {
                     "group": plan.group,
