@@ -625,6 +625,11 @@ def _default_threads() -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import benchjson  # bench/ is on sys.path (above); tests import this module by path
+
+    if problem := benchjson.out_problem(args.out):
+        print(f"compare_torch.py: error: {problem}", file=sys.stderr)
+        return 2
     if args.table:
         reports = []
         for path in args.table:
@@ -678,10 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             _fail(f"the child for --threads {threads} failed (exit {proc.returncode}); see above")
         report["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    import benchjson  # bench/ is on sys.path (above); tests import this module by path
-
     print(markdown_table([report]), file=sys.stderr)
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(
+        report, args.out, command=benchjson.command_line("compare_torch.py", argv)
+    )
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--op", choices=("train", "inference"), default="train")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    benchjson.check_out(p, args.out)
     if args.threads < 1 or args.cpu_devices < 1:
         p.error("--threads and --cpu-devices must be ≥ 1")
     if args.rounds < 2:  # the p10/p90 quantiles need two
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     base = statistics.median(times["xla"])
     report["step_ms"] = {}
     for algorithm, ts in times.items():
-        q = statistics.quantiles(ts, n=10)
+        q = statistics.quantiles(ts, n=10, method="inclusive")  # within the data
         report["step_ms"][algorithm] = {
             "median": round(1e3 * statistics.median(ts), 2),
             "p10": round(1e3 * q[0], 2),
@@ -139,7 +140,9 @@ def main(argv=None) -> int:
             "speed_vs_xla": round(base / statistics.median(ts), 3),
         }
     report["load_after"] = list(os.getloadavg())
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(
+        report, args.out, command=benchjson.command_line("conv_algorithms.py", argv)
+    )
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def _run_candidate(name, cand, args) -> dict:
 
 
 def _summary(times):
-    q = statistics.quantiles(times, n=10)
+    q = statistics.quantiles(times, n=10, method="inclusive")  # within the data
     return {
         "median_ms": 1e3 * statistics.median(times),
         "p10_ms": 1e3 * q[0],
@@ -205,6 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if problem := benchjson.out_problem(args.out):
+        print(f"cpu_flags.py: error: {problem}", file=sys.stderr)
+        return 2
     if args.child:
         print(json.dumps(_child(args)))
         return 0
@@ -256,7 +259,7 @@ def main(argv=None) -> int:
                     entry[case]["same_bits_as_default"] = (
                         entry[case]["state_digests"] == base[case]["state_digests"]
                     )
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(report, args.out, command=benchjson.command_line("cpu_flags.py", argv))
 
 
 if __name__ == "__main__":

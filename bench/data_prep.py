@@ -45,6 +45,7 @@ import benchjson  # noqa: E402  (bench/ is the script directory)
 import numpy as np  # noqa: E402
 
 import data_prep  # noqa: E402
+from data_prep import pipeline  # noqa: E402
 from dkd_jax import audio, records  # noqa: E402
 
 
@@ -210,18 +211,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     prep_dir = args.prep_dir
+    if prep_dir and os.path.exists(prep_dir) and not os.path.isdir(prep_dir):
+        p.error(f"--prep-dir {prep_dir}: exists and is not a folder")
     if prep_dir and os.path.isdir(prep_dir) and os.listdir(prep_dir):
-        if not _made_by_this_benchmark(prep_dir):  # never delete a user's prep or other files
+        other = sorted(n for n in os.listdir(prep_dir) if not pipeline.is_artifact(n))
+        if not _made_by_this_benchmark(prep_dir) or other:  # never a user's prep or files
+            held = f" (it holds {', '.join(other[:3])})" if other else ""
             p.error(
                 f"--prep-dir {prep_dir}: not empty and holds no prep run of this benchmark's "
-                "corpora; choose a new folder"
+                f"corpora alone{held}; choose a new folder"
             )
+    benchjson.check_out(p, args.out)
     t0 = time.perf_counter()
     tag, options, cli_args = _corpus(args)
     corpus_seconds = time.perf_counter() - t0
     out = args.prep_dir or tempfile.mkdtemp(prefix="dkd_bench_prep_")
     if os.path.exists(out) and os.listdir(out):
-        shutil.rmtree(out)  # an earlier benchmark's prep: timed again from scratch
+        pipeline.clear_artifacts(out)  # an earlier benchmark's prep: timed again from scratch
     if args.mode == "api":
         meta, wall, extra = _run_api(args, options, out)
     else:

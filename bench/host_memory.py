@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--child", dest="child_model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    benchjson.check_out(p, args.out)
     shape = args.shape
     settings = [s for s in args.settings.split(",") if s]
     if len(settings) < 2 or len(set(settings)) != len(settings) or set(settings) - set(SETTINGS):
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
         }
     report["load_after"] = list(os.getloadavg())
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(report, args.out, command=benchjson.command_line("host_memory.py", argv))
 
 
 if __name__ == "__main__":

@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=500, help="timed calls per measurement")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    import benchjson  # bench/ is the script's directory
+
+    benchjson.check_out(p, args.out)
     workdir = Path(args.workdir).absolute()
     import importlib.metadata
 

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-verify", action="store_true", help="skip the CRC checks")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    benchjson.check_out(p, args.out)
     try:
         meta = records.load_metadata(args.prep_dir)
     except records.DataError as e:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
             "median_segments_per_s": statistics.median(r["segments_per_s"] for r in reads),
         }
     report["loadavg_after"] = os.getloadavg()
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(report, args.out, command=benchjson.command_line("load_split.py", argv))
 
 
 if __name__ == "__main__":

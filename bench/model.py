@@ -275,6 +275,7 @@ def _device_info() -> dict[str, Any]:
 
 
 def _write(path: str, report: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(report, indent=1) + "\n")
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    import benchjson  # bench/ is the script's directory
+
+    benchjson.check_out(parser, args.out)
 
     preset_names = args.models or list(QUICK["models"] if args.quick else DEFAULT_MODELS)
     layouts = args.layouts or list(QUICK["layouts"] if args.quick else LAYOUTS)

@@ -493,6 +493,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if problem := benchjson.out_problem(args.out):
+        print(f"profile_step.py: error: {problem}", file=sys.stderr)
+        return 2
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         _parser().error("--batch and --steps must be >= 1, --warmup >= 0")
     sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "bench")) if p not in sys.path]
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, threads, dump_dir)
     report["load_before"] = load_before
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(report, args.out, command=benchjson.command_line("profile_step.py", argv))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ Prints JSON; writes it only with ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -400,6 +401,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    benchjson.check_out(p, args.out)
+    if importlib.util.find_spec("torch") is None:  # not imported yet: thread settings first
+        print("step_breakdown.py: error: needs torch: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     shape = args.shape
     _pin(args.threads, args.xla_flags)
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -443,7 +448,9 @@ def main(argv=None) -> int:
             side: round(sum(v[side] for v in bn), 2) for side in ("jax", "torch")
         }
     report["load_after"] = list(os.getloadavg())
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(
+        report, args.out, command=benchjson.command_line("step_breakdown.py", argv)
+    )
 
 
 if __name__ == "__main__":

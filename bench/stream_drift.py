@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    benchjson.check_out(p, args.out)
     report = {"presets": {}}
     with tempfile.TemporaryDirectory() as folder:
         for name, wave in signals(args.emodb).items():
             for preset in PRESETS:
                 report["presets"].setdefault(preset, {})[name] = drift(wave, preset, folder)
-    return benchjson.emit(report, args.out)
+    return benchjson.emit(report, args.out, command=benchjson.command_line("stream_drift.py", argv))
 
 
 if __name__ == "__main__":

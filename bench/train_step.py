@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--epoch-segments", type=int, help="segments in the epoch comparison")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    benchjson.check_out(p, args.out)
     shape = audio.FEATURE_PRESETS[args.features].segment_shape
     steps = args.steps if args.steps is not None else (5 if args.quick else 20)
     batches = args.batches or ("32" if args.quick else "32,256")
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
             print(json.dumps(result["step"][-1]), file=sys.stderr)
     if args.epochs:
         result["epoch"] = bench_epochs(num_segments, shape, devices)
-    return benchjson.emit(result, args.out)
+    return benchjson.emit(result, args.out, command=benchjson.command_line("train_step.py", argv))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def _is_artifact(name: str) -> bool:
+def is_artifact(name: str) -> bool:
+    """Whether a prep folder's entry ``name`` is one of the files a prep run writes."""
     return (
         name
         in (records.METADATA_FILE, INPUTS_FILE, "dataset_info.json", "features.json", STATE_DIR)
@@ -115,9 +116,10 @@ def _is_artifact(name: str) -> bool:
     )
 
 
-def _clear_artifacts(out_dir: str) -> None:
+def clear_artifacts(out_dir: str) -> None:
+    """Deletes a prep run's files from ``out_dir`` (:func:`is_artifact`); nothing else."""
     for name in os.listdir(out_dir):
-        if _is_artifact(name):
+        if is_artifact(name):
             path = os.path.join(out_dir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -436,10 +438,10 @@ def _claim_out_dir(
                 f"different configuration ({_config_diff(previous, identity)}); pass --overwrite "
                 "(overwrite=True) to replace it, or choose another --out folder"
             )
-        _clear_artifacts(out_dir)
+        clear_artifacts(out_dir)
         return "new"
-    foreign = [n for n in os.listdir(out_dir) if not _is_artifact(n)]
-    stray = [n for n in os.listdir(out_dir) if _is_artifact(n)]
+    foreign = [n for n in os.listdir(out_dir) if not is_artifact(n)]
+    stray = [n for n in os.listdir(out_dir) if is_artifact(n)]
     if stray:
         if not overwrite:
             raise PrepError(
@@ -447,7 +449,7 @@ def _claim_out_dir(
                 "metadata.json; "
                 "pass --overwrite to replace them, or choose another --out folder"
             )
-        _clear_artifacts(out_dir)
+        clear_artifacts(out_dir)
     if foreign and not overwrite:
         raise PrepError(
             f"{out_dir} is not empty ({', '.join(sorted(foreign)[:3])}...) and holds no prep run; "
@@ -686,7 +688,7 @@ def _finalize(
     late_skips = [s for j in range(num_shards) for s in done[j]["skipped"]]
     if not rows:
         msg = _nothing_left_message(root_value, found, len(found.utterances), late_skips)
-        _clear_artifacts(out_dir)
+        clear_artifacts(out_dir)
         raise PrepError(msg)
     skipped = sorted(found.skipped + late_skips, key=lambda s: (s["path"], s["utterance_id"]))
     splits = _split_info(done, cfg, num_shards)

@@ -372,10 +372,21 @@ def test_bench_data_prep_never_deletes_a_prep_dir_of_other_files(tmp_path, capsy
     with pytest.raises(SystemExit):
         module.main(["--prep-dir", str(tmp_path)])
     assert "holds no prep run of this benchmark's corpora" in capsys.readouterr().err
-    meta["source"]["root"] = f"/tmp/{module.CORPUS_PREFIX}synth_demo"  # its own: timed again
+    meta["source"]["root"] = f"/tmp/{module.CORPUS_PREFIX}synth_demo"  # its own prep ...
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(AssertionError, match="refused before the corpus"):
+    with pytest.raises(SystemExit):  # ... beside a file of the user's: was deleted with it
         module.main(["--prep-dir", str(tmp_path)])
+    assert "corpora alone (it holds notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "notes.txt").unlink()
+    with pytest.raises(AssertionError, match="refused before the corpus"):  # alone: timed again
+        module.main(["--prep-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):  # a file: was a traceback once the corpus was generated
+        module.main(["--prep-dir", str(tmp_path / "metadata.json")])
+    assert "metadata.json: exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an --out that cannot be written: before any work
+        module.main(["--out", str(tmp_path)])
+    assert f"--out {tmp_path}: is a folder" in capsys.readouterr().err
 
 
 def test_conv_algorithms_needs_two_rounds_for_its_quantiles(capsys, monkeypatch):
@@ -405,3 +416,27 @@ def test_stream_drift_is_zero_for_log_mel_and_shows_the_mfcc_floor(tmp_path, mon
         assert got["raw_features_of_last_window_equal"]
     assert module.drift(early, "mfcc26", str(tmp_path))["last_window_max_abs_difference"] == 0.0
     assert module.drift(late, "mfcc26", str(tmp_path))["last_window_max_abs_difference"] > 0.01
+
+
+def test_every_report_records_its_command_and_load_and_quantiles_stay_in_the_data(
+    tmp_path, capsys, monkeypatch
+):
+    """An audit: seven scripts wrote JSON without the command that made it, three without a
+    load average; p10/p90 of a few samples lay outside them ([10, 40, 50] ms: p10 -8 ms)."""
+    benchjson = _bench("benchjson", monkeypatch)
+    out = tmp_path / "deep" / "r.json"
+    report = {"x": 1}
+    command = benchjson.command_line("a.py", ["--q", "a b"])
+    assert benchjson.emit(report, str(out), command=command) == 0
+    stored = json.loads(out.read_text())
+    assert stored["command"] == "python bench/a.py --q 'a b'"
+    assert len(stored["loadavg_at_end"]) == 3 and json.loads(capsys.readouterr().out) == stored
+    mine = {"command": "kept", "loadavg_at_end": [0, 0, 0]}
+    benchjson.emit(mine, None, command="other")
+    assert json.loads(capsys.readouterr().out) == mine
+    assert benchjson.out_problem(str(tmp_path)) == f"--out {tmp_path}: is a folder"
+    assert "is not a folder" in benchjson.out_problem(str(out / "below_a_file.json"))
+    assert benchjson.out_problem(str(tmp_path / "new" / "dir" / "r.json")) is None
+    cpu_flags = _bench("cpu_flags", monkeypatch)
+    got = cpu_flags._summary([0.010, 0.040, 0.050])
+    assert 10 <= got["p10_ms"] <= got["median_ms"] <= got["p90_ms"] <= 50
