@@ -6,6 +6,15 @@
   python train.py ... --cpu-devices 4     # CPU host: the batch split over 4 cores (data parallel)
 
 Rerunning the same command resumes from the last checkpoint. Multi-host: see dkd_jax.distributed.
+
+Frequent --config. overrides (every field: dkd_jax/config.py; README: Training):
+  --config.data.fold=N              loso: which session is held out (0-based, sorted by name)
+  --config.optim.num_epochs=N       training length (a short run can end at chance: train.py
+                                    warns when the model predicts one class for everything)
+  --config.optim.batch_size=N       global batch (a multiple of the device count)
+  --config.data.normalization=M     none | global | utterance | speaker (a student's must be
+                                    its teacher's)
+  --config.data.validation=speaker  hold out training speakers for the best checkpoint
 """
 
 from __future__ import annotations

@@ -302,11 +302,23 @@ def _not_utf8(manifest: str) -> str:
     )
 
 
+def _closest_classes(label: str, classes: list[str]) -> list[str]:
+    """The class a label most likely means ([] if none): a near spelling (``anger`` → angry),
+    else the one class sharing its first four letters (``happiness`` → happy, which spelling
+    similarity misses: suggesting to exclude it would empty the class)."""
+    close = difflib.get_close_matches(label, classes, n=1, cutoff=0.6)
+    if close:
+        return close
+    stem = label.lower()[:4]
+    same = [c for c in classes if len(stem) == 4 and c.lower()[:4] == stem]
+    return same if len(same) == 1 else []
+
+
 def _unknown_message(manifest: str, unknown: collections.Counter, classes: list[str]) -> str:
     listed, suggest, exclude = [], [], []
     for label, n in sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0])):
         shown = label or EMPTY_LABEL
-        close = difflib.get_close_matches(label, classes, n=1, cutoff=0.6) if label else []
+        close = _closest_classes(label, classes) if label else []
         listed.append(
             f"{shown} ({n} row{'s' if n != 1 else ''}"
             + (f", did you mean {close[0]}?)" if close else ")")

@@ -231,6 +231,29 @@ def classification_report(
     return report_from_confusion(np.asarray(cm), label_names)
 
 
+def collapse_note(cm, label_names: Sequence[str]) -> str | None:
+    """What says a model learnt nothing usable on a held-out set (None: nothing does): it
+    predicts one class for every utterance, or its UA is at or below chance (1 / the number of
+    classes present). A short run (too few epochs for the corpus) ends so without an error."""
+    cm = np.asarray(cm)
+    total = int(cm.sum())
+    present = int((cm.sum(axis=1) > 0).sum())
+    if total == 0 or present < 2:
+        return None
+    ua = metrics.unweighted_accuracy(cm)
+    used = np.flatnonzero(cm.sum(axis=0))
+    if len(used) == 1:
+        k = int(used[0])
+        name = label_names[k] if k < len(label_names) else f"class {k}"
+        return f"predicts {name} for all {total} utterances (UA {100 * ua:.1f} %, chance)"
+    if ua <= 1.0 / present + 1e-9:
+        return f"has UA {100 * ua:.1f} %, at or below chance (1/{present} classes)"
+    return None
+
+
+COLLAPSE_HINT = "train longer (optim.num_epochs) or check the learning rate and normalisation"
+
+
 def _pct(x: float | None, width: int = 7) -> str:
     return f"{'n/a':>{width}}" if x is None else f"{100 * x:>{width - 2}.1f} %"
 

@@ -639,6 +639,14 @@ def _file_rate(path: str, regular: bool) -> int | None:
         return None
 
 
+SPEAKER_STREAM_WARNING = (
+    "the model was trained with per-speaker normalisation (a speaker's utterances together); "
+    "a stream is normalised by its own statistics so far, so its predictions can be far from "
+    "the experiment's (a run on EmoDB called every recording 'happy' this way). For streams, "
+    "train with --config.data.normalization=utterance or global"
+)
+
+
 @contextlib.contextmanager
 def _naming(source: str):
     """Names the input in an error of the front end that does not name it yet."""
@@ -699,6 +707,8 @@ def stream_cli(args) -> int:
                     break
         if any(block.size for block in first):
             _warn_about_input(args, source, rate, in_rate if args.stream == "-" else None)
+            if model.normalization.get("trained_with") == "speaker":
+                print(f"eval.py: warning: {SPEAKER_STREAM_WARNING}", file=sys.stderr)
         watch = _StreamWatch(itertools.chain(first, blocks))
         with _naming(source):
             smooth = 1.0 if args.smooth is None else args.smooth

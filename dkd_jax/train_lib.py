@@ -386,6 +386,7 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
     if run.resuming:
         _check_same_teacher(run.workdir, tdir, restored)
+    _warn_if_collapsed_teacher(tdir)
     if restored.warning:  # which checkpoint a partly trained teacher gives: its newest
         print(
             f"warning: the teacher {restored.warning}; distilling from its checkpoint at step "
@@ -409,6 +410,24 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     if not np.all(np.isfinite(logits)):
         raise TeacherMismatchError(f"teacher {tdir} gives non-finite logits")
     return _Teacher("precomputed", restored, tdir, logits)
+
+
+def _warn_if_collapsed_teacher(tdir: Path) -> None:
+    """A teacher whose own test scores say it learnt nothing (one class for every utterance,
+    or UA at chance) is distilled from with a warning: its student can only learn the same."""
+    try:
+        res = run_dir.load_results(tdir)
+    except run_dir.RunDirError:
+        return  # restore_run names a damaged run; results.json is only for this note
+    if not res or "confusion_matrix" not in res:
+        return
+    note = eval_lib.collapse_note(res["confusion_matrix"], res.get("label_names") or [])
+    if note:
+        print(
+            f"warning: the teacher {tdir}: on its test set it {note}; a student distils little "
+            f"from it ({eval_lib.COLLAPSE_HINT} for the teacher)",
+            file=sys.stderr,
+        )
 
 
 def _check_same_teacher(workdir: Path, tdir: Path, restored) -> None:
@@ -444,9 +463,15 @@ def _check_teacher(teacher_dir: Path, teacher_split, teacher_info, split, info) 
         ("normalization", "feature normalisation"),
     ):
         if teacher_info.get(key) != info.get(key):
+            fix = ""
+            if key == "normalization":  # e.g. a teacher of --preset emodb, a default student
+                fix = (
+                    f"; train the student with the teacher's --preset, or "
+                    f"--config.data.normalization={teacher_info.get(key)}"
+                )
             raise TeacherMismatchError(
                 f"teacher {teacher_dir} was trained with a different {what}: "
-                f"{teacher_info.get(key)!r} vs the student's {info.get(key)!r}"
+                f"{teacher_info.get(key)!r} vs the student's {info.get(key)!r}{fix}"
             )
     t_train, s_train = set(teacher_split.train_ids), set(split.train_ids)
     if t_train != s_train:
@@ -792,6 +817,13 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
         results["compile_seconds"] = round(clock.compile_seconds, 3)
         results["training_finished"] = True  # written after the "final" record
         eval_lib.write_run_results(run.workdir, results, scores)
+        note = eval_lib.collapse_note(results["confusion_matrix"], run.info["label_names"])
+        if note:
+            print(
+                f"warning: {run.workdir}: on its test set the model {note}; "
+                f"{eval_lib.COLLAPSE_HINT}",
+                file=sys.stderr,
+            )
     return result
 
 

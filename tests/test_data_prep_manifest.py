@@ -2,6 +2,7 @@
 --exclude-labels, --ignore-unknown-labels), repeated recordings (same path, same bytes), default
 utterance ids that keep the file identity, and id collisions naming the rows."""
 
+import collections
 import csv
 import hashlib
 import json
@@ -67,6 +68,20 @@ def test_unknown_labels_are_an_error_listing_each_with_its_count(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("data_prep: error: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_suggestion_for_happiness_maps_it_to_happy():
+    """A journey on EmoDB: "happiness" (spelling ratio 0.57 to "happy") was suggested for
+    --exclude-labels; following it left the happy class empty, with only a warning."""
+    classes = ["neutral", "happy", "sad", "angry"]
+    msg = manifest._unknown_message(
+        "m.csv", collections.Counter({"happiness": 71, "sadness": 62, "anger": 127, "fear": 69}),
+        classes,
+    )  # fmt: skip
+    assert "--label-map anger=angry,happiness=happy,sadness=sad" in msg
+    assert "--exclude-labels fear" in msg and "exclude-labels fear," not in msg
+    assert manifest._closest_classes("fear", classes) == []
+    assert manifest._closest_classes("neutrality", classes) == ["neutral"]
 
 
 def test_label_map_exclusions_and_ignore(tmp_path):

@@ -834,3 +834,17 @@ def test_a_card_with_repeated_labels_or_a_changed_model_file_is_refused(tmp_path
     card_path.write_text(json.dumps(card))
     with pytest.raises(deploy.DeployError, match="label_names repeats 'low'"):
         deploy.load_card(model)
+
+
+def test_a_stream_of_a_per_speaker_model_is_warned_about(tmp_path, capsys):
+    """A journey on EmoDB: a per-speaker student streamed every recording as 'happy' and
+    --stream said nothing (file mode warns about the missing speaker groups)."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = _speaker_band_model(tmp_path)
+    (wav,) = _tone_files(tmp_path, 1)
+    assert eval_cli.main(["predict", "--model", model, "--stream", wav]) == 0
+    err = capsys.readouterr().err
+    assert err == f"eval.py: warning: {streaming.SPEAKER_STREAM_WARNING}\n"
+    plain = str(helpers_export.band_model_folder(tmp_path / "plain"))
+    assert eval_cli.main(["predict", "--model", plain, "--stream", wav]) == 0
+    assert capsys.readouterr().err == ""

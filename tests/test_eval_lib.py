@@ -133,3 +133,25 @@ def test_provenance_fields():
     assert prov["device"]["platform"] == "cpu" and prov["device"]["local_device_count"] == 2
     git = prov["git"]
     assert git is None or len(git["commit"]) == 40
+
+
+def test_a_model_that_learnt_nothing_is_named():
+    """A journey on EmoDB: an 8-epoch run predicted angry for all 81 test utterances (UA 25 %)
+    and nothing said so; its student was distilled from it in silence."""
+    names = ["neutral", "happy", "sad", "angry"]
+    one = np.zeros((4, 4), int)
+    one[:, 3] = [20, 20, 20, 21]
+    assert eval_lib.collapse_note(one, names) == (
+        "predicts angry for all 81 utterances (UA 25.0 %, chance)"
+    )
+    chance = np.array([[5, 5, 0, 0], [5, 5, 0, 0], [0, 0, 0, 10], [0, 0, 10, 0]])
+    assert eval_lib.collapse_note(chance, names) == (
+        "has UA 25.0 %, at or below chance (1/4 classes)"
+    )
+    fine = np.diag([5, 5, 5, 5]) + 1
+    assert eval_lib.collapse_note(fine, names) is None
+    assert eval_lib.collapse_note(np.zeros((4, 4), int), names) is None  # nothing scored
+    only = np.zeros((4, 4), int)
+    only[2, 2] = 7  # a test set of one class, all right: not a collapse
+    assert eval_lib.collapse_note(only, names) is None
+    assert "predicts class 3 for all" in eval_lib.collapse_note(one, [])

@@ -1006,3 +1006,34 @@ def test_a_baseline_fit_shared_by_the_seeds_of_a_fold_counts_once(exp, tmp_path)
         ("fold0-seed0", json.loads(fits[0])["wa"], 0.25),
         ("fold1-seed0", json.loads(fits[1])["wa"], None),
     ]
+
+
+def test_runs_that_learnt_nothing_are_noted_in_the_summary(tmp_path, capsys):
+    """A journey on EmoDB: a fold's teacher predicted one class for every test utterance and
+    neither the runner's summary nor the student's training said so."""
+    from dkd_jax import train_lib
+    from dkd_jax.experiment import report
+
+    note = "predicts angry for all 81 utterances (UA 25.0 %, chance)"
+    summary = {
+        "runs": [
+            {"group": "fold0-seed0", "workdir": "fold0-seed0/teacher", "collapse": note},
+            {"group": "fold1-seed0", "workdir": "fold1-seed0/teacher", "collapse": None},
+        ]
+    }
+    (line,) = [n for n in report._notes(summary, validation_only=False) if "learnt" in n]
+    assert line.startswith(
+        f"1 run(s) learnt nothing usable on their test set: fold0-seed0/teacher ({note})"
+    )
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    cm = [[0, 0, 0, 20], [0, 0, 0, 20], [0, 0, 0, 20], [0, 0, 0, 21]]
+    results = {k: 0.25 for k in run_dir.RESULT_KEYS} | {
+        "confusion_matrix": cm,
+        "label_names": ["neutral", "happy", "sad", "angry"],
+    }
+    (teacher / run_dir.RESULTS_FILE).write_text(json.dumps(results))
+    train_lib._warn_if_collapsed_teacher(teacher)
+    assert capsys.readouterr().err.startswith(
+        f"warning: the teacher {teacher}: on its test set it {note}; a student distils little"
+    )

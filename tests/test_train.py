@@ -309,7 +309,8 @@ def test_teacher_trained_on_other_data_is_refused(runs, tiny_prep_dir, tmp_path)
             tmp_path / "s1",
             teacher_workdir=root / "teacher",
         )
-    with pytest.raises(train_lib.TeacherMismatchError, match="feature normalisation"):
+    hint = "train the student with the teacher's --preset, or --config.data.normalization=none"
+    with pytest.raises(train_lib.TeacherMismatchError, match=f"feature normalisation.*; {hint}"):
         train_lib.train_and_evaluate(
             _config(tiny_prep_dir, **{"data.normalization": "utterance"}),
             tmp_path / "s2",
@@ -656,6 +657,10 @@ def test_a_log_gets_heartbeat_lines_and_sigterm_stops_like_ctrl_c(
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["test"]["ua"] == runs["teacher"]["test"]["ua"]
     assert f"      ... {teacher}: " in err  # the heartbeat, on stderr: stdout stays the JSON
+    results = json.loads((teacher / run_dir.RESULTS_FILE).read_text())
+    note = eval_lib.collapse_note(results["confusion_matrix"], results["label_names"])
+    said = f"warning: {teacher}: on its test set the model {note}; train longer"
+    assert (said in err) == (note is not None), err  # (this tiny teacher: all one class)
     assert all(line.startswith("{") for line in out.strip().splitlines()), out
 
     def terminated(*args, **kwargs):

@@ -146,6 +146,7 @@ def collect_runs(
                 "num_test_utterances": res["num_utterances"],
                 "absent_classes": list(res.get("absent_classes") or []),
                 "untrained_classes": list(res.get("untrained_classes") or []),
+                "collapse": eval_lib.collapse_note(res["confusion_matrix"], res["label_names"]),
                 "confusion_matrix": res["confusion_matrix"],
                 "label_names": res["label_names"],
                 "step": res.get("step"),
@@ -508,6 +509,13 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
             f"it and UA counts its recall as 0 wherever it is tested: {'; '.join(groups)}. "
             "A class recorded by one speaker or session only does this under loso."
         )
+    collapsed = [r for r in summary["runs"] if r.get("collapse")]
+    if collapsed and not validation_only:
+        listed = "; ".join(f"{r['workdir']} ({r['collapse']})" for r in collapsed)
+        out.append(
+            f"{len(collapsed)} run(s) learnt nothing usable on their test set: {listed}; "
+            f"{eval_lib.COLLAPSE_HINT}."
+        )
     strong = [
         g for g, c in (summary.get("confound") or {}).items() if c.get("strength") == "strong"
     ]
@@ -629,6 +637,8 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
             notes.append(f"test set lacks {', '.join(r['absent_classes'])}")
         if r.get("untrained_classes"):
             notes.append(f"trained without {', '.join(r['untrained_classes'])}")
+        if r.get("collapse"):
+            notes.append(r["collapse"])
         note = "; ".join(notes)
         lines.append(
             f"| {r['group']} | {r['split']} | {MODEL_LABELS.get(r['model'], r['model'])} "
