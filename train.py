@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             "scores and no results.json",
             file=sys.stderr,
         )
+    from dkd_jax import run_dir
+
+    written = (run_dir.RESULTS_FILE, run_dir.CONFUSION_FILE, run_dir.SCORES_FILE)
+    if result["test"] is not None and (Path(args.workdir) / run_dir.RESULTS_FILE).is_file():
+        print(f"train.py: wrote {', '.join(str(Path(args.workdir) / n) for n in written)}",
+              file=sys.stderr)  # fmt: skip
     summary = {k: result[k] for k in ("step", "epoch", "test", "best_validation")}
     if summary["test"]:
         summary["test"] = {k: summary["test"][k] for k in ("wa", "ua", "num_utterances")}

@@ -657,6 +657,7 @@ def test_a_log_gets_heartbeat_lines_and_sigterm_stops_like_ctrl_c(
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["test"]["ua"] == runs["teacher"]["test"]["ua"]
     assert f"      ... {teacher}: " in err  # the heartbeat, on stderr: stdout stays the JSON
+    assert f"train.py: wrote {teacher / run_dir.RESULTS_FILE}, {teacher / 'confusion.png'}" in err
     results = json.loads((teacher / run_dir.RESULTS_FILE).read_text())
     note = eval_lib.collapse_note(results["confusion_matrix"], results["label_names"])
     said = f"warning: {teacher}: on its test set the model {note}; train longer"
