@@ -57,6 +57,9 @@ CANDIDATES = {
 
 def _child(args) -> dict:
     """One candidate, one round: build, compile and time the steps (runs in the subprocess)."""
+    from dkd_jax import host_memory
+
+    host_memory.configure()  # the host allocator training uses, before JAX runs
     import jax
     import numpy as np
 
@@ -156,7 +159,7 @@ def _run_candidate(name, cand, args) -> dict:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
         if args.threads == 1:
-            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            flags += " --xla_cpu_multi_thread_eigen=false"  # XLA has no intra-op thread flag
     env["XLA_FLAGS"] = flags.strip()
     env.update(cand.get("env", {}))
     env["JAX_PLATFORMS"] = "cpu"
@@ -165,7 +168,7 @@ def _run_candidate(name, cand, args) -> dict:
     cmd += ["--jit"] if cand.get("jit") else []
     cmd += ["--cases", *args.cases]
     if args.threads == 1:
-        cmd = ["taskset", "-c", "0", *cmd]
+        cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]  # a core we may use
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr else "failed"}
