@@ -19,8 +19,10 @@ def out_problem(out: str | None) -> str | None:
     if not out:
         return None
     path = Path(out)
-    if path.is_dir():
-        return f"--out {out}: is a folder"
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return f"--out {out}: is a folder, not a file"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"--out {out}: cannot write it (read-only)"
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         return f"--out {out}: {parent} is not a folder"

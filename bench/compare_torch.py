@@ -676,7 +676,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for threads in args.threads:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *(sys.argv[1:] if argv is None else argv),
+        ]
         cmd += ["--threads-child", str(threads)]
         _progress(f"thread budget {threads}: starting a child process")
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)

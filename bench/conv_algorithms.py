@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     memory = host_memory.configure()
     report = {
         "benchmark": "bench/conv_algorithms.py",
-        "command": " ".join(["bench/conv_algorithms.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["bench/conv_algorithms.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "threads": args.threads,
         "cpu_devices": args.cpu_devices,
         "shape": list(args.shape),

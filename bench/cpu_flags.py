@@ -203,7 +203,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", type=int, nargs=2, default=(26, 63))
     p.add_argument("--candidates", help="comma-separated subset of: " + ", ".join(CANDIDATES))
     p.add_argument("--out", help="also write the JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.child and not args.quick and args.rounds * args.steps < 2:
+        p.error("--rounds x --steps must be >= 2 (a median and p10/p90 need two times)")
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be >= 1")
+    return args
 
 
 def main(argv=None) -> int:

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = {
         "benchmark": "bench/host_memory.py",
-        "command": " ".join(["bench/host_memory.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["bench/host_memory.py", *(sys.argv[1:] if argv is None else argv)]),
         "op": args.op,
         "batch": args.batch,
         "shape": list(shape),

@@ -245,13 +245,13 @@ def collapse_note(cm, label_names: Sequence[str]) -> str | None:
     if len(used) == 1:
         k = int(used[0])
         name = label_names[k] if k < len(label_names) else f"class {k}"
-        return f"predicts {name} for all {total} utterances (UA {100 * ua:.1f} %, chance)"
+        return f"predicts {name} for all {total} utterances: UA {100 * ua:.1f} %"
     if ua <= 1.0 / present + 1e-9:
         return f"has UA {100 * ua:.1f} %, at or below chance (1/{present} classes)"
     return None
 
 
-COLLAPSE_HINT = "train longer (optim.num_epochs) or check the learning rate and normalisation"
+COLLAPSE_HINT = "check the training length (optim.num_epochs), learning rate and normalisation"
 
 
 def _pct(x: float | None, width: int = 7) -> str:

@@ -175,8 +175,10 @@ def train_and_evaluate(
       label: the run's name in those lines (default: the workdir).
       data_warnings: print (stderr) what makes the split's scores say less: classes with no
         training utterance, and with ``normalization=speaker`` a strong speaker–label confound
-        among the training speakers or one-emotion held-out speakers (:func:`split_warnings`).
-        The experiment runner prints them once per group instead.
+        among the training speakers or one-emotion held-out speakers (:func:`split_warnings`);
+        and a model, or a teacher, that learnt nothing usable on the test set
+        (``eval_lib.collapse_note``). The experiment runner says them once per group and in its
+        summary instead (and never the test-set one with ``--validation-only``).
 
     Returns:
       Final metrics: {"step", "epoch", "test": {wa, ua, ...} or None, "validation": ... or None,
@@ -259,6 +261,7 @@ class _Run:
     total_steps: int
     untrained: tuple[str, ...] = ()  # classes with no training utterance
     replace: bool = False  # --overwrite: the workdir's old run goes before the first write
+    warn: bool = True  # print the data and score warnings (train_and_evaluate's data_warnings)
 
 
 def split_warnings(metadata: dict[str, Any], split: protocols.Split, normalization: str):
@@ -347,6 +350,7 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool, *, warn
         total_steps=spe * cfg.optim.num_epochs,
         untrained=tuple(protocols.untrained_classes(meta, split)),
         replace=overwrite,
+        warn=warn,
     )
 
 
@@ -386,7 +390,8 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
     if run.resuming:
         _check_same_teacher(run.workdir, tdir, restored)
-    _warn_if_collapsed_teacher(tdir)
+    if run.warn:
+        _warn_if_collapsed_teacher(tdir)
     if restored.warning:  # which checkpoint a partly trained teacher gives: its newest
         print(
             f"warning: the teacher {restored.warning}; distilling from its checkpoint at step "
@@ -425,7 +430,7 @@ def _warn_if_collapsed_teacher(tdir: Path) -> None:
     if note:
         print(
             f"warning: the teacher {tdir}: on its test set it {note}; a student distils little "
-            f"from it ({eval_lib.COLLAPSE_HINT} for the teacher)",
+            f"from it: {eval_lib.COLLAPSE_HINT} of the teacher",
             file=sys.stderr,
         )
 
@@ -818,7 +823,7 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
         results["training_finished"] = True  # written after the "final" record
         eval_lib.write_run_results(run.workdir, results, scores)
         note = eval_lib.collapse_note(results["confusion_matrix"], run.info["label_names"])
-        if note:
+        if note and run.warn:
             print(
                 f"warning: {run.workdir}: on its test set the model {note}; "
                 f"{eval_lib.COLLAPSE_HINT}",

@@ -386,7 +386,7 @@ def test_bench_data_prep_never_deletes_a_prep_dir_of_other_files(tmp_path, capsy
     assert "metadata.json: exists and is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an --out that cannot be written: before any work
         module.main(["--out", str(tmp_path)])
-    assert f"--out {tmp_path}: is a folder" in capsys.readouterr().err
+    assert f"--out {tmp_path}: is a folder, not a file" in capsys.readouterr().err
 
 
 def test_conv_algorithms_needs_two_rounds_for_its_quantiles(capsys, monkeypatch):
@@ -434,9 +434,18 @@ def test_every_report_records_its_command_and_load_and_quantiles_stay_in_the_dat
     mine = {"command": "kept", "loadavg_at_end": [0, 0, 0]}
     benchjson.emit(mine, None, command="other")
     assert json.loads(capsys.readouterr().out) == mine
-    assert benchjson.out_problem(str(tmp_path)) == f"--out {tmp_path}: is a folder"
+    assert benchjson.out_problem(str(tmp_path)) == f"--out {tmp_path}: is a folder, not a file"
     assert "is not a folder" in benchjson.out_problem(str(out / "below_a_file.json"))
     assert benchjson.out_problem(str(tmp_path / "new" / "dir" / "r.json")) is None
     cpu_flags = _bench("cpu_flags", monkeypatch)
     got = cpu_flags._summary([0.010, 0.040, 0.050])
     assert 10 <= got["p10_ms"] <= got["median_ms"] <= got["p90_ms"] <= 50
+    with pytest.raises(SystemExit):  # one time: was a StatisticsError after the whole run
+        cpu_flags.parse_args(["--rounds", "1", "--steps", "1"])
+    assert "--rounds x --steps must be >= 2" in capsys.readouterr().err
+    ro = tmp_path / "ro.json"
+    ro.write_text("{}")
+    ro.chmod(0o444)
+    if not os.access(ro, os.W_OK):  # (root may write anything)
+        assert benchjson.out_problem(str(ro)) == f"--out {ro}: cannot write it (read-only)"
+    assert benchjson.out_problem(str(tmp_path / "newdir") + "/") is not None

@@ -141,9 +141,7 @@ def test_a_model_that_learnt_nothing_is_named():
     names = ["neutral", "happy", "sad", "angry"]
     one = np.zeros((4, 4), int)
     one[:, 3] = [20, 20, 20, 21]
-    assert eval_lib.collapse_note(one, names) == (
-        "predicts angry for all 81 utterances (UA 25.0 %, chance)"
-    )
+    assert eval_lib.collapse_note(one, names) == ("predicts angry for all 81 utterances: UA 25.0 %")
     chance = np.array([[5, 5, 0, 0], [5, 5, 0, 0], [0, 0, 0, 10], [0, 0, 10, 0]])
     assert eval_lib.collapse_note(chance, names) == (
         "has UA 25.0 %, at or below chance (1/4 classes)"

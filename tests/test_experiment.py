@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dkd_jax import config as config_lib
-from dkd_jax import experiment, protocols, records, run_dir
+from dkd_jax import eval_lib, experiment, protocols, records, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -635,7 +635,11 @@ def test_no_baseline_progress_lines_and_heartbeat(exp, tiny_prep_dir, tmp_path, 
     (copy / "fold0-seed0/teacher" / run_dir.RESULTS_FILE).unlink()
     spec = helpers_eval.shared_spec(tiny_prep_dir)
     out = experiment.run_experiment(copy, spec, baselines=False, heartbeat_seconds=0.001)
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
+    assert "on its test set" not in err  # the runner's summary says it once, not each run
+    for r in out["runs"]:  # each row carries the note that summary gives
+        res = json.loads((copy / r["workdir"] / run_dir.RESULTS_FILE).read_text())
+        assert r["collapse"] == eval_lib.collapse_note(res["confusion_matrix"], res["label_names"])
     assert "baseline" not in out["models"] and not (copy / "fold0-seed0" / "baseline").exists()
     lines = [ln for ln in text.splitlines() if ln.strip().startswith("fold")]
     first = next(ln for ln in lines if ln.strip().startswith("fold0-seed0/teacher: WA"))
@@ -1014,7 +1018,7 @@ def test_runs_that_learnt_nothing_are_noted_in_the_summary(tmp_path, capsys):
     from dkd_jax import train_lib
     from dkd_jax.experiment import report
 
-    note = "predicts angry for all 81 utterances (UA 25.0 %, chance)"
+    note = "predicts angry for all 81 utterances: UA 25.0 %"
     summary = {
         "runs": [
             {"group": "fold0-seed0", "workdir": "fold0-seed0/teacher", "collapse": note},
@@ -1023,7 +1027,7 @@ def test_runs_that_learnt_nothing_are_noted_in_the_summary(tmp_path, capsys):
     }
     (line,) = [n for n in report._notes(summary, validation_only=False) if "learnt" in n]
     assert line.startswith(
-        f"1 run(s) learnt nothing usable on their test set: fold0-seed0/teacher ({note})"
+        f"1 run(s) learnt nothing usable on their test set: fold0-seed0/teacher {note}."
     )
     teacher = tmp_path / "teacher"
     teacher.mkdir()

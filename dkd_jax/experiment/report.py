@@ -511,10 +511,10 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
         )
     collapsed = [r for r in summary["runs"] if r.get("collapse")]
     if collapsed and not validation_only:
-        listed = "; ".join(f"{r['workdir']} ({r['collapse']})" for r in collapsed)
+        listed = "; ".join(f"{r['workdir']} {r['collapse']}" for r in collapsed)
         out.append(
-            f"{len(collapsed)} run(s) learnt nothing usable on their test set: {listed}; "
-            f"{eval_lib.COLLAPSE_HINT}."
+            f"{len(collapsed)} run(s) learnt nothing usable on their test set: {listed}. "
+            f"{eval_lib.COLLAPSE_HINT.capitalize()}; a student of such a teacher learns little."
         )
     strong = [
         g for g, c in (summary.get("confound") or {}).items() if c.get("strength") == "strong"
