@@ -314,7 +314,15 @@ def _closest_classes(label: str, classes: list[str]) -> list[str]:
     return same if len(same) == 1 else []
 
 
-def _unknown_message(manifest: str, unknown: collections.Counter, classes: list[str]) -> str:
+def _unknown_message(
+    manifest: str,
+    unknown: collections.Counter,
+    classes: list[str],
+    known: collections.Counter | None = None,
+) -> str:
+    """The error for unknown labels, with the --label-map / --exclude-labels that would fix
+    it; ``known``: rows per class so far (a class without any is said: excluding the label
+    that means it would leave it empty)."""
     listed, suggest, exclude = [], [], []
     for label, n in sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0])):
         shown = label or EMPTY_LABEL
@@ -329,10 +337,19 @@ def _unknown_message(manifest: str, unknown: collections.Counter, classes: list[
         fixes.append(f"map them (--label-map {','.join(suggest)})")
     if exclude:
         fixes.append(f"exclude them (--exclude-labels {','.join(exclude)})")
+    mapped = {pair.split("=", 1)[1] for pair in suggest}
+    empty = [c for c in classes if known is not None and not known[c] and c not in mapped]
+    caution = ""
+    if empty and exclude:
+        caution = (
+            f" No row is labelled {', '.join(empty)} yet: if one of these labels means "
+            f"{'it' if len(empty) == 1 else 'one of them'}, map it (--label-map LABEL=CLASS) "
+            "rather than excluding it."
+        )
     return (
         f"{manifest}: unknown label(s) {', '.join(listed)}; the classes are "
         f"{', '.join(classes)}. {' or '.join(fixes).capitalize()}, or pass "
-        "--ignore-unknown-labels to leave every unknown label out"
+        f"--ignore-unknown-labels to leave every unknown label out.{caution}"
     )
 
 
@@ -384,7 +401,8 @@ def _resolve_labels(
             )
         )
     if unknown:
-        raise PrepError(_unknown_message(manifest, unknown, classes))
+        known = collections.Counter(r.class_name for r in kept)
+        raise PrepError(_unknown_message(manifest, unknown, classes, known))
     if odd_gender:
         listed = ", ".join(f"{g!r} ({n} row{'s' if n != 1 else ''})" for g, n in odd_gender.items())
         log.warning(

@@ -571,3 +571,20 @@ def test_files_cut_short_are_kept_and_said(tmp_path):
         "declare, or stop without their end (e.g. b.wav); kept with what they hold, each with a "
         '"warning" in metadata.json'
     ) in data_prep.prep_summary(meta).splitlines()
+
+
+def test_excluding_the_label_of_an_empty_class_is_cautioned():
+    """A review: 'hapiness' (a misspelling no rule maps) was suggested for --exclude-labels
+    while no row was labelled happy: following it emptied the class."""
+    classes = ["neutral", "happy", "sad", "angry"]
+    known = collections.Counter({"neutral": 3, "sad": 2, "angry": 4})
+    msg = manifest._unknown_message("m.csv", collections.Counter({"hapiness": 5}), classes, known)
+    assert "--exclude-labels hapiness" in msg
+    assert msg.endswith(
+        "No row is labelled happy yet: if one of these labels means it, map it "
+        "(--label-map LABEL=CLASS) rather than excluding it."
+    )
+    known["happy"] = 1
+    assert "No row" not in manifest._unknown_message(
+        "m.csv", collections.Counter({"hapiness": 5}), classes, known
+    )
