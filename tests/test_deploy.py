@@ -103,6 +103,20 @@ def _cli(argv):
     return rc, buf.getvalue()
 
 
+def _main_with_stdin(data: bytes, argv):
+    """eval.py's main with ``data`` on stdin (a pipe, as `... | eval.py predict --stream -`)."""
+    read, write = os.pipe()
+    os.write(write, data)  # small: fits in the pipe's buffer
+    os.close(write)
+    with open(read, "rb") as stdin:
+        real = sys.stdin
+        sys.stdin = io.TextIOWrapper(stdin)
+        try:
+            return eval_cli.main(argv)
+        finally:
+            sys.stdin = real
+
+
 def _assert_same_predictions(a, b, tol=PROB_TOL):
     assert a["label_names"] == b["label_names"] and a["errors"] == b["errors"]
     assert len(a["files"]) == len(b["files"])
@@ -519,16 +533,7 @@ def test_audio_below_the_models_rate_is_predicted_with_a_warning(tmp_path, capsy
     assert eval_cli.main(["predict", "--model", model, "--stream", str(wav)]) == 0
     assert capsys.readouterr().err.splitlines() == [warning.format(wav)]
     raw = (wave * 20000).astype("<i2").tobytes()
-    read, write = os.pipe()
-    os.write(write, raw)
-    os.close(write)
-    with open(read, "rb") as stdin:
-        real = sys.stdin
-        sys.stdin = io.TextIOWrapper(stdin)
-        try:
-            rc = eval_cli.main(["predict", "--model", model, "--stream", "-", "--rate", "8000"])
-        finally:
-            sys.stdin = real
+    rc = _main_with_stdin(raw, ["predict", "--model", model, "--stream", "-", "--rate", "8000"])
     assert rc == 0 and capsys.readouterr().err.splitlines() == [warning.format("<stdin>")]
 
 
@@ -736,16 +741,8 @@ def test_warnings_about_a_stream_come_only_once_it_is_accepted(tmp_path, capsys)
     there", then "the stream has no samples"."""
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     model = str(helpers_export.band_model_folder(tmp_path / "band"))
-    read, write = os.pipe()
-    os.write(write, b"\x00\x01" * 800)
-    os.close(write)
-    with open(read, "rb") as stdin:
-        real = sys.stdin
-        sys.stdin = io.TextIOWrapper(stdin)
-        try:
-            rc = eval_cli.main(["predict", "--model", model, "--stream", "-", "--rate", "16"])
-        finally:
-            sys.stdin = real
+    rc = _main_with_stdin(b"\x00\x01" * 800, ["predict", "--model", model, "--stream", "-",
+                                               "--rate", "16"])  # fmt: skip
     out, err = capsys.readouterr()
     assert (
         rc == 2
