@@ -399,7 +399,10 @@ def test_normalization_statistics_come_from_training_data(runs, tiny_prep_dir, m
     )
     capsys.readouterr()
     train_lib.train_and_evaluate(cfg, wd)
-    assert "warning" not in capsys.readouterr().err  # every class trains; no confound here
+    # every class trains and no confound here (a 1-epoch tiny model may predict one class:
+    # that warning is about its scores, not its data)
+    err = capsys.readouterr().err.splitlines()
+    assert not [ln for ln in err if "warning" in ln and "on its test set" not in ln], err
     assert json.loads((wd / "results.json").read_text())["untrained_classes"] == []
     norm = json.loads((wd / "normalization.json").read_text())
     split, _ = run_dir.load_split(wd)
