@@ -148,7 +148,8 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _holder_text(holder: Mapping[str, Any]) -> str:
+def holder_text(holder: Mapping[str, Any]) -> str:
+    """ "train.py (pid N on host H, started T)" for a lock record (:func:`lock_holder`)."""
     return (
         f"{holder.get('tool', 'a process')} (pid {holder.get('pid')} on host "
         f"{holder.get('host')}, started {holder.get('started')})"
@@ -174,7 +175,7 @@ def _acquire(path: Path, tool: str) -> int:
                 time.sleep(0.01)
                 continue
             raise WorkdirLockedError(
-                f"{path.parent}: in use by {_holder_text(holder)}; wait for it to finish or "
+                f"{path.parent}: in use by {holder_text(holder)}; wait for it to finish or "
                 "stop it, or use another workdir"
             ) from None
         try:  # the file may have been removed by its last holder between open and flock
@@ -189,11 +190,11 @@ def _acquire(path: Path, tool: str) -> int:
         if holder.get("host") != platform.node():  # its process cannot be checked from here
             os.close(fd)
             raise WorkdirLockedError(
-                f"{path.parent}: locked by {_holder_text(holder)} on another host; if that "
+                f"{path.parent}: locked by {holder_text(holder)} on another host; if that "
                 f"process has ended, delete {path} and rerun"
             )
         print(
-            f"warning: {path.parent}: taking over the lock of {_holder_text(holder)}, "
+            f"warning: {path.parent}: taking over the lock of {holder_text(holder)}, "
             "which is no longer running",
             file=sys.stderr,
         )
@@ -242,22 +243,24 @@ def lock_holder(workdir: str | os.PathLike) -> dict[str, Any] | None:
         os.close(fd)
 
 
-def holder_text(holder: Mapping[str, Any]) -> str:
-    """ "train.py (pid N on host H, started T)" for a :func:`lock_holder` record."""
-    return _holder_text(holder)
-
-
 def release_held_locks() -> None:
     """Removes every lock file this process holds, before it exits without unwinding (the
     experiment runner's ``os._exit`` on Ctrl-C or SIGTERM leaves the runs of its other threads
     mid-block: their lock files, naming this host, would refuse a job requeued elsewhere)."""
-    for key, (fd, _) in list(_HELD.items()):
-        del _HELD[key]
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.unlink(key)
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    for key in list(_HELD):
+        _release(key)
+
+
+def _release(key: str) -> None:
+    """Empties and removes a held lock file, then closes it (once: a second call does nothing)."""
+    held = _HELD.pop(key, None)
+    if held is None:
+        return
+    fd = held[0]
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.unlink(key)
+    os.close(fd)
 
 
 @contextlib.contextmanager
@@ -302,11 +305,7 @@ def locked(workdir: str | os.PathLike, tool: str, *, enabled: bool = True) -> It
     try:
         yield
     finally:
-        if _HELD.pop(key, None) is not None:  # else release_held_locks did it already
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                path.unlink()
-            os.close(fd)
+        _release(key)  # (a no-op when release_held_locks did it already)
         if created:  # e.g. a bad --config.data.fold refused before any file: leave no empty dir
             with contextlib.suppress(OSError):
                 workdir.rmdir()  # only when empty
@@ -645,7 +644,7 @@ def _why_none(workdir: Path, best: bool) -> str:
         return f"the damaged ones were moved to {damaged}; retrain with --overwrite"
     holder = lock_holder(workdir)
     if holder:
-        return f"{_holder_text(holder)} is training it and has not saved one yet; wait"
+        return f"{holder_text(holder)} is training it and has not saved one yet; wait"
     if training_progress(workdir)["finished"]:
         kept = f"; {RESULTS_FILE} keeps its scores" if (workdir / RESULTS_FILE).is_file() else ""
         return f"training finished, so they were deleted afterwards{kept}; retrain with --overwrite"
@@ -687,7 +686,7 @@ def unfinished_warning(
     if holder and holder.get("tool") in ("training", "train.py", "the experiment runner"):
         where = f"step {step} of {total}" if step is not None and total else "its start"
         return (
-            f"{workdir}: still training ({_holder_text(holder)}), at {where}: this is its "
+            f"{workdir}: still training ({holder_text(holder)}), at {where}: this is its "
             "newest checkpoint, a partly trained model"
         )
     if step is not None and total and step >= total:
