@@ -28,6 +28,19 @@ from dkd_jax import losses
 __all__ = ["augment_batch", "kd_ramp", "loss_terms", "loss_weights", "objective"]
 
 
+# Which ``KDConfig`` field weighs each distillation term, per student objective ("ce": none);
+# every distillation objective also reads _DISTILL_FIELDS. One table for loss_weights (what
+# the step computes) and unused_settings (what an override can change).
+_TERM_WEIGHTS = {
+    "dkd": {"tckd": "alpha", "nckd": "beta"},
+    "kd": {"kd": "kd_weight"},
+    "tckd": {"tckd": "alpha"},
+    "nckd": {"nckd": "beta"},
+    "ce": {},
+}
+_DISTILL_FIELDS = ("temperature", "warmup_epochs", "ce_weight")
+
+
 def loss_weights(loss: str, kd: config_lib.KDConfig, *, role: str = "student") -> dict:
     """The objective's weights as float32 scalars (a runtime argument of the step).
 
@@ -39,38 +52,25 @@ def loss_weights(loss: str, kd: config_lib.KDConfig, *, role: str = "student") -
     if role == "teacher" or loss == "ce":
         w["ce"] = 1.0
     else:
-        w["ce"] = kd.ce_weight
-        if loss == "dkd":
-            w["tckd"], w["nckd"] = kd.alpha, kd.beta
-        elif loss == "kd":
-            w["kd"] = kd.kd_weight
-        elif loss == "tckd":
-            w["tckd"] = kd.alpha
-        elif loss == "nckd":
-            w["nckd"] = kd.beta
-        else:
+        if loss not in _TERM_WEIGHTS:
             raise ValueError(f"unknown loss {loss!r}")
+        w["ce"] = kd.ce_weight
+        for term, field in _TERM_WEIGHTS[loss].items():
+            w[term] = getattr(kd, field)
     w["temperature"] = kd.temperature
     w["warmup_epochs"] = kd.warmup_epochs if role == "student" else 0.0
     return {k: np.float32(v) for k, v in w.items()}
 
 
-_KD_FIELDS_USED = {
-    "dkd": ("alpha", "beta", "temperature", "warmup_epochs", "ce_weight"),
-    "kd": ("kd_weight", "temperature", "warmup_epochs", "ce_weight"),
-    "tckd": ("alpha", "temperature", "warmup_epochs", "ce_weight"),
-    "nckd": ("beta", "temperature", "warmup_epochs", "ce_weight"),
-    "ce": (),
-}
-
-
 def unused_settings(fields: Iterable[str], *, role: str, loss: str) -> list[str]:
     """The config fields (``"kd.beta"``, ``"model.teacher.attention_heads"``) among ``fields``
     that the run never reads: the distillation weights its objective does not use (as
-    :func:`loss_weights` builds them; every ``kd`` field but the loss for a teacher or a CE
+    :func:`loss_weights` reads them; every ``kd`` field but the loss for a teacher or a CE
     student), and the architecture of the network it does not train (a student's teacher comes
     from the teacher's own run)."""
-    used = _KD_FIELDS_USED.get(loss, ()) if role == "student" else ()
+    used: tuple[str, ...] = ()
+    if role == "student" and _TERM_WEIGHTS.get(loss):
+        used = (*_TERM_WEIGHTS[loss].values(), *_DISTILL_FIELDS)
     other_arch = "model.teacher." if role == "student" else "model.student."
     out = []
     for field in fields:
