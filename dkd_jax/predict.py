@@ -135,12 +135,8 @@ def unique_inputs(
         if key in seen:
             first, first_group = seen[key]
             if first_group != group:
-
-                def where(g):
-                    return f"in speaker group {g}" if g else "without a speaker group"
-
                 error = (
-                    f"{path}: listed {where(first_group)} (as {first}) and {where(group)}: a "
+                    f"{path}: listed {_where(first_group)} (as {first}) and {_where(group)}: a "
                     "file can be normalised as one speaker only"
                 )
                 return [], [], [], error
@@ -153,6 +149,10 @@ def unique_inputs(
     if repeats:
         warnings.append(f"listed more than once, scored once: {', '.join(repeats)}")
     return files, kept, warnings, None
+
+
+def _where(group: str | None) -> str:
+    return f"in speaker group {group}" if group else "without a speaker group"
 
 
 def ungrouped_warning(
