@@ -781,20 +781,23 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> Pat
 RESULT_KEYS = ("wa", "ua", "num_utterances", "confusion_matrix", "label_names")
 
 
-def load_results(workdir: str | os.PathLike) -> dict[str, Any] | None:
+def load_results(
+    workdir: str | os.PathLike, *, remedy: str = "re-run eval.py on the run"
+) -> dict[str, Any] | None:
     """``results.json`` of a run; None when it is missing (the run is not finished), and
     RunDirError naming the file when it is there but unreadable, not a JSON object, or lacks
-    one of RESULT_KEYS (a summary must not drop such a run in silence)."""
+    one of RESULT_KEYS (a summary must not drop such a run in silence). ``remedy``: what the
+    error tells the caller's user to do (the experiment runner re-scores the run itself)."""
     path = Path(workdir) / RESULTS_FILE
     if not path.exists():
         return None
     try:
-        results = jsonio.read_json_object(path, hint="re-run eval.py on the run")
+        results = jsonio.read_json_object(path, hint=remedy)
     except jsonio.JSONFileError as e:
         raise RunDirError(str(e)) from None
     missing = [k for k in RESULT_KEYS if k not in results]
     if missing:
-        raise RunDirError(f"{path}: missing {', '.join(missing)}; re-run eval.py on the run")
+        raise RunDirError(f"{path}: missing {', '.join(missing)}; {remedy}")
     return results
 
 

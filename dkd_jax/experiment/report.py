@@ -110,10 +110,9 @@ def collect_runs(
     for plan in plans:
         workdir = exp_dir / plan.key
         try:
-            res = run_dir.load_results(workdir)
-        except run_dir.RunDirError as e:  # run_dir's hint is eval.py's: the runner re-scores
-            message = str(e).replace("re-run eval.py on the run", "run the experiment again")
-            raise ExperimentError(message) from None
+            res = run_dir.load_results(workdir, remedy="run the experiment again")
+        except run_dir.RunDirError as e:
+            raise ExperimentError(str(e)) from None
         if res is None:
             continue
         why = run_mismatch(workdir, plan.config, metadata)
