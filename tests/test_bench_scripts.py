@@ -131,6 +131,23 @@ def test_compare_torch_table_keeps_split_cpu_rows_apart(monkeypatch):
     assert "**2.00** (1.00–2.00)" in rows[2]
 
 
+def test_compare_torch_table_rounds_the_speedup_once(monkeypatch):
+    """Medians of 100 and 124.47 ms are a speedup of 1.2447, stored rounded as 1.245: the table
+    prints 1.24 (the ratio of the medians), not 1.25 (the stored value rounded again); the same
+    for the per-round range."""
+    ours = {"median_ms": 100.0, "p10_ms": 99.0, "p90_ms": 101.0, "first_call_s": 1.0,
+            "timed_steps": 30, "round_medians_ms": [100.0, 100.0]}  # fmt: skip
+    theirs = {**ours, "median_ms": 124.47, "round_medians_ms": [124.47, 130.0]}
+    case = {
+        "input": [26, 63], "batch": 32, "op": "dkd", "ours": ours, "theirs": theirs,
+        "speedup": 1.245, "speedup_per_round": [1.245, 1.3],
+        "load_before": [1.0], "load_after": [1.0],
+    }  # fmt: skip
+    report = {"runs": [{"threads": {"threads": 1}, "cases": [case]}]}
+    row = _bench("compare_torch", monkeypatch).markdown_table([report]).splitlines()[2]
+    assert "| **1.24** (1.24–1.30) |" in row
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
