@@ -818,6 +818,9 @@ def _finish(run: _Run, teacher: _Teacher, built: _Built, loop: _Loop, clock) -> 
             workdir=run.workdir,
             untrained_classes=run.untrained,
         )
+        # Where checkpoints_best/ stands (eval.py --best scores it); the scores
+        # above are the last epoch's, never chosen on the test set.
+        results["best_validation"] = result["best_validation"]
         results["train_seconds"] = round(seconds, 3)
         results["compile_seconds"] = round(clock.compile_seconds, 3)
         results["training_finished"] = True  # written after the "final" record

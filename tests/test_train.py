@@ -124,6 +124,9 @@ def test_teacher_run_writes_the_workdir_and_compiles_once(runs):
     result = runs["teacher"]
     assert 0.0 <= result["test"]["ua"] <= 1.0 and result["test"]["num_utterances"] > 0
     assert result["best_validation"]["step"] in {e["step"] for e in evals}
+    stored = json.loads((wd / run_dir.RESULTS_FILE).read_text())
+    assert stored["best_validation"] == result["best_validation"]
+    assert stored["step"] == result["step"] and stored["ua"] == result["test"]["ua"]
     split, info = run_dir.load_split(wd)
     assert not set(split.train_ids) & (set(split.test_ids) | set(split.validation_ids))
     assert info["label_names"] == ["neutral", "happy", "sad", "angry"]
