@@ -386,7 +386,13 @@ def _prepare_teacher(run: _Run, teacher_workdir) -> _Teacher:
         t_split, t_info = run_dir.load_split(tdir)
         restored = run_dir.restore_run(tdir, step_option=False)
     except run_dir.RunDirError as e:
-        raise TeacherMismatchError(f"cannot use teacher {tdir}: {e}") from None
+        hint = ""
+        if run.resuming and run_dir.training_progress(run.workdir)["finished"]:
+            hint = (
+                f"; {run.workdir} finished training, and only training needs its teacher: "
+                f"score it with python eval.py --workdir {run.workdir}"
+            )
+        raise TeacherMismatchError(f"cannot use teacher {tdir}: {e}{hint}") from None
     _check_teacher(tdir, t_split, t_info, run.split, run.info)
     if run.resuming:
         _check_same_teacher(run.workdir, tdir, restored)

@@ -333,6 +333,25 @@ def test_teacher_trained_on_other_data_is_refused(runs, tiny_prep_dir, tmp_path)
         train_lib.train_and_evaluate(_config(tiny_prep_dir), tmp_path / "s5")
 
 
+def test_finished_student_without_its_teacher_points_at_eval(runs, tiny_prep_dir, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(runs["root"] / "student_off", student, ignore=shutil.ignore_patterns(".lock"))
+    cfg = _config(tiny_prep_dir, **{"train.on_device": "off"})
+    hint = f"{student} finished training, and only training needs its teacher: score it with"
+    with pytest.raises(train_lib.TeacherMismatchError, match="cannot use teacher") as e:
+        train_lib.train_and_evaluate(cfg, student, teacher_workdir=tmp_path / "moved")
+    assert f"{hint} python eval.py --workdir {student}" in str(e.value)
+    partly = tmp_path / "partly"  # a run that still has steps to go needs the teacher: no hint
+    shutil.copytree(student, partly)
+    (partly / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (student / "metrics.jsonl").read_text().splitlines()
+                if '"final"' not in line)
+    )  # fmt: skip
+    with pytest.raises(train_lib.TeacherMismatchError, match="cannot use teacher") as e:
+        train_lib.train_and_evaluate(cfg, partly, teacher_workdir=tmp_path / "moved")
+    assert "eval.py" not in str(e.value)
+
+
 def test_teacher_with_another_feature_config_is_refused(runs, tiny_prep_dir, tmp_path):
     import shutil
 
