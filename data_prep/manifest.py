@@ -15,7 +15,8 @@ Labels: a label is kept when it names a class (default neutral, happy, sad, angr
 optional ``label_map`` (``{"anger": "angry"}``); labels listed in ``exclude_labels`` are left out
 and counted (``<empty>`` names an empty label cell; a class name is refused there: leave a class
 out by listing the classes to keep). Any other label is an error that lists each unknown label
-with its row count (and a likely class for near misses), unless ``ignore_unknown_labels``
+with its row count (and a likely class for near misses and for emotion words of a few
+other languages: ``wut`` → angry, never ``angst`` → angry), unless ``ignore_unknown_labels``
 (then they are counted as excluded too): a misspelt label must never make a quarter of a
 corpus vanish quietly.
 
@@ -302,10 +303,31 @@ def _not_utf8(manifest: str) -> str:
     )
 
 
+#: Emotion words of other languages (and corpora) whose spelling misleads: ``angst`` (German:
+#: fear) is 0.6 alike "angry" and ``wut`` (German: anger) like nothing. Each group is one
+#: emotion; a label in a group means a class only of the same group.
+_EMOTION_WORDS = (
+    frozenset({"anger", "angry", "wut", "ärger", "colère", "rabbia", "ira", "enfado"}),
+    frozenset({"fear", "fearful", "afraid", "angst", "furcht", "peur", "paura", "miedo"}),
+    frozenset({"happy", "happiness", "joy", "freude", "glück", "joie", "gioia", "alegría"}),
+    frozenset({"sad", "sadness", "trauer", "traurigkeit", "tristesse", "tristezza", "tristeza"}),
+    frozenset({"disgust", "disgusted", "ekel", "dégoût", "disgusto", "asco"}),
+    frozenset({"boredom", "bored", "langeweile", "ennui", "noia", "aburrimiento"}),
+    frozenset({"surprise", "surprised", "überraschung", "sorpresa"}),
+    frozenset({"neutral", "neutre", "neutrale"}),
+)
+
+
 def _closest_classes(label: str, classes: list[str]) -> list[str]:
-    """The class a label most likely means ([] if none): a near spelling (``anger`` → angry),
-    else the one class sharing its first four letters (``happiness`` → happy, which spelling
-    similarity misses: suggesting to exclude it would empty the class)."""
+    """The class a label most likely means ([] if none): for a known emotion word (any of
+    ``_EMOTION_WORDS``, e.g. ``angst``), the class naming the same emotion or none; else a near
+    spelling (``anger`` → angry), else the one class sharing its first four letters
+    (``happiness`` → happy, which spelling similarity misses: suggesting to exclude it would
+    empty the class)."""
+    key = unicodedata.normalize("NFC", label.strip().lower())
+    for words in _EMOTION_WORDS:
+        if key in words:
+            return [c for c in classes if c.lower() in words][:1]
     close = difflib.get_close_matches(label, classes, n=1, cutoff=0.6)
     if close:
         return close

@@ -61,8 +61,8 @@ def test_unknown_labels_are_an_error_listing_each_with_its_count(tmp_path, capsy
     msg = str(info.value)
     assert msg.startswith(f"{path}: unknown label(s) ")
     assert "anger (3 rows, did you mean angry?)" in msg
-    assert "fear (2 rows)" in msg and "joy (1 row)" in msg
-    assert "--label-map anger=angry" in msg and "--exclude-labels fear,joy" in msg
+    assert "fear (2 rows)" in msg and "joy (1 row, did you mean happy?)" in msg
+    assert "--label-map anger=angry,joy=happy" in msg and "--exclude-labels fear)" in msg
     assert "--ignore-unknown-labels" in msg and "sad" not in msg.split("the classes")[0]
     rc = cli.main(["csv", "--manifest", str(path), "--out", str(tmp_path / "o"), "--workers", "1"])
     err = capsys.readouterr().err
@@ -82,6 +82,20 @@ def test_the_suggestion_for_happiness_maps_it_to_happy():
     assert "--exclude-labels fear" in msg and "exclude-labels fear," not in msg
     assert manifest._closest_classes("fear", classes) == []
     assert manifest._closest_classes("neutrality", classes) == ["neutral"]
+
+
+def test_emotion_words_of_other_languages_suggest_their_own_emotion_or_none():
+    """``angst`` (German: fear) was suggested as ``angst=angry`` (spelling ratio 0.6): following
+    the hint would have trained fear as anger."""
+    classes = ["neutral", "happy", "sad", "angry"]
+    msg = manifest._unknown_message(
+        "m.csv", collections.Counter({"angst": 5, "wut": 4, "freude": 3}), classes
+    )
+    assert "angst (5 rows)" in msg and "--exclude-labels angst" in msg and "angst=" not in msg
+    assert "--label-map wut=angry,freude=happy" in msg
+    assert manifest._closest_classes("angst", ["neutral", "fear", "angry"]) == ["fear"]
+    assert manifest._closest_classes("Ärger", classes) == ["angry"]
+    assert manifest._closest_classes("angel", classes) == ["angry"]  # a spelling guess still
 
 
 def test_label_map_exclusions_and_ignore(tmp_path):
