@@ -3,7 +3,27 @@ must see (an empty class, many skipped files, files cut short, dominant utteranc
 
 from __future__ import annotations
 
+from data_prep import sources
+
 __all__ = ["prep_summary"]
+
+#: What a corpus's own label codes mean, for the "excluded" line (``label:A`` says little).
+_CODE_NAMES = {
+    "emodb": sources.EMODB_LABELS,
+    "iemocap": {
+        **{k: v for k, v in sources.IEMOCAP_LABELS.items() if v},
+        "xxx": "no majority label",
+        "hap": "happy",
+        "exc": "excited",
+    },
+}
+
+
+def _excluded_name(corpus: str, key: str) -> str:
+    """``label:A`` → ``label:A (fearful)`` for a corpus whose codes are known."""
+    kind, _, code = key.partition(":")
+    name = _CODE_NAMES.get(corpus, {}).get(code) if kind == "label" else None
+    return f"{key} ({name})" if name and name != code else key
 
 
 #: Skip kinds that name a folder or a line, not an utterance (not counted as skipped ones).
@@ -46,7 +66,8 @@ def prep_summary(meta: dict) -> str:
         f"  short utterances: {c['short_padded']} padded, {c['short_dropped']} dropped",
     ]
     if c["excluded"]:
-        lines.append("  excluded: " + ", ".join(f"{k} {v}" for k, v in c["excluded"].items()))
+        named = (f"{_excluded_name(meta['corpus'], k)} {v}" for k, v in c["excluded"].items())
+        lines.append("  excluded: " + ", ".join(named))
     if c["skipped"]:
         lines.append(
             "  skipped: "

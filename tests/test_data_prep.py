@@ -319,6 +319,8 @@ def test_emodb_prepare_resamples_22k(tmp_path):
     assert [r["utterance_id"] for r in meta["utterances"]] == ["08a01Fd", "08a01Na", "08a01Wa"]
     assert meta["counts"]["by_class"] == {"neutral": 1, "happy": 1, "sad": 0, "angry": 1}
     assert meta["counts"]["excluded"] == {"label:A": 1, "label:L": 1}
+    # The summary says what EmoDB's letters mean (it used to print "label:A 1").
+    assert "  excluded: label:A (fearful) 1, label:L (bored) 1" in data_prep.prep_summary(meta)
     assert [(s["path"], s["kind"]) for s in meta["skipped"]] == [("notes.wav", "bad_name")]
     assert {(r["speaker"], r["session"], r["gender"]) for r in meta["utterances"]} == {
         ("08", "Session1", "female")
@@ -653,6 +655,9 @@ def test_metadata_contract(prepared):
         "unknown_label": 1,
     }
     assert c["excluded"] == {"label:fru": 1, "label:hap": 2, "label:xxx": 1}
+    assert (
+        "  excluded: label:fru (frustrated) 1, label:hap (happy) 2, label:xxx (no majority label) 1"
+    ) in data_prep.prep_summary(meta).splitlines()
     assert len(meta["skipped"]) == 6
     keys = {"utterance_id", "label", "label_name", "speaker", "session", "gender", "dialog"}
     keys |= {"duration_s", "num_train_segments", "num_eval_segments", "path"}
