@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "timing": "median wall time of jitted steps on the first device, inputs on device",
         },
         "complete": False,
+        "loadavg_before": list(os.getloadavg()),
         "wall_s": 0.0,
         "results": [],
     }
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["results"].append(entry)
         report["wall_s"] = round(time.perf_counter() - start, 1)
+        report["loadavg_at_end"] = list(os.getloadavg())  # of what is done so far
         if disable:  # one line per configuration instead of a bar
             speeds = [
                 entry[k].get("segments_per_s", "error") for k in ("forward", "forward_backward")

@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"{err}{hint}")
         report.data["total_wall_s"] = round(time.perf_counter() - total, 2)
         report.data["load_after"] = list(os.getloadavg())
+        report.data["loadavg_at_end"] = report.data["load_after"]  # as every bench JSON has it
         report.data["complete"] = True
         report.save()
         return benchjson.emit(report.data, None)
