@@ -213,6 +213,13 @@ def main(argv=None) -> int:
     prep_dir = args.prep_dir
     if prep_dir and os.path.exists(prep_dir) and not os.path.isdir(prep_dir):
         p.error(f"--prep-dir {prep_dir}: exists and is not a folder")
+    if prep_dir and args.out:
+        folder = os.path.realpath(prep_dir)
+        if os.path.commonpath([folder, os.path.realpath(args.out)]) == folder:
+            p.error(
+                f"--out {args.out} lies inside --prep-dir {prep_dir}, a folder only the prep "
+                "may fill (a second run would refuse it); write the JSON elsewhere"
+            )
     if prep_dir and os.path.isdir(prep_dir) and os.listdir(prep_dir):
         other = sorted(n for n in os.listdir(prep_dir) if not pipeline.is_artifact(n))
         if not _made_by_this_benchmark(prep_dir) or other:  # never a user's prep or files

@@ -404,6 +404,10 @@ def test_bench_data_prep_never_deletes_a_prep_dir_of_other_files(tmp_path, capsy
     with pytest.raises(SystemExit):  # an --out that cannot be written: before any work
         module.main(["--out", str(tmp_path)])
     assert f"--out {tmp_path}: is a folder, not a file" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"  # its own JSON inside: a second run refused "it holds result.json"
+    with pytest.raises(SystemExit):
+        module.main(["--prep-dir", str(fresh), "--out", str(fresh / "sub" / "result.json")])
+    assert f"lies inside --prep-dir {fresh}" in capsys.readouterr().err
 
 
 def test_conv_algorithms_needs_two_rounds_for_its_quantiles(capsys, monkeypatch):
