@@ -590,18 +590,29 @@ def _check_ids(manifest: str, rows: list[_Row]) -> None:
         )
 
 
+_NUMBER = re.compile(r"\d+(?:\.0+)?(?!\d)")
+
+
+def _speaker_key(speaker: str) -> str:
+    """A speaker id without what a spreadsheet changes: letter case, leading zeros and a
+    ``.0`` written after a whole number ("S03", "s3", "3.0" and "03" give "s3" and "3")."""
+    return _NUMBER.sub(lambda m: str(int(m.group().split(".")[0])), speaker.casefold())
+
+
 def _warn_case_twins(manifest: str, rows: list[_Row]) -> None:
-    """Speaker ids that differ only in letter case ("S03", "s03") are most likely one person
-    typed twice: each becomes its own speaker (and with no session column, its own fold)."""
+    """Speaker ids that differ only in letter case ("S03", "s03") or in how a number is written
+    ("03", "3", "3.0": a spreadsheet drops leading zeros, pandas writes floats) are most likely
+    one person typed twice: each becomes its own speaker (and with no session column, its own
+    fold, so leave-one-speaker-out tests on a speaker it trained on)."""
     spellings: dict[str, set[str]] = collections.defaultdict(set)
     for r in rows:
-        spellings[r.speaker.casefold()].add(r.speaker)
+        spellings[_speaker_key(r.speaker)].add(r.speaker)
     twins = sorted(sorted(v) for v in spellings.values() if len(v) > 1)
     if twins:
         listed = "; ".join(" and ".join(repr(s) for s in t) for t in twins[:_MAX_LISTED])
         log.warning(
-            "warning: %s: speaker ids that differ only in case (%s) are taken as different "
-            "speakers; if they are one person, spell them alike",
+            "warning: %s: speaker ids that differ only in case or in how a number is written "
+            "(%s) are taken as different speakers; if they are one person, spell them alike",
             manifest,
             listed,
         )

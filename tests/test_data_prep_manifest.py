@@ -421,9 +421,25 @@ def test_speaker_ids_differing_only_in_case_are_warned_about(tmp_path, caplog):
         scan = manifest.scan_csv(path)
     assert sorted({u.speaker for u in scan.utterances}) == ["S03", "s03", "s04"]  # kept apart
     assert [r.getMessage() for r in caplog.records] == [
-        f"warning: {path}: speaker ids that differ only in case ('S03' and 's03') are taken as "
-        "different speakers; if they are one person, spell them alike"
+        f"warning: {path}: speaker ids that differ only in case or in how a number is written "
+        "('S03' and 's03') are taken as different speakers; if they are one person, spell them "
+        "alike"
     ]
+
+
+def test_speaker_ids_differing_only_in_leading_zeros_are_warned_about(tmp_path, caplog):
+    """A spreadsheet that drops leading zeros ("03" -> "3") or pandas writing "3.0" made two
+    speakers of one without a word: the fold holding out "3" trained on "03"."""
+    files = {f"{c}.wav": 2.0 + i / 10 for i, c in enumerate("abcdefg")}
+    rows = [("a.wav", "sad", "03"), ("b.wav", "angry", "3"), ("c.wav", "sad", "3.0"),
+            ("d.wav", "sad", "Ses01F"), ("e.wav", "sad", "ses1f"), ("f.wav", "sad", "13"),
+            ("g.wav", "sad", "30")]  # fmt: skip
+    path = _write(tmp_path / "c", rows, files)
+    with caplog.at_level("WARNING", logger="data_prep"):
+        manifest.scan_csv(path)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "('03' and '3' and '3.0'; 'Ses01F' and 'ses1f')" in message
+    assert manifest._speaker_key("13") != manifest._speaker_key("3") != manifest._speaker_key("30")
 
 
 def test_audio_files_that_no_row_names_are_warned_about(tmp_path, caplog):
