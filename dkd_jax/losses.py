@@ -39,13 +39,15 @@ concrete values (eager calls, constants closed over by a jitted function) raise 
 Traced values cannot raise, so they poison the result instead: an example whose label is out of
 range gets a NaN loss, and a temperature that is not finite and > 0 (or an ``alpha`` / ``beta`` of
 ``dkd_loss`` that is not finite and >= 0) makes every example NaN, so that a training loop that
-checks its loss for NaN stops; a NaN or +inf teacher logit makes its example NaN too (a -inf one
-is a class the teacher rules out: probability 0). The NaN stays in its example: the other
-examples' values and gradients do not change (bit for bit), and an example with a bad label gets
-zero gradient, so a mean over the valid examples (``jnp.where(valid, loss, 0)``, not
-``loss * valid``: NaN times 0 is NaN) stays finite. Labels may have any integer dtype. For a
-raised error inside ``jit``, call :func:`validate_labels` / :func:`validate_temperature` in a
-function wrapped with ``jax.experimental.checkify.checkify``.
+checks its loss for NaN stops; a NaN or +inf teacher logit, or a teacher row of -inf only, makes
+its example NaN too (one -inf logit is a class the teacher rules out: probability 0; a teacher
+ruling out every class but the target, e.g. ``log(one_hot(labels))``, gives TCKD = T²·(-log of
+the student's target probability) and NCKD = 0). The NaN stays in its example: the other
+examples' values and gradients do not change (bit for bit), and an example with a bad label or
+teacher row gets zero gradient, so a mean over the valid examples (``jnp.where(valid, loss,
+0)``, not ``loss * valid``: NaN times 0 is NaN) stays finite. Labels may have any integer
+dtype. For a raised error inside ``jit``, call :func:`validate_labels` /
+:func:`validate_temperature` in a function wrapped with ``jax.experimental.checkify.checkify``.
 
 References:
   B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation", CVPR 2022,
@@ -58,6 +60,7 @@ References:
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import jax
@@ -149,7 +152,7 @@ def _check_scalar(
 ) -> jax.Array:
     """Validates a scalar hyperparameter; concrete values must be finite and > 0 (or >= 0)
     *in float32*, the precision the loss uses (1e-50 would become 0, 1e40 infinity)."""
-    if isinstance(value, bool):
+    if isinstance(value, bool | str | bytes):
         raise TypeError(f"{_WHERE}.{fn}: {name} must be a number, got {value!r}")
     if isinstance(value, int | float):
         concrete = float(value)  # checked in Python: no device round trip
@@ -206,17 +209,30 @@ def _guard_scalar(value: jax.Array, *, positive: bool, safe: float) -> tuple[jax
     return jnp.where(ok, value, safe), ok
 
 
+def _guard_teacher(t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(teacher logits with unusable rows replaced by zeros, usable-row mask [B]).
+
+    A row is unusable when a logit is NaN or +inf, or every logit is -inf (no distribution).
+    Such an example's loss is NaN (:func:`_poison`), but it is computed from the harmless zeros:
+    a NaN inside the row would reach the gradients through a zero cotangent (0 · NaN), so that
+    ``jnp.where(valid, loss, 0)`` left the other examples' shared gradients NaN. A -inf logit
+    alone is a class the teacher rules out (probability 0) and stays."""
+    ok = jnp.all(~jnp.isnan(t) & (t != jnp.inf), axis=-1) & jnp.any(t != -jnp.inf, axis=-1)
+    return jnp.where(ok[:, None], t, jnp.zeros_like(t)), ok
+
+
 def _poison(loss: jax.Array, ok: jax.Array) -> jax.Array:
     """NaN where ``ok`` ([batch] or scalar) is False; ``loss`` itself where it is True."""
     return jnp.where(ok, loss, jnp.nan)
 
 
-def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_classes):
+def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_classes, guard):
     """Validates inputs; returns (z_s / T, stop_gradient(z_t) / T, target mask, T, ok).
     ``labels`` None: no target mask (``kd_loss`` only; the other losses refuse None first).
 
     ``ok`` is False for examples whose loss must be NaN (label out of range, or a temperature that
-    is not finite and > 0); the returned target mask and ``T`` are safe stand-ins there.
+    is not finite and > 0, and with ``guard`` a teacher row that is NaN, +inf or all -inf); the
+    returned target mask, teacher row and ``T`` are safe stand-ins there.
     """
     s = _check_logits(fn, "student_logits", student_logits, min_classes=min_classes)
     t = _check_logits(fn, "teacher_logits", teacher_logits, min_classes=min_classes)
@@ -229,6 +245,9 @@ def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_cla
         fn, "temperature", temperature, positive=True, warn_above=MAX_ACCURATE_TEMPERATURE
     )
     temp, ok = _guard_scalar(temp, positive=True, safe=1.0)
+    if guard:
+        t, teacher_ok = _guard_teacher(t)
+        ok = ok & teacher_ok
     batch, num_classes = s.shape
     target = None
     if labels is not None or fn != "kd_loss":
@@ -279,13 +298,38 @@ def _non_target_log_probs(z: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.where(other, z - lse_other[:, None], 0.0)
 
 
-def _tckd(zs, zt, target):
-    return _kl_from_logs(_binary_log_probs(zt, target), _binary_log_probs(zs, target))
+def _teacher_sure_of_target(zt: jax.Array, target: jax.Array) -> jax.Array:
+    """[B] bool: every non-target teacher logit is -inf (the teacher rules out every other
+    class, e.g. ``log(one_hot(labels))``): p_t = 1 and no non-target distribution exists."""
+    return jnp.all(jnp.where(target, -jnp.inf, zt) == -jnp.inf, axis=-1)
 
 
-def _nckd(zs, zt, target):
+def _tckd(zs, zt, target, guard=True):
+    # A sure teacher's non-target log-sum-exp would be -inf - -inf = NaN: computed on a finite
+    # stand-in (target 0, the others -1) whose probability ~1 - 1e-... is then replaced by the
+    # exact [log 1, log 0]. Only the teacher's side is touched: the student's numbers (and its
+    # gradients, bit for bit) are the formula's.
+    if not guard:
+        return _kl_from_logs(_binary_log_probs(zt, target), _binary_log_probs(zs, target))
+    sure = _teacher_sure_of_target(zt, target)
+    safe = jnp.where(sure[:, None], jnp.where(target, 0.0, -1.0), zt)
+    log_pt = _binary_log_probs(safe, target)
+    log_pt = jnp.where(sure[:, None], jnp.array([0.0, -jnp.inf], log_pt.dtype), log_pt)
+    return _kl_from_logs(log_pt, _binary_log_probs(zs, target))
+
+
+def _nckd(zs, zt, target, guard=True):
+    # A sure teacher has no non-target distribution: its NCKD is 0 (KD = TCKD + (1 - p_t) ·
+    # NCKD with p_t = 1), from a finite stand-in whose every term is then dropped.
+    if not guard:
+        return _kl_from_logs(
+            _non_target_log_probs(zt, target), _non_target_log_probs(zs, target), ~target
+        )
+    sure = _teacher_sure_of_target(zt, target)
+    safe = jnp.where(sure[:, None], jnp.zeros_like(zt), zt)
+    kept = ~target & ~sure[:, None]
     return _kl_from_logs(
-        _non_target_log_probs(zt, target), _non_target_log_probs(zs, target), ~target
+        _non_target_log_probs(safe, target), _non_target_log_probs(zs, target), kept
     )
 
 
@@ -326,7 +370,7 @@ def cross_entropy(logits, labels) -> jax.Array:
     return _poison(lse - z_y, ok)
 
 
-def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
+def kd_loss(student_logits, teacher_logits, *, temperature=4.0, guard_teacher=True) -> jax.Array:
     r"""Classical (Hinton) knowledge distillation loss, per example, scaled by ``T**2``.
 
     .. math::
@@ -340,6 +384,12 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
       student_logits: [batch, num_classes] float student logits (computed in float32).
       teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
       temperature: softmax temperature ``T > 0`` (Python float or scalar array).
+      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
+        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
+        row tests, for teacher logits known to be finite: the training step passes it, so that
+        its compiled program, and runs made before the tests, stay bit for bit (the tests move
+        how XLA fuses the step: logged loss terms changed in their last bits).
 
     Returns:
       [batch] float32 per-example losses (>= 0); all NaN for a (traced) temperature that is not
@@ -357,14 +407,22 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0) -> jax.Array:
       G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
     zs, zt, _, temp, ok = _prepare(
-        "kd_loss", student_logits, teacher_logits, None, temperature, min_classes=1
+        "kd_loss",
+        student_logits,
+        teacher_logits,
+        None,
+        temperature,
+        min_classes=1,
+        guard=guard_teacher,
     )
     log_ps = zs - jax.nn.logsumexp(zs, axis=-1, keepdims=True)
     log_pt = zt - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
     return _poison(temp**2 * _kl_from_logs(log_pt, log_ps), ok)
 
 
-def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax.Array:
+def tckd_loss(
+    student_logits, teacher_logits, labels, *, temperature=4.0, guard_teacher=True
+) -> jax.Array:
     r"""Target-class knowledge distillation (TCKD), per example, scaled by ``T**2``.
 
     KL between the binary (target vs. all non-target) distributions ``b = [p_t, 1 - p_t]``:
@@ -382,6 +440,12 @@ def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
       teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
       labels: [batch] integer target class ids in ``[0, num_classes)``.
       temperature: softmax temperature ``T > 0``.
+      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
+        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
+        row tests, for teacher logits known to be finite: the training step passes it, so that
+        its compiled program, and runs made before the tests, stay bit for bit (the tests move
+        how XLA fuses the step: logged loss terms changed in their last bits).
 
     Returns:
       [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
@@ -399,12 +463,20 @@ def tckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
       B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
     """
     zs, zt, target, temp, ok = _prepare(
-        "tckd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
+        "tckd_loss",
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        min_classes=2,
+        guard=guard_teacher,
     )
-    return _poison(temp**2 * _tckd(zs, zt, target), ok)
+    return _poison(temp**2 * _tckd(zs, zt, target, guard_teacher), ok)
 
 
-def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax.Array:
+def nckd_loss(
+    student_logits, teacher_logits, labels, *, temperature=4.0, guard_teacher=True
+) -> jax.Array:
     r"""Non-target-class knowledge distillation (NCKD), per example, scaled by ``T**2``.
 
     KL between the distributions over the non-target classes only,
@@ -422,6 +494,12 @@ def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
       teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
       labels: [batch] integer target class ids in ``[0, num_classes)``.
       temperature: softmax temperature ``T > 0``.
+      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
+        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
+        row tests, for teacher logits known to be finite: the training step passes it, so that
+        its compiled program, and runs made before the tests, stay bit for bit (the tests move
+        how XLA fuses the step: logged loss terms changed in their last bits).
 
     Returns:
       [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
@@ -439,13 +517,26 @@ def nckd_loss(student_logits, teacher_logits, labels, *, temperature=4.0) -> jax
       B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
     """
     zs, zt, target, temp, ok = _prepare(
-        "nckd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
+        "nckd_loss",
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        min_classes=2,
+        guard=guard_teacher,
     )
-    return _poison(temp**2 * _nckd(zs, zt, target), ok)
+    return _poison(temp**2 * _nckd(zs, zt, target, guard_teacher), ok)
 
 
 def dkd_loss(
-    student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0, temperature=4.0
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    alpha=1.0,
+    beta=8.0,
+    temperature=4.0,
+    guard_teacher=True,
 ) -> jax.Array:
     r"""Decoupled knowledge distillation loss, per example: ``alpha * TCKD + beta * NCKD``.
 
@@ -467,6 +558,12 @@ def dkd_loss(
       alpha: TCKD weight (>= 0; Python float or scalar array, may be traced).
       beta: NCKD weight (>= 0; Python float or scalar array, may be traced).
       temperature: softmax temperature ``T > 0``.
+      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
+        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
+        row tests, for teacher logits known to be finite: the training step passes it, so that
+        its compiled program, and runs made before the tests, stay bit for bit (the tests move
+        how XLA fuses the step: logged loss terms changed in their last bits).
 
     Returns:
       [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
@@ -492,7 +589,13 @@ def dkd_loss(
       Emotion Recognition", ICASSP 2023, arXiv:2303.05134.
     """
     zs, zt, target, temp, ok = _prepare(
-        "dkd_loss", student_logits, teacher_logits, labels, temperature, min_classes=2
+        "dkd_loss",
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        min_classes=2,
+        guard=guard_teacher,
     )
     a, a_ok = _guard_scalar(
         _check_scalar("dkd_loss", "alpha", alpha, positive=False), positive=False, safe=0.0
@@ -500,7 +603,9 @@ def dkd_loss(
     b, b_ok = _guard_scalar(
         _check_scalar("dkd_loss", "beta", beta, positive=False), positive=False, safe=0.0
     )
-    loss = temp**2 * (a * _tckd(zs, zt, target) + b * _nckd(zs, zt, target))
+    loss = temp**2 * (
+        a * _tckd(zs, zt, target, guard_teacher) + b * _nckd(zs, zt, target, guard_teacher)
+    )
     return _poison(loss, ok & a_ok & b_ok)
 
 
@@ -549,14 +654,18 @@ def validate_labels(labels, num_classes: int) -> None:
         raise TypeError(
             f"{_WHERE}.validate_labels: labels must be integer class ids, got dtype {labels.dtype}"
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    try:  # any integer (np.int64 included), never a bool or a float
+        count = None if isinstance(num_classes, bool) else operator.index(num_classes)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise ValueError(
             f"{_WHERE}.validate_labels: num_classes must be an int >= 1, got {num_classes!r}"
         )
     if labels.size == 0:
         return
     flat = labels.reshape(-1)
-    ok = _in_range(flat, num_classes)
+    ok = _in_range(flat, count)
     first_bad = jnp.argmin(ok)  # index of the first False (0 when all are True: unused)
     checkify.check(
         jnp.all(ok),
@@ -583,7 +692,9 @@ def validate_temperature(temperature) -> None:
         ``err.throw()`` (or at once when called eagerly).
     """
     if isinstance(temperature, bool):
-        raise TypeError(f"{_WHERE}.validate_temperature: temperature must be a number, got True")
+        raise TypeError(
+            f"{_WHERE}.validate_temperature: temperature must be a number, got {temperature!r}"
+        )
     t = jnp.asarray(temperature)
     if t.ndim != 0:
         raise ValueError(

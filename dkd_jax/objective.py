@@ -150,12 +150,15 @@ def loss_terms(logits, teacher_logits, labels, labels_b, lam, *, temperature) ->
             return a
         return lam * a + (1.0 - lam) * fn(labels_b)
 
-    t = temperature
+    # guard_teacher=False: the teacher's logits are a trained network's (precomputed ones are
+    # checked finite when the run starts; a NaN from a live teacher makes the loss NaN, which
+    # stops the run), and the per-row teacher tests would change the compiled step's bits.
+    kw = {"temperature": temperature, "guard_teacher": False}
     terms = {"ce": mixed(lambda y: losses.cross_entropy(logits, y))}
     if teacher_logits is not None:
-        terms["tckd"] = mixed(lambda y: losses.tckd_loss(logits, teacher_logits, y, temperature=t))
-        terms["nckd"] = mixed(lambda y: losses.nckd_loss(logits, teacher_logits, y, temperature=t))
-        terms["kd"] = losses.kd_loss(logits, teacher_logits, temperature=t)
+        terms["tckd"] = mixed(lambda y: losses.tckd_loss(logits, teacher_logits, y, **kw))
+        terms["nckd"] = mixed(lambda y: losses.nckd_loss(logits, teacher_logits, y, **kw))
+        terms["kd"] = losses.kd_loss(logits, teacher_logits, **kw)
     return terms
 
 

@@ -618,14 +618,17 @@ _PREVIOUS_BITS = {
 }
 
 
-def _traced_fns():
-    """name -> f(student, teacher, labels, T), every argument traced when jitted."""
+def _traced_fns(**kw):
+    """name -> f(student, teacher, labels, T), every argument traced when jitted (``kw``:
+    further keywords of the distillation losses)."""
     return {
         "ce": lambda s, t, y, T: losses.cross_entropy(s, y),
-        "kd": lambda s, t, y, T: losses.kd_loss(s, t, temperature=T),
-        "tckd": lambda s, t, y, T: losses.tckd_loss(s, t, y, temperature=T),
-        "nckd": lambda s, t, y, T: losses.nckd_loss(s, t, y, temperature=T),
-        "dkd": lambda s, t, y, T: losses.dkd_loss(s, t, y, alpha=0.7, beta=3.0, temperature=T),
+        "kd": lambda s, t, y, T: losses.kd_loss(s, t, temperature=T, **kw),
+        "tckd": lambda s, t, y, T: losses.tckd_loss(s, t, y, temperature=T, **kw),
+        "nckd": lambda s, t, y, T: losses.nckd_loss(s, t, y, temperature=T, **kw),
+        "dkd": lambda s, t, y, T: losses.dkd_loss(
+            s, t, y, alpha=0.7, beta=3.0, temperature=T, **kw
+        ),
     }
 
 
@@ -641,11 +644,12 @@ def _hex(x) -> str:
 def test_in_range_results_are_bit_identical_to_the_previous_implementation(case):
     seed, batch, num_classes, scale = case
     zs, zt, y = _random_case(seed, batch, num_classes, scale=scale)
-    for name, f in _traced_fns().items():
-        value = jax.jit(f)(zs, zt, y, 2.0)
-        grad = jax.jit(jax.grad(lambda *a, f=f: f(*a).mean()))(zs, zt, y, 2.0)
-        assert _hex(value) == _PREVIOUS_BITS[case][name], name
-        assert _hex(grad) == _PREVIOUS_BITS[case]["grad_" + name], name
+    for guard in (True, False):  # with and without the teacher row tests (the training step's)
+        for name, f in _traced_fns(guard_teacher=guard).items():
+            value = jax.jit(f)(zs, zt, y, 2.0)
+            grad = jax.jit(jax.grad(lambda *a, f=f: f(*a).mean()))(zs, zt, y, 2.0)
+            assert _hex(value) == _PREVIOUS_BITS[case][name], (name, guard)
+            assert _hex(grad) == _PREVIOUS_BITS[case]["grad_" + name], (name, guard)
 
 
 LABEL_FNS = ("ce", "tckd", "nckd", "dkd")
@@ -757,6 +761,52 @@ def test_a_nan_or_inf_teacher_logit_gives_nan_in_that_example_only(bad):
     np.testing.assert_allclose(kd, ref, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_a_teacher_sure_of_the_target_gives_tckd_of_the_target_alone_and_no_nckd(num_classes):
+    """A teacher ruling out every class but the target (``log(one_hot(labels))``) gave NaN for
+    TCKD, NCKD and DKD (-inf - -inf in the non-target log-sum-exp), while KD was finite."""
+    zs, _, y = _random_case(45, 5, num_classes)
+    zt = np.where(np.eye(num_classes, dtype=bool)[y], 0.0, -np.inf).astype(np.float32)  # log 1-hot
+    zt[0] = np.linspace(-1.0, 1.0, num_classes)  # an ordinary row beside them
+    T = 2.0
+    log_ps = _np_log_softmax(zs.astype(np.float64) / T)
+    want_tckd = T**2 * -log_ps[np.arange(len(y)), y]
+    _, tckd0, nckd0, _ = ref_terms(zs[:1], zt[:1], y[:1].astype(np.int64), T)
+    want_tckd[0] = tckd0[0]
+    for f in (lambda *a: a, jax.jit(lambda *a: a)):  # eager and traced inputs alike
+        s, t, lab = f(zs, zt, y)
+        tckd = np.asarray(losses.tckd_loss(s, t, lab, temperature=T))
+        nckd = np.asarray(losses.nckd_loss(s, t, lab, temperature=T))
+        kd = np.asarray(losses.kd_loss(s, t, temperature=T))
+        dkd = np.asarray(losses.dkd_loss(s, t, lab, alpha=0.5, beta=8.0, temperature=T))
+        np.testing.assert_allclose(tckd, want_tckd, rtol=1e-5)
+        np.testing.assert_allclose(nckd[0], nckd0[0], rtol=1e-5)
+        assert np.all(nckd[1:] == 0.0)
+        np.testing.assert_allclose(kd[1:], tckd[1:], rtol=1e-6)  # KD = TCKD + (1 - 1) * NCKD
+        np.testing.assert_allclose(dkd, 0.5 * tckd + 8.0 * nckd, rtol=1e-6)
+    grad = jax.grad(lambda s: jnp.sum(losses.dkd_loss(s, zt, y, beta=8.0, temperature=T)))(zs)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_a_bad_teacher_row_masked_out_leaves_the_gradient_of_the_others():
+    """``jnp.where(valid, loss, 0)`` over a NaN teacher row used to give NaN gradients for the
+    shared weights (0 times the row's NaN partials), although the loss itself was finite."""
+    x = jnp.eye(3)
+    w = jnp.asarray(np.random.default_rng(46).normal(size=(3, 4)).astype(np.float32))
+    zt = np.array([[0.0, np.nan, 1.0, 2.0], [1.0, 0.0, 2.0, -1.0], [np.inf, 0, 0, 0]], np.float32)
+    y = np.array([0, 2, 1])
+    valid = np.all(np.isfinite(zt), axis=1)
+    for name, f in _traced_fns().items():
+        if name == "ce":
+            continue  # no teacher
+        masked = jax.grad(lambda w, f=f: jnp.sum(jnp.where(valid, f(x @ w, zt, y, 2.0), 0.0)))(w)
+        alone = jax.grad(lambda w, f=f: jnp.sum(f((x @ w)[valid], zt[valid], y[valid], 2.0)))(w)
+        np.testing.assert_array_equal(np.asarray(masked), np.asarray(alone), err_msg=name)
+        assert np.all(np.isnan(np.asarray(f(x @ w, zt, y, 2.0))[~valid])), name
+    all_ruled_out = np.full((1, 4), -np.inf, np.float32)
+    assert np.isnan(np.asarray(losses.dkd_loss(zt[1:2], all_ruled_out, y[:1])))
+
+
 def test_losses_with_labels_name_missing_labels():
     z = jnp.zeros((2, 3))
     for name, call in {
@@ -842,3 +892,15 @@ def test_validate_labels_eagerly_and_without_checkify():
         losses.validate_labels(jnp.array([0, 1]), 0)
     with pytest.raises(ValueError, match="temperature must be a scalar"):
         losses.validate_temperature(jnp.ones(2))
+    # A NumPy integer count is an int (metrics takes it too); False said "got True"; a string
+    # temperature was JAX's own "not a valid JAX array type".
+    losses.validate_labels(jnp.array([0, 3]), np.int64(4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got 4 at index 0"):
+        losses.validate_labels(jnp.array([4]), np.int64(4))
+    for bad in (4.0, True):
+        with pytest.raises(ValueError, match=f"num_classes must be an int >= 1, got {bad}"):
+            losses.validate_labels(jnp.array([0, 1]), bad)
+    with pytest.raises(TypeError, match="temperature must be a number, got False"):
+        losses.validate_temperature(False)
+    with pytest.raises(TypeError, match=r"losses\.kd_loss: temperature must be a number, got '4'"):
+        losses.kd_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), temperature="4")
