@@ -145,27 +145,23 @@ def _files_and_groups(args, parser) -> tuple[list[str], list[str | None]]:
         files += members
         groups += [name] * len(members)
     if args.groups:
-        import csv
+        # data_prep's manifest reader: the same header, separators, quoting, empty rows,
+        # Unicode forms of names and paths relative to the CSV's folder.
+        from data_prep import manifest, sources
 
         try:
-            with open(args.groups, newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                rows = [(reader.line_num, r) for r in reader]
+            rows = list(manifest.read_rows(args.groups, required=("path", "speaker")))
         except OSError as e:
             parser.error(f"--groups {args.groups}: {e.strerror}")
-        except UnicodeDecodeError:
-            parser.error(f"--groups {args.groups}: not UTF-8 text")
-        if not {"path", "speaker"} <= set(reader.fieldnames or ()):
-            parser.error(f"--groups {args.groups}: needs a header with columns path,speaker")
+        except sources.PrepError as e:
+            parser.error(f"--groups {e}")
         if not rows:
             parser.error(f"--groups {args.groups}: no rows under its header (no files to predict)")
         for line, r in rows:
-            path = (r["path"] or "").strip()
-            if not path:
+            if not r["path"]:
                 parser.error(f"--groups {args.groups}:{line}: the row names no path")
-            # relative to the CSV's folder, as in data_prep's manifests (not the current one)
-            files.append(os.path.join(os.path.dirname(os.path.abspath(args.groups)), path))
-            groups.append((r["speaker"] or "").strip() or None)
+            files.append(r["full"])
+            groups.append(r["speaker"] or None)
     return files, groups
 
 

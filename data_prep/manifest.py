@@ -1,6 +1,8 @@
 """CSV manifests: the schema, label resolution and the checks that keep a corpus honest.
 
-A manifest is a CSV file with a header row. Columns (names case-insensitive, any order):
+A manifest is a CSV file with a header row, its fields separated by commas, semicolons or tabs
+(a space after the separator is no part of the field). Columns (names case-insensitive, any
+order):
 
   path          audio file; relative paths resolve against the manifest's folder (required)
   label         emotion label, case-insensitive (required)
@@ -187,22 +189,52 @@ class _Lines:
         return line
 
 
-def _read_rows(manifest: str) -> Iterable[tuple[int, dict]]:
-    """(line, row) per data row, ``line`` the manifest line it starts on (blank lines counted)."""
+#: Field separators a manifest may use: spreadsheets in many locales save ";" (the comma is
+#: their decimal mark), and tab-separated exports are common.
+DELIMITERS = (",", ";", "\t")
+
+
+def _delimiter(manifest: str, required: Sequence[str]) -> str:
+    """The separator under which the header (the first non-blank line) names every required
+    column; "," when none does (its error then shows the header as read)."""
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            first = next((line for line in f if line.strip()), "")
+    except UnicodeDecodeError:
+        return ","  # the reader says which line is not UTF-8
+    for sep in DELIMITERS:
+        row = next(csv.reader([first], delimiter=sep, skipinitialspace=True), [])
+        if set(required) <= {h.strip().lower() for h in row}:
+            return sep
+    return ","
+
+
+def read_rows(
+    manifest: str, *, required: Sequence[str] = REQUIRED_COLUMNS
+) -> Iterable[tuple[int, dict]]:
+    """(line, row) per data row, ``line`` the manifest line it starts on (blank lines counted).
+
+    Columns are matched case-insensitively; fields are separated by ",", ";" or a tab (the one
+    under which the header names the ``required`` columns), and a space after a separator is
+    not part of the field (``a, "b"`` reads ``b``). Each row with a path also has ``full`` (the
+    path resolved against the manifest's folder) and ``rel``; an all-empty row is no row."""
     base = os.path.dirname(manifest)
+    sep = _delimiter(manifest, required)
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         lines = _Lines(f)
-        reader = csv.DictReader(lines)
+        reader = csv.DictReader(lines, delimiter=sep, skipinitialspace=True)
         try:
             fieldnames = reader.fieldnames
         except UnicodeDecodeError:
             raise PrepError(_not_utf8(manifest)) from None
         header = [(h or "").strip().lower() for h in (fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        missing = [c for c in required if c not in header]
         if missing:
+            optional = ", optional: " + ", ".join(OPTIONAL_COLUMNS)
             raise PrepError(
-                f"{manifest}: missing column(s) {missing}; the header must name path, label, "
-                f"speaker (optional: session, gender, utterance_id), got {header}"
+                f"{manifest}: missing column(s) {missing}; the header must name "
+                f"{', '.join(required)} (separated by commas, semicolons or tabs"
+                f"{optional if tuple(required) == REQUIRED_COLUMNS else ''}), got {header}"
             )
         known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
         repeated = sorted(h for h, n in collections.Counter(header).items() if h in known and n > 1)
@@ -729,7 +761,7 @@ def scan_csv(
     mapping = parse_label_map(label_map)
     exclude = parse_label_list(exclude_labels)
     _check_label_options(mapping, exclude, classes)
-    raw = list(_read_rows(manifest))
+    raw = list(read_rows(manifest))
     rows, skipped, excluded = _resolve_labels(
         manifest, raw, classes, mapping, set(exclude), ignore_unknown_labels
     )
@@ -788,6 +820,7 @@ def scan_csv(
 
 
 __all__ = [
+    "DELIMITERS",
     "DUPLICATE_POLICIES",
     "GENDERS",
     "OPTIONAL_COLUMNS",
@@ -795,5 +828,6 @@ __all__ = [
     "corpus_name",
     "parse_label_list",
     "parse_label_map",
+    "read_rows",
     "scan_csv",
 ]

@@ -37,6 +37,29 @@ def _write(folder, rows, files=None, header=("path", "label", "speaker")):
     return path
 
 
+@pytest.mark.parametrize("sep", [";", "\t", ", "])
+def test_semicolon_tab_and_spaced_manifests_read_like_comma_ones(tmp_path, sep):
+    """A German or French spreadsheet saves ";" (its decimal mark is the comma): the header used
+    to be one column "path;label;speaker". ``a, "b"`` kept the quotes: the label '"angry"' was
+    unknown, and the speaker kept them ('"s0"')."""
+    files = {"a.wav": 2.1, "b.wav": 2.2, "c.wav": 2.3}
+    rows = [("a.wav", "angry", "s0"), ("b.wav", "sad", "s1"), ("c.wav", "happy", "s0")]
+    comma = _write(tmp_path / "comma", rows, files)
+    other = _write(tmp_path / "other", [], files)
+    quoted = [[f'"{v}"' for v in row] for row in rows]
+    other.write_text("\n".join(sep.join(r) for r in [["Path", "label", "speaker"], *quoted]) + "\n")
+    want = [(u.utterance_id, u.label_name, u.speaker) for u in manifest.scan_csv(comma).utterances]
+    got = [(u.utterance_id, u.label_name, u.speaker) for u in manifest.scan_csv(other).utterances]
+    assert got == want and len(got) == 3
+
+
+def test_a_header_of_no_known_separator_names_the_separators(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("path|label|speaker\na.wav|sad|s0\n")
+    with pytest.raises(sources.PrepError, match="separated by commas, semicolons or tabs"):
+        manifest.scan_csv(path)
+
+
 def _labelled(tmp_path):
     files = {f"c{i}.wav": 2.1 + 0.1 * i for i in range(10)}
     labels = ["angry", "anger", "anger", "anger", "joy", "fear", "fear", "sad", "Neutral", "happy"]

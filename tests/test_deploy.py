@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -412,8 +413,11 @@ def test_predict_refuses_unused_options_bad_groups_and_unwritable_json(
     groups.write_bytes(b"path,speaker\nJ\xfcrgen.wav,s1\n")
     with pytest.raises(SystemExit):
         eval_cli.main(["predict", "--model", model, "--groups", str(groups)])
-    assert f"--groups {groups}: not UTF-8 text" in capsys.readouterr().err
-    for text, problem in (("path,speaker\n", "no rows under its header"), ("a,b\nx,y\n", "needs")):
+    assert f"--groups {groups}:2: not UTF-8 text" in capsys.readouterr().err
+    for text, problem in (
+        ("path,speaker\n", "no rows under its header"),
+        ("a,b\nx,y\n", "missing column(s) ['path', 'speaker']; the header must name path, speaker"),
+    ):
         groups.write_text(text)  # the header alone was "needs a header with columns path,speaker"
         with pytest.raises(SystemExit):
             eval_cli.main(["predict", "--model", model, "--groups", str(groups)])
@@ -845,3 +849,19 @@ def test_a_stream_of_a_per_speaker_model_is_warned_about(tmp_path, capsys):
     plain = str(helpers_export.band_model_folder(tmp_path / "plain"))
     assert eval_cli.main(["predict", "--model", plain, "--stream", wav]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_groups_csv_reads_like_a_data_prep_manifest(tmp_path):
+    """An audit: --groups had its own CSV reader, which refused what data_prep reads (a
+    spreadsheet's empty trailing row: "the row names no path"; a header " Path , Speaker ":
+    "needs a header") and took speaker names in another Unicode form than data_prep."""
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "b.wav").write_bytes(b"")
+    nfd = unicodedata.normalize("NFD", "J\u00fcrgen")
+    csv_path = tmp_path / "g.csv"
+    csv_path.write_text(f" Path ;Speaker \na.wav; {nfd}\nb.wav;\n;\n", encoding="utf-8")
+    parser = eval_cli._predict_parser()
+    args = parser.parse_args(["--model", "m", "--groups", str(csv_path)])
+    files, groups = eval_cli._files_and_groups(args, parser)
+    assert files == [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
+    assert groups == ["J\u00fcrgen", None]  # NFC, as data_prep stores speakers
