@@ -407,6 +407,28 @@ def _unknown_message(
     )
 
 
+def _warn_ignored_near_misses(
+    manifest: str, ignored: collections.Counter, classes: list[str]
+) -> None:
+    """--ignore-unknown-labels leaves every unknown label out; one that most likely means a
+    class (a misspelling, ``nuetral``) would empty that class with only a count line: said."""
+    near = [
+        (label, n, close[0])
+        for label, n in sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0]))
+        if label and (close := _closest_classes(label, classes))
+    ]
+    if near:
+        listed = ", ".join(f"{lab} ({n} row{'s' if n != 1 else ''}, {c}?)" for lab, n, c in near)
+        mapping = ",".join(f"{lab}={c}" for lab, _, c in near)
+        log.warning(
+            "warning: %s: --ignore-unknown-labels left out label(s) that look like a class: "
+            "%s; if they mean it, map them (--label-map %s)",
+            manifest,
+            listed,
+            mapping,
+        )
+
+
 def _resolve_labels(
     manifest: str,
     rows: Iterable[tuple[int, dict]],
@@ -417,6 +439,7 @@ def _resolve_labels(
 ) -> tuple[list[_Row], list[dict], collections.Counter]:
     kept, skipped, excluded = [], [], collections.Counter()
     unknown: collections.Counter = collections.Counter()
+    ignored: collections.Counter = collections.Counter()  # by --ignore-unknown-labels
     no_speaker: list[int] = []
     odd_gender: collections.Counter = collections.Counter()
     for line, row in rows:
@@ -431,6 +454,8 @@ def _resolve_labels(
         if name not in classes:
             if label in exclude or ignore_unknown:
                 excluded[f"label:{label or EMPTY_LABEL}"] += 1
+                if label not in exclude:
+                    ignored[label] += 1
             else:
                 unknown[label] += 1
             continue
@@ -457,6 +482,7 @@ def _resolve_labels(
     if unknown:
         known = collections.Counter(r.class_name for r in kept)
         raise PrepError(_unknown_message(manifest, unknown, classes, known))
+    _warn_ignored_near_misses(manifest, ignored, classes)
     if odd_gender:
         listed = ", ".join(f"{g!r} ({n} row{'s' if n != 1 else ''})" for g, n in odd_gender.items())
         log.warning(

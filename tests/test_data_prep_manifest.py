@@ -121,7 +121,7 @@ def test_emotion_words_of_other_languages_suggest_their_own_emotion_or_none():
     assert manifest._closest_classes("angel", classes) == ["angry"]  # a spelling guess still
 
 
-def test_label_map_exclusions_and_ignore(tmp_path):
+def test_label_map_exclusions_and_ignore(tmp_path, caplog):
     path = _labelled(tmp_path)
     scan = manifest.scan_csv(path, label_map="anger=angry, JOY=happy", exclude_labels="fear")
     names = [u.label_name for u in scan.utterances]
@@ -141,11 +141,18 @@ def test_label_map_exclusions_and_ignore(tmp_path):
     mapping.write_text(json.dumps({"anger": "angry", "joy": "happy"}))
     again = manifest.scan_csv(path, label_map=mapping, exclude_labels=["fear"])
     assert again.utterances == scan.utterances and again.options == scan.options
-    # Everything unknown left out (and counted) on request.
-    loose = manifest.scan_csv(path, ignore_unknown_labels=True)
+    # Everything unknown left out (and counted) on request; near misses of a class are said
+    # (they used to vanish into the count line, emptying the class they mean).
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="data_prep"):
+        loose = manifest.scan_csv(path, ignore_unknown_labels=True, exclude_labels="joy")
     assert len(loose.utterances) == 4
     assert loose.excluded == {"label:anger": 3, "label:fear": 2, "label:joy": 1}
     assert loose.options["ignore_unknown_labels"] is True
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: --ignore-unknown-labels left out label(s) that look like a class: "
+        "anger (3 rows, angry?); if they mean it, map them (--label-map anger=angry)"
+    ]  # fear is no class's near miss, joy was excluded by name
 
 
 def test_label_map_reaches_metadata_through_the_cli(tmp_path, capsys):
