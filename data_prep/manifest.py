@@ -587,16 +587,36 @@ def _warn_missing(manifest: str, missing: list[_Row]) -> None:
     typed wrong, a folder not copied): skipped, and the label they carried goes with them."""
     if not missing:
         return
-    shown = ", ".join(f"{r.path} (line {r.line})" for r in missing[:_MAX_LISTED])
+    shown = ", ".join(
+        f"{r.path} (line {r.line}" + (")" if os.path.isabs(r.path) else f": looked for {r.full})")
+        for r in missing[:_MAX_LISTED]
+    )
     more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
     log.warning(
         "warning: %s: %d row(s) name an audio file that does not exist (%s%s); they are "
-        "skipped (listed in metadata.json)",
+        "skipped (listed in metadata.json)%s",
         manifest,
         len(missing),
         shown,
         more,
+        _missing_hint(manifest, missing),
     )
+
+
+def _missing_hint(manifest: str, missing: list[_Row]) -> str:
+    """Why rows' files may be missing when the cause is a common one ("" otherwise): paths
+    written relative to the current folder, or with Windows' backslashes."""
+    relative = [r for r in missing if not os.path.isabs(r.path)]
+    here = sum(os.path.isfile(r.path) for r in relative)
+    if here:
+        return (
+            f". Relative paths resolve against the manifest's folder "
+            f"({os.path.dirname(os.path.abspath(manifest))}), not the current folder, where "
+            f"{here} of them exist: make them relative to the manifest, or absolute"
+        )
+    if os.sep != "\\" and any("\\" in r.path for r in missing):
+        return ". Some paths hold '\\' (Windows' separator): write them with '/'"
+    return ""
 
 
 def _disagreement(first: _Row, repeat: _Row) -> str:

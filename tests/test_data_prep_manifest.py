@@ -516,13 +516,40 @@ def test_missing_files_and_folders_are_said_whatever_their_share(tmp_path, caplo
         scan = manifest.scan_csv(path)  # 2 of 32 rows: under the 10 % that the summary flags
     assert [r.getMessage() for r in caplog.records] == [
         f"warning: {path}: 1 row(s) name an audio file that does not exist (gone.wav (line "
-        "32)); they are skipped (listed in metadata.json)"
+        f"32: looked for {tmp_path / 'c' / 'gone.wav'})); they are skipped (listed in "
+        "metadata.json)"
     ]
     reasons = {s["utterance_id"]: (s["kind"], s["reason"]) for s in scan.skipped}
     assert reasons == {
         "gone.wav": ("missing_wav", f"audio file missing ({path}:32)"),
         "take2.wav": ("unreadable", f"is a folder, not an audio file ({path}:33)"),
     }
+
+
+def test_paths_relative_to_the_current_folder_or_with_backslashes_get_a_hint(
+    tmp_path, caplog, monkeypatch
+):
+    """An audit: rows written relative to where the user stood (audio/a.wav beside a manifest
+    kept in sub/) were "missing" with the path as written, naming neither where they were looked
+    for nor why."""
+    files = {f"audio/f{i}.wav": 2.1 for i in range(3)}
+    _write(tmp_path, [], files)  # the audio, beside the user
+    rows = [(n, "sad", "s1") for n in files] + [("x\\y.wav", "sad", "s2")]
+    path = _write(tmp_path / "sub", rows)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="data_prep"):
+        assert manifest.scan_csv(path).utterances == []  # nothing left
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert f"audio/f0.wav (line 2: looked for {tmp_path / 'sub' / 'audio' / 'f0.wav'})" in message
+    assert (
+        f"Relative paths resolve against the manifest's folder ({tmp_path / 'sub'}), not the "
+        "current folder, where 3 of them exist" in message
+    )
+    caplog.clear()
+    path = _write(tmp_path / "win", [("x\\y.wav", "sad", "s2"), ("z.wav", "sad", "s1")])
+    with caplog.at_level("WARNING", logger="data_prep"):
+        manifest.scan_csv(path)
+    assert "Some paths hold '\\' (Windows' separator): write them with '/'" in caplog.text
 
 
 def test_columns_that_look_like_known_ones_are_warned_about(tmp_path, caplog):
