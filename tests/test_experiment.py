@@ -1041,3 +1041,21 @@ def test_runs_that_learnt_nothing_are_noted_in_the_summary(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         f"warning: the teacher {teacher}: on its test set it {note}; a student distils little"
     )
+
+
+def test_a_split_the_prep_cannot_make_is_refused_before_the_spec_is_written(
+    tiny_prep_dir, tmp_path, monkeypatch
+):
+    """An audit: loso on a one-session prep failed after experiment.json was written, and the
+    natural fix (another --protocol) was then refused as "an experiment with other settings"."""
+    from dkd_jax.experiment import runner
+
+    meta = json.loads(json.dumps(records.load_metadata(tiny_prep_dir)))
+    for u in meta["utterances"]:
+        u["session"] = "Session1"
+    monkeypatch.setattr(runner.records, "load_metadata", lambda _: meta)
+    spec = experiment.make_spec(data=tiny_prep_dir, protocol="loso", preset="tiny", folds=(0,))
+    exp_dir = tmp_path / "exp"
+    with pytest.raises(experiment.ExperimentError, match="loso needs at least 2 sessions"):
+        experiment.run_experiment(exp_dir, spec, progress=False, quiet=True)
+    assert not (exp_dir / experiment.EXPERIMENT_FILE).exists()

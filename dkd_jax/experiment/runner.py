@@ -265,6 +265,22 @@ def _run_line(results: dict[str, Any], seconds: float, *, validation_only: bool,
     )
 
 
+def _check_splits(spec: ExperimentSpec, plans: Sequence[RunPlan], metadata: dict) -> None:
+    """Every planned split can be made from the prep (loso of a one-session prep cannot): an
+    error before anything is written, so that the natural fix (another --protocol) is not
+    refused as "an experiment with other settings" by the spec a failed start left."""
+    seen = set()
+    for plan in plans:
+        key = repr(config_lib.to_dict(plan.config)["data"])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            protocols.split_for_run(metadata, plan.config.data)
+        except ValueError as e:
+            raise ExperimentError(f"{spec.data}: {e}") from None
+
+
 def _group_checks(exp_dir, plan, spec, metadata, cache, *, baselines, validation_only, quiet):
     """The group's untrained classes, confound warning and baselines (before its deep models
     train)."""
@@ -367,6 +383,7 @@ def _run_locked(exp_dir: Path, spec: ExperimentSpec, plans: Sequence[RunPlan], *
                 jobs) -> dict[str, Any]:  # fmt: skip
     """:func:`run_experiment` once it holds the experiment folder's lock."""
     metadata = records.load_metadata(spec.data)
+    _check_splits(spec, plans, metadata)  # before experiment.json: a refusal leaves no spec
     content_hash = metadata.get("content_hash")
     _load_or_write_spec(exp_dir, spec, content_hash, overwrite=overwrite)
     _enable_compilation_cache(exp_dir / CACHE_DIR)
