@@ -705,13 +705,17 @@ def test_missing_classes_are_flagged_and_pooled_numbers_count_each_utterance():
         "runs": rows,
     }
     text = experiment.format_summary_text(summary)
-    assert "1 run(s) have a test set that lacks a class" in text and "fold1-seed0 (no sad)" in text
+    assert "1 fold/seed group(s) have a test set that lacks a class" in text
+    assert "fold1-seed0 (no sad)" in text
+    baseline = {**rows[1], "model": "baseline"}  # counted by group, never by run (an audit:
+    text = experiment.format_summary_text({**summary, "runs": [*rows, baseline]})
+    assert "1 fold/seed group(s) have a test set" in text  # "2 run(s)" beside "2 runs finished")
     assert "trained on no utterance" not in text
     rows[0]["untrained_classes"] = ["angry"]  # a class of the held-out session only
     text = experiment.format_summary_text(summary)
     assert (
-        "1 run(s) trained on no utterance of a class, so they never predict it and UA counts its "
-        "recall as 0 wherever it is tested: fold0-seed0 (no angry)."
+        "1 fold/seed group(s) trained on no utterance of a class, so they never predict it and UA "
+        "counts its recall as 0 wherever it is tested: fold0-seed0 (no angry)."
     ) in text
     assert f"{100 * stats['pooled_wa']:.1f} / {100 * stats['pooled_ua']:.1f}" in text
 

@@ -492,10 +492,12 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
         out.append(level)
     lacking = [r for r in summary["runs"] if r.get("absent_classes")]
     if lacking and not validation_only:
+        # Per fold/seed group: its models and baselines share the test set (a count of runs,
+        # baselines included, read as more than the runs the title says finished).
         groups = sorted({f"{r['group']} (no {', '.join(r['absent_classes'])})" for r in lacking})
         out.append(
-            f"{len(lacking)} run(s) have a test set that lacks a class, so their UA averages "
-            f"fewer classes: {'; '.join(groups)}. The pooled columns count every test "
+            f"{len(groups)} fold/seed group(s) have a test set that lacks a class, so their UA "
+            f"averages fewer classes: {'; '.join(groups)}. The pooled columns count every test "
             "utterance once."
         )
     untrained = [r for r in summary["runs"] if r.get("untrained_classes")]
@@ -504,7 +506,8 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
             {f"{r['group']} (no {', '.join(r['untrained_classes'])})" for r in untrained}
         )
         out.append(
-            f"{len(untrained)} run(s) trained on no utterance of a class, so they never predict "
+            f"{len(groups)} fold/seed group(s) trained on no utterance of a class, so they never "
+            "predict "
             f"it and UA counts its recall as 0 wherever it is tested: {'; '.join(groups)}. "
             "A class recorded by one speaker or session only does this under loso."
         )
