@@ -100,6 +100,16 @@ def prep_summary(meta: dict) -> str:
             f"they declare, or stop without their end (e.g. {cut[0]}); kept with what they "
             'hold, each with a "warning" in metadata.json'
         )
+    loud = [r for r in meta.get("utterances", ()) if "clipped" in r]
+    if loud:
+        top = max(loud, key=lambda r: r["clipped"]["peak"])
+        lines.append(
+            f"  warning: {len(loud)} float file(s) go beyond full scale and were clipped to ±1 "
+            f"(loudest: {top['utterance_id']}, peak {top['clipped']['peak']:g}, "
+            f"{top['clipped']['samples']} samples clipped); their features hold the distortion: "
+            'scale them down (e.g. by their peak) and prepare again; each has "clipped" in '
+            "metadata.json"
+        )
     num_skipped = sum(n for k, n in c["skipped"].items() if k not in NOT_UTTERANCES)
     if num_skipped > 0.1 * (num_skipped + c["utterances"]):
         lines.append(

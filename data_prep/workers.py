@@ -258,6 +258,8 @@ def process_utterance(utt: Utterance) -> tuple:
     }
     if len(keep_train) < len(train):
         row["train_segments_before_cap"] = len(train)
+    if segs.clipped_samples:  # a float file louder than full scale: its features hold it
+        row["clipped"] = {"samples": segs.clipped_samples, "peak": round(segs.peak, 4)}
     cut = file_damage.damage_note(utt.path, decoded_frames=segs.source_frames)
     if cut:  # kept with what it holds, and said (libsndfile reads the rest without a word)
         row["warning"] = cut

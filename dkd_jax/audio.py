@@ -231,7 +231,7 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
 
     Multi-channel audio is mixed down by averaging channels; other rates are resampled
     (soxr high quality); integer PCM of any width (8-bit unsigned included) is scaled to [-1, 1];
-    float files are clipped to [-1, 1].
+    float files are clipped to [-1, 1] (data_prep says so: :func:`segment_audio` counts it).
 
     Args:
       path: audio file (anything libsndfile reads: WAV, FLAC, OGG, ...).
@@ -253,6 +253,13 @@ def load_audio(path: str | os.PathLike, *, sample_rate: int) -> np.ndarray:
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """An audio file as mono float32 at its own rate, and that rate: :func:`load_audio` before
     resampling (same checks, same mix-down and clipping)."""
+    wave, rate = _read_mono(path)
+    np.clip(wave, -1.0, 1.0, out=wave)
+    return wave, rate
+
+
+def _read_mono(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """:func:`read_audio` before clipping (a float file may go beyond full scale)."""
     import soundfile as sf
 
     path = os.fspath(path)
@@ -278,7 +285,6 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
             path, f"audio contains {bad} NaN/inf samples (the first at {at:.2f} s)", "non_finite"
         )
     wave = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
-    np.clip(wave, -1.0, 1.0, out=wave)
     return wave, int(rate)
 
 
@@ -592,6 +598,9 @@ class UtteranceSegments:
       source_rate: the sample rate of the file or waveform, before resampling (Hz).
       source_frames: samples (per channel) decoded from the file, or of the waveform, before
         resampling (for ``file_damage.damage_note``'s comparison with what the file declares).
+      clipped_samples: samples of a file beyond full scale (a float file louder than 1.0,
+        after the channels' mix-down), clipped to [-1, 1] before the features.
+      peak: the largest absolute sample of the file before that clipping (0 when none was).
     """
 
     duration_s: float
@@ -602,6 +611,8 @@ class UtteranceSegments:
     constant: bool = False
     source_rate: int = 0
     source_frames: int = 0
+    clipped_samples: int = 0
+    peak: float = 0.0
 
 
 def segment_audio(
@@ -646,8 +657,12 @@ def segment_audio(
         if wave.ndim != 1:
             raise ValueError(f"waveform must be 1-D [num_samples], got shape {wave.shape}")
         rate = cfg.sample_rate if sample_rate is None else int(sample_rate)
+        clipped, peak = 0, 0.0
     else:
-        wave, rate = read_audio(source)
+        wave, rate = _read_mono(source)
+        clipped = int(np.count_nonzero(np.abs(wave) > 1.0))  # read_audio's clipping, counted
+        peak = float(np.abs(wave).max()) if clipped else 0.0
+        np.clip(wave, -1.0, 1.0, out=wave)
     constant = bool(wave.size) and bool(wave.min() == wave.max())
     frames = int(wave.shape[0])
     if rate != cfg.sample_rate:
@@ -657,7 +672,9 @@ def segment_audio(
     short = n < cfg.window_samples
     if short and policy == "drop":
         empty = tuple(_empty_segments(cfg, h) for h in hops)
-        return UtteranceSegments(n / cfg.sample_rate, n, True, True, empty, constant, rate, frames)
+        return UtteranceSegments(
+            n / cfg.sample_rate, n, True, True, empty, constant, rate, frames, clipped, peak
+        )
     padded, valid = pad_to_window(wave, cfg)
     feats = compute_features(padded, cfg)
     layouts = []
@@ -674,7 +691,7 @@ def segment_audio(
             )
         )
     return UtteranceSegments(
-        n / cfg.sample_rate, n, short, False, tuple(layouts), constant, rate, frames
+        n / cfg.sample_rate, n, short, False, tuple(layouts), constant, rate, frames, clipped, peak
     )
 
 
