@@ -298,7 +298,7 @@ def summarize(cm, label_names: Sequence[str]) -> dict[str, Any]:
       (nested lists of ints). Only Python scalars, lists and dicts, so ``json.dumps`` works.
 
     Raises:
-      ValueError: ``len(label_names) != C``, or the matrix is empty / invalid.
+      ValueError: ``len(label_names) != C``, or the matrix is empty / invalid / not whole counts.
 
     Examples:
       >>> summarize([[3, 1], [1, 1]], ["neutral", "angry"])["ua"]
@@ -313,6 +313,11 @@ def summarize(cm, label_names: Sequence[str]) -> dict[str, Any]:
         )
     if len(set(names)) != len(names):
         raise ValueError(f"{_WHERE}.summarize: label names must be unique, got {names}")
+    if not np.array_equal(cm, np.rint(cm)):  # its counts would be rounded, its scores not
+        raise ValueError(
+            f"{_WHERE}.summarize: confusion matrix entries must be whole counts, got non-integer "
+            "values (a mean over runs? sum the runs' matrices instead, or average their scores)"
+        )
     scores = per_class_scores(cm)
     per_class = {
         name: {

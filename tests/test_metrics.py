@@ -128,6 +128,11 @@ def test_summarize_is_json_ready():
         summarize(CM, ["a", "b", "c"])
     with pytest.raises(ValueError, match="unique"):
         summarize(CM, ["a", "b", "c", "a"])
+    # A mean of matrices reported rounded counts beside unrounded WA/UA ([[1, 0], [0, 1]] next
+    # to WA 0.83); whole counts held as floats are counts.
+    with pytest.raises(ValueError, match="must be whole counts, got non-integer values"):
+        summarize([[1.4, 0.5], [0.0, 1.0]], ["a", "b"])
+    assert summarize(np.array(CM, np.float64), ["n", "h", "s", "a"])["confusion_matrix"] == CM
 
 
 # --------------------------------------------------------------------------------------------
