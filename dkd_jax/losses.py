@@ -487,7 +487,9 @@ def nckd_loss(
                         \left(\log \hat p^{T}_i - \log \hat p^{S}_i\right)
 
     The target class is removed with a boolean mask (mdistiller subtracts ``1000`` from the target
-    logit instead; the two agree to float precision). With two classes NCKD is exactly 0.
+    logit instead; the two agree to float precision while ``|logit gaps| / T`` stay well below
+    1000; beyond that the target's probability leaks into mdistiller's NCKD, while the mask
+    stays exact). With two classes NCKD is exactly 0.
 
     Args:
       student_logits: [batch, num_classes] float student logits, ``num_classes >= 2``.
@@ -547,7 +549,9 @@ def dkd_loss(
     Classical KD is the special case ``alpha = 1``, ``beta = 1 - p_t^T`` (per example, an
     identity: this function takes scalar ``alpha`` and ``beta``):
     ``KD = TCKD + (1 - p_t^T) * NCKD``. The batch mean of this function equals mdistiller's
-    ``dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature)``. The CE term
+    ``dkd_loss(logits_student, logits_teacher, target, alpha, beta, temperature)`` (to float
+    precision while logit gaps over ``T`` stay well below its mask value 1000; see
+    :func:`nckd_loss`). The CE term
     and the warm-up factor ``min(epoch / warmup, 1)`` belong to the training step, not here.
 
     Args:
