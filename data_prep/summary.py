@@ -4,6 +4,7 @@ must see (an empty class, many skipped files, files cut short, dominant utteranc
 from __future__ import annotations
 
 from data_prep import sources
+from dkd_jax import audio
 
 __all__ = ["prep_summary"]
 
@@ -99,6 +100,14 @@ def prep_summary(meta: dict) -> str:
             f"  warning: {len(cut)} file(s) were cut short or damaged: they decode less audio than "
             f"they declare, or stop without their end (e.g. {cut[0]}); kept with what they "
             'hold, each with a "warning" in metadata.json'
+        )
+    tiny = [r for r in meta.get("utterances", ()) if r["duration_s"] < audio.MIN_RELIABLE_SECONDS]
+    if tiny:
+        least = min(tiny, key=lambda r: r["duration_s"])
+        lines.append(
+            f"  warning: {len(tiny)} utterance(s) last under {audio.MIN_RELIABLE_SECONDS} s "
+            f"(shortest: {least['utterance_id']}, {least['duration_s']:.3f} s): padded to a whole "
+            "window, they hold next to no speech for their label; check or leave them out"
         )
     loud = [r for r in meta.get("utterances", ()) if "clipped" in r]
     if loud:

@@ -288,6 +288,10 @@ def _read_mono(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return wave, int(rate)
 
 
+MIN_RELIABLE_SECONDS = 0.25
+"""Audio shorter than this says next to nothing: predict warns with its prediction (a 10-ms
+click normalised per utterance can come out ~100 % confident), data_prep in its summary."""
+
 SILENT_REASON = "silent: every frame the same (digital silence, or below the feature floor)"
 """Why data_prep skips, and predict warns about, audio that :func:`is_digital_silence`."""
 

@@ -85,21 +85,16 @@ def band_limit_warning(source: str, source_rate: int, sample_rate: int) -> str |
     )
 
 
-MIN_RELIABLE_SECONDS = 0.25
-"""Audio shorter than this gets a warning with its prediction (a 10-ms click normalised per
-utterance can come out ~100 % confident)."""
-
-
 def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     """Warnings about one file's audio (:func:`file_segments`' output) that no model can fix:
     too short to say much, a file cut short or damaged (``file_damage.damage_note``), digital
     silence (every real frame the same, in every band) or a constant level (every sample the
     same), or recorded at a lower rate than the model's."""
     out = []
-    if seg["duration_s"] < MIN_RELIABLE_SECONDS:
+    if seg["duration_s"] < audio.MIN_RELIABLE_SECONDS:
         out.append(
-            f"{path}: only {seg['duration_s']:.3f} s of audio (under {MIN_RELIABLE_SECONDS} s): "
-            "its prediction says little"
+            f"{path}: only {seg['duration_s']:.3f} s of audio (under "
+            f"{audio.MIN_RELIABLE_SECONDS} s): its prediction says little"
         )
     cut = file_damage.damage_note(path, decoded_frames=seg.get("source_frames"))
     if cut:

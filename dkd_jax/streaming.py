@@ -609,13 +609,11 @@ class _StreamWatch:
 
     def warnings(self, source: str, sample_rate: int) -> list[str]:
         """Too short to say much, or digital silence (every sample the same)."""
-        from dkd_jax.predict import MIN_RELIABLE_SECONDS
-
         out = []
         seconds = self.samples / sample_rate
-        if seconds < MIN_RELIABLE_SECONDS:
+        if seconds < audio.MIN_RELIABLE_SECONDS:
             out.append(
-                f"{source}: only {seconds:.3f} s of audio (under {MIN_RELIABLE_SECONDS} s): "
+                f"{source}: only {seconds:.3f} s of audio (under {audio.MIN_RELIABLE_SECONDS} s): "
                 "its predictions say little"
             )
         if self.samples and self.low == self.high:

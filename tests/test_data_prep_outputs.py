@@ -107,6 +107,14 @@ def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
     one = [dict(u, session="s0") for u in meta["utterances"]]
     meta = {**meta, "utterances": one}
     assert "warning" not in data_prep.prep_summary({**meta, "segment_balance": {}})
+    # A 50-ms clip was kept as a whole window of padding without a word (an audit).
+    clips = [dict(u, duration_s=d) for u, d in zip(one, (0.05, 0.2, 0.25), strict=False)]
+    text = data_prep.prep_summary({**meta, "utterances": clips + one[3:], "segment_balance": {}})
+    assert (
+        f"  warning: 2 utterance(s) last under 0.25 s (shortest: {one[0]['utterance_id']}, 0.050 "
+        "s): padded to a whole window, they hold next to no speech for their label; check or "
+        "leave them out"
+    ) in text.splitlines()
     counts = {**meta["counts"], "by_class": {"neutral": 8, "happy": 0, "sad": 4, "angry": 0}}
     counts.update(utterances=12, skipped={"missing_wav": 1})  # 1 of 13 skipped: no warning
     text = data_prep.prep_summary({**meta, "counts": counts, "segment_balance": {}})
