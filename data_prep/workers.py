@@ -239,7 +239,7 @@ def process_utterance(utt: Utterance) -> tuple:
         )
     train, evals = segs.layouts
     if audio.is_digital_silence(evals.features, evals.valid_frames):
-        return ("skip", "silent", audio.SILENT_REASON)
+        return ("skip", "silent", audio.silent_reason(utt.path))
     keep_train = spread(len(train), cap) if cap else np.arange(len(train))
     row = {
         "utterance_id": utt.utterance_id,

@@ -296,6 +296,24 @@ SILENT_REASON = "silent: every frame the same (digital silence, or below the fea
 """Why data_prep skips, and predict warns about, audio that :func:`is_digital_silence`."""
 
 
+def silent_reason(path: str | os.PathLike) -> str:
+    """Why a file whose windows :func:`is_digital_silence` is silent: :data:`SILENT_REASON`, or,
+    for channels that are not silent but cancel out when mixed down to mono (one channel the
+    other inverted: a wiring fault), that."""
+    import soundfile as sf
+
+    try:
+        data, _ = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    except Exception:  # it was read a moment ago; a file changed since keeps the usual reason
+        return SILENT_REASON
+    if data.shape[1] > 1 and float(np.ptp(data, axis=0).max()) > 0.0:
+        return (
+            "silent once mixed to mono: its channels cancel out (one is the other inverted, "
+            "a wiring fault); keep one channel of it"
+        )
+    return SILENT_REASON
+
+
 def is_digital_silence(segments: np.ndarray, valid_frames: np.ndarray) -> bool:
     """Whether the real frames of windows [K, F, T] (``valid_frames`` [K]) are all the same in
     every band: digital silence, or audio so quiet that every band sits at the feature floor

@@ -100,7 +100,7 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     if cut:
         out.append(f"{path}: {cut}: predicted from what is there")
     if audio.is_digital_silence(seg["segments"], seg["valid_frames"]):
-        out.append(f"{path}: {audio.SILENT_REASON}: its prediction says nothing")
+        out.append(f"{path}: {audio.silent_reason(path)}: its prediction says nothing")
     elif seg.get("constant"):  # a DC level: the padded edges differ, nothing else does
         out.append(
             f"{path}: silent: every sample the same (a constant level): its prediction says nothing"

@@ -415,18 +415,21 @@ def test_audio_rewritten_in_place_after_a_prep_is_refused_until_overwrite(tmp_pa
 def test_digital_silence_and_corrupt_rate_headers_are_skipped_with_reasons(tmp_path):
     files = {"a.wav": 2.1, "b.wav": 2.2}
     rows = [("a.wav", "sad", "x"), ("b.wav", "angry", "y"), ("quiet.wav", "sad", "x"),
-            ("rate.wav", "happy", "y")]  # fmt: skip
+            ("rate.wav", "happy", "y"), ("inverted.wav", "sad", "y")]  # fmt: skip
     path = _write(tmp_path / "c", rows, files)
     sf.write(tmp_path / "c" / "quiet.wav", np.zeros(3 * SR, np.float32), SR)
+    speech = helpers_prep.tone(2.5, freq=180, seed=3)  # one channel the other inverted
+    sf.write(tmp_path / "c" / "inverted.wav", np.stack([speech, -speech], axis=1), SR)
     sf.write(tmp_path / "c" / "rate.wav", np.full(400, 0.1, np.float32), 1000)
     data = bytearray((tmp_path / "c" / "rate.wav").read_bytes())
     data[24:28] = (1).to_bytes(4, "little")  # the header says 1 Hz: 400 samples = 400 s
     (tmp_path / "c" / "rate.wav").write_bytes(bytes(data))
     meta = data_prep.prepare("csv", manifest=path, out_dir=tmp_path / "o", progress=False)
     assert meta["counts"]["utterances"] == 2  # was: both kept, "rate.wav" as 400 s of audio
-    assert meta["counts"]["skipped"] == {"bad_rate": 1, "silent": 1}
+    assert meta["counts"]["skipped"] == {"bad_rate": 1, "silent": 2}
     reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
     assert reasons["quiet.wav"] == audio.SILENT_REASON
+    assert reasons["inverted.wav"].startswith("silent once mixed to mono: its channels cancel out")
     assert reasons["rate.wav"].startswith("implausible sample rate 1 Hz (below 1000 Hz")
 
 
