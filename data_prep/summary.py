@@ -3,6 +3,8 @@ must see (an empty class, many skipped files, files cut short, dominant utteranc
 
 from __future__ import annotations
 
+import collections
+
 from data_prep import sources
 from dkd_jax import audio
 
@@ -14,8 +16,8 @@ _CODE_NAMES = {
     "iemocap": {
         **{k: v for k, v in sources.IEMOCAP_LABELS.items() if v},
         "xxx": "no majority label",
-        "hap": "happy",
-        "exc": "excited",
+        "hap": "happiness, see --happy",  # left out only by the --happy choice
+        "exc": "excited, see --happy",
     },
 }
 
@@ -108,6 +110,21 @@ def prep_summary(meta: dict) -> str:
             f"  warning: {len(tiny)} utterance(s) last under {audio.MIN_RELIABLE_SECONDS} s "
             f"(shortest: {least['utterance_id']}, {least['duration_s']:.3f} s): padded to a whole "
             "window, they hold next to no speech for their label; check or leave them out"
+        )
+    low = [r for r in meta.get("utterances", ()) if "source_rate" in r]
+    if low:
+        rates = collections.Counter(r["source_rate"] for r in low)
+        classes = collections.Counter(r["label_name"] for r in low)
+        target = meta["feature_config"]["sample_rate"]
+        lines.append(
+            f"  warning: {len(low)} of {c['utterances']} utterances were recorded below the "
+            f"features' {target} Hz ("
+            + ", ".join(f"{rate} Hz: {n}" for rate, n in sorted(rates.items()))
+            + "; by class: "
+            + ", ".join(f"{name} {n}" for name, n in sorted(classes.items()))
+            + f"): nothing above {min(rates) // 2} Hz reaches their features; where the rate "
+            "goes with a class or a speaker, a model can learn the recording channel instead of "
+            'the emotion (each has "source_rate" in metadata.json)'
         )
     loud = [r for r in meta.get("utterances", ()) if "clipped" in r]
     if loud:

@@ -258,6 +258,8 @@ def process_utterance(utt: Utterance) -> tuple:
     }
     if len(keep_train) < len(train):
         row["train_segments_before_cap"] = len(train)
+    if segs.source_rate < cfg.sample_rate:  # upsampled: its upper bands are empty
+        row["source_rate"] = segs.source_rate
     if segs.clipped_samples:  # a float file louder than full scale: its features hold it
         row["clipped"] = {"samples": segs.clipped_samples, "peak": round(segs.peak, 4)}
     cut = file_damage.damage_note(utt.path, decoded_frames=segs.source_frames)

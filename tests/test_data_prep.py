@@ -656,7 +656,8 @@ def test_metadata_contract(prepared):
     }
     assert c["excluded"] == {"label:fru": 1, "label:hap": 2, "label:xxx": 1}
     assert (
-        "  excluded: label:fru (frustrated) 1, label:hap (happy) 2, label:xxx (no majority label) 1"
+        "  excluded: label:fru (frustrated) 1, label:hap (happiness, see --happy) 2, "
+        "label:xxx (no majority label) 1"
     ) in data_prep.prep_summary(meta).splitlines()
     assert len(meta["skipped"]) == 6
     keys = {"utterance_id", "label", "label_name", "speaker", "session", "gender", "dialog"}

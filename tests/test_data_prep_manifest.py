@@ -703,3 +703,24 @@ def test_float_files_beyond_full_scale_are_said_to_be_clipped(tmp_path):
         summary
     )
     assert f"hot.wav, peak {rows['hot.wav']['clipped']['peak']:g}, {want} samples" in summary
+
+
+def test_files_recorded_below_the_feature_rate_are_counted_by_rate_and_class(tmp_path):
+    """An audit: an 8-kHz file resampled to 16 kHz has its upper log-mel bands empty, and
+    nothing recorded the rate: telephone anger beside studio neutral let a model learn the
+    channel without a word. Files at the feature rate have no record (the prep is unchanged)."""
+    files = {"a.wav": 2.1, "b.wav": 2.2, "c.wav": 2.3}
+    rows = [("a.wav", "sad", "s1"), ("b.wav", "angry", "s1"), ("c.wav", "angry", "s2")]
+    path = _write(tmp_path / "c", rows, files)
+    for seed, name in enumerate(("b.wav", "c.wav")):
+        sf.write(tmp_path / "c" / name, helpers_prep.tone(2.2, freq=200, seed=seed)[::2], SR // 2)
+    meta = data_prep.prepare(
+        "csv", manifest=path, out_dir=tmp_path / "o", workers=1, progress=False
+    )
+    by_id = {r["utterance_id"]: r for r in meta["utterances"]}
+    assert by_id["b.wav"]["source_rate"] == by_id["c.wav"]["source_rate"] == SR // 2
+    assert "source_rate" not in by_id["a.wav"]
+    assert (
+        "  warning: 2 of 3 utterances were recorded below the features' 16000 Hz (8000 Hz: 2; "
+        "by class: angry 2): nothing above 4000 Hz reaches their features;"
+    ) in data_prep.prep_summary(meta)
