@@ -338,6 +338,7 @@ class _IemocapReader:
             raise PrepError(
                 f"no Session1..Session5 folders under {root}; --root must be the IEMOCAP release "
                 "folder (the one holding Session1/dialog/EmoEvaluation and Session1/sentences/wav)"
+                + _root_hint(root)
             )
         for d in sorted(os.listdir(root)):  # session1 (or SESSION1), with or beside Session1
             canonical = f"Session{d[len('session') :]}"
@@ -481,11 +482,15 @@ class _IemocapReader:
                 if hidden(name) or not name.lower().endswith(".wav"):
                     continue
                 if name[:-4] not in self.labelled:
-                    why = (
-                        "its label line in dialog/EmoEvaluation cannot be parsed"
-                        if name[:-4] in self.unparsed
-                        else "WAV has no label line in dialog/EmoEvaluation"
-                    )
+                    label_file = os.path.join("dialog", "EmoEvaluation", f"{dialog}.txt")
+                    if name[:-4] in self.unparsed:
+                        why = "its label line in dialog/EmoEvaluation cannot be parsed"
+                    elif not os.path.isfile(
+                        _any_case(os.path.join(self.root, session, label_file))
+                    ):
+                        why = f"the dialog's label file {session}/{label_file} does not exist"
+                    else:
+                        why = "WAV has no label line in dialog/EmoEvaluation"
                     self.skipped.append(
                         skip_entry(
                             os.path.relpath(os.path.join(ddir, name), self.root),
@@ -494,6 +499,22 @@ class _IemocapReader:
                             name[:-4],
                         )
                     )
+
+
+def _root_hint(root: str) -> str:
+    """Where the release folder is when ``root`` is next to it ("" when that is not clear): a
+    session folder given instead (its parent), or a folder holding the release (unzipped into
+    a folder of the same name, or its parent given)."""
+    if os.path.isdir(os.path.join(root, "dialog", "EmoEvaluation")):
+        return f": {root} is a session folder; pass its parent, {os.path.dirname(root)}"
+    inside = sorted(
+        d
+        for d in os.listdir(root)
+        if not hidden(d) and os.path.isdir(os.path.join(root, d, "Session1"))
+    )
+    if len(inside) == 1:
+        return f": pass {os.path.join(root, inside[0])}, which holds them"
+    return ""
 
 
 def _any_case(path: str) -> str:

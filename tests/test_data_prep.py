@@ -5,9 +5,11 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import helpers_prep
 import numpy as np
@@ -154,6 +156,31 @@ def test_iemocap_bad_roots(tmp_path):
     }
     with pytest.raises(sources.PrepError, match="nothing usable left"):
         data_prep.prepare("iemocap", root=tmp_path, out_dir=tmp_path / "o", progress=False)
+
+
+def test_iemocap_root_one_level_off_names_the_release_folder(tmp_path):
+    """An audit: the parent of IEMOCAP_full_release (or a folder unzipped into one of the same
+    name), and a session folder, all gave the generic "no Session1..Session5 folders"."""
+    release = Path(helpers_prep.write_iemocap_tree(tmp_path / "data" / "IEMOCAP_full_release"))
+    with pytest.raises(sources.PrepError, match=f": pass {re.escape(str(release))}, which holds"):
+        sources.scan_iemocap(tmp_path / "data")
+    session = release / "Session1"
+    with pytest.raises(sources.PrepError, match="is a session folder; pass its parent"):
+        sources.scan_iemocap(session)
+
+
+def test_iemocap_wavs_of_a_dialog_without_its_label_file_name_the_file(tmp_path):
+    """An audit: deleting one EmoEvaluation file gave one "WAV has no label line" per turn
+    (40-110 in a real dialog), never saying that the whole file is missing."""
+    root = Path(helpers_prep.write_iemocap_tree(tmp_path / "a"))
+    label_file = sorted((root / "Session1" / "dialog" / "EmoEvaluation").glob("Ses*.txt"))[0]
+    label_file.unlink()
+    dialog = label_file.stem
+    scan = sources.scan_iemocap(root)
+    reasons = {s["reason"] for s in scan.skipped if s["path"].split("/")[-2:-1] == [dialog]}
+    assert reasons == {
+        f"the dialog's label file Session1/dialog/EmoEvaluation/{dialog}.txt does not exist"
+    }
 
 
 def test_iemocap_odd_files_are_named_or_read(tmp_path):
