@@ -183,6 +183,34 @@ def test_iemocap_wavs_of_a_dialog_without_its_label_file_name_the_file(tmp_path)
     }
 
 
+def test_iemocap_lettered_dialogs_both_recordings_and_decoy_folders(tmp_path):
+    """Real-corpus details the default fixture lacks (an audit): Session 3's lettered dialogs
+    (Ses03M_impro05a, ..._impro08b), both actors' recordings (Ses03F_* and Ses03M_*) of one
+    session, whole-dialog WAVs under dialog/wav and sentences/ForcedAlignment beside the
+    sentence WAVs: read by turn, one speaker per actor, decoys never taken for utterances."""
+    utts = (
+        helpers_prep.FixtureUtt(3, "Ses03M_impro05a_F012", "ang", 2.2),
+        helpers_prep.FixtureUtt(3, "Ses03M_impro08b_M000", "sad", 2.3),
+        helpers_prep.FixtureUtt(3, "Ses03F_impro05a_F000", "neu", 2.4),
+        helpers_prep.FixtureUtt(3, "Ses03F_script01_1_M001", "exc", 2.5),
+    )
+    root = Path(helpers_prep.write_iemocap_tree(tmp_path / "r", utts))
+    (root / "Session3" / "dialog" / "wav").mkdir()
+    sf.write(root / "Session3" / "dialog" / "wav" / "Ses03M_impro05a.wav", np.zeros(800), 16000)
+    aligned = root / "Session3" / "sentences" / "ForcedAlignment" / "Ses03M_impro05a"
+    aligned.mkdir(parents=True)
+    (aligned / "Ses03M_impro05a_F012.wdseg").write_text("SFrm EFrm SegAScr Word\n")
+    scan = sources.scan_iemocap(root)
+    got = {(u.utterance_id, u.speaker, u.gender, u.dialog, u.label_name) for u in scan.utterances}
+    assert got == {
+        ("Ses03M_impro05a_F012", "Ses03F", "female", "improvised", "angry"),
+        ("Ses03M_impro08b_M000", "Ses03M", "male", "improvised", "sad"),
+        ("Ses03F_impro05a_F000", "Ses03F", "female", "improvised", "neutral"),
+        ("Ses03F_script01_1_M001", "Ses03M", "male", "scripted", "happy"),
+    }
+    assert {s["kind"] for s in scan.skipped} == {"missing_session"}  # only 3 is written
+
+
 def test_iemocap_odd_files_are_named_or_read(tmp_path):
     root = helpers_prep.write_iemocap_tree(tmp_path / "a")
     emo = tmp_path / "a" / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
