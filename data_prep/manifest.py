@@ -195,18 +195,19 @@ DELIMITERS = (",", ";", "\t")
 
 
 def _delimiter(manifest: str, required: Sequence[str]) -> str:
-    """The separator under which the header (the first non-blank line) names every required
-    column; "," when none does (its error then shows the header as read)."""
+    """The separator under which the header (the first non-blank line) names the most required
+    columns ("," on a tie), so that a header lacking one is refused naming just that one."""
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as f:
             first = next((line for line in f if line.strip()), "")
     except UnicodeDecodeError:
         return ","  # the reader says which line is not UTF-8
-    for sep in DELIMITERS:
+
+    def named(sep: str) -> int:
         row = next(csv.reader([first], delimiter=sep, skipinitialspace=True), [])
-        if set(required) <= {h.strip().lower() for h in row}:
-            return sep
-    return ","
+        return len(set(required) & {h.strip().lower() for h in row})
+
+    return max(DELIMITERS, key=named)  # the first of a tie: ","
 
 
 def read_rows(
@@ -218,7 +219,7 @@ def read_rows(
     under which the header names the ``required`` columns), and a space after a separator is
     not part of the field (``a, "b"`` reads ``b``). Each row with a path also has ``full`` (the
     path resolved against the manifest's folder) and ``rel``; an all-empty row is no row."""
-    base = os.path.dirname(manifest)
+    base = os.path.dirname(os.path.abspath(manifest))
     sep = _delimiter(manifest, required)
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         lines = _Lines(f)
@@ -241,7 +242,8 @@ def read_rows(
         if repeated:
             raise PrepError(f"{manifest}: the header names column(s) {repeated} more than once")
         reader.fieldnames = header
-        _warn_unread_columns(manifest, header)
+        if tuple(required) == REQUIRED_COLUMNS:  # a manifest (not predict's --groups CSV)
+            _warn_unread_columns(manifest, header)
         rows = iter(reader)
         while True:
             lines.row_start = 0
@@ -668,7 +670,7 @@ def _check_ids(manifest: str, rows: list[_Row]) -> None:
         )
 
 
-_NUMBER = re.compile(r"\d+(?:\.0+)?(?!\d)")
+_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.0+)?(?!\d)")  # never the digits after a point
 
 
 def _speaker_key(speaker: str) -> str:

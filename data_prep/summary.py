@@ -82,12 +82,12 @@ def prep_summary(meta: dict) -> str:
         kept = [name for name, n in c["by_class"].items() if n]
         it = "it" if len(empty) == 1 else "them"
         if len(kept) >= 2:
-            fix = f"or leave {it} out with --classes {','.join(kept)}"
+            fix = f" or leave {it} out with --classes {','.join(kept)}"
         else:  # --classes of one class is refused: a classifier needs two
-            fix = f"training needs utterances of at least 2 classes ({len(kept)} now)"
+            fix = f"; training needs utterances of at least 2 classes ({len(kept)} now)"
         lines.append(
             f"  warning: no utterance of class {', '.join(empty)}: a model cannot learn {it} and "
-            f"UA scores {it} 0; fix the rows (skipped and excluded above) {fix}"
+            f"UA scores {it} 0; fix the rows (skipped and excluded above){fix}"
         )
     lonely = _single_session_classes(meta)
     if lonely:

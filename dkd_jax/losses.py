@@ -45,7 +45,11 @@ ruling out every class but the target, e.g. ``log(one_hot(labels))``, gives TCKD
 the student's target probability) and NCKD = 0). The NaN stays in its example: the other
 examples' values and gradients do not change (bit for bit), and an example with a bad label or
 teacher row gets zero gradient, so a mean over the valid examples (``jnp.where(valid, loss,
-0)``, not ``loss * valid``: NaN times 0 is NaN) stays finite. Labels may have any integer
+0)``, not ``loss * valid``: NaN times 0 is NaN) stays finite. ``guard_teacher=False`` leaves the
+teacher rows untested, for logits known to be finite (a trained network's): the training step
+passes it, because the tests change how XLA fuses a jitted program, so values and gradients
+of finite inputs can move in their last bits (about 1 ulp) against the untested formula, and
+runs made before the tests must ``reproduce`` bit for bit. Labels may have any integer
 dtype. For a raised error inside ``jit``, call :func:`validate_labels` /
 :func:`validate_temperature` in a function wrapped with ``jax.experimental.checkify.checkify``.
 
@@ -245,6 +249,8 @@ def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_cla
         fn, "temperature", temperature, positive=True, warn_above=MAX_ACCURATE_TEMPERATURE
     )
     temp, ok = _guard_scalar(temp, positive=True, safe=1.0)
+    if not isinstance(guard, bool):
+        raise TypeError(f"{_WHERE}.{fn}: guard_teacher must be True or False, got {guard!r}")
     if guard:
         t, teacher_ok = _guard_teacher(t)
         ok = ok & teacher_ok
@@ -384,12 +390,9 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, guard_teacher=Tr
       student_logits: [batch, num_classes] float student logits (computed in float32).
       teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
       temperature: softmax temperature ``T > 0`` (Python float or scalar array).
-      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
-        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
-        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
-        row tests, for teacher logits known to be finite: the training step passes it, so that
-        its compiled program, and runs made before the tests, stay bit for bit (the tests move
-        how XLA fuses the step: logged loss terms changed in their last bits).
+      guard_teacher: test each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient. ``False`` skips the test (see "Bad values" in the
+        module docstring).
 
     Returns:
       [batch] float32 per-example losses (>= 0); all NaN for a (traced) temperature that is not
@@ -440,12 +443,10 @@ def tckd_loss(
       teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
       labels: [batch] integer target class ids in ``[0, num_classes)``.
       temperature: softmax temperature ``T > 0``.
-      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
-        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
-        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
-        row tests, for teacher logits known to be finite: the training step passes it, so that
-        its compiled program, and runs made before the tests, stay bit for bit (the tests move
-        how XLA fuses the step: logged loss terms changed in their last bits).
+      guard_teacher: test each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient; one sure of the target (every other logit -inf)
+        TCKD of the target alone and NCKD 0. ``False`` skips the tests (see "Bad values" in
+        the module docstring).
 
     Returns:
       [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
@@ -496,12 +497,10 @@ def nckd_loss(
       teacher_logits: [batch, num_classes] float teacher logits; no gradient flows to them.
       labels: [batch] integer target class ids in ``[0, num_classes)``.
       temperature: softmax temperature ``T > 0``.
-      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
-        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
-        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
-        row tests, for teacher logits known to be finite: the training step passes it, so that
-        its compiled program, and runs made before the tests, stay bit for bit (the tests move
-        how XLA fuses the step: logged loss terms changed in their last bits).
+      guard_teacher: test each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient; one sure of the target (every other logit -inf)
+        TCKD of the target alone and NCKD 0. ``False`` skips the tests (see "Bad values" in
+        the module docstring).
 
     Returns:
       [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out
@@ -562,12 +561,10 @@ def dkd_loss(
       alpha: TCKD weight (>= 0; Python float or scalar array, may be traced).
       beta: NCKD weight (>= 0; Python float or scalar array, may be traced).
       temperature: softmax temperature ``T > 0``.
-      guard_teacher: check each teacher row (default): one holding NaN or +inf, or only -inf,
-        gets a NaN loss and zero gradient, and a teacher sure of the target (every other logit
-        -inf) TCKD of the target alone and NCKD 0. ``False`` computes the formula without these
-        row tests, for teacher logits known to be finite: the training step passes it, so that
-        its compiled program, and runs made before the tests, stay bit for bit (the tests move
-        how XLA fuses the step: logged loss terms changed in their last bits).
+      guard_teacher: test each teacher row (default): one holding NaN or +inf, or only -inf,
+        gets a NaN loss and zero gradient; one sure of the target (every other logit -inf)
+        TCKD of the target alone and NCKD 0. ``False`` skips the tests (see "Bad values" in
+        the module docstring).
 
     Returns:
       [batch] float32 per-example losses (>= 0); NaN for an example whose (traced) label is out

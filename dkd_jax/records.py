@@ -22,7 +22,9 @@ max_segments_per_utterance, total_segments, capped_utterances, segments_removed_
 utterances; absent in preps made before it existed), utterances (one row per kept utterance,
 sorted by id: utterance_id, label, label_name, source_label, speaker, session, gender, dialog,
 duration_s, num_train_segments, num_eval_segments, padded, path relative to the source root,
-see :func:`audio_path`; train_segments_before_cap when a cap removed windows), content_hash
+see :func:`audio_path`; train_segments_before_cap when a cap removed windows; warning for a file
+cut short or damaged, clipped {samples, peak} for a float file beyond full scale, source_rate
+for a file recorded below the features' rate: each only where it applies), content_hash
 ("sha256:" over the shard digests, feature config, label names and utterance table) and
 fingerprint (identity of the run's inputs and options, used to resume or refuse). Both layouts
 hold every kept utterance; protocols choose which utterances train and which test.

@@ -58,6 +58,9 @@ def test_a_header_of_no_known_separator_names_the_separators(tmp_path):
     path.write_text("path|label|speaker\na.wav|sad|s0\n")
     with pytest.raises(sources.PrepError, match="separated by commas, semicolons or tabs"):
         manifest.scan_csv(path)
+    path.write_text("path;label;spk\na.wav;sad;s0\n")  # named the three columns as missing
+    with pytest.raises(sources.PrepError, match=r"missing column\(s\) \['speaker'\]"):
+        manifest.scan_csv(path)
 
 
 def _labelled(tmp_path):
@@ -473,6 +476,8 @@ def test_speaker_ids_differing_only_in_leading_zeros_are_warned_about(tmp_path, 
     (message,) = [r.getMessage() for r in caplog.records]
     assert "('03' and '3' and '3.0'; 'Ses01F' and 'ses1f')" in message
     assert manifest._speaker_key("13") != manifest._speaker_key("3") != manifest._speaker_key("30")
+    for a, b in (("3.05", "3.5"), ("spk1.01", "spk1.1")):  # digits after a point stay (review)
+        assert manifest._speaker_key(a) != manifest._speaker_key(b)
 
 
 def test_audio_files_that_no_row_names_are_warned_about(tmp_path, caplog):

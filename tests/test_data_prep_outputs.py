@@ -127,7 +127,10 @@ def test_summary_warns_about_an_empty_class_and_many_skipped_files(tmp_path):
     one_class = {**counts, "by_class": {"neutral": 0, "happy": 0, "sad": 4, "angry": 0}}
     text = data_prep.prep_summary({**meta, "counts": one_class, "segment_balance": {}})
     assert "--classes" not in text  # "--classes sad" was advised, then refused (2 needed)
-    assert "training needs utterances of at least 2 classes (1 now)" in text
+    assert (
+        "(skipped and excluded above); training needs utterances of at least 2 classes (1 now)"
+        in text
+    )
     counts["skipped"] = {"missing_wav": 1, "missing_session": 3, "malformed_label_line": 2}
     text = data_prep.prep_summary({**meta, "counts": counts, "segment_balance": {}})
     assert "utterances were skipped" not in text  # folders and lines are not utterances

@@ -851,7 +851,7 @@ def test_a_stream_of_a_per_speaker_model_is_warned_about(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_groups_csv_reads_like_a_data_prep_manifest(tmp_path):
+def test_groups_csv_reads_like_a_data_prep_manifest(tmp_path, monkeypatch, caplog):
     """An audit: --groups had its own CSV reader, which refused what data_prep reads (a
     spreadsheet's empty trailing row: "the row names no path"; a header " Path , Speaker ":
     "needs a header") and took speaker names in another Unicode form than data_prep."""
@@ -865,3 +865,11 @@ def test_groups_csv_reads_like_a_data_prep_manifest(tmp_path):
     files, groups = eval_cli._files_and_groups(args, parser)
     assert files == [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
     assert groups == ["J\u00fcrgen", None]  # NFC, as data_prep stores speakers
+    # A relative --groups gives absolute paths (review), and a column data_prep would read
+    # under another name is none of predict's business: no "did you mean 'gender'" warning.
+    csv_path.write_text("path,speaker,sex\na.wav,s1,f\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    args = parser.parse_args(["--model", "m", "--groups", "g.csv"])
+    with caplog.at_level("WARNING", logger="data_prep"):
+        files, groups = eval_cli._files_and_groups(args, parser)
+    assert files == [str(tmp_path / "a.wav")] and groups == ["s1"] and not caplog.records

@@ -506,8 +506,8 @@ def _notes(summary: dict[str, Any], *, validation_only: bool) -> list[str]:
             {f"{r['group']} (no {', '.join(r['untrained_classes'])})" for r in untrained}
         )
         out.append(
-            f"{len(groups)} fold/seed group(s) trained on no utterance of a class, so they never "
-            "predict "
+            f"{len(groups)} fold/seed group(s) trained on no utterance of a class, so they "
+            "never predict "
             f"it and UA counts its recall as 0 wherever it is tested: {'; '.join(groups)}. "
             "A class recorded by one speaker or session only does this under loso."
         )
