@@ -194,20 +194,28 @@ class _Lines:
 DELIMITERS = (",", ";", "\t")
 
 
-def _delimiter(manifest: str, required: Sequence[str]) -> str:
-    """The separator under which the header (the first non-blank line) names the most required
-    columns ("," on a tie), so that a header lacking one is refused naming just that one."""
+_SEP_LINE = re.compile(r"\s*sep=(.)\s*")  # Excel's first line naming the separator
+
+
+def _delimiter(manifest: str, required: Sequence[str]) -> tuple[str, bool]:
+    """(separator, whether the file starts with Excel's ``sep=X`` line). The separator is the
+    one such a line names, else the one under which the header (the first non-blank line) names
+    the most required columns ("," on a tie), so that a header lacking one is refused naming
+    just that one."""
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as f:
             first = next((line for line in f if line.strip()), "")
     except UnicodeDecodeError:
-        return ","  # the reader says which line is not UTF-8
+        return ",", False  # the reader says which line is not UTF-8
+    declared = _SEP_LINE.fullmatch(first.rstrip("\r\n"))
+    if declared:
+        return declared.group(1), True
 
     def named(sep: str) -> int:
         row = next(csv.reader([first], delimiter=sep, skipinitialspace=True), [])
         return len(set(required) & {h.strip().lower() for h in row})
 
-    return max(DELIMITERS, key=named)  # the first of a tie: ","
+    return max(DELIMITERS, key=named), False  # the first of a tie: ","
 
 
 def read_rows(
@@ -216,13 +224,17 @@ def read_rows(
     """(line, row) per data row, ``line`` the manifest line it starts on (blank lines counted).
 
     Columns are matched case-insensitively; fields are separated by ",", ";" or a tab (the one
-    under which the header names the ``required`` columns), and a space after a separator is
+    under which the header names the ``required`` columns, or the one a first line ``sep=;``
+    names, as Excel writes it), and a space after a separator is
     not part of the field (``a, "b"`` reads ``b``). Each row with a path also has ``full`` (the
     path resolved against the manifest's folder) and ``rel``; an all-empty row is no row."""
     base = os.path.dirname(os.path.abspath(manifest))
-    sep = _delimiter(manifest, required)
+    sep, sep_line = _delimiter(manifest, required)
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         lines = _Lines(f)
+        if sep_line:  # skip it (blank lines before it too): the header follows
+            while not next(lines).strip():
+                pass
         reader = csv.DictReader(lines, delimiter=sep, skipinitialspace=True)
         try:
             fieldnames = reader.fieldnames

@@ -63,6 +63,26 @@ def test_a_header_of_no_known_separator_names_the_separators(tmp_path):
         manifest.scan_csv(path)
 
 
+def test_excel_sep_line_names_the_separator(tmp_path):
+    """Excel may write "sep=;" as the first line: it names the separator and is no header."""
+    files = {"a.wav": 2.1, "b.wav": 2.2}
+    path = _write(tmp_path / "c", [], files)
+    path.write_text("sep=;\r\npath;label;speaker\r\na.wav;sad;s0\r\n\r\nb.wav;angry;s1\r\n")
+    scan = manifest.scan_csv(path)
+    assert [(u.utterance_id, u.label_name) for u in scan.utterances] == [
+        ("a.wav", "sad"),
+        ("b.wav", "angry"),
+    ]
+    path.write_text("sep=;\npath;label\na.wav;sad\n")
+    with pytest.raises(sources.PrepError, match=r"missing column\(s\) \['speaker'\]"):
+        manifest.scan_csv(path)
+    path.write_text("sep=;\npath;label;speaker\n;sad;s0\na.wav;sad;s1\n")  # lines count it
+    assert [s["path"] for s in manifest.scan_csv(path).skipped] == [f"{path}:3"]
+    path.write_text("sep=;\npath;label;speaker\na.wav;zzz;s0\n")
+    with pytest.raises(sources.PrepError, match="unknown label"):
+        manifest.scan_csv(path)
+
+
 def _labelled(tmp_path):
     files = {f"c{i}.wav": 2.1 + 0.1 * i for i in range(10)}
     labels = ["angry", "anger", "anger", "anger", "joy", "fear", "fear", "sad", "Neutral", "happy"]
