@@ -230,7 +230,7 @@ def _poison(loss: jax.Array, ok: jax.Array) -> jax.Array:
     return jnp.where(ok, loss, jnp.nan)
 
 
-def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_classes, guard):
+def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, guard):
     """Validates inputs; returns (z_s / T, stop_gradient(z_t) / T, target mask, T, ok).
     ``labels`` None: no target mask (``kd_loss`` only; the other losses refuse None first).
 
@@ -238,6 +238,7 @@ def _prepare(fn, student_logits, teacher_logits, labels, temperature, *, min_cla
     is not finite and > 0, and with ``guard`` a teacher row that is NaN, +inf or all -inf); the
     returned target mask, teacher row and ``T`` are safe stand-ins there.
     """
+    min_classes = 1 if fn == "kd_loss" else 2  # the decoupled terms need a non-target class
     s = _check_logits(fn, "student_logits", student_logits, min_classes=min_classes)
     t = _check_logits(fn, "teacher_logits", teacher_logits, min_classes=min_classes)
     if s.shape != t.shape:
@@ -410,13 +411,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, guard_teacher=Tr
       G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
     zs, zt, _, temp, ok = _prepare(
-        "kd_loss",
-        student_logits,
-        teacher_logits,
-        None,
-        temperature,
-        min_classes=1,
-        guard=guard_teacher,
+        "kd_loss", student_logits, teacher_logits, None, temperature, guard=guard_teacher
     )
     log_ps = zs - jax.nn.logsumexp(zs, axis=-1, keepdims=True)
     log_pt = zt - jax.nn.logsumexp(zt, axis=-1, keepdims=True)
@@ -464,13 +459,7 @@ def tckd_loss(
       B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
     """
     zs, zt, target, temp, ok = _prepare(
-        "tckd_loss",
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        min_classes=2,
-        guard=guard_teacher,
+        "tckd_loss", student_logits, teacher_logits, labels, temperature, guard=guard_teacher
     )
     return _poison(temp**2 * _tckd(zs, zt, target, guard_teacher), ok)
 
@@ -518,13 +507,7 @@ def nckd_loss(
       B. Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
     """
     zs, zt, target, temp, ok = _prepare(
-        "nckd_loss",
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        min_classes=2,
-        guard=guard_teacher,
+        "nckd_loss", student_logits, teacher_logits, labels, temperature, guard=guard_teacher
     )
     return _poison(temp**2 * _nckd(zs, zt, target, guard_teacher), ok)
 
@@ -590,13 +573,7 @@ def dkd_loss(
       Emotion Recognition", ICASSP 2023, arXiv:2303.05134.
     """
     zs, zt, target, temp, ok = _prepare(
-        "dkd_loss",
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        min_classes=2,
-        guard=guard_teacher,
+        "dkd_loss", student_logits, teacher_logits, labels, temperature, guard=guard_teacher
     )
     a, a_ok = _guard_scalar(
         _check_scalar("dkd_loss", "alpha", alpha, positive=False), positive=False, safe=0.0
