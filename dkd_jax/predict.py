@@ -52,7 +52,8 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
         {"segments" [K, F, T] float32, "valid_frames" [K] int32, "starts_s" [K] float,
         "duration_s" float, "padded" bool, "constant" bool (every sample equal), "source_rate"
         (the file's) and "sample_rate" (the model's) int, "source_frames" int (decoded at the
-        file's rate)}.
+        file's rate), "clipped_samples" int and "peak" float (a float file beyond full scale,
+        clipped to [-1, 1])}.
 
     Raises:
         audio.AudioError: unreadable or empty file.
@@ -70,6 +71,8 @@ def file_segments(path: str | os.PathLike, feature_config) -> dict[str, Any]:
         "source_rate": seg.source_rate,
         "sample_rate": int(fc.sample_rate),
         "source_frames": seg.source_frames,
+        "clipped_samples": seg.clipped_samples,
+        "peak": seg.peak,
     }
 
 
@@ -87,7 +90,8 @@ def band_limit_warning(source: str, source_rate: int, sample_rate: int) -> str |
 
 def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
     """Warnings about one file's audio (:func:`file_segments`' output) that no model can fix:
-    too short to say much, a file cut short or damaged (``file_damage.damage_note``), digital
+    too short to say much, a float file beyond full scale (clipped), a file cut short or
+    damaged (``file_damage.damage_note``), digital
     silence (every real frame the same, in every band) or a constant level (every sample the
     same), or recorded at a lower rate than the model's."""
     out = []
@@ -95,6 +99,11 @@ def input_warnings(path: str, seg: dict[str, Any]) -> list[str]:
         out.append(
             f"{path}: only {seg['duration_s']:.3f} s of audio (under "
             f"{audio.MIN_RELIABLE_SECONDS} s): its prediction says little"
+        )
+    if seg.get("clipped_samples"):
+        out.append(
+            f"{path}: {seg['clipped_samples']} samples beyond full scale (peak {seg['peak']:g}) "
+            "were clipped to ±1: predicted from the distorted audio (scale the file down)"
         )
     cut = file_damage.damage_note(path, decoded_frames=seg.get("source_frames"))
     if cut:

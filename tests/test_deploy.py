@@ -541,6 +541,22 @@ def test_audio_below_the_models_rate_is_predicted_with_a_warning(tmp_path, capsy
     assert rc == 0 and capsys.readouterr().err.splitlines() == [warning.format("<stdin>")]
 
 
+def test_a_float_file_beyond_full_scale_is_predicted_with_a_warning(tmp_path, capsys):
+    """A float WAV louder than 1.0 was clipped to ±1 before its features without a word (data_prep
+    now records and warns about it; predict says it too)."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra")
+    model = str(helpers_export.band_model_folder(tmp_path / "band"))
+    wav = tmp_path / "hot.wav"
+    wave = (3.0 * np.random.default_rng(0).standard_normal(2 * 16000)).astype(np.float32)
+    sf.write(wav, wave, 16000, subtype="FLOAT")
+    n, peak = int(np.count_nonzero(np.abs(wave) > 1.0)), float(np.abs(wave).max())
+    assert eval_cli.main(["predict", "--model", model, str(wav)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"eval.py: warning: {wav}: {n} samples beyond full scale (peak {peak:g}) were clipped "
+        "to ±1: predicted from the distorted audio (scale the file down)"
+    ]
+
+
 def test_very_short_silent_and_cut_audio_get_a_warning(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="needs the export extra")
     model = str(helpers_export.band_model_folder(tmp_path / "band"))
