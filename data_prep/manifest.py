@@ -229,6 +229,7 @@ def read_rows(
     not part of the field (``a, "b"`` reads ``b``). Each row with a path also has ``full`` (the
     path resolved against the manifest's folder) and ``rel``; an all-empty row is no row."""
     base = os.path.dirname(os.path.abspath(manifest))
+    is_manifest = tuple(required) == REQUIRED_COLUMNS  # not predict's --groups CSV
     sep, sep_line = _delimiter(manifest, required)
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         lines = _Lines(f)
@@ -247,14 +248,14 @@ def read_rows(
             raise PrepError(
                 f"{manifest}: missing column(s) {missing}; the header must name "
                 f"{', '.join(required)} (separated by commas, semicolons or tabs"
-                f"{optional if tuple(required) == REQUIRED_COLUMNS else ''}), got {header}"
+                f"{optional if is_manifest else ''}), got {header}"
             )
         known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
         repeated = sorted(h for h, n in collections.Counter(header).items() if h in known and n > 1)
         if repeated:
             raise PrepError(f"{manifest}: the header names column(s) {repeated} more than once")
         reader.fieldnames = header
-        if tuple(required) == REQUIRED_COLUMNS:  # a manifest (not predict's --groups CSV)
+        if is_manifest:
             _warn_unread_columns(manifest, header)
         rows = iter(reader)
         while True:
@@ -691,7 +692,7 @@ def _speaker_key(speaker: str) -> str:
     return _NUMBER.sub(lambda m: str(int(m.group().split(".")[0])), speaker.casefold())
 
 
-def _warn_case_twins(manifest: str, rows: list[_Row]) -> None:
+def _warn_speaker_twins(manifest: str, rows: list[_Row]) -> None:
     """Speaker ids that differ only in letter case ("S03", "s03") or in how a number is written
     ("03", "3", "3.0": a spreadsheet drops leading zeros, pandas writes floats) are most likely
     one person typed twice: each becomes its own speaker (and with no session column, its own
@@ -842,7 +843,7 @@ def scan_csv(
         skipped.append(skip_entry(repeat.rel, kind, reason, repeat.utterance_id))
     _check_ids(manifest, rows)
     _check_speaker_sessions(manifest, rows)
-    _warn_case_twins(manifest, rows)
+    _warn_speaker_twins(manifest, rows)
     _warn_unlisted_audio(manifest, {row["full"] for _, row in raw if row["path"]})
     utterances = [
         Utterance(
