@@ -433,7 +433,13 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
     kernel = np.hanning(width + 2)[1:-1]
     kernel /= kernel.sum()
     padded = np.pad(x, width // 2, mode="edge")
-    return np.convolve(padded, kernel, mode="valid")[: len(x)]
+    # np.convolve, tap by tap in a fixed order: np.convolve sums with BLAS, in the order of the
+    # CPU's kernel (the same numbers as it on this machine).
+    n = len(padded) - len(kernel) + 1
+    out = padded[:n] * kernel[-1]
+    for j in range(1, len(kernel)):
+        out += padded[j : j + n] * kernel[-1 - j]
+    return out[: len(x)]
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -721,7 +727,9 @@ def _level_noise_pcm16(
     """Speech level (active-speech RMS), the session's coloured background noise, peaks
     limited to 0.98 full scale, rounded to int16 (``n`` samples)."""
     active = max(int(np.count_nonzero(amp > 0.1)) * _HOP, _HOP)
-    rms = math.sqrt(float(np.dot(speech, speech)) / active) + 1e-12
+    # numpy's own float64 sum, not a BLAS dot: a float32 dot sums in the order of the CPU's
+    # OpenBLAS kernel, and its last bit moved the int16 samples from one CPU to another.
+    rms = math.sqrt(float(np.sum(np.square(speech, dtype=np.float64))) / active) + 1e-12
     level_db = -26.0 + p["loud_db"] + session["gain_db"]
     speech *= np.float32(10.0 ** (level_db / 20.0) / rms)
     pole = session["noise_pole"]

@@ -254,6 +254,58 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path):
     assert all(digest_a[n] != digest_c[n] for n in common if n.endswith(".wav"))
 
 
+_CHILD_DIGEST = """
+import hashlib, json, sys
+from pathlib import Path
+from data_prep import synth
+kwargs = json.loads(sys.argv[2])
+synth.generate_corpus(sys.argv[1], size="tiny", seed=3, workers=1, progress=False, **kwargs)
+root = Path(sys.argv[1])
+print(json.dumps({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in sorted(root.rglob("*")) if p.is_file()}))
+"""
+
+
+def test_same_bytes_with_any_blas_kernel_or_numpy_simd_level(tmp_path):
+    """The corpus must not depend on the CPU: the demo's prep hash and the byte-identity tests
+    hold on every x86-64 machine. A float32 BLAS dot product (the speech level) once summed in
+    the order of the CPU's OpenBLAS kernel, and one rounding step of the level moved the int16
+    samples: a Zen 3 (AVX2) machine wrote other WAV bytes than an AVX-512 one. Children forced
+    onto another OpenBLAS kernel, and onto numpy's baseline SIMD (every runtime-dispatched
+    group, AVX-512 included where the CPU has it, switched off), write the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core import _multiarray_umath as umath
+
+    synth.generate_corpus(
+        tmp_path / "here", size="tiny", seed=3, workers=1, progress=False, **SMALL
+    )
+    reference = tree_digest(tmp_path / "here")
+    found = [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
+    settings = {
+        "OpenBLAS Prescott kernel": {"OPENBLAS_CORETYPE": "Prescott"},
+        "numpy baseline SIMD": {"NPY_DISABLE_CPU_FEATURES": " ".join(found)},
+    }
+    for name, extra in settings.items():
+        if not any(extra.values()):
+            continue  # a CPU with nothing beyond numpy's baseline
+        out = tmp_path / name.replace(" ", "_")
+        env = {**os.environ, **extra}
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD_DIGEST, str(out), json.dumps(SMALL)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        other = json.loads(proc.stdout.strip().splitlines()[-1])
+        changed = sorted(n for n in reference if other.get(n) != reference[n])
+        assert not changed and other.keys() == reference.keys(), (name, changed[:5])
+
+
 def test_regenerate_resume_and_refusals(tmp_path):
     root = tmp_path / "corpus"
     first = synth.generate_corpus(root, size="tiny", seed=5, workers=1, progress=False, **SMALL)
