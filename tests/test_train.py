@@ -137,44 +137,65 @@ def _prep(runs):
     return config_lib.loads((runs["root"] / "teacher" / "config.json").read_text()).data.prep_dir
 
 
-def _assert_events_close(a, b, rel=1e-5, abs_tol=5e-6):
+def _assert_events_close(a, b, rel=1e-5, abs_tol=5e-6, grad_norm_rel=1e-2):
     # abs_tol: a KL term near 0 (e.g. NCKD of a student that already matches its teacher) is a
     # difference of nearly equal sums, so its *relative* rounding error is large (measured: an
     # NCKD of 0.00436 differed by 8e-7 between the paths with jax 0.10.2 / flax 0.12.8).
+    # grad_norm_rel: the gradient norm sums the elements whose updates differ most (see
+    # test_on_device_and_streaming_paths_agree); measured 9.5e-4 relative at step 4 on a Zen 3
+    # CPU, where the losses of the same steps differed by 1.1e-6 relative.
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             if isinstance(x[k], float):
-                assert x[k] == pytest.approx(y[k], rel=rel, abs=abs_tol), (x["event"], k)
+                r = grad_norm_rel if k == "grad_norm" else rel
+                assert x[k] == pytest.approx(y[k], rel=r, abs=abs_tol), (x["event"], k)
             elif k not in ("test", "validation", "best_validation", "train"):
                 assert x[k] == y[k], (x["event"], k)
+
+
+def _parameter_differences(a, b):
+    """|a - b| of every parameter element, the conv biases that feed a BatchNorm left out:
+    their true gradient is exactly 0 (BatchNorm subtracts them again), so Adam turns rounding
+    noise into +-lr random steps that do not change the network's function."""
+    from flax import traverse_util
+
+    flat_a = traverse_util.flatten_dict(a["params"], sep="/")
+    flat_b = traverse_util.flatten_dict(b["params"], sep="/")
+    assert flat_a.keys() == flat_b.keys()
+    kept = [k for k in flat_a if not (k.startswith("conv") and k.endswith("/bias"))]
+    assert len(kept) >= len(flat_a) - 6
+    return np.concatenate(
+        [np.abs(np.asarray(flat_a[k]) - np.asarray(flat_b[k])).ravel() for k in kept]
+    )
 
 
 def test_on_device_and_streaming_paths_agree(runs):
     """Same data order, same math; XLA fuses the scanned step and the standalone step
     differently, so they agree to float rounding (each path alone is bit-reproducible).
 
-    Tolerance: 2e-5 absolute on parameters (2% of one Adam step at lr 1e-3); logged losses to
-    1e-5 relative or 5e-6 absolute. Left out: the biases of the convolutions that feed a
-    BatchNorm. Their true gradient is exactly 0 (BatchNorm subtracts them again), so Adam turns
-    rounding noise into +-lr random steps that differ between the paths and do not change the
-    network's function.
+    The rounding differences grow from step to step, and Adam divides each element's gradient by
+    its own running size: an element whose gradient is mostly rounding noise moves by a good
+    part of a step either way. So the parameters are compared over all their elements: the median
+    within 2 % of one Adam step (lr 1e-3), 99 % within 20 %. Measured on a Zen 3 CPU (AVX2),
+    4 steps: median 1.2e-6, 99th percentile 3.9e-5, largest 6.5e-4 (a conv4 kernel element);
+    2 steps apart (the other path's step-2 checkpoint, in ``checkpoints/``): median 9.7e-4,
+    99th percentile 1.9e-3. A different batch or a step more or less fails both bounds. Logged
+    losses to 1e-5 relative or 5e-6 absolute (``_assert_events_close``).
     """
-    from flax import traverse_util
-
     root = runs["root"]
-    a, b = _params(root / "student_on"), _params(root / "student_off")
-    flat_a = traverse_util.flatten_dict(a["params"], sep="/")
-    flat_b = traverse_util.flatten_dict(b["params"], sep="/")
-    assert flat_a.keys() == flat_b.keys()
-    compared = 0
-    for name, x in flat_a.items():
-        if name.startswith("conv") and name.endswith("/bias"):
-            continue
-        np.testing.assert_allclose(x, flat_b[name], rtol=1e-4, atol=2e-5, err_msg=name)
-        compared += 1
-    assert compared >= len(flat_a) - 6
+    diff = _parameter_differences(_params(root / "student_on"), _params(root / "student_off"))
+    assert np.median(diff) <= 2e-5 and np.quantile(diff, 0.99) <= 2e-4, (
+        np.median(diff),
+        np.quantile(diff, 0.99),
+        diff.max(),
+    )
+    # The bounds tell other training apart: the other path two steps earlier fails them.
+    assert runs["student_off"]["step"] == 4
+    earlier = run_dir.restore_run(root / "student_off", step=2)
+    far = _parameter_differences(_params(root / "student_on"), earlier.variables)
+    assert np.median(far) > 2e-5 and np.quantile(far, 0.99) > 2e-4
     on, off = _events(root / "student_on"), _events(root / "student_off")
     assert on[0]["on_device"] is True and off[0]["on_device"] is False
     for ev in on + off:
