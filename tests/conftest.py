@@ -15,9 +15,10 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# One persistent XLA compilation cache for the whole session (this process and every process
-# a test starts): many tests compile the same tiny networks, and a cache hit skips the backend
-# compile (the same executable, so no number changes). Removed when the session ends. The
+# One persistent XLA compilation cache for the whole session (this process, both pytest-xdist
+# workers of the README's `-n 2`, and every process a test starts): many tests compile the same
+# tiny networks, and a cache hit skips the backend compile (the same executable, so no number
+# changes). Removed when the session ends. The
 # experiment runner keeps it too (train_lib.enable_compilation_cache: the environment wins).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="dkd_jax_test_xla_cache_")
