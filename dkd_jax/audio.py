@@ -46,6 +46,8 @@ from dkd_jax import file_damage
 
 LOG_FLOOR = 1e-6
 """Floor applied to mel power before ``log`` in the ``"logmel"`` kind (log(1e-6) ≈ -13.8)."""
+MFCC_AMIN = 1e-10  # librosa power_to_db's amin: the MFCC's power floor
+MFCC_TOP_DB = 80.0  # and its top_db: dB below the utterance's loudest frame are raised to it
 
 _KINDS = ("logmel", "mfcc")
 
@@ -485,14 +487,68 @@ def compute_features(wave: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """
     mel = mel_power(wave, cfg)
     if cfg.kind == "logmel":
-        return np.log(np.maximum(mel, np.float32(LOG_FLOOR))).astype(np.float32, copy=False)
+        return log_mel(mel)
     # MFCC (librosa.feature.mfcc defaults): power_to_db(ref=1, amin=1e-10, top_db=80) + DCT-II.
     import scipy.fft
 
-    db = 10.0 * np.log10(np.maximum(mel, np.float32(1e-10)))
-    db = np.maximum(db, db.max() - 80.0)
+    db = mel_db(mel)
+    db = np.maximum(db, db.max() - np.float32(MFCC_TOP_DB))
     mfcc = scipy.fft.dct(db, axis=0, type=2, norm="ortho")[: cfg.n_mfcc]
     return np.ascontiguousarray(mfcc, dtype=np.float32)
+
+
+# ln(2) and ln(10) as float64 literals (not computed here: np.log may differ by CPU).
+_LN2 = 0.6931471805599453
+_LN10 = 2.302585092994046
+# Coefficients 1 / (2k + 1) of ln(m) = 2 s (1 + s²/3 + s⁴/5 + …), s = (m - 1) / (m + 1): with
+# |s| ≤ 0.172 the terms past k = 11 are below 1e-19 of the sum.
+_ATANH_SERIES = tuple(1.0 / (2 * k + 1) for k in range(11, -1, -1))
+
+
+def natural_log(x: np.ndarray) -> np.ndarray:
+    """ln of a float array, in float64, the same bits on every CPU.
+
+    NumPy's own ``log``/``log10`` pick an implementation by the CPU's vector extensions at
+    run time (the float32 ``log10`` of an AVX-512 CPU and of an AVX2 one disagree in the last
+    bit for about half of all mel energies; ``log`` without AVX2 is the C library's), so
+    features written on two machines had other bits. This uses only exact steps
+    (``frexp``) and IEEE-rounded ``+ - * /``, one NumPy operation each, in a fixed order:
+    ``x = m·2^e`` with ``m`` in [√½, √2), ``ln x = e·ln 2 + 2·atanh((m - 1) / (m + 1))`` by its
+    series. Within 4e-16 relative of NumPy's float64 ``log`` (3 million float32 inputs), so its
+    float32 rounding is the correctly rounded float32 logarithm but for values closer than that
+    to a tie. ``ln 0 = -inf``, ``ln inf = inf``, negative or NaN inputs give NaN.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0, negative, inf: replaced below
+        m, e = np.frexp(x)
+        low = m < 0.7071067811865476  # √½
+        m = np.where(low, m * 2.0, m)
+        e = (e - low).astype(np.float64)
+        s = (m - 1.0) / (m + 1.0)
+        s2 = s * s
+        series = np.full_like(s2, _ATANH_SERIES[0])
+        for c in _ATANH_SERIES[1:]:
+            series *= s2
+            series += c
+        out = e * _LN2 + 2.0 * s * series
+    out = np.where(x == 0, -np.inf, out)
+    out = np.where(x == np.inf, np.inf, out)
+    return np.where(x < 0, np.nan, out)
+
+
+def log_mel(mel: np.ndarray) -> np.ndarray:
+    """``ln(max(mel, LOG_FLOOR))`` as float32, the same bits on every CPU (:func:`natural_log`)."""
+    floored = np.maximum(np.asarray(mel, np.float32), np.float32(LOG_FLOOR))
+    return natural_log(floored).astype(np.float32)
+
+
+def mel_db(mel: np.ndarray) -> np.ndarray:
+    """``10·log10(max(mel, 1e-10))`` as float32 (librosa's ``power_to_db`` with ``ref=1`` before
+    its ``top_db`` floor): log10 rounded to float32, then times 10 in float32, as NumPy's float32
+    ``log10`` did; the same bits on every CPU (:func:`natural_log`)."""
+    floored = np.maximum(np.asarray(mel, np.float32), np.float32(MFCC_AMIN))
+    log10 = (natural_log(floored) / _LN10).astype(np.float32)
+    return np.float32(10.0) * log10
 
 
 def pad_to_window(wave: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, int]:

@@ -56,9 +56,6 @@ __all__ = [
     "stream_rows",
 ]
 
-_MFCC_AMIN = 1e-10
-_MFCC_TOP_DB = 80.0
-
 # --------------------------------------------------------------------------------------------
 # Streaming front end
 # --------------------------------------------------------------------------------------------
@@ -213,8 +210,8 @@ class StreamingFrontEnd:
 
     def _transform(self, mel: np.ndarray) -> np.ndarray:
         if self.cfg.kind == "logmel":
-            return np.log(np.maximum(mel, np.float32(audio.LOG_FLOOR))).astype(np.float32)
-        db = 10.0 * np.log10(np.maximum(mel, np.float32(_MFCC_AMIN)))
+            return audio.log_mel(mel)
+        db = audio.mel_db(mel)
         if db.size:
             self._max_db = max(self._max_db, float(db.max()))
         return db.astype(np.float32)
@@ -226,7 +223,7 @@ class StreamingFrontEnd:
             return x
         import scipy.fft
 
-        floor = np.float32(self._max_db) - np.float32(_MFCC_TOP_DB)
+        floor = np.float32(self._max_db) - np.float32(audio.MFCC_TOP_DB)
         db = np.maximum(x, floor)
         mfcc = scipy.fft.dct(db, axis=0, type=2, norm="ortho")[: self.cfg.n_mfcc]
         return np.ascontiguousarray(mfcc, dtype=np.float32)

@@ -471,3 +471,114 @@ def test_segment_audio_short_pad_drop_and_rates(tmp_path):
         audio.segment_audio(short, LOGMEL, hop_seconds=1.0, short_utterances="trim")
     with pytest.raises(audio.AudioError, match=r"missing\.wav"):
         audio.segment_audio(tmp_path / "missing.wav", LOGMEL, hop_seconds=1.0)
+
+
+# ---------------------------------------------------------------- the same bits on every CPU
+
+
+def _positive_float32(n, seed):
+    """Every exponent of a positive finite float32, subnormals included, random mantissas."""
+    bits = np.random.default_rng(seed).integers(1, 0x7F800000, n, dtype=np.uint32)
+    return bits.view(np.float32)
+
+
+def test_natural_log_is_the_correctly_rounded_float32_log():
+    x = np.concatenate(
+        [
+            _positive_float32(300_000, 0),
+            np.float32([1e-10, audio.LOG_FLOOR, 0.5, 1.0, 2.0, np.sqrt(0.5), np.sqrt(2.0)]),
+            np.nextafter(np.float32(1), np.float32([0, 2])),  # ln near 0: no cancellation
+            np.float32(2.0) ** np.arange(-149, 128, dtype=np.float32),
+        ]
+    ).astype(np.float32)
+    exact = np.log(x.astype(np.float64))  # float64: far finer than the float32 result
+    got = audio.natural_log(x)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, exact, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(got.astype(np.float32), exact.astype(np.float32))
+    assert audio.natural_log(np.float32(1.0)) == 0.0
+    special = audio.natural_log(np.array([0.0, np.inf, -1.0, np.nan, -np.inf]))
+    np.testing.assert_array_equal(special, [-np.inf, np.inf, np.nan, np.nan, np.nan])
+
+
+def test_log_mel_and_mel_db_floor_and_round_like_the_float32_formulas():
+    mel = np.concatenate([_positive_float32(100_000, 1), np.float32([0.0, 1e-12, 1e-8, 5.0])])
+    mel = np.minimum(mel, np.float32(1e30))
+    floored = np.maximum(mel, np.float32(audio.LOG_FLOOR)).astype(np.float64)
+    want = np.log(floored).astype(np.float32)
+    np.testing.assert_array_equal(audio.log_mel(mel), want)
+    db = audio.mel_db(mel)
+    log10 = np.log10(np.maximum(mel, np.float32(audio.MFCC_AMIN)).astype(np.float64))
+    assert db.dtype == np.float32
+    np.testing.assert_array_equal(db, np.float32(10) * log10.astype(np.float32))
+    assert audio.log_mel(np.float32([0.0]))[0] == np.float32(np.log(audio.LOG_FLOOR))
+    assert audio.mel_db(np.float32([0.0]))[0] == np.float32(-100.0)
+
+
+_CHILD_FEATURES = """
+import sys
+import numpy as np
+from dkd_jax import audio
+waves = np.load(sys.argv[1])
+out = {}
+for name in sorted(audio.FEATURE_PRESETS):
+    for i, wave in enumerate(waves):
+        out[f"{name}_{i}"] = audio.compute_features(wave, audio.FEATURE_PRESETS[name])
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_features_have_the_same_bits_at_every_numpy_simd_level(tmp_path):
+    """Prep hashes must not depend on the CPU. NumPy picks its float32 ``log``/``log10`` by the
+    CPU's vector extensions at run time: an AVX-512 machine wrote MFCCs with other bits than an
+    AVX2 one, and NumPy without AVX2 other log-mels. Children with the AVX-512 groups switched
+    off (an AVX2 CPU), and with every runtime-dispatched group off (x86-64 baseline), compute
+    the same features bit for bit, quiet and loud waves alike."""
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core import _multiarray_umath as umath
+
+    rng = np.random.default_rng(7)
+    waves = np.stack(
+        [_wave(2.5, seed=2) * g for g in (1.0, 1e-3)]
+        + [(0.3 * rng.standard_normal(40_000)).astype(np.float32)]
+    ).astype(np.float32)
+    np.save(tmp_path / "waves.npy", waves)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CHILD_FEATURES,
+            str(tmp_path / "waves.npy"),
+            str(tmp_path / "here"),
+        ],
+        check=True,
+    )
+    reference = np.load(tmp_path / "here.npz")
+    found = [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
+    settings = {
+        "numpy without AVX-512": [f for f in found if f.startswith(("AVX512", "X86_V4"))],
+        "numpy baseline SIMD": found,
+    }
+    tried = 0
+    for name, disabled in settings.items():
+        if not disabled:
+            continue  # a CPU without these extensions: the parent already ran this level
+        out = tmp_path / name.replace(" ", "_")
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(disabled)}
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD_FEATURES, str(tmp_path / "waves.npy"), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        other = np.load(f"{out}.npz")
+        assert sorted(other.files) == sorted(reference.files)
+        for key in reference.files:
+            assert other[key].tobytes() == reference[key].tobytes(), (name, key)
+        tried += 1
+    assert tried >= 1 or not found
