@@ -306,7 +306,8 @@ def prepare(
             log.info("%s already holds this prep run; nothing to do", out_dir)
             return records.load_metadata(out_dir)
         os.makedirs(state_dir, exist_ok=True)
-        _write_json(os.path.join(state_dir, "state.json"), {**identity, "fingerprint": fingerprint})
+        state = {**identity, "fingerprint": fingerprint, "front_end": audio.FRONT_END_VERSION}
+        _write_json(os.path.join(state_dir, "state.json"), state)
         done = _completed_shards(out_dir, state_dir, num_shards)
         run = _ShardRun(out_dir, state_dir, found.corpus, num_shards, utts)
         run.write_pending(done, cfg, workers, cap, progress)
@@ -425,6 +426,14 @@ def _claim_out_dir(
                     f"{out_dir} holds a finished prep run of these files, but its shards are "
                     f"damaged ({listed}); pass --overwrite (overwrite=True) to prepare them again"
                 )
+            if kind == "interrupted" and _front_end(previous) != audio.FRONT_END_VERSION:
+                raise PrepError(
+                    f"{out_dir} holds an interrupted prep run of these files written by an "
+                    f"earlier dkd-jax (feature front end version {_front_end(previous)}, now "
+                    f"{audio.FRONT_END_VERSION}: some feature values differ in the last bit), so "
+                    "its finished shards and new ones would not be one prep; pass --overwrite "
+                    "(overwrite=True) to prepare the corpus again"
+                )
             return "done" if kind == "finished" else "resume"
         if kind == "unreadable" and not overwrite:
             damaged = meta_path if os.path.exists(meta_path) else state_path
@@ -456,6 +465,11 @@ def _claim_out_dir(
             "choose an empty or new --out folder (or pass --overwrite to write next to them)"
         )
     return "new"
+
+
+def _front_end(previous: dict) -> int:
+    """The feature front end version a prep run recorded (1: written before it was recorded)."""
+    return previous.get("front_end", 1)
 
 
 def _with_path(e: OSError, path: str) -> OSError:
@@ -708,6 +722,7 @@ def _finalize(
         "counts": _counts(found, rows, splits, skipped, late_skips),
         "segment_balance": balance,
         "content_hash": _content_hash(splits, cfg, found.label_names, rows),
+        "front_end": audio.FRONT_END_VERSION,
         "fingerprint": fingerprint,
         "inputs_hash": identity["inputs_hash"],
         "skipped": skipped,

@@ -46,6 +46,10 @@ from dkd_jax import file_damage
 
 LOG_FLOOR = 1e-6
 """Floor applied to mel power before ``log`` in the ``"logmel"`` kind (log(1e-6) ≈ -13.8)."""
+FRONT_END_VERSION = 2
+"""Version of the feature bits: 2 since the logarithms became the same on every CPU
+(:func:`natural_log`); 1 before (recorded by nothing: a prep without it is version 1). data_prep
+records it and will not resume an interrupted prep of another version into one prep."""
 MFCC_AMIN = 1e-10  # librosa power_to_db's amin: the MFCC's power floor
 MFCC_TOP_DB = 80.0  # and its top_db: dB below the utterance's loudest frame are raised to it
 

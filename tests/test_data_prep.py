@@ -837,6 +837,36 @@ def test_resume_after_interruption_is_byte_identical(prepared, iemocap_root, tmp
     assert helpers_prep.tree_bytes(target) == helpers_prep.tree_bytes(out)
 
 
+def test_interrupted_run_of_an_earlier_front_end_is_not_resumed(
+    iemocap_root, tmp_path, monkeypatch
+):
+    """Shards written before the logarithms became CPU-independent have other bits in places:
+    resuming such a run would make one prep of two front ends."""
+
+    def stop(j):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_on_shard_done", stop)
+    with pytest.raises(KeyboardInterrupt):
+        data_prep.prepare(
+            "iemocap", root=iemocap_root, out_dir=tmp_path, workers=1, progress=False, num_shards=2
+        )
+    monkeypatch.setattr(pipeline, "_on_shard_done", None)
+    state_path = tmp_path / ".prep" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["front_end"] == audio.FRONT_END_VERSION == 2
+    del state["front_end"]  # as the earlier versions wrote it
+    state_path.write_text(json.dumps(state))
+    kwargs = dict(root=iemocap_root, out_dir=tmp_path, workers=1, progress=False, num_shards=2)
+    with pytest.raises(sources.PrepError, match="front end version 1, now 2") as e:
+        data_prep.prepare("iemocap", **kwargs)
+    assert str(tmp_path) in str(e.value) and "--overwrite" in str(e.value)
+    assert not (tmp_path / "metadata.json").exists()
+    meta = data_prep.prepare("iemocap", overwrite=True, **kwargs)
+    assert meta["front_end"] == 2
+    assert data_prep.prepare("iemocap", **kwargs)["content_hash"] == meta["content_hash"]
+
+
 def test_interrupted_run_with_other_config_is_refused(iemocap_root, tmp_path, monkeypatch):
     def stop(j):
         raise KeyboardInterrupt
