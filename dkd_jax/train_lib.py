@@ -331,6 +331,12 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool, *, warn
             f"optim.num_epochs={cfg.optim.num_epochs} × {spe} steps per epoch is more steps than "
             "JAX counts in int32 (2**31 - 1)"
         )
+    if warn:
+        text = oversized_batch_warning(
+            cfg.optim.batch_size, largest_share, local_batch, len(devices), pcount
+        )
+        if text:
+            print(text, file=sys.stderr, flush=True)
     role = cfg.model.role
     return _Run(
         cfg=cfg,
@@ -351,6 +357,29 @@ def _resolve_run(cfg: config_lib.Config, workdir: Path, overwrite: bool, *, warn
         untrained=tuple(protocols.untrained_classes(meta, split)),
         replace=overwrite,
         warn=warn,
+    )
+
+
+def oversized_batch_warning(
+    batch_size: int, largest_share: int, local_batch: int, local_devices: int, processes: int
+) -> str | None:
+    """A warning when one process's batch is larger than its training segments (None if not).
+
+    Such a batch is one step an epoch, padded with masked copies of the segments
+    (``input_pipeline.epoch_order``): the same training as a batch of about the split's size,
+    at ``local_batch / largest_share`` times its compute; usually a batch size meant for a
+    larger corpus. Names the largest batch (a multiple of the device count) that is not padded.
+    """
+    if local_batch <= largest_share:
+        return None
+    per_device = max(1, largest_share // local_devices)
+    where = " on the process with the most" if processes > 1 else ""
+    return (
+        f"warning: optim.batch_size={batch_size} is larger than the training split "
+        f"({largest_share} segment(s){where}): each epoch is one step whose batch is padded "
+        f"with {local_batch - largest_share} masked copies, {local_batch / largest_share:.1f}x "
+        f"the compute of its real segments; optim.batch_size="
+        f"{per_device * local_devices * processes} or less pads little or nothing"
     )
 
 

@@ -495,6 +495,34 @@ def test_a_fold_that_trains_without_a_class_says_so(tmp_path, capsys):
     assert results["per_class"]["angry"]["recall"] == 0.0
 
 
+def test_a_batch_larger_than_the_training_split_is_warned_about(tiny_prep_dir, tmp_path, capsys):
+    """batch 4096 on a 60-segment split used to train (or run out of memory allocating 30 GB)
+    without a word: one step an epoch, padded with 4,000 masked copies of the segments."""
+    cfg = _config(tiny_prep_dir, **{**TEACHER, "optim.batch_size": 512})
+    capsys.readouterr()
+    run = train_lib._resolve_run(cfg, tmp_path / "big", overwrite=False, warn=True)
+    n = len(run.data.train)
+    assert run.spe == 1 and run.local_batch == 512 > n
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "optim.batch_size" in ln]
+    assert err == [train_lib.oversized_batch_warning(512, n, 512, len(run.devices), 1)]
+    assert f"larger than the training split ({n} segment(s))" in err[0]
+    fitting = _config(tiny_prep_dir, **{**TEACHER, "optim.batch_size": 8})
+    train_lib._resolve_run(fitting, tmp_path / "fits", overwrite=False, warn=True)
+    assert "optim.batch_size" not in capsys.readouterr().err
+
+
+def test_oversized_batch_warning_numbers():
+    assert train_lib.oversized_batch_warning(32, 32, 32, 1, 1) is None  # fits exactly
+    text = train_lib.oversized_batch_warning(4096, 60, 4096, 1, 1)
+    assert "(60 segment(s))" in text and "4036 masked copies, 68.3x" in text
+    assert text.endswith("optim.batch_size=60 or less pads little or nothing")
+    # 2 processes x 2 devices, 4096 global = 2048 per process; 61 segments on the busiest one:
+    # per device at most 30, so 30 x 2 devices x 2 processes
+    text = train_lib.oversized_batch_warning(4096, 61, 2048, 2, 2)
+    assert "on the process with the most" in text and "optim.batch_size=120 or less" in text
+    assert "1987 masked copies, 33.6x" in text
+
+
 def test_oom_errors_get_a_hint():
     hint = train_lib._oom_hint(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1GB"))
     assert "optim.batch_size" in str(hint) and "train.on_device=off" in str(hint)
