@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -74,25 +73,10 @@ def shape_arg(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected FREQxTIME with both >= 16, got {text!r}")
 
 
-#: Instruction-set extensions that change which kernels XLA, oneDNN and onnxruntime pick.
-_ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-
-
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name and its vector extensions, e.g. ``"AMD EPYC (avx avx2 fma
-    avx512f avx512_vnni)"``: machines of one kind differ, and timings and float32 rounding with
-    them. Falls back to ``platform.processor()`` / ``machine()`` where there is no cpuinfo."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    isa = [f for f in _ISA_FLAGS if f in flags]
-    return f"{name} ({' '.join(isa)})" if isa else name
+    """The CPU's model name, family and model, and its vector extensions
+    (``dkd_jax.provenance.cpu_description``, also in every results.json): machines of one kind
+    differ, and timings and float32 rounding with them."""
+    from dkd_jax import provenance
+
+    return provenance.cpu_description(cpuinfo)

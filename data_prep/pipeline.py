@@ -428,8 +428,8 @@ def _claim_out_dir(
                 )
             if kind == "interrupted" and _front_end(previous) != audio.FRONT_END_VERSION:
                 raise PrepError(
-                    f"{out_dir} holds an interrupted prep run of these files written by an "
-                    f"earlier dkd-jax (feature front end version {_front_end(previous)}, now "
+                    f"{out_dir} holds an interrupted prep run of these files written by "
+                    f"another dkd-jax (feature front end version {_front_end(previous)}, now "
                     f"{audio.FRONT_END_VERSION}: some feature values differ in the last bit), so "
                     "its finished shards and new ones would not be one prep; pass --overwrite "
                     "(overwrite=True) to prepare the corpus again"

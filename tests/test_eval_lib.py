@@ -127,12 +127,60 @@ def test_to_jsonable_and_write_json(tmp_path):
     assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": None, "d": [1, 2]}
 
 
+_MAY = "(the code may differ from its commit)"
+
+
 def test_provenance_fields():
     prov = provenance.provenance()
     assert prov["packages"]["jax"] and prov["packages"]["numpy"] == np.__version__
     assert prov["device"]["platform"] == "cpu" and prov["device"]["local_device_count"] == 2
+    assert prov["device"]["cpu"] == provenance.cpu_description()
     git = prov["git"]
     assert git is None or len(git["commit"]) == 40
+    dirty = bool(git and git["dirty"])
+    same = provenance.environment_differences(prov, prov)
+    assert same == ([f"uncommitted changes in the checkout True -> True {_MAY}"] if dirty else [])
+
+
+def test_cpu_description_tells_cpu_generations_of_one_model_name_apart(tmp_path):
+    """A virtual machine named two EPYC generations "AMD EPYC": the family and model numbers
+    and the vector extensions tell them apart (their float32 results differ)."""
+    info = tmp_path / "cpuinfo"
+    for model, flags, want in (
+        ("1", "avx avx2 fma", "AMD EPYC, family 25 model 1 (avx avx2 fma)"),
+        ("17", "avx2 avx512f avx512bw", "AMD EPYC, family 25 model 17 (avx2 avx512f)"),
+    ):
+        info.write_text(
+            f"processor\t: 0\ncpu family\t: 25\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"
+            f"flags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\ncpu family\t: 25\n"
+        )
+        assert provenance.cpu_description(str(info)) == want
+
+
+def test_environment_differences_name_what_changed():
+    before = {
+        "packages": {"jax": "0.10.2", "numpy": "2.4.6"},
+        "device": {"platform": "cpu", "device_kind": "cpu", "device_count": 2, "cpu": "A (avx2)"},
+        "git": {"commit": "a" * 40, "dirty": False},
+    }
+    assert provenance.environment_differences(before, before) == []
+    now = {
+        "packages": {"jax": "0.11.2", "numpy": "2.4.6", "flax": "0.12.8"},
+        "device": {"platform": "cpu", "device_kind": "cpu", "device_count": 1, "cpu": "B"},
+        "git": {"commit": "b" * 40, "dirty": True},
+    }
+    assert provenance.environment_differences(before, now) == [
+        "flax None -> 0.12.8",
+        "jax 0.10.2 -> 0.11.2",
+        "device_count 2 -> 1",
+        "CPU A (avx2) -> B",
+        f"git commit {'a' * 40} -> {'b' * 40}",
+        f"uncommitted changes in the checkout False -> True {_MAY}",
+    ]
+    older = {**before, "device": {k: v for k, v in before["device"].items() if k != "cpu"}}
+    assert provenance.environment_differences(older, before) == [
+        "CPU not recorded then (an older dkd-jax), now A (avx2)"
+    ]
 
 
 def test_a_model_that_learnt_nothing_is_named():

@@ -11,11 +11,13 @@ import shutil
 
 import helpers_eval
 import helpers_permissions as deny
+import jax
 import numpy as np
 import pytest
 
 from dkd_jax import config as config_lib
 from dkd_jax import eval_lib, experiment, protocols, records, run_dir
+from dkd_jax.experiment import runner
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +205,11 @@ def test_is_finished_requires_same_config(exp, tiny_prep_dir):
     assert not experiment.is_finished(exp_dir / plan.key, plan.config)
 
 
+# What may change while the suite runs: a commit or an edit in the checkout (git_commit() is
+# read per run).
+_CHECKOUT_CHANGES = ("uncommitted changes", "git commit")
+
+
 def test_reproduce_reports_bit_for_bit_match(exp, tmp_path):
     exp_dir, _, _ = exp
     report = experiment.reproduce(
@@ -210,6 +217,8 @@ def test_reproduce_reports_bit_for_bit_match(exp, tmp_path):
     )
     assert list(report["runs"]) == ["fold0-seed0/student_dkd"]
     run = report["runs"]["fold0-seed0/student_dkd"]
+    environment = run.pop("environment")  # the same machine and software (the checkout aside)
+    assert not [e for e in environment if not e.startswith(_CHECKOUT_CHANGES)], environment
     assert run == {
         "match": True,
         "results": True,
@@ -331,6 +340,26 @@ def test_compare_runs_detects_differences(exp, tmp_path):
     (copy / run_dir.RESULTS_FILE).write_text(json.dumps(res))
     cmp = experiment.compare_runs(exp_dir / "fold0-seed0/teacher", copy)
     assert cmp["params"] and cmp["metrics"] and not cmp["results"] and not cmp["match"]
+    assert not [e for e in cmp["environment"] if not e.startswith(_CHECKOUT_CHANGES)]
+    # the environment is compared too, and named: it explains a mismatch, it is not one
+    res["ua"] = json.loads((exp_dir / "fold0-seed0/teacher" / run_dir.RESULTS_FILE).read_text())[
+        "ua"
+    ]
+    cpu = res["provenance"]["device"]["cpu"]
+    res["provenance"]["device"]["cpu"] = "Other CPU (avx avx2 fma)"
+    res["provenance"]["packages"]["jax"] = "0.0.1"
+    (copy / run_dir.RESULTS_FILE).write_text(json.dumps(res))
+    cmp = experiment.compare_runs(copy, exp_dir / "fold0-seed0/teacher")
+    assert cmp["match"] is True
+    assert f"CPU Other CPU (avx avx2 fma) -> {cpu}" in cmp["environment"]
+    assert f"jax 0.0.1 -> {jax.__version__}" in cmp["environment"]
+    note = runner._environment_note(cmp["environment"])
+    assert "trained in another environment" in note and "one CPU model, not across" in note
+    del res["provenance"]["device"]["cpu"]  # a run of an older dkd-jax
+    (copy / run_dir.RESULTS_FILE).write_text(json.dumps(res))
+    env = experiment.compare_runs(copy, exp_dir / "fold0-seed0/teacher")["environment"]
+    assert f"CPU not recorded then (an older dkd-jax), now {cpu}" in env
+    assert "nondeterminism" in runner._environment_note([])
 
 
 def test_make_spec_defaults_and_errors(tiny_prep_dir):

@@ -521,6 +521,23 @@ def _metrics_records(workdir: Path) -> list[dict[str, Any]]:
     return [_drop_timings(rec) for rec in run_dir.read_metrics(workdir)]
 
 
+def _environment_note(changes: list[str]) -> str:
+    """Why a rerun may differ: what changed since the run was trained, or that nothing did."""
+    if not changes:
+        return (
+            "      the same packages, device, CPU and commit as the run: a difference here is "
+            "nondeterminism, worth reporting"
+        )
+    lines = ["      trained in another environment (bit-identity needs the same one):"]
+    lines += [f"        {c}" for c in changes]
+    if any(c.startswith("CPU ") for c in changes):
+        lines.append(
+            "        XLA compiles for the processor it runs on (on CPU, for the CPU model): "
+            "runs repeat bit for bit on one CPU model, not across models (README: Results)"
+        )
+    return "\n".join(lines)
+
+
 def compare_runs(original: str | os.PathLike, rerun: str | os.PathLike) -> dict[str, Any]:
     """Compares two finished runs bit for bit.
 
@@ -529,8 +546,13 @@ def compare_runs(original: str | os.PathLike, rerun: str | os.PathLike) -> dict[
     ``metrics.jsonl``, and every leaf of the restored variables (params and batch statistics:
     same shape, dtype and bytes).
 
+    Also lists what differs between the two runs' environments (``results.json``'s provenance:
+    package versions, device, CPU, git commit; ``provenance.environment_differences``), which
+    does not count against a match but explains a mismatch.
+
     Returns:
-        {"match": bool, "results": bool, "metrics": bool, "params": bool, "differences": [...]}
+        {"match": bool, "results": bool, "metrics": bool, "params": bool, "differences": [...],
+        "environment": [...]}
     """
     original, rerun = Path(original), Path(rerun)
     diffs: list[str] = []
@@ -581,6 +603,9 @@ def compare_runs(original: str | os.PathLike, rerun: str | os.PathLike) -> dict[
         "metrics": met_ok,
         "params": par_ok,
         "differences": diffs,
+        "environment": provenance.environment_differences(
+            ra.get("provenance") or {}, rb.get("provenance") or {}
+        ),
     }
 
 
@@ -692,6 +717,8 @@ def reproduce(
         _say(f"    {plan.key}: {verdict}", quiet=quiet)
         for d in cmp["differences"][:10]:
             _say(f"      {d}", quiet=quiet)
+        if not cmp["match"]:
+            _say(_environment_note(cmp["environment"]), quiet=quiet)
     report["match"] = all(r["match"] for r in report["runs"].values())
     report["provenance"] = provenance.provenance()
     jsonio.write_json(scratch / "reproduce.json", report)
