@@ -523,36 +523,63 @@ def natural_log(x: np.ndarray) -> np.ndarray:
     to a tie. ``ln 0 = -inf``, ``ln inf = inf``, negative or NaN inputs give NaN.
     """
     x = np.asarray(x, dtype=np.float64)
+    shape = x.shape
+    x = x.reshape(-1)  # 0-d too: frexp of a 0-d array gives scalars, not arrays
+    # In place where possible (same operations, same order as the formula above).
     with np.errstate(divide="ignore", invalid="ignore"):  # 0, negative, inf: replaced below
         m, e = np.frexp(x)
         low = m < 0.7071067811865476  # √½
-        m = np.where(low, m * 2.0, m)
-        e = (e - low).astype(np.float64)
-        s = (m - 1.0) / (m + 1.0)
-        s2 = s * s
+        np.multiply(m, 2.0, out=m, where=low)
+        e -= low
+        out = e.astype(np.float64)
+        t = m + 1.0
+        m -= 1.0
+        m /= t  # s = (m - 1) / (m + 1)
+        s2 = np.multiply(m, m, out=t)
         series = np.full_like(s2, _ATANH_SERIES[0])
         for c in _ATANH_SERIES[1:]:
             series *= s2
             series += c
-        out = e * _LN2 + 2.0 * s * series
-    out = np.where(x == 0, -np.inf, out)
-    out = np.where(x == np.inf, np.inf, out)
-    return np.where(x < 0, np.nan, out)
+        out *= _LN2
+        m *= 2.0
+        m *= series
+        out += m  # e·ln 2 + (2·s)·series
+    if not np.all((x > 0) & (x < np.inf)):  # NaN fails both
+        out = np.where(x == 0, -np.inf, out)
+        out = np.where(x == np.inf, np.inf, out)
+        out = np.where(x < 0, np.nan, out)
+    return out.reshape(shape)
+
+
+_LOG_BLOCK = 1 << 16  # values per natural_log call: its float64 temporaries stay ~0.5 MiB each
+
+
+def _float32_log(x: np.ndarray, *, divisor: float = 1.0) -> np.ndarray:
+    """float32 of ``natural_log(x) / divisor`` for a float32 array, block by block (the float64
+    temporaries of one call on a whole hour of log-mel frames would take ~1 GB)."""
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, np.float32)
+    for start in range(0, flat.size, _LOG_BLOCK):
+        value = natural_log(flat[start : start + _LOG_BLOCK])
+        if divisor != 1.0:
+            value /= divisor
+        out[start : start + _LOG_BLOCK] = value  # rounds to float32 as astype does
+    return out.reshape(x.shape)
 
 
 def log_mel(mel: np.ndarray) -> np.ndarray:
-    """``ln(max(mel, LOG_FLOOR))`` as float32, the same bits on every CPU (:func:`natural_log`)."""
-    floored = np.maximum(np.asarray(mel, np.float32), np.float32(LOG_FLOOR))
-    return natural_log(floored).astype(np.float32)
+    """``ln(max(mel, LOG_FLOOR))`` of float32 mel power, as float32, the same bits on every CPU
+    (:func:`natural_log`)."""
+    return _float32_log(np.maximum(np.asarray(mel, np.float32), np.float32(LOG_FLOOR)))
 
 
 def mel_db(mel: np.ndarray) -> np.ndarray:
-    """``10·log10(max(mel, 1e-10))`` as float32 (librosa's ``power_to_db`` with ``ref=1`` before
-    its ``top_db`` floor): log10 rounded to float32, then times 10 in float32, as NumPy's float32
-    ``log10`` did; the same bits on every CPU (:func:`natural_log`)."""
+    """``10·log10(max(mel, 1e-10))`` of float32 mel power, as float32 (librosa's
+    ``power_to_db`` with ``ref=1`` before its ``top_db`` floor): log10 rounded to float32, then
+    times 10 in float32, as NumPy's float32 ``log10`` did; the same bits on every CPU
+    (:func:`natural_log`)."""
     floored = np.maximum(np.asarray(mel, np.float32), np.float32(MFCC_AMIN))
-    log10 = (natural_log(floored) / _LN10).astype(np.float32)
-    return np.float32(10.0) * log10
+    return np.float32(10.0) * _float32_log(floored, divisor=_LN10)
 
 
 def pad_to_window(wave: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, int]:

@@ -214,7 +214,7 @@ class StreamingFrontEnd:
         db = audio.mel_db(mel)
         if db.size:
             self._max_db = max(self._max_db, float(db.max()))
-        return db.astype(np.float32)
+        return db
 
     def _window_features(self, frames: np.ndarray) -> np.ndarray:
         """[fpw, bands] buffered rows → [F, fpw] features (MFCC: floor + DCT)."""

@@ -506,7 +506,10 @@ def test_log_mel_and_mel_db_floor_and_round_like_the_float32_formulas():
     mel = np.minimum(mel, np.float32(1e30))
     floored = np.maximum(mel, np.float32(audio.LOG_FLOOR)).astype(np.float64)
     want = np.log(floored).astype(np.float32)
+    assert mel.size > audio._LOG_BLOCK  # computed in two blocks
     np.testing.assert_array_equal(audio.log_mel(mel), want)
+    rows = mel[:100_000].reshape(40, 2500)  # [bands, frames], as the front end passes it
+    np.testing.assert_array_equal(audio.log_mel(rows), want[:100_000].reshape(40, 2500))
     db = audio.mel_db(mel)
     log10 = np.log10(np.maximum(mel, np.float32(audio.MFCC_AMIN)).astype(np.float64))
     assert db.dtype == np.float32
