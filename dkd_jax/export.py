@@ -440,6 +440,9 @@ def model_card(run, workdir: str | os.PathLike, *, best: bool = False) -> dict[s
             "frames_per_window": fc.frames_per_window,
             "window_samples": fc.window_samples,
             "log_floor": audio.LOG_FLOOR,
+            "mfcc_amin": audio.MFCC_AMIN,
+            "mfcc_top_db": audio.MFCC_TOP_DB,
+            "front_end": audio.FRONT_END_VERSION,
         },
         "normalization": _normalization_card(run.normalization, fc.num_bins),
         "aggregation": {

@@ -25,8 +25,10 @@ duration_s, num_train_segments, num_eval_segments, padded, path relative to the 
 see :func:`audio_path`; train_segments_before_cap when a cap removed windows; warning for a file
 cut short or damaged, clipped {samples, peak} for a float file beyond full scale, source_rate
 for a file recorded below the features' rate: each only where it applies), content_hash
-("sha256:" over the shard digests, feature config, label names and utterance table) and
-fingerprint (identity of the run's inputs and options, used to resume or refuse). Both layouts
+("sha256:" over the shard digests, feature config, label names and utterance table),
+fingerprint (identity of the run's inputs and options, used to resume or refuse), inputs_hash
+(the input files' names, sizes and labels) and front_end (``audio.FRONT_END_VERSION`` of the
+code that computed the features; absent in preps made before it, version 1). Both layouts
 hold every kept utterance; protocols choose which utterances train and which test.
 
 Every record is a ``tf.train.Example`` for one segment with the features of :data:`FIELDS`:

@@ -167,6 +167,8 @@ def test_export_run_writes_a_self_contained_folder(run_dir, tiny_prep_dir, tmp_p
     fc = {**meta["feature_config"], "short_utterances": "pad"}
     assert {k: card["features"][k] for k in fc} == fc
     assert card["features"]["frames_per_window"] == 63 and card["features"]["num_bins"] == 26
+    f = card["features"]
+    assert (f["mfcc_amin"], f["mfcc_top_db"], f["front_end"]) == (1e-10, 80.0, 2)
     norm = json.loads((run_dir / "normalization.json").read_text())
     assert card["normalization"] == {"mode": "global", "mean": norm["mean"], "std": norm["std"]}
     run = run_dir_lib.restore_run(run_dir)
