@@ -837,11 +837,8 @@ def test_resume_after_interruption_is_byte_identical(prepared, iemocap_root, tmp
     assert helpers_prep.tree_bytes(target) == helpers_prep.tree_bytes(out)
 
 
-def test_interrupted_run_of_an_earlier_front_end_is_not_resumed(
-    iemocap_root, tmp_path, monkeypatch
-):
-    """Shards written before the logarithms became CPU-independent have other bits in places:
-    resuming such a run would make one prep of two front ends."""
+def _interrupt_at_the_first_shard(monkeypatch, root, out):
+    """Leaves an interrupted two-shard prep of ``root`` in ``out`` (Ctrl-C at the first shard)."""
 
     def stop(j):
         raise KeyboardInterrupt
@@ -849,9 +846,17 @@ def test_interrupted_run_of_an_earlier_front_end_is_not_resumed(
     monkeypatch.setattr(pipeline, "_on_shard_done", stop)
     with pytest.raises(KeyboardInterrupt):
         data_prep.prepare(
-            "iemocap", root=iemocap_root, out_dir=tmp_path, workers=1, progress=False, num_shards=2
+            "iemocap", root=root, out_dir=out, workers=1, progress=False, num_shards=2
         )
     monkeypatch.setattr(pipeline, "_on_shard_done", None)
+
+
+def test_interrupted_run_of_an_earlier_front_end_is_not_resumed(
+    iemocap_root, tmp_path, monkeypatch
+):
+    """Shards written before the logarithms became CPU-independent have other bits in places:
+    resuming such a run would make one prep of two front ends."""
+    _interrupt_at_the_first_shard(monkeypatch, iemocap_root, tmp_path)
     state_path = tmp_path / ".prep" / "state.json"
     state = json.loads(state_path.read_text())
     assert state["front_end"] == audio.FRONT_END_VERSION == 2
@@ -868,15 +873,7 @@ def test_interrupted_run_of_an_earlier_front_end_is_not_resumed(
 
 
 def test_interrupted_run_with_other_config_is_refused(iemocap_root, tmp_path, monkeypatch):
-    def stop(j):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "_on_shard_done", stop)
-    with pytest.raises(KeyboardInterrupt):
-        data_prep.prepare(
-            "iemocap", root=iemocap_root, out_dir=tmp_path, workers=1, progress=False, num_shards=2
-        )
-    monkeypatch.setattr(pipeline, "_on_shard_done", None)
+    _interrupt_at_the_first_shard(monkeypatch, iemocap_root, tmp_path)
     with pytest.raises(
         sources.PrepError, match="interrupted prep run with a different configuration"
     ):
