@@ -596,9 +596,11 @@ def _check_same_data(run, metadata: dict[str, Any], data_dir: str) -> None:
         raise EvalError(f"{data_dir}: its features differ from the run's: {shown}; {hint}")
     want, have = info.get("content_hash"), metadata.get("content_hash")
     if want and have and want != have:
+        why = records.front_end_note(info.get("front_end"), metadata)
         raise EvalError(
             f"{data_dir}: content hash {have} differs from the data the run was trained on "
-            f"({want}): the same classes and features, other utterances or labels; {hint}"
+            f"({want}): the same classes and feature settings, other utterances, labels or "
+            f"feature bits{why}; {hint}"
         )
 
 

@@ -473,6 +473,27 @@ class SegmentArrays:
         return SegmentArrays(**{f.name: getattr(self, f.name)[idx] for f in fields})
 
 
+def front_end_note(trained_front_end: int | None, metadata: dict) -> str:
+    """Why a run's content hash may differ from a prep of the same audio ("" when the feature
+    front end versions do not explain it): ``trained_front_end`` is the version the run
+    recorded (None: a run from before runs recorded it), ``metadata`` the prep's (a prep without
+    ``front_end`` is version 1). Said after a refusal; starts with "; "."""
+    now = metadata.get("front_end", 1)
+    if trained_front_end == now or (trained_front_end is None and now == 1):
+        return ""
+    if trained_front_end is None:
+        return (
+            f"; this prep's features come from feature front end version {now}, whose bits "
+            "differ in a few values from version 1's: if the run trained on a prep of an earlier "
+            "dkd-jax, that is the difference (use that prep)"
+        )
+    return (
+        f"; the run trained on features of front end version {trained_front_end}, this prep "
+        f"holds version {now}: the same audio gives other bits in a few values (use the run's "
+        "own prep, or prepare it again with the dkd-jax the run was trained with)"
+    )
+
+
 def load_metadata(prep_dir: str | os.PathLike) -> dict:
     """Reads ``metadata.json`` of a prep dir.
 

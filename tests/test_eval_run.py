@@ -183,7 +183,15 @@ def test_eval_cli_errors_are_one_line(run_path, tiny_prep_dir, tmp_path, capsys)
     rc = eval_cli.main(["--workdir", str(run_path), "--data", str(other), "--no-write"])
     err = capsys.readouterr().err
     assert rc == 2 and "content hash" in err and "Traceback" not in err
-    assert "the same classes and features, other utterances or labels" in err
+    assert "the same classes and feature settings, other utterances, labels or feature bits;" in err
+    # a prep made again by a later front end (same audio, a few values one ulp apart): said so
+    split = json.loads((run_path / "split.json").read_text())
+    assert split["data"]["front_end"] == 2  # recorded by training
+    meta["front_end"] = 3
+    (other / "metadata.json").write_text(json.dumps(meta))
+    assert eval_cli.main(["--workdir", str(run_path), "--data", str(other), "--no-write"]) == 2
+    assert "front end version 2, this prep holds version 3" in capsys.readouterr().err
+    del meta["front_end"]
     # other classes or other features: named (the content hash differs too, and said nothing)
     meta["label_names"] = ["neutral", "sad", "angry"]
     (other / "metadata.json").write_text(json.dumps(meta))

@@ -907,8 +907,10 @@ def test_runs_from_other_data_or_other_settings_are_not_summarised_with_the_othe
     split_file = copy / "fold1-seed0" / "teacher" / run_dir.SPLIT_FILE
     split = json.loads(split_file.read_text())
     split["data"]["content_hash"] = "sha256:" + "0" * 64
+    split["data"]["front_end"] = 1  # as if trained on a prep of the earlier front end
     split_file.write_text(json.dumps(split))
     refused_by_run_and_summary(copy, "trained on other data")
+    refused_by_run_and_summary(copy, "front end version 1, this prep holds version 2")
     # A run trained with another batch size by an earlier invocation (a preset that changed
     # between versions): it was averaged in with the others without a word.
     copy = _copy(exp, tmp_path, "other_settings")

@@ -218,3 +218,15 @@ def _edit(raw: bytes, change) -> bytes:
     d = json.loads(raw)
     change(d)
     return json.dumps(d).encode()
+
+
+def test_front_end_note_explains_a_content_hash_of_another_front_end():
+    assert records.front_end_note(2, {"front_end": 2}) == ""
+    assert records.front_end_note(None, {}) == ""  # neither recorded: both version 1
+    assert records.front_end_note(1, {}) == ""
+    note = records.front_end_note(1, {"front_end": 2})
+    assert note.startswith("; the run trained on features of front end version 1, this prep ")
+    assert "holds version 2" in note
+    older_run = records.front_end_note(None, {"front_end": 2})
+    assert "front end version 2" in older_run and "version 1's" in older_run
+    assert "version 2, this prep holds version 1" in records.front_end_note(2, {})

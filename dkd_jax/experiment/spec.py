@@ -341,9 +341,10 @@ def run_mismatch(
     content_hash = metadata.get("content_hash")
     trained_on = info.get("content_hash")
     if content_hash and trained_on and trained_on != content_hash:
+        why = records.front_end_note(info.get("front_end"), metadata)
         return (
             f"trained on other data (content hash {trained_on}; the prep holds {content_hash} "
-            "now: rebuilt at the same path?)"
+            f"now: rebuilt at the same path?{why})"
         )
     try:
         planned = protocols.split_for_run(metadata, cfg.data)
