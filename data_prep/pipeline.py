@@ -426,10 +426,11 @@ def _claim_out_dir(
                     f"{out_dir} holds a finished prep run of these files, but its shards are "
                     f"damaged ({listed}); pass --overwrite (overwrite=True) to prepare them again"
                 )
-            if kind == "interrupted" and _front_end(previous) != audio.FRONT_END_VERSION:
+            written_by = records.front_end_version(previous)
+            if kind == "interrupted" and written_by != audio.FRONT_END_VERSION:
                 raise PrepError(
                     f"{out_dir} holds an interrupted prep run of these files written by "
-                    f"another dkd-jax (feature front end version {_front_end(previous)}, now "
+                    f"another dkd-jax (feature front end version {written_by}, now "
                     f"{audio.FRONT_END_VERSION}: some feature values differ in the last bit), so "
                     "its finished shards and new ones would not be one prep; pass --overwrite "
                     "(overwrite=True) to prepare the corpus again"
@@ -465,11 +466,6 @@ def _claim_out_dir(
             "choose an empty or new --out folder (or pass --overwrite to write next to them)"
         )
     return "new"
-
-
-def _front_end(previous: dict) -> int:
-    """The feature front end version a prep run recorded (1: written before it was recorded)."""
-    return previous.get("front_end", 1)
 
 
 def _with_path(e: OSError, path: str) -> OSError:

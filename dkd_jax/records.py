@@ -473,12 +473,19 @@ class SegmentArrays:
         return SegmentArrays(**{f.name: getattr(self, f.name)[idx] for f in fields})
 
 
+def front_end_version(record: dict) -> int:
+    """The feature front end version a prep's metadata.json or state.json records
+    (``audio.FRONT_END_VERSION`` of the code that wrote it; 1 for records from before it was
+    recorded)."""
+    return record.get("front_end", 1)
+
+
 def front_end_note(trained_front_end: int | None, metadata: dict) -> str:
     """Why a run's content hash may differ from a prep of the same audio ("" when the feature
     front end versions do not explain it): ``trained_front_end`` is the version the run
     recorded (None: a run from before runs recorded it), ``metadata`` the prep's (a prep without
     ``front_end`` is version 1). Said after a refusal; starts with "; "."""
-    now = metadata.get("front_end", 1)
+    now = front_end_version(metadata)
     if trained_front_end == now or (trained_front_end is None and now == 1):
         return ""
     if trained_front_end is None:

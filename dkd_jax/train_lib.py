@@ -391,7 +391,7 @@ def _data_info(meta: dict, normalization: str) -> dict[str, Any]:
         "segment_shape": list(meta.get("segment_shape", [])),
         "corpus": meta.get("corpus"),
         "normalization": normalization,
-        "front_end": meta.get("front_end", 1),
+        "front_end": records.front_end_version(meta),
     }
 
 
